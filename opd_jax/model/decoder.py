@@ -1,0 +1,215 @@
+"""Pure-functional decoder-only transformer (Llama 2/3, SmolLM2, Qwen2/2.5, Qwen3).
+
+``forward(params, config, tokens_BxT, ...)`` returns final-norm hidden states ``[B, T, D]`` (and the
+updated KV cache); the unembedding ``[D, V]`` is separate (``unembed_matrix``) so losses can chunk
+it and never build ``[B, T, V]`` logits. Layers are stacked on a leading axis and run with
+``lax.scan`` so compile time does not grow with depth. Norms, RoPE and softmax run in float32.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from opd_jax.model.config import ModelConfig, param_shapes
+from opd_jax.model.layers import apply_rope, attention, rms_norm, rope_inv_freq
+from opd_jax.sharding import constrain
+
+Params = dict[str, Any]
+
+# einsum subscripts per projection: (activation in, weight in-dims, weight out-dims)
+PROJECTIONS = {
+    "q": ("btd", "d", "he"), "k": ("btd", "d", "ge"), "v": ("btd", "d", "ge"),
+    "o": ("bthe", "he", "d"), "gate": ("btd", "d", "f"), "up": ("btd", "d", "f"),
+    "down": ("btf", "f", "d"),
+}
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+@flax.struct.dataclass
+class KVCache:
+    """Preallocated key/value cache.
+
+    Attributes:
+      k, v: ``[L, B, S, G, E]`` keys and values per slot.
+      valid: ``[B, S]`` bool, slot holds a real (non-padding) token.
+      index: scalar int32, next slot to write (shared by all rows: prompts are left-padded).
+      next_pos: ``[B]`` int32, RoPE position of each row's next real token.
+    """
+
+    k: jax.Array
+    v: jax.Array
+    valid: jax.Array
+    index: jax.Array
+    next_pos: jax.Array
+
+    @property
+    def size(self) -> int:
+        return self.k.shape[2]
+
+
+def init_cache(config: ModelConfig, batch: int, size: int, dtype=jnp.float32) -> KVCache:
+    """An empty cache of ``size`` slots for ``batch`` rows."""
+    shape = (config.n_layers, batch, size, config.n_kv_heads, config.head_dim)
+    return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+                   valid=jnp.zeros((batch, size), bool), index=jnp.zeros((), jnp.int32),
+                   next_pos=jnp.zeros((batch,), jnp.int32))
+
+
+@flax.struct.dataclass
+class Lora:
+    """LoRA adapters: ``weights[name] = {"a": [L, *in, R], "b": [L, R, *out]}``; ``y += scale·(x a) b``."""
+
+    weights: dict
+    scale: float = flax.struct.field(pytree_node=False, default=1.0)
+
+
+def init_params(config: ModelConfig, key: jax.Array, dtype=jnp.float32) -> Params:
+    """Random parameters (normal, std 0.02; norms = 1; biases = 0) with the contract's shapes."""
+    shapes = param_shapes(config)
+    leaves, treedef = jax.tree.flatten(shapes, is_leaf=lambda s: isinstance(s, tuple))
+    paths = [jax.tree_util.keystr(p) for p, _ in
+             jax.tree_util.tree_flatten_with_path(shapes, is_leaf=lambda s: isinstance(s, tuple))[0]]
+    keys = jax.random.split(key, len(leaves))
+    out = []
+    for path, shape, k in zip(paths, leaves, keys):
+        if "norm" in path:
+            out.append(jnp.ones(shape, dtype))
+        elif "bias" in path:
+            out.append(jnp.zeros(shape, dtype))
+        else:
+            out.append((0.02 * jax.random.normal(k, shape, jnp.float32)).astype(dtype))
+    return jax.tree.unflatten(treedef, out)
+
+
+def unembed_matrix(params: Params, config: ModelConfig) -> jax.Array:
+    """The ``[D, V]`` unembedding (``embed.T`` when tied)."""
+    return params["embed"].T if config.tie_embeddings else params["unembed"]
+
+
+def _project(name: str, x: jax.Array, w: jax.Array, lora_l: dict | None, scale: float) -> jax.Array:
+    x_sub, w_in, w_out = PROJECTIONS[name]
+    out_sub = x_sub[:2] + w_out
+    y = jnp.einsum(f"{x_sub},{w_in}{w_out}->{out_sub}", x, w)
+    if lora_l is not None and name in lora_l:
+        a, b = lora_l[name]["a"], lora_l[name]["b"]
+        xa = jnp.einsum(f"{x_sub},{w_in}r->{x_sub[:2]}r", x, a.astype(x.dtype))
+        y = y + (scale * jnp.einsum(f"{x_sub[:2]}r,r{w_out}->{out_sub}", xa, b.astype(x.dtype))
+                 ).astype(y.dtype)
+    return y
+
+
+def _layer(config: ModelConfig, inv_freq, scale: float, x_BxTxD, layer, positions_BxT, mask_BxTxS,
+           cache_kv, write_index):
+    p, lora_l = layer["p"], layer.get("lora")
+    h = rms_norm(x_BxTxD, p["attn_norm"], config.rms_eps)
+    q = _project("q", h, p["q"], lora_l, scale)
+    k = _project("k", h, p["k"], lora_l, scale)
+    v = _project("v", h, p["v"], lora_l, scale)
+    if config.qkv_bias:
+        q, k, v = q + p["q_bias"], k + p["k_bias"], v + p["v_bias"]
+    if config.qk_norm:
+        q = rms_norm(q, p["q_norm"], config.rms_eps)
+        k = rms_norm(k, p["k_norm"], config.rms_eps)
+    q = apply_rope(q, positions_BxT, inv_freq)
+    k = apply_rope(k, positions_BxT, inv_freq)
+    q = constrain(q, ("batch", "length", "heads", "head_dim"))
+    if cache_kv is not None:
+        k_all = jax.lax.dynamic_update_slice(cache_kv[0], k.astype(cache_kv[0].dtype),
+                                             (0, write_index, 0, 0))
+        v_all = jax.lax.dynamic_update_slice(cache_kv[1], v.astype(cache_kv[1].dtype),
+                                             (0, write_index, 0, 0))
+        new_kv = (k_all, v_all)
+    else:
+        k_all, v_all, new_kv = k, v, None
+    attn = attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype), mask_BxTxS)
+    x_BxTxD = x_BxTxD + _project("o", attn, p["o"], lora_l, scale)
+    h = rms_norm(x_BxTxD, p["mlp_norm"], config.rms_eps)
+    gated = jax.nn.silu(_project("gate", h, p["gate"], lora_l, scale)) * _project(
+        "up", h, p["up"], lora_l, scale)
+    gated = constrain(gated, ("batch", "length", "mlp"))
+    x_BxTxD = x_BxTxD + _project("down", gated, p["down"], lora_l, scale)
+    return constrain(x_BxTxD, ("batch", "length", "embed")), new_kv
+
+
+def forward(params: Params, config: ModelConfig, tokens_BxT: jax.Array,
+            positions_BxT: jax.Array | None = None, *, valid_BxT: jax.Array | None = None,
+            cache: KVCache | None = None, lora: Lora | None = None,
+            remat: str = "none") -> tuple[jax.Array, KVCache | None]:
+    """Run the decoder.
+
+    Args:
+      params: parameter tree (see ``opd_jax.model.config``).
+      config: the architecture.
+      tokens_BxT: int token ids.
+      positions_BxT: RoPE positions; default: count of real tokens before each one (left padding
+        aware), continuing from ``cache.next_pos`` when a cache is given.
+      valid_BxT: bool, False for padding tokens (they are never attended to). Default all True.
+      cache: a ``KVCache``; the ``T`` new keys/values are written at slots
+        ``[cache.index, cache.index + T)`` and queries attend causally over the whole cache.
+      lora: adapters added to the projections; ``None`` runs the base weights alone.
+      remat: rematerialisation policy per layer: ``"none" | "full" | "dots" | "dots_no_batch"``.
+
+    Returns:
+      ``(hidden_BxTxD, new_cache)``: final-norm hidden states and the updated cache (or ``None``).
+    """
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"unknown remat policy {remat!r}; expected one of {sorted(REMAT_POLICIES)}")
+    B, T = tokens_BxT.shape
+    valid_BxT = jnp.ones((B, T), bool) if valid_BxT is None else valid_BxT.astype(bool)
+    offset_B = cache.next_pos if cache is not None else jnp.zeros((B,), jnp.int32)
+    if positions_BxT is None:
+        positions_BxT = offset_B[:, None] + jnp.maximum(jnp.cumsum(valid_BxT, axis=1) - 1, 0)
+        positions_BxT = jnp.where(valid_BxT, positions_BxT, 0)
+    positions_BxT = positions_BxT.astype(jnp.int32)
+
+    if cache is not None:
+        slots_S = jnp.arange(cache.size)
+        kv_valid_BxS = jax.lax.dynamic_update_slice(cache.valid, valid_BxT, (0, cache.index))
+        query_slot_T = cache.index + jnp.arange(T)
+        mask_BxTxS = (slots_S[None, None, :] <= query_slot_T[None, :, None]) & kv_valid_BxS[:, None, :]
+    else:
+        causal_TxT = jnp.tril(jnp.ones((T, T), bool))
+        mask_BxTxS = causal_TxT[None] & valid_BxT[:, None, :]
+
+    x = params["embed"][tokens_BxT]
+    x = constrain(x, ("batch", "length", "embed"))
+    inv_freq = rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling)
+    scale = lora.scale if lora is not None else 0.0
+    layers = {"p": params["layers"]}
+    if lora is not None:
+        layers["lora"] = lora.weights
+    write_index = cache.index if cache is not None else 0
+
+    def step(x, xs):
+        layer, kv = xs
+        return _layer(config, inv_freq, scale, x, layer, positions_BxT, mask_BxTxS, kv, write_index)
+
+    policy = REMAT_POLICIES[remat]
+    if remat != "none":
+        step = jax.checkpoint(step, policy=policy, prevent_cse=False)
+    kv_xs = (cache.k, cache.v) if cache is not None else None
+    x, new_kv = jax.lax.scan(step, x, (layers, kv_xs))
+    hidden = rms_norm(x, params["final_norm"], config.rms_eps)
+
+    new_cache = None
+    if cache is not None:
+        new_cache = KVCache(k=new_kv[0], v=new_kv[1], valid=kv_valid_BxS,
+                            index=cache.index + T,
+                            next_pos=cache.next_pos + valid_BxT.sum(axis=1).astype(jnp.int32))
+    return hidden, new_cache
+
+
+def logits(params: Params, config: ModelConfig, hidden_BxTxD: jax.Array) -> jax.Array:
+    """``hidden @ unembed`` in float32: ``[B, T, V]``. Only for small inputs; losses chunk this."""
+    return jnp.einsum("btd,dv->btv", hidden_BxTxD, unembed_matrix(params, config),
+                      preferred_element_type=jnp.float32)
