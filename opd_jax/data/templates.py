@@ -1,0 +1,144 @@
+"""Prompt templates: the student's context and OPSD's privileged teacher context.
+
+Both are chat-message lists (``[{"role": "system"|"user", "content": str}, ...]``); a
+tokenizer implementing :class:`ChatTokenizer` turns them into token ids via
+:func:`tokenize_prompts`, which checks every prompt's length before anything expensive runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import string
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal, NamedTuple, Protocol
+
+from opd_jax.data.records import PromptRecord
+
+Message = dict[str, str]
+
+DEFAULT_INSTRUCTION = 'End with "Answer: <value>" on the last line.'
+DEFAULT_STUDENT_TEMPLATE = "{problem}\n\n{instruction}"
+DEFAULT_TEACHER_TEMPLATE = (
+    "{problem}\n\nHere is a reference solution:\n{solution}\n\n"
+    "After reading the reference solution, solve the problem yourself in your own words.\n\n"
+    "{instruction}"
+)
+_FIELDS = {"problem", "solution", "answer", "instruction"}
+
+
+class ChatTokenizer(Protocol):
+    """What :func:`tokenize_prompts` needs from a tokenizer."""
+
+    def apply_chat_template(
+        self, messages: Sequence[Message], add_generation_prompt: bool = True
+    ) -> str: ...
+
+    def encode(self, text: str) -> list[int]: ...
+
+
+def _check_template(name: str, template: str) -> None:
+    try:
+        fields = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
+    except ValueError as e:
+        raise ValueError(f"{name} {template!r} is not a valid format string ({e}); "
+                         "write literal braces as {{ and }}.") from e
+    unknown = fields - _FIELDS
+    if unknown:
+        raise ValueError(f"{name} uses unknown placeholders {sorted(unknown)}; "
+                         f"allowed: {sorted(_FIELDS)} (literal braces: {{{{ and }}}}).")
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptTemplate:
+    """Student and privileged-teacher prompt formats.
+
+    Templates are ``str.format`` strings over ``{problem}``, ``{solution}``, ``{answer}`` and
+    ``{instruction}``. In the teacher template ``{solution}`` falls back to the record's
+    answer when it has no solution (reasoning-gym arithmetic ships none).
+
+    >>> rec = {"id": "0", "prompt": "2+3?", "answer": "5", "solution": None}
+    >>> PromptTemplate().student(rec)[-1]["content"]
+    '2+3?\\n\\nEnd with "Answer: <value>" on the last line.'
+    >>> "reference solution:\\n5" in PromptTemplate().teacher(rec)[-1]["content"]
+    True
+    """
+
+    system: str | None = None
+    instruction: str = DEFAULT_INSTRUCTION
+    student_template: str = DEFAULT_STUDENT_TEMPLATE
+    teacher_template: str = DEFAULT_TEACHER_TEMPLATE
+
+    def __post_init__(self):
+        _check_template("student_template", self.student_template)
+        _check_template("teacher_template", self.teacher_template)
+
+    def _messages(self, user: str) -> list[Message]:
+        system = [{"role": "system", "content": self.system}] if self.system else []
+        return system + [{"role": "user", "content": user}]
+
+    def student(self, record: Mapping[str, Any]) -> list[Message]:
+        """Chat messages the student sees: optional system + problem + instruction."""
+        answer = record.get("answer")
+        return self._messages(self.student_template.format(
+            problem=record["prompt"], instruction=self.instruction,
+            answer="" if answer is None else answer, solution=record.get("solution") or ""))
+
+    def teacher(self, record: Mapping[str, Any]) -> list[Message]:
+        """OPSD's privileged context: the problem plus the reference solution."""
+        solution, answer = record.get("solution"), record.get("answer")
+        if solution is None and answer is None:
+            raise ValueError(
+                f"Record {record.get('id')!r} has neither a solution nor an answer, so the "
+                "privileged teacher context cannot be built. Fix: set solution_key/answer_key.")
+        return self._messages(self.teacher_template.format(
+            problem=record["prompt"], instruction=self.instruction,
+            solution=answer if solution is None else solution,
+            answer="" if answer is None else answer))
+
+
+class TokenizedPrompts(NamedTuple):
+    """Output of :func:`tokenize_prompts`.
+
+    ``token_ids[i]`` is the prompt of ``records[i]`` (ragged ``list[list[int]]``, each of
+    length <= max_prompt_len); ``dropped`` maps the id of each dropped record to its length.
+    """
+
+    token_ids: list[list[int]]
+    records: list[PromptRecord]
+    dropped: dict[str, int]
+
+
+def tokenize_prompts(
+    records: Sequence[PromptRecord],
+    tokenizer: ChatTokenizer,
+    template: Callable[[PromptRecord], list[Message]],
+    max_prompt_len: int,
+    *,
+    on_too_long: Literal["raise", "drop"] = "raise",
+) -> TokenizedPrompts:
+    """Renders and tokenises prompts; checks all lengths before returning anything.
+
+    Args:
+      records: prompt records.
+      tokenizer: implements ``apply_chat_template(messages, add_generation_prompt=True)``
+        and ``encode(text)``.
+      template: record -> chat messages, e.g. ``PromptTemplate().student`` or ``.teacher``.
+      max_prompt_len: the most prompt tokens allowed.
+      on_too_long: ``"raise"`` a ValueError naming the first too-long prompt (id, length,
+        limit, fix) or ``"drop"`` such records (their ids and lengths in ``dropped``).
+    """
+    if on_too_long not in ("raise", "drop"):
+        raise ValueError(f"on_too_long must be 'raise' or 'drop', got {on_too_long!r}.")
+    ids = [tokenizer.encode(tokenizer.apply_chat_template(template(r), add_generation_prompt=True))
+           for r in records]
+    over = [len(t) > max_prompt_len for t in ids]
+    too_long = {r["id"]: len(t) for r, t, o in zip(records, ids, over) if o}
+    if too_long and on_too_long == "raise":
+        first = next(iter(too_long))
+        raise ValueError(
+            f"Prompt {first!r} is {too_long[first]} tokens, over max_prompt_len={max_prompt_len} "
+            f"({len(too_long)} of {len(records)} prompts are too long, the longest "
+            f"{max(too_long.values())}). Fix: raise max_prompt_len to >= {max(too_long.values())}, "
+            "shorten the template, or pass on_too_long='drop'.")
+    kept = [(r, t) for r, t, o in zip(records, ids, over) if not o]
+    return TokenizedPrompts([t for _, t in kept], [r for r, _ in kept], too_long)
