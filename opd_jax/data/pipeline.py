@@ -51,6 +51,7 @@ def make_prompt_dataset(
     shuffle: bool = True,
     drop_remainder: bool = True,
     shard_options: grain.sharding.ShardOptions | None = None,
+    source: str | None = None,
 ) -> grain.MapDataset:
     """A ``grain.MapDataset`` whose elements are batches: ``list[record]`` of ``batch_size``.
 
@@ -62,13 +63,15 @@ def make_prompt_dataset(
       shuffle: shuffle within each epoch.
       drop_remainder: drop the final partial batch (batches may span epoch boundaries).
       shard_options: ``grain.sharding.ShardOptions``; default: one shard per JAX process.
+      source: name of the data in error messages (default: the records' sources), so an
+        empty split still names where it came from.
 
     Each batch holds deep copies, so callers may mutate them freely.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
-    sources = describe_sources(records)
-    require_nonempty(records, source=sources or "<no source>", stage="filtering/splitting",
+    sources = source or describe_sources(records)
+    require_nonempty(records, source=sources, stage="filtering/splitting",
                      fix="check the source config (path, generator size, heldout fraction).")
     shard_options = shard_options or default_shard_options()
     shard = shard_records(records, shard_options)
