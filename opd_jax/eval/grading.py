@@ -17,9 +17,8 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+from opd_jax.data.sources import RG_KEY, make_reasoning_gym_dataset
 from opd_jax.eval.extract import extract_answer, normalize_answer, parse_number
-
-RG_KEY = "reasoning_gym"
 
 
 def answers_match(predicted: str | None, reference: str, *, rel_tol: float = 1e-6,
@@ -41,8 +40,6 @@ def answers_match(predicted: str | None, reference: str, *, rel_tol: float = 1e-
 
 @functools.lru_cache(maxsize=64)
 def _rg_scorer(name: str, config_json: str, seed: int, size: int):
-    from opd_jax.data.sources import make_reasoning_gym_dataset
-
     dataset = make_reasoning_gym_dataset(name, seed=seed, size=size,
                                          config=json.loads(config_json))
     return dataset.score_answer
