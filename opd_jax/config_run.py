@@ -1,0 +1,242 @@
+"""Run schema, part 2: stages, checkpointing, mesh, logging and the whole :class:`RunConfig`.
+
+A run is a list of stages (``cold_start`` -> ``opd`` / ``opsd`` -> ``eval``). The run-level
+``data``, ``sampler``, ``loss`` and ``optim`` apply to every stage; a stage may override any of them
+partially: the keys it gives replace the run-level ones (one level deep), so
+``stages: [{kind: opd, optim: {lr: 1e-6}}]`` keeps every other run-level optimizer setting.
+:meth:`RunConfig.resolve_stage` returns a stage with every section filled in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+from typing import Literal, Optional
+
+from opd_jax.config_schema import (DataSpec, FilterSpec, LossSpec, ModelSpec, OptimSpec,
+                                   SamplerSpec, placeholders, need)
+
+__all__ = ["STAGE_KINDS", "TRAIN_KINDS", "StageSpec", "CheckpointSpec", "MeshShape",
+           "DistributedSpec", "MeshSpec", "LogSpec", "RunConfig"]
+
+STAGE_KINDS = ("cold_start", "opd", "opsd", "eval")
+TRAIN_KINDS = ("cold_start", "opd", "opsd")
+SECTIONS = ("data", "sampler", "loss", "optim")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+# Stage fields that apply to one kind only (must keep their defaults on other kinds).
+_KIND_FIELDS = {
+    "filters": "cold_start", "num_teacher_samples": "cold_start",
+    "teacher_mode": "opsd", "ema_decay": "opsd",
+    "ks": "eval", "n_prompts": "eval",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class StageSpec:
+    """One stage of a run; its checkpoints live in ``<run_dir>/checkpoints/<name>/``.
+
+    ``kind``: "cold_start" (SFT on filtered teacher rollouts), "opd" (on-policy distillation from
+    the teacher), "opsd" (self-distillation: the model with privileged context is the teacher),
+    "eval" (Avg@k / pass@k on held-out prompts). ``name`` defaults to the kind (``kind_<i>`` when
+    repeated). ``steps`` optimizer steps (train kinds), ``batch_prompts`` prompts per step.
+    ``data`` / ``sampler`` / ``loss`` / ``optim``: partial overrides of the run-level sections.
+    cold_start: ``filters``, ``num_teacher_samples`` teacher rollouts per prompt.
+    opsd: ``teacher_mode`` "fixed" (initial weights / LoRA off), "ema" (``ema_decay``) or "live".
+    eval: ``ks`` (k values for Avg@k and pass@k; max(ks) samples per prompt), ``n_prompts``.
+    """
+
+    kind: Literal["cold_start", "opd", "opsd", "eval"]
+    name: str = ""
+    steps: int = 0
+    batch_prompts: int = 8
+    data: Optional[DataSpec] = None
+    sampler: Optional[SamplerSpec] = None
+    loss: Optional[LossSpec] = None
+    optim: Optional[OptimSpec] = None
+    filters: FilterSpec = FilterSpec()
+    num_teacher_samples: int = 1
+    teacher_mode: Literal["fixed", "ema", "live"] = "fixed"
+    ema_decay: float = 0.999
+    ks: tuple[int, ...] = (1,)
+    n_prompts: int = 40
+
+    @property
+    def trains(self) -> bool:
+        return self.kind in TRAIN_KINDS
+
+    def validate(self) -> None:
+        need(bool(_NAME_RE.match(self.name)), "name", self.name,
+             "a non-empty name of letters, digits, '_', '.', '-' (it names a directory)")
+        if self.trains:
+            need(self.steps >= 1, "steps", self.steps, f"an integer >= 1 for a {self.kind} stage")
+        else:
+            need(self.steps == 0, "steps", self.steps, "0 for an eval stage (use n_prompts)")
+        need(self.batch_prompts >= 1, "batch_prompts", self.batch_prompts, "an integer >= 1")
+        defaults = StageSpec(kind=self.kind)
+        for field, kind in _KIND_FIELDS.items():
+            value = getattr(self, field)
+            need(kind == self.kind or value == getattr(defaults, field), field,
+                 value, f"leave unset: it applies to {kind} stages, this one is {self.kind}")
+        need(self.num_teacher_samples >= 1, "num_teacher_samples", self.num_teacher_samples,
+             "an integer >= 1")
+        need(0 < self.ema_decay < 1, "ema_decay", self.ema_decay, "a number in (0, 1)")
+        need(len(self.ks) > 0 and min(self.ks) >= 1, "ks", list(self.ks),
+             "a non-empty list of integers >= 1")
+        need(self.n_prompts >= 1, "n_prompts", self.n_prompts, "an integer >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointSpec:
+    """Orbax checkpoints per stage: every ``every_n_steps`` steps (0 = only at the end of a stage),
+    keeping the ``keep_last_n`` most recent; ``async_save`` writes in the background."""
+
+    every_n_steps: int = 50
+    keep_last_n: int = 2
+    async_save: bool = True
+
+    def validate(self) -> None:
+        need(self.every_n_steps >= 0, "every_n_steps", self.every_n_steps,
+             "an integer >= 0 (0 = only at stage end)")
+        need(self.keep_last_n >= 1, "keep_last_n", self.keep_last_n, "an integer >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshShape:
+    """Devices per mesh axis; one axis may be -1 (= all remaining devices)."""
+
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+
+    def validate(self) -> None:
+        sizes = dataclasses.asdict(self)
+        for axis, size in sizes.items():
+            need(size >= 1 or size == -1, axis, size, "a positive integer or -1 (the rest)")
+        need(list(sizes.values()).count(-1) <= 1, "fsdp", self.fsdp,
+             f"at most one axis may be -1 (got {sizes})")
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedSpec:
+    """Multi-host ``jax.distributed.initialize`` options; ``initialize`` false = single process.
+    Leave the others null to auto-detect (TPU pods, SLURM); set all three to configure by hand."""
+
+    initialize: bool = False
+    coordinator_address: Optional[str] = None
+    num_processes: Optional[int] = None
+    process_id: Optional[int] = None
+
+    def validate(self) -> None:
+        given = [self.coordinator_address, self.num_processes, self.process_id]
+        need(all(v is None for v in given) or all(v is not None for v in given),
+             "coordinator_address", self.coordinator_address,
+             "set coordinator_address, num_processes and process_id together, or none of them")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshSpec:
+    """Device mesh and the logical-axis rules table: "fsdp" (pure FSDP, the default) or "fsdp_tp"
+    (FSDP plus tensor parallelism over ``tensor``); ``teacher_rules`` null = same as the student."""
+
+    shape: MeshShape = MeshShape()
+    rules: Literal["fsdp", "fsdp_tp"] = "fsdp"
+    teacher_rules: Optional[Literal["fsdp", "fsdp_tp"]] = None
+    distributed: DistributedSpec = DistributedSpec()
+
+    def validate(self) -> None:
+        if self.shape.tensor != 1:
+            for field in ("rules", "teacher_rules"):
+                value = getattr(self, field)
+                need(value in (None, "fsdp_tp"), field, value,
+                     f'"fsdp_tp": the "fsdp" table does not use the tensor axis '
+                     f"(shape.tensor={self.shape.tensor})")
+
+
+@dataclasses.dataclass(frozen=True)
+class LogSpec:
+    """Log metrics every ``every`` steps (stdout + metrics.jsonl); ``tensorboard`` also writes
+    TensorBoard event files."""
+
+    every: int = 1
+    tensorboard: bool = False
+
+    def validate(self) -> None:
+        need(self.every >= 1, "every", self.every, "an integer >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """A whole run. ``out_dir`` is the run directory (``{name}`` is replaced by ``name``): it gets
+    ``config.yaml``, ``checkpoints/<stage>/<step>/`` and metrics. ``teacher`` is unused by opsd
+    stages (the student with privileged context is its own teacher)."""
+
+    name: str = "run"
+    out_dir: str = "runs/{name}"
+    seed: int = 0
+    teacher: ModelSpec = ModelSpec()
+    student: ModelSpec = ModelSpec()
+    data: DataSpec = DataSpec()
+    sampler: SamplerSpec = SamplerSpec()
+    loss: LossSpec = LossSpec()
+    optim: OptimSpec = OptimSpec()
+    checkpoint: CheckpointSpec = CheckpointSpec()
+    mesh: MeshSpec = MeshSpec()
+    log: LogSpec = LogSpec()
+    stages: tuple[StageSpec, ...] = ()
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out_dir.replace("{name}", self.name))
+
+    @classmethod
+    def preprocess(cls, data: dict) -> dict:
+        """Merge run-level sections into each stage's partial overrides; name unnamed stages."""
+        stages = data.get("stages")
+        if not isinstance(stages, list):
+            return data
+        kinds = [s.get("kind") for s in stages if isinstance(s, dict)]
+        merged = []
+        for i, stage in enumerate(stages):
+            if isinstance(stage, dict):
+                stage = dict(stage)
+                for section in SECTIONS:
+                    base, over = data.get(section) or {}, stage.get(section)
+                    if isinstance(over, dict) and isinstance(base, dict):
+                        stage[section] = {**base, **over}
+                if not stage.get("name") and isinstance(stage.get("kind"), str):
+                    kind = stage["kind"]
+                    stage["name"] = kind if kinds.count(kind) == 1 else f"{kind}_{i}"
+            merged.append(stage)
+        return {**data, "stages": merged}
+
+    def resolve_stage(self, stage: StageSpec | int) -> StageSpec:
+        """The stage with its data/sampler/loss/optim filled in from the run level where unset."""
+        if isinstance(stage, int):
+            stage = self.stages[stage]
+        return dataclasses.replace(stage, **{s: getattr(stage, s) or getattr(self, s)
+                                             for s in SECTIONS})
+
+    def validate(self) -> None:
+        need(len(self.stages) > 0, "stages", [], "at least one stage, e.g. "
+             "[{kind: opd, steps: 100}]; kinds: " + ", ".join(STAGE_KINDS))
+        names = [s.name for s in self.stages]
+        for i, name in enumerate(names):
+            need(names.count(name) == 1, f"stages.{i}.name", name,
+                 f"a unique stage name (names: {names}); it names the checkpoint directory")
+        for i, stage in enumerate(self.stages):
+            if stage.kind == "opsd":
+                self._validate_opsd(i, stage)
+
+    def _validate_opsd(self, i: int, stage: StageSpec) -> None:
+        data = self.resolve_stage(stage).data
+        where = f"stages.{i}.data" if stage.data is not None else "data"
+        need(data.teacher_template is not None, f"{where}.teacher_template", None,
+             f"opsd stage {stage.name!r} needs a privileged teacher context, e.g. "
+             '"{problem}\\nReference solution: {solution}\\nAnswer: {answer}"')
+        need("solution" not in placeholders(data.teacher_template) or data.has_solutions,
+             f"{where}.solution_key", None,
+             f"opsd stage {stage.name!r}: data source {data.source}:{data.name or data.path} has "
+             "no solutions; set solution_key to the field holding reference solutions, or drop "
+             "{solution} from teacher_template")
