@@ -1,0 +1,141 @@
+r"""Pure per-token losses for on-policy distillation, importable by any JAX trainer.
+
+Conventions (optax style): a loss is a pure function of arrays returning the *unreduced*
+per-token array ``[...]`` for logits ``[..., V]``; masks are ``where=`` (bool, per-token,
+broadcastable) and masked positions are exactly 0 with zero gradient; ``temperature=``
+divides logits before the log-softmax; math runs in float32 whatever the input dtype (bf16 in,
+float32 out; float64 stays float64). Reduction is a separate helper the caller picks
+(:mod:`~opd_jax.losses.reductions`).
+
+Modules:
+
+* :mod:`~opd_jax.losses.divergences` -- full-vocabulary KL / reverse KL / generalized JSD /
+  skew KLs, at element, log-prob and logit level, with OPSD's point-wise clip.
+* :mod:`~opd_jax.losses.topk` -- OPD top-k shared supports, the top-k reward and its
+  policy-gradient surrogate, divergences over a support (renormalised or with a tail bucket).
+* :mod:`~opd_jax.losses.estimators` -- sampled-token KL estimators (k1, k2, k3), the OPD
+  advantage, policy-gradient / importance-sampling / PPO-clip surrogates, token log-probs.
+* :mod:`~opd_jax.losses.reductions` -- verl ``loss_agg_mode`` reductions.
+"""
+
+from opd_jax.losses.divergences import (
+    DIVERGENCES,
+    LOGPROB_DIVERGENCES,
+    forward_kl,
+    forward_kl_from_logprobs,
+    forward_kl_terms,
+    generalized_jsd,
+    generalized_jsd_from_logprobs,
+    generalized_jsd_terms,
+    kl_terms,
+    mask_tokens,
+    mixture_logprobs,
+    normalized_logprobs,
+    reverse_kl,
+    reverse_kl_from_logprobs,
+    reverse_kl_terms,
+    skew_forward_kl,
+    skew_forward_kl_from_logprobs,
+    skew_forward_kl_terms,
+    skew_reverse_kl,
+    skew_reverse_kl_from_logprobs,
+    skew_reverse_kl_terms,
+    sum_terms,
+)
+from opd_jax.losses.estimators import (
+    KL_ESTIMATORS,
+    importance_sampled_pg_loss,
+    opd_advantage,
+    policy_gradient_loss,
+    ppo_clip_loss,
+    reverse_kl_k1,
+    reverse_kl_k2,
+    reverse_kl_k3,
+    token_logprobs,
+)
+from opd_jax.losses.reductions import (
+    REDUCTIONS,
+    sequence_mean,
+    sequence_sum_mean,
+    sequence_sum_norm,
+    sequence_sum_token_mean,
+    token_mean,
+)
+from opd_jax.losses.topk import (
+    SUPPORTS,
+    TAILS,
+    WEIGHTS,
+    TopKReward,
+    TopKSupport,
+    gather_logprobs,
+    renormalized_logprobs,
+    support_advantages,
+    support_divergence,
+    support_from_ids,
+    support_policy_gradient_loss,
+    tail_bucket_logprobs,
+    topk_divergence,
+    topk_policy_gradient_loss,
+    topk_reward,
+    topk_support,
+)
+
+__all__ = [
+    # divergences
+    "DIVERGENCES",
+    "LOGPROB_DIVERGENCES",
+    "forward_kl",
+    "forward_kl_from_logprobs",
+    "forward_kl_terms",
+    "generalized_jsd",
+    "generalized_jsd_from_logprobs",
+    "generalized_jsd_terms",
+    "kl_terms",
+    "mask_tokens",
+    "mixture_logprobs",
+    "normalized_logprobs",
+    "reverse_kl",
+    "reverse_kl_from_logprobs",
+    "reverse_kl_terms",
+    "skew_forward_kl",
+    "skew_forward_kl_from_logprobs",
+    "skew_forward_kl_terms",
+    "skew_reverse_kl",
+    "skew_reverse_kl_from_logprobs",
+    "skew_reverse_kl_terms",
+    "sum_terms",
+    # estimators
+    "KL_ESTIMATORS",
+    "importance_sampled_pg_loss",
+    "opd_advantage",
+    "policy_gradient_loss",
+    "ppo_clip_loss",
+    "reverse_kl_k1",
+    "reverse_kl_k2",
+    "reverse_kl_k3",
+    "token_logprobs",
+    # reductions
+    "REDUCTIONS",
+    "sequence_mean",
+    "sequence_sum_mean",
+    "sequence_sum_norm",
+    "sequence_sum_token_mean",
+    "token_mean",
+    # top-k
+    "SUPPORTS",
+    "TAILS",
+    "WEIGHTS",
+    "TopKReward",
+    "TopKSupport",
+    "gather_logprobs",
+    "renormalized_logprobs",
+    "support_advantages",
+    "support_divergence",
+    "support_from_ids",
+    "support_policy_gradient_loss",
+    "tail_bucket_logprobs",
+    "topk_divergence",
+    "topk_policy_gradient_loss",
+    "topk_reward",
+    "topk_support",
+]

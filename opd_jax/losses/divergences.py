@@ -1,0 +1,444 @@
+r"""Full-vocabulary token-level divergences between a student S and a teacher T.
+
+Three layers, each reusable on its own (chunked code and the top-k path share them):
+
+* **element terms** ``*_terms(student_logp, teacher_logp)`` -> ``[..., V]``: the per-vocabulary
+  summands of a divergence, from normalised log-probs. ``0 * log 0`` is 0, with zero gradient.
+* **log-prob level** ``*_from_logprobs(student_logp, teacher_logp, *, pointwise_clip)`` ->
+  ``[...]``: ``sum_v min(term_v, c)`` over the last axis (OPSD's point-wise clip, applied to
+  each element *before* the sum).
+* **logit level** ``forward_kl(student_logits, teacher_logits, *, where, temperature,
+  pointwise_clip)`` -> ``[...]``: ``log_softmax(logits / temperature)`` in float32, then the
+  above; positions where ``where`` is False are exactly 0 with zero gradient.
+
+A divergence between distributions that put mass where the other has none is infinite (e.g.
+reverse KL with ``S(v) > 0 = T(v)``); every other case, including ``-inf`` logits on both
+sides, gives finite values and finite gradients. The generalized JSD and the skew KLs are
+always finite because their mixture covers both supports.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from opd_jax.losses import _checks
+
+Array = jax.Array
+
+__all__ = [
+    "DIVERGENCES",
+    "LOGPROB_DIVERGENCES",
+    "forward_kl",
+    "forward_kl_from_logprobs",
+    "forward_kl_terms",
+    "generalized_jsd",
+    "generalized_jsd_from_logprobs",
+    "generalized_jsd_terms",
+    "kl_terms",
+    "mask_tokens",
+    "mixture_logprobs",
+    "normalized_logprobs",
+    "reverse_kl",
+    "reverse_kl_from_logprobs",
+    "reverse_kl_terms",
+    "skew_forward_kl",
+    "skew_forward_kl_from_logprobs",
+    "skew_forward_kl_terms",
+    "skew_reverse_kl",
+    "skew_reverse_kl_from_logprobs",
+    "skew_reverse_kl_terms",
+    "sum_terms",
+]
+
+
+# ------------------------------------------------------------------------------------------
+# shared building blocks
+# ------------------------------------------------------------------------------------------
+
+
+def normalized_logprobs(
+    logits: Array, *, temperature: float | Array = 1.0, where: Array | None = None
+) -> Array:
+    r"""``log_softmax(logits / temperature)`` in float32 (float64 stays float64).
+
+    Rows where ``where`` is False are replaced by zeros *before* the softmax (the double-where
+    trick), so padding rows full of ``-inf`` or NaN cannot leak NaN into values or gradients.
+
+    Args:
+      logits: ``[..., V]`` any float dtype.
+      temperature: scalar > 0 dividing the logits.
+      where: optional bool ``[...]`` (broadcastable), True for positions to keep.
+
+    Returns:
+      ``[..., V]`` normalised log-probs.
+
+    >>> import jax.numpy as jnp
+    >>> print(jnp.exp(normalized_logprobs(jnp.array([0.0, jnp.log(3.0)]))))
+    [0.25 0.75]
+    """
+    x = jnp.asarray(logits)
+    x = x.astype(_checks.compute_dtype(x))
+    if where is not None:
+        x = jnp.where(jnp.asarray(where)[..., None], x, 0.0)
+    return jax.nn.log_softmax(x / temperature, axis=-1)
+
+
+def mask_tokens(x: Array, where: Array | None) -> Array:
+    """``x`` where ``where`` is True, exactly 0 elsewhere (zero gradient there too)."""
+    if where is None:
+        return x
+    return jnp.where(where, x, jnp.zeros((), x.dtype))
+
+
+def kl_terms(logp: Array, logq: Array) -> Array:
+    r"""Element terms of :math:`\mathrm{KL}(P\|Q)`: :math:`p_v(\log p_v - \log q_v)`, 0 where p=0.
+
+    Both inputs are replaced by 0 where :math:`p_v = 0` before the arithmetic, so ``-inf`` entries
+    give a 0 term with a zero (not NaN) gradient. ``q_v = 0 < p_v`` gives ``+inf`` (the true KL).
+
+    Args:
+      logp: ``[..., V]`` log-probs of P.
+      logq: ``[..., V]`` log-probs of Q.
+
+    Returns:
+      ``[..., V]`` element terms; their sum over V is :math:`\mathrm{KL}(P\|Q) \ge 0`.
+
+    >>> import jax.numpy as jnp
+    >>> print(kl_terms(jnp.log(jnp.array([1.0, 0.0])), jnp.log(jnp.array([0.5, 0.5]))))
+    [0.6931472 0.       ]
+    """
+    live = logp > -jnp.inf
+    lp = jnp.where(live, logp, 0.0)
+    lq = jnp.where(live, logq, 0.0)
+    return jnp.where(live, jnp.exp(lp) * (lp - lq), 0.0)
+
+
+def mixture_logprobs(logp: Array, logq: Array, weight_p: float | Array) -> Array:
+    r""":math:`\log(w\,p + (1-w)\,q)` elementwise from log-probs, stable and NaN-free.
+
+    Where both ``p`` and ``q`` are 0 the result is ``-inf`` with zero gradient. ``weight_p`` in
+    [0, 1].
+    """
+    dead = (logp == -jnp.inf) & (logq == -jnp.inf)
+    lp = jnp.where(dead, 0.0, logp)
+    lq = jnp.where(dead, 0.0, logq)
+    mix = jnp.logaddexp(lp + jnp.log(weight_p), lq + jnp.log1p(-weight_p))
+    return jnp.where(dead, -jnp.inf, mix)
+
+
+def sum_terms(terms: Array, pointwise_clip: float | None = None) -> Array:
+    r""":math:`\sum_v \min(\text{term}_v, c)` over the last axis (no clip when ``c`` is None).
+
+    The point-wise clip of OPSD (siyan-zhao/OPSD, ``jsd_token_clip``): each vocabulary
+    element's term is capped at ``c`` before the sum, so a few tokens cannot dominate.
+    """
+    if pointwise_clip is not None:
+        terms = jnp.minimum(terms, pointwise_clip)
+    return jnp.sum(terms, axis=-1)
+
+
+# ------------------------------------------------------------------------------------------
+# element terms [..., V] from normalised log-probs
+# ------------------------------------------------------------------------------------------
+
+
+def forward_kl_terms(student_logp: Array, teacher_logp: Array) -> Array:
+    r"""Element terms of :math:`\mathrm{KL}(T\|S)`: :math:`T_v(\log T_v - \log S_v)`."""
+    return kl_terms(teacher_logp, student_logp)
+
+
+def reverse_kl_terms(student_logp: Array, teacher_logp: Array) -> Array:
+    r"""Element terms of :math:`\mathrm{KL}(S\|T)`: :math:`S_v(\log S_v - \log T_v)`."""
+    return kl_terms(student_logp, teacher_logp)
+
+
+def _jsd_interior_terms(student_logp: Array, teacher_logp: Array, beta: Any) -> Array:
+    log_m = mixture_logprobs(teacher_logp, student_logp, beta)  # M = beta T + (1-beta) S
+    return beta * kl_terms(teacher_logp, log_m) + (1.0 - beta) * kl_terms(student_logp, log_m)
+
+
+def generalized_jsd_terms(
+    student_logp: Array, teacher_logp: Array, beta: float | Array = 0.5
+) -> Array:
+    r"""Element terms of the generalized JSD (GKD / TRL convention).
+
+    .. math::
+       M = (1-\beta) S + \beta T, \qquad
+       \mathrm{JSD}_\beta = \beta\,\mathrm{KL}(T\|M) + (1-\beta)\,\mathrm{KL}(S\|M)
+
+    with the endpoints defined as in TRL: :math:`\beta=0` is exactly :math:`\mathrm{KL}(T\|S)`,
+    :math:`\beta=1` exactly :math:`\mathrm{KL}(S\|T)`. A Python ``beta`` picks the branch at
+    trace time; a traced ``beta`` computes all three and selects (3x the work).
+    """
+    b = _checks.static_float(beta)
+    if b is not None:
+        _checks.check_unit_interval("beta", b)
+        if b == 0.0:
+            return forward_kl_terms(student_logp, teacher_logp)
+        if b == 1.0:
+            return reverse_kl_terms(student_logp, teacher_logp)
+        return _jsd_interior_terms(student_logp, teacher_logp, b)
+    beta = jnp.asarray(beta, student_logp.dtype)
+    at_end = (beta == 0.0) | (beta == 1.0)
+    interior = _jsd_interior_terms(student_logp, teacher_logp, jnp.where(at_end, 0.5, beta))
+    fkl = forward_kl_terms(student_logp, teacher_logp)
+    rkl = reverse_kl_terms(student_logp, teacher_logp)
+    return jnp.where(beta == 0.0, fkl, jnp.where(beta == 1.0, rkl, interior))
+
+
+def skew_forward_kl_terms(
+    student_logp: Array, teacher_logp: Array, alpha: float | Array = 0.1
+) -> Array:
+    r"""Element terms of :math:`\mathrm{KL}(T \| \alpha T + (1-\alpha) S)` (DistiLLM)."""
+    a = _checks.static_float(alpha)
+    if a is not None:
+        _checks.check_unit_interval("alpha", a)
+        if a == 0.0:
+            return forward_kl_terms(student_logp, teacher_logp)
+    mix = mixture_logprobs(teacher_logp, student_logp, alpha)
+    return kl_terms(teacher_logp, mix)
+
+
+def skew_reverse_kl_terms(
+    student_logp: Array, teacher_logp: Array, alpha: float | Array = 0.1
+) -> Array:
+    r"""Element terms of :math:`\mathrm{KL}(S \| \alpha S + (1-\alpha) T)` (DistiLLM)."""
+    a = _checks.static_float(alpha)
+    if a is not None:
+        _checks.check_unit_interval("alpha", a)
+        if a == 0.0:
+            return reverse_kl_terms(student_logp, teacher_logp)
+    mix = mixture_logprobs(student_logp, teacher_logp, alpha)
+    return kl_terms(student_logp, mix)
+
+
+# ------------------------------------------------------------------------------------------
+# log-prob level: [..., V] log-probs -> [...]
+# ------------------------------------------------------------------------------------------
+
+
+def forward_kl_from_logprobs(student_logp, teacher_logp, *, pointwise_clip=None) -> Array:
+    r""":math:`\sum_v \min(T_v(\log T_v - \log S_v), c)` from log-probs ``[..., V]`` -> ``[...]``."""
+    return sum_terms(forward_kl_terms(student_logp, teacher_logp), pointwise_clip)
+
+
+def reverse_kl_from_logprobs(student_logp, teacher_logp, *, pointwise_clip=None) -> Array:
+    r""":math:`\sum_v \min(S_v(\log S_v - \log T_v), c)` from log-probs ``[..., V]`` -> ``[...]``."""
+    return sum_terms(reverse_kl_terms(student_logp, teacher_logp), pointwise_clip)
+
+
+def generalized_jsd_from_logprobs(
+    student_logp, teacher_logp, beta=0.5, *, pointwise_clip=None
+) -> Array:
+    r"""Generalized JSD (see :func:`generalized_jsd_terms`) from log-probs, summed over V."""
+    return sum_terms(generalized_jsd_terms(student_logp, teacher_logp, beta), pointwise_clip)
+
+
+def skew_forward_kl_from_logprobs(
+    student_logp, teacher_logp, alpha=0.1, *, pointwise_clip=None
+) -> Array:
+    r""":math:`\mathrm{KL}(T\|\alpha T + (1-\alpha)S)` from log-probs, summed over V."""
+    return sum_terms(skew_forward_kl_terms(student_logp, teacher_logp, alpha), pointwise_clip)
+
+
+def skew_reverse_kl_from_logprobs(
+    student_logp, teacher_logp, alpha=0.1, *, pointwise_clip=None
+) -> Array:
+    r""":math:`\mathrm{KL}(S\|\alpha S + (1-\alpha)T)` from log-probs, summed over V."""
+    return sum_terms(skew_reverse_kl_terms(student_logp, teacher_logp, alpha), pointwise_clip)
+
+
+# ------------------------------------------------------------------------------------------
+# logit level: [..., V] logits -> [...] per-token loss
+# ------------------------------------------------------------------------------------------
+
+
+def _from_logits(fn: Callable, student_logits, teacher_logits, where, temperature, **kw):
+    _checks.check_logit_pair(student_logits, teacher_logits)
+    _checks.check_where(where, jnp.shape(student_logits)[:-1])
+    _checks.check_positive("temperature", temperature)
+    s = normalized_logprobs(student_logits, temperature=temperature, where=where)
+    t = normalized_logprobs(teacher_logits, temperature=temperature, where=where)
+    return mask_tokens(fn(s, t, **kw), where)
+
+
+def forward_kl(
+    student_logits: Array,
+    teacher_logits: Array,
+    *,
+    where: Array | None = None,
+    temperature: float = 1.0,
+    pointwise_clip: float | None = None,
+) -> Array:
+    r"""Forward KL :math:`\mathrm{KL}(T\|S)` per token (mode-covering; SFT-like).
+
+    .. math::
+       \ell = \sum_{v} \min\big(T_v (\log T_v - \log S_v),\; c\big), \quad
+       S = \mathrm{softmax}(z_S/\tau),\; T = \mathrm{softmax}(z_T/\tau)
+
+    Args:
+      student_logits: ``[..., V]`` student logits (any float dtype; math in float32).
+      teacher_logits: ``[..., V]`` teacher logits (pass them through ``stop_gradient``).
+      where: optional bool ``[...]``; False positions are exactly 0 with zero gradient.
+      temperature: :math:`\tau > 0`, divides both logits before the softmax.
+      pointwise_clip: optional :math:`c`, caps each vocabulary term before the sum (OPSD).
+
+    Returns:
+      ``[...]`` float32 unreduced per-token loss.
+
+    References: Agarwal et al. 2024, "On-Policy Distillation of Language Models" (GKD).
+
+    >>> import jax.numpy as jnp
+    >>> s, t = jnp.array([[0.0, 1.0, 2.0]]), jnp.array([[2.0, 1.0, 0.0]])
+    >>> round(float(forward_kl(s, t)[0]), 4)
+    1.1504
+    """
+    return _from_logits(
+        forward_kl_from_logprobs, student_logits, teacher_logits, where, temperature,
+        pointwise_clip=pointwise_clip,
+    )
+
+
+def reverse_kl(
+    student_logits: Array,
+    teacher_logits: Array,
+    *,
+    where: Array | None = None,
+    temperature: float = 1.0,
+    pointwise_clip: float | None = None,
+) -> Array:
+    r"""Reverse KL :math:`\mathrm{KL}(S\|T)` per token (mode-seeking; the OPD objective).
+
+    .. math::
+       \ell = \sum_{v} \min\big(S_v (\log S_v - \log T_v),\; c\big)
+
+    Args and returns as :func:`forward_kl`. Infinite where :math:`S_v > 0 = T_v`.
+
+    References: Gu et al. 2024 (MiniLLM); thunlp/OPD (arXiv 2604.13016).
+
+    >>> import jax.numpy as jnp
+    >>> s, t = jnp.array([[0.0, 1.0, 2.0]]), jnp.array([[2.0, 1.0, 0.0]])
+    >>> print(reverse_kl(s, t, where=jnp.array([False])))
+    [0.]
+    """
+    return _from_logits(
+        reverse_kl_from_logprobs, student_logits, teacher_logits, where, temperature,
+        pointwise_clip=pointwise_clip,
+    )
+
+
+def generalized_jsd(
+    student_logits: Array,
+    teacher_logits: Array,
+    beta: float | Array = 0.5,
+    *,
+    where: Array | None = None,
+    temperature: float = 1.0,
+    pointwise_clip: float | None = None,
+) -> Array:
+    r"""Generalized Jensen-Shannon divergence per token (GKD / TRL / OPSD convention).
+
+    .. math::
+       M = (1-\beta) S + \beta T, \qquad
+       \ell = \sum_v \min\big(\beta T_v \log\tfrac{T_v}{M_v}
+              + (1-\beta) S_v \log\tfrac{S_v}{M_v},\; c\big)
+
+    :math:`\beta = 0` is exactly :math:`\mathrm{KL}(T\|S)` and :math:`\beta=1` exactly
+    :math:`\mathrm{KL}(S\|T)` (special-cased as in TRL's ``generalized_jsd_loss``); at
+    :math:`\beta=0.5` it is the symmetric JSD, bounded by :math:`\log 2`.
+
+    Args:
+      beta: mixture weight in [0, 1] (Python float, or a traced scalar).
+      others: as :func:`forward_kl`.
+
+    References: Agarwal et al. 2024 (GKD, Eq. 1); siyan-zhao/OPSD (point-wise clip 0.05).
+
+    >>> import jax.numpy as jnp
+    >>> s, t = jnp.array([[0.0, 1.0, 2.0]]), jnp.array([[2.0, 1.0, 0.0]])
+    >>> bool(jnp.allclose(generalized_jsd(s, t, 0.0), forward_kl(s, t)))
+    True
+    """
+    return _from_logits(
+        generalized_jsd_from_logprobs, student_logits, teacher_logits, where, temperature,
+        beta=beta, pointwise_clip=pointwise_clip,
+    )
+
+
+def skew_forward_kl(
+    student_logits: Array,
+    teacher_logits: Array,
+    alpha: float | Array = 0.1,
+    *,
+    where: Array | None = None,
+    temperature: float = 1.0,
+    pointwise_clip: float | None = None,
+) -> Array:
+    r"""Skew forward KL per token: :math:`\mathrm{KL}(T \,\|\, \alpha T + (1-\alpha) S)`.
+
+    .. math::
+       \ell = \sum_v \min\big(T_v \log\tfrac{T_v}{\alpha T_v + (1-\alpha) S_v},\; c\big)
+
+    Finite for any :math:`\alpha > 0`; :math:`\alpha = 0` is :math:`\mathrm{KL}(T\|S)`.
+
+    References: Ko et al. 2024, "DistiLLM: Towards Streamlined Distillation for LLMs".
+
+    >>> import jax.numpy as jnp
+    >>> s, t = jnp.array([[0.0, 1.0, 2.0]]), jnp.array([[2.0, 1.0, 0.0]])
+    >>> bool(skew_forward_kl(s, t, 0.1)[0] < forward_kl(s, t)[0])
+    True
+    """
+    return _from_logits(
+        skew_forward_kl_from_logprobs, student_logits, teacher_logits, where, temperature,
+        alpha=alpha, pointwise_clip=pointwise_clip,
+    )
+
+
+def skew_reverse_kl(
+    student_logits: Array,
+    teacher_logits: Array,
+    alpha: float | Array = 0.1,
+    *,
+    where: Array | None = None,
+    temperature: float = 1.0,
+    pointwise_clip: float | None = None,
+) -> Array:
+    r"""Skew reverse KL per token: :math:`\mathrm{KL}(S \,\|\, \alpha S + (1-\alpha) T)`.
+
+    .. math::
+       \ell = \sum_v \min\big(S_v \log\tfrac{S_v}{\alpha S_v + (1-\alpha) T_v},\; c\big)
+
+    References: Ko et al. 2024 (DistiLLM).
+
+    >>> import jax.numpy as jnp
+    >>> s = jnp.array([[0.0, 1.0, 2.0]])
+    >>> print(skew_reverse_kl(s, s))
+    [0.]
+    """
+    return _from_logits(
+        skew_reverse_kl_from_logprobs, student_logits, teacher_logits, where, temperature,
+        alpha=alpha, pointwise_clip=pointwise_clip,
+    )
+
+
+#: Logit-level losses by name: ``fn(student_logits, teacher_logits, *, where, temperature,
+#: pointwise_clip) -> [...]``.
+DIVERGENCES: dict[str, Callable[..., Array]] = {
+    "forward_kl": forward_kl,
+    "reverse_kl": reverse_kl,
+    "generalized_jsd": generalized_jsd,
+    "skew_forward_kl": skew_forward_kl,
+    "skew_reverse_kl": skew_reverse_kl,
+}
+
+#: Log-prob-level forms by name: ``fn(student_logp, teacher_logp, *, pointwise_clip) -> [...]``
+#: over the last axis (the vocabulary, a top-k support, or a support plus tail bucket).
+LOGPROB_DIVERGENCES: dict[str, Callable[..., Array]] = {
+    "forward_kl": forward_kl_from_logprobs,
+    "reverse_kl": reverse_kl_from_logprobs,
+    "generalized_jsd": generalized_jsd_from_logprobs,
+    "skew_forward_kl": skew_forward_kl_from_logprobs,
+    "skew_reverse_kl": skew_reverse_kl_from_logprobs,
+}
