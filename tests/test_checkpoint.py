@@ -108,14 +108,16 @@ def test_all_steps_corrupt_raises(tmp_path):
 
 
 def test_restore_into_shardings_on_default_device(tmp_path):
-    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("fsdp",))
     state = _state(2)
     with StageCheckpointer(tmp_path / "s", async_save=False) as ckpt:
         ckpt.save(1, state, {}, force=True)
-        _, restored, _ = ckpt.restore(1, _abstract(state, sharding))
-    for leaf in jax.tree.leaves(restored):
-        assert leaf.sharding == sharding
-    _assert_same(restored, state)
+        for sharding in (jax.sharding.SingleDeviceSharding(jax.devices()[0]),
+                         jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())):
+            _, restored, _ = ckpt.restore(1, _abstract(state, sharding))
+            for leaf in jax.tree.leaves(restored):
+                assert leaf.sharding == sharding
+            _assert_same(restored, state)
 
 
 def test_mismatched_structure_is_a_clear_error(tmp_path):
