@@ -386,6 +386,8 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = (), cls: Any
 
 def __getattr__(name: str):
     """Re-export the run schema lazily (``from opd_jax.config import RunConfig``)."""
+    if name.startswith("__"):  # import machinery probes (__path__, ...) must not import the schema
+        raise AttributeError(name)
     for module_name in ("opd_jax.config_run", "opd_jax.config_schema"):
         module = importlib.import_module(module_name)
         if name in getattr(module, "__all__", ()):
