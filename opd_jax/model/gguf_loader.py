@@ -146,7 +146,7 @@ def config_from_gguf(reader) -> ModelConfig:
         ffn_dim=int(need("feed_forward_length")),
         rope_theta=theta,
         # stored as float32: take its shortest decimal (9.99999974e-06 -> 1e-05)
-        rms_eps=float(repr(np.float32(need("attention.layer_norm_rms_epsilon")))),
+        rms_eps=float(str(np.float32(need("attention.layer_norm_rms_epsilon")))),
         tie_embeddings="output.weight" not in tensors,
         qkv_bias="blk.0.attn_q.bias" in tensors,
         qk_norm="blk.0.attn_q_norm.weight" in tensors,
