@@ -1,0 +1,518 @@
+"""Autoregressive sampling: one jitted prefill, then a ``lax.while_loop`` decode over a KV cache.
+
+Two layers:
+
+* :func:`generate` -- the user API: token-id lists in, a :class:`GenerateOutput` (completion lists
+  plus the full arrays) out. Validates inputs, repeats each prompt ``n_samples`` times, derives
+  one key per row from ``(seed, prompt index, sample index)``.
+* :class:`Sampler` -- the jitted sampler a trainer calls in its loop:
+  ``Sampler(config, sampling, max_new_tokens, ...)(params, prompt_tokens_BxP, prompt_valid_BxP,
+  key) -> SampleOutput`` (device arrays).
+
+How a call runs (the gemma-sampler pattern):
+
+1. Prompts are left-padded (all rows end at the same slot, so the cache's write slot is shared)
+   and their length is rounded up to a bucket (16, 32, 64, 128, then multiples of 128); the
+   batch is rounded up to a bucket too (1, 2, 4, 8, then multiples of 8, and a multiple of the
+   mesh's batch shards) with dummy rows that are dropped afterwards. Calls whose shapes fall in
+   the same buckets reuse one compiled program (module-level ``jax.jit`` objects with the static
+   settings as a hashable argument).
+2. :func:`_prefill` (one jitted call) runs the prompt through the decoder, filling a cache of
+   ``P + max_new_tokens - 1`` slots, unembeds the **last position only** and draws token 0.
+3. :func:`_decode` (one jitted call, the state donated) steps a :class:`DecodeState` in a
+   ``lax.while_loop`` until every row is done (EOS drawn, or ``max_new_tokens`` reached).
+
+Draws use one uniform per row and an inverse CDF (:mod:`opd_jax.sampling`); the key of step
+``s`` of a row is ``fold_in(row_key, s)``, so a row's tokens depend only on its prompt, its key
+and the weights -- not on the rest of the batch (left-padding is masked and RoPE positions count
+real tokens only).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import functools
+from typing import Any, Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from opd_jax.model.config import ModelConfig, param_axes
+from opd_jax.model.decoder import KVCache, Lora, Params, init_cache
+from opd_jax.sampling import Sampling, draw, top_logprobs, uniforms
+from opd_jax.scoring import hidden_states, next_token_logits, pad_left
+from opd_jax.sharding import constrain, get_rules, named_sharding, tree_shardings, use_mesh_rules
+
+__all__ = ["generate", "GenerateOutput", "Sampler", "SampleOutput", "DecodeState", "row_keys",
+           "bucket_length", "bucket_batch", "TRACE_COUNTS"]
+
+# Incremented (in Python, so only while tracing) by the jitted prefill / decode: a test can assert
+# that repeated calls in one bucket do not recompile.
+TRACE_COUNTS: collections.Counter = collections.Counter()
+
+
+# ----------------------------------------------------------------------------------------------
+# state and outputs
+# ----------------------------------------------------------------------------------------------
+
+
+@flax.struct.dataclass
+class SampleOutput:
+    """What one sampler call returns (device arrays; ``N = max_new_tokens``).
+
+    Attributes:
+      tokens: ``[B, N]`` int32 completion ids; ``pad_id`` after a row's EOS.
+      mask: ``[B, N]`` bool, True for generated tokens up to and including the EOS.
+      logprobs: ``[B, N]`` float32 log-prob of each token under the distribution it was drawn
+        from (temperature + truncation applied, renormalised; greedy: = ``logprobs_full``);
+        0 where ``mask`` is False.
+      logprobs_full: ``[B, N]`` float32 log-prob under the untruncated temperature-1
+        distribution ``log softmax(logits)`` (what OPD / importance-sampling losses need).
+      topk_ids: ``[B, N, K]`` int32 the sampling model's ``K`` most probable ids at each step
+        (temperature 1), or ``None`` when not requested.
+      topk_logprobs: ``[B, N, K]`` float32 their temperature-1 log-probs, or ``None``.
+      lengths: ``[B]`` int32 number of generated tokens (``mask.sum(1)``).
+      prompt_tokens: ``[B, P]`` the prompts as given (left-padded).
+      prompt_valid: ``[B, P]`` bool.
+    """
+
+    tokens: jax.Array
+    mask: jax.Array
+    logprobs: jax.Array
+    logprobs_full: jax.Array
+    topk_ids: jax.Array | None
+    topk_logprobs: jax.Array | None
+    lengths: jax.Array
+    prompt_tokens: jax.Array
+    prompt_valid: jax.Array
+
+    def sequences(self) -> tuple[jax.Array, jax.Array]:
+        """``[prompt; completion]`` as ``(tokens [B, P+N], valid [B, P+N])``, ready for scoring.
+
+        The completion of row ``b`` starts at column ``P``; ``opd_jax.scoring.score`` of these
+        gives at column ``P - 1 + i`` the log-prob of completion token ``i``.
+        """
+        tokens = jnp.concatenate([jnp.asarray(self.prompt_tokens, jnp.int32), self.tokens], 1)
+        valid = jnp.concatenate([jnp.asarray(self.prompt_valid, bool), self.mask], 1)
+        return tokens, valid
+
+
+@flax.struct.dataclass
+class DecodeState:
+    """The ``lax.while_loop`` carry: the cache, the step counter and the growing outputs."""
+
+    cache: KVCache
+    step: jax.Array           # scalar int32: tokens generated so far
+    last_token: jax.Array     # [B] int32: fed at the next step
+    done: jax.Array           # [B] bool
+    keys: jax.Array           # [B] per-row keys
+    tokens: jax.Array         # [B, N]
+    mask: jax.Array           # [B, N]
+    logprobs: jax.Array       # [B, N]
+    logprobs_full: jax.Array  # [B, N]
+    topk_ids: jax.Array       # [B, N, K] (K = 0 when not requested)
+    topk_logprobs: jax.Array  # [B, N, K]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    """Everything the compiled program depends on besides array shapes (hashable)."""
+
+    config: ModelConfig
+    sampling: Sampling
+    max_new_tokens: int
+    eos_ids: tuple[int, ...]
+    return_topk: int
+    pad_id: int
+    mesh: Mesh | None
+    rules: tuple
+
+
+def _mesh_context(st: _Static):
+    if st.mesh is None:
+        return contextlib.nullcontext()
+    return use_mesh_rules(st.mesh, dict(st.rules))
+
+
+# ----------------------------------------------------------------------------------------------
+# the jitted program
+# ----------------------------------------------------------------------------------------------
+
+
+def _emit(st: _Static, state: DecodeState, logits_BxV: jax.Array) -> DecodeState:
+    """Draw token ``state.step`` for every row and record it."""
+    step = state.step
+    step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(state.keys, step)
+    d = draw(logits_BxV, uniforms(step_keys), st.sampling)
+    live = ~state.done
+    token = jnp.where(live, d.token, st.pad_id)
+    put = lambda buf, x: jax.lax.dynamic_update_index_in_dim(buf, x.astype(buf.dtype), step, 1)
+    new = dict(
+        step=step + 1,
+        last_token=token,
+        tokens=put(state.tokens, token),
+        mask=put(state.mask, live),
+        logprobs=put(state.logprobs, jnp.where(live, d.logprob, 0.0)),
+        logprobs_full=put(state.logprobs_full, jnp.where(live, d.logprob_full, 0.0)),
+    )
+    if st.return_topk:
+        ids, lps = top_logprobs(logits_BxV, st.return_topk)
+        new["topk_ids"] = put(state.topk_ids, jnp.where(live[:, None], ids, 0))
+        new["topk_logprobs"] = put(state.topk_logprobs, jnp.where(live[:, None], lps, 0.0))
+    eos = jnp.asarray(st.eos_ids, jnp.int32)
+    hit_eos = jnp.any(d.token[:, None] == eos[None, :], axis=-1) if st.eos_ids else False
+    new["done"] = state.done | (live & hit_eos)
+    return state.replace(**new)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _prefill(st: _Static, params: Params, lora: Lora | None, tokens_BxP: jax.Array,
+             valid_BxP: jax.Array, keys_B: jax.Array, active_B: jax.Array) -> DecodeState:
+    TRACE_COUNTS["prefill"] += 1
+    c, N, K = st.config, st.max_new_tokens, st.return_topk
+    B, P = tokens_BxP.shape
+    with _mesh_context(st):
+        dtype = params["embed"].dtype
+        cache = init_cache(c, B, P + N - 1, dtype)
+        kv_axes = ("layers", "batch", "length", "kv_heads", "head_dim")
+        cache = cache.replace(k=constrain(cache.k, kv_axes), v=constrain(cache.v, kv_axes))
+        hidden_BxPxD, cache = hidden_states(params, c, tokens_BxP, valid_BxP, lora=lora,
+                                            cache=cache)
+        logits_BxV = next_token_logits(params, c, hidden_BxPxD[:, -1])
+        zeros = lambda shape, dt: constrain(jnp.zeros(shape, dt), ("batch",) + (None,) * (len(shape) - 1))
+        state = DecodeState(
+            cache=cache, step=jnp.zeros((), jnp.int32), last_token=jnp.zeros((B,), jnp.int32),
+            done=~active_B.astype(bool), keys=keys_B,
+            tokens=zeros((B, N), jnp.int32), mask=zeros((B, N), bool),
+            logprobs=zeros((B, N), jnp.float32), logprobs_full=zeros((B, N), jnp.float32),
+            topk_ids=zeros((B, N, K), jnp.int32), topk_logprobs=zeros((B, N, K), jnp.float32))
+        return _emit(st, state, logits_BxV)
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=1)
+def _decode(st: _Static, state: DecodeState, params: Params, lora: Lora | None) -> DecodeState:
+    TRACE_COUNTS["decode"] += 1
+    c, N = st.config, st.max_new_tokens
+
+    def cond(s: DecodeState):
+        return (s.step < N) & ~jnp.all(s.done)
+
+    def body(s: DecodeState):
+        B = s.last_token.shape[0]
+        hidden_Bx1xD, cache = hidden_states(params, c, s.last_token[:, None],
+                                            jnp.ones((B, 1), bool), lora=lora, cache=s.cache)
+        s = s.replace(cache=cache)
+        return _emit(st, s, next_token_logits(params, c, hidden_Bx1xD[:, 0]))
+
+    with _mesh_context(st):
+        return jax.lax.while_loop(cond, body, state)
+
+
+# ----------------------------------------------------------------------------------------------
+# buckets and keys
+# ----------------------------------------------------------------------------------------------
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def bucket_length(n: int, minimum: int = 16, step: int = 128) -> int:
+    """Prompt-length bucket: powers of two from ``minimum`` up to ``step``, then multiples of it."""
+    b = minimum
+    while b < n and b < step:
+        b *= 2
+    return b if b >= n else _round_up(n, step)
+
+
+def bucket_batch(n: int, multiple_of: int = 1, step: int = 8) -> int:
+    """Batch bucket: 1, 2, 4, ... up to ``step``, then multiples of ``step``; a multiple of the
+    number of batch shards ``multiple_of``."""
+    b = 1
+    while b < n and b < step:
+        b *= 2
+    b = b if b >= n else _round_up(n, step)
+    return _round_up(b, multiple_of)
+
+
+def row_keys(seed: int | jax.Array, prompt_index, sample_index) -> jax.Array:
+    """``[B]`` typed keys ``fold_in(fold_in(key(seed), prompt_index), sample_index)``.
+
+    A row's randomness depends on which prompt and which sample it is, not on its batch slot.
+    """
+    base = jax.random.key(seed) if isinstance(seed, (int, np.integer)) else seed
+    p = jnp.asarray(prompt_index, jnp.uint32)
+    s = jnp.asarray(sample_index, jnp.uint32)
+    return jax.vmap(lambda a, b: jax.random.fold_in(jax.random.fold_in(base, a), b))(p, s)
+
+
+def _as_row_keys(key: jax.Array, batch: int) -> jax.Array:
+    key = jnp.asarray(key) if not isinstance(key, jax.Array) else key
+    if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+        typed = key
+    else:  # raw uint32 keys: [2] or [B, 2]
+        typed = jax.random.wrap_key_data(key)
+    if typed.ndim == 0:
+        return jax.vmap(lambda i: jax.random.fold_in(typed, i))(jnp.arange(batch, dtype=jnp.uint32))
+    if typed.shape != (batch,):
+        raise ValueError(f"key must be one key or one per row ({batch}); got shape {typed.shape}")
+    return typed
+
+
+def _batch_shards(mesh: Mesh | None, rules: dict) -> int:
+    if mesh is None:
+        return 1
+    target = rules.get("batch")
+    axes = () if target is None else ((target,) if isinstance(target, str) else tuple(target))
+    n = 1
+    for a in axes:
+        n *= mesh.shape[a]
+    return n
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampler
+# ----------------------------------------------------------------------------------------------
+
+
+class Sampler:
+    """A jitted sampler for one model architecture and one strategy.
+
+    ``Sampler(config, sampling, max_new_tokens)(params, prompt_tokens_BxP, prompt_valid_BxP, key)``
+    returns a :class:`SampleOutput` with ``B`` rows. Prompts must be left-padded (real tokens at
+    the end; every row at least one). ``key``: one key (row ``b`` gets ``fold_in(key, b)``) or
+    ``[B]`` keys, typed or raw.
+
+    Args:
+      config: the architecture.
+      sampling: a :class:`opd_jax.sampling.Sampling` strategy.
+      max_new_tokens: ``N``, tokens generated per row at most.
+      eos_ids: ids that end a row (the EOS is kept in the completion); empty: never.
+      return_topk: also record the model's top-``K`` ids and log-probs at every step.
+      pad_id: id written after a row is done (and for padding).
+      mesh, rules: shard the batch over the mesh's batch axes (``rules["batch"]``); params are
+        used as placed by the caller (see :func:`shard_params`).
+    """
+
+    def __init__(self, config: ModelConfig, sampling: Sampling, max_new_tokens: int, *,
+                 eos_ids: Sequence[int] = (), return_topk: int | None = None, pad_id: int = 0,
+                 mesh: Mesh | None = None, rules: str | dict = "fsdp"):
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) \
+                or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={max_new_tokens!r}; it must be a positive int")
+        if not isinstance(sampling, Sampling):
+            raise ValueError(f"sampling must be an opd_jax.sampling.Sampling, got {sampling!r}")
+        sampling.check_vocab(config.vocab_size)
+        if return_topk is not None and (isinstance(return_topk, bool)
+                                        or not isinstance(return_topk, (int, np.integer))
+                                        or not 1 <= return_topk <= config.vocab_size):
+            raise ValueError(f"return_topk={return_topk!r}; it must be an int in "
+                             f"[1, V={config.vocab_size}] or None")
+        eos = tuple(sorted({int(e) for e in eos_ids}))
+        bad = [e for e in eos if not 0 <= e < config.vocab_size]
+        if bad:
+            raise ValueError(f"eos_ids {bad} are outside the vocabulary [0, {config.vocab_size})")
+        rules_d = get_rules(rules)
+        self.config = config
+        self.mesh = mesh
+        self.rules = rules_d
+        self._static = _Static(
+            config=config, sampling=sampling, max_new_tokens=int(max_new_tokens), eos_ids=eos,
+            return_topk=int(return_topk or 0), pad_id=int(pad_id), mesh=mesh,
+            rules=tuple(sorted((k, tuple(v) if isinstance(v, list) else v)
+                               for k, v in rules_d.items())))
+
+    @property
+    def max_new_tokens(self) -> int:
+        return self._static.max_new_tokens
+
+    def shard_params(self, params: Params) -> Params:
+        """Place ``params`` on the mesh as the rules table says (a no-op without a mesh)."""
+        if self.mesh is None:
+            return params
+        shardings = tree_shardings(self.mesh, param_axes(self.config), self.rules,
+                                   jax.tree.map(lambda x: x.shape, params))
+        return jax.device_put(params, shardings)
+
+    def check_lengths(self, prompt_lengths: Sequence[int] | np.ndarray) -> None:
+        """``ValueError`` naming the row when ``length + max_new_tokens > config.max_position``
+        or a row is empty."""
+        N, mp = self.max_new_tokens, self.config.max_position
+        for i, n in enumerate(np.asarray(prompt_lengths).tolist()):
+            if n < 1:
+                raise ValueError(f"prompt {i} is empty; every prompt needs at least one token "
+                                 "(e.g. a BOS token)")
+            if n + N > mp:
+                raise ValueError(
+                    f"prompt {i} has {n} tokens and max_new_tokens={N}: {n + N} positions exceed "
+                    f"config.max_position={mp}; shorten that prompt to at most {mp - N} tokens or "
+                    f"lower max_new_tokens to at most {mp - n}")
+
+    def __call__(self, params: Params, prompt_tokens_BxP, prompt_valid_BxP, key, *,
+                 lora: Lora | None = None, check: bool = True) -> SampleOutput:
+        st = self._static
+        tokens = jnp.asarray(prompt_tokens_BxP, jnp.int32)
+        valid = jnp.asarray(prompt_valid_BxP, bool)
+        if tokens.ndim != 2 or tokens.shape != valid.shape:
+            raise ValueError(f"prompt tokens {tokens.shape} and valid {valid.shape} must both be "
+                             "[B, P]")
+        B, P = tokens.shape
+        if B == 0 or P == 0:
+            raise ValueError(f"empty prompt batch: shape {(B, P)}")
+        if check:
+            v = np.asarray(jax.device_get(valid))
+            self.check_lengths(v.sum(1))
+            if not v[:, -1].all():
+                raise ValueError("prompts must be left-padded (every row's last token real); "
+                                 "use opd_jax.scoring.pad_left")
+        keys = _as_row_keys(key, B)
+        Pb = bucket_length(P)
+        Bb = bucket_batch(B, _batch_shards(self.mesh, self.rules))
+        tokens = jnp.pad(tokens, ((0, Bb - B), (Pb - P, 0)), constant_values=st.pad_id)
+        # padding rows: one real token (so no row is all padding), inactive from the start
+        valid = jnp.pad(valid, ((0, Bb - B), (Pb - P, 0)))
+        valid = valid.at[B:, -1].set(True)
+        active = jnp.arange(Bb) < B
+        if Bb > B:
+            keys = jnp.concatenate([keys, jax.random.split(jax.random.key(0), Bb - B)])
+        if self.mesh is not None:
+            row = lambda x: jax.device_put(x, named_sharding(
+                self.mesh, ("batch",) + (None,) * (x.ndim - 1), self.rules, x.shape))
+            tokens, valid, active, keys = map(row, (tokens, valid, active, keys))
+        state = _prefill(st, params, lora, tokens, valid, keys, active)
+        state = _decode(st, state, params, lora)
+        K = st.return_topk
+        return SampleOutput(
+            tokens=state.tokens[:B], mask=state.mask[:B], logprobs=state.logprobs[:B],
+            logprobs_full=state.logprobs_full[:B],
+            topk_ids=state.topk_ids[:B] if K else None,
+            topk_logprobs=state.topk_logprobs[:B] if K else None,
+            lengths=state.mask[:B].sum(1).astype(jnp.int32),
+            prompt_tokens=jnp.asarray(prompt_tokens_BxP, jnp.int32),
+            prompt_valid=jnp.asarray(prompt_valid_BxP, bool))
+
+
+# ----------------------------------------------------------------------------------------------
+# generate
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class GenerateOutput:
+    """:func:`generate`'s result: ``R = len(prompts) * n_samples`` rows, prompt-major
+    (row ``r`` is sample ``r % n_samples`` of prompt ``r // n_samples``).
+
+    Attributes:
+      tokens: ``R`` completion id lists, up to and including the EOS.
+      prompt_tokens: ``R`` prompt id lists.
+      prompt_index, sample_index: ``[R]`` int arrays.
+      completion: ``[R, N]`` int32 ids (``pad_id`` after EOS).
+      mask: ``[R, N]`` bool, True up to and including the EOS.
+      logprobs: ``[R, N]`` log-probs under the distribution sampled from (see
+        :class:`SampleOutput`); ``logprobs_full``: under the temperature-1 untruncated one.
+      topk_ids, topk_logprobs: ``[R, N, K]`` or ``None``.
+      lengths: ``[R]`` completion lengths.
+      texts: decoded completions when the model has a tokenizer with ``decode``, else ``None``.
+      raw: the device-side :class:`SampleOutput`.
+    """
+
+    tokens: list[list[int]]
+    prompt_tokens: list[list[int]]
+    prompt_index: np.ndarray
+    sample_index: np.ndarray
+    completion: np.ndarray
+    mask: np.ndarray
+    logprobs: np.ndarray
+    logprobs_full: np.ndarray
+    topk_ids: np.ndarray | None
+    topk_logprobs: np.ndarray | None
+    lengths: np.ndarray
+    texts: list[str] | None = None
+    raw: SampleOutput | None = dataclasses.field(default=None, repr=False)
+
+
+def _default_eos(model: Any) -> tuple[int, ...]:
+    tok = getattr(model, "tokenizer", None)
+    if tok is None:
+        return ()
+    ids = getattr(tok, "eos_ids", None)
+    if ids is None:
+        one = getattr(tok, "eos_id", None)
+        ids = () if one is None else (one,)
+    return tuple(int(i) for i in ids)
+
+
+def generate(model: Any, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+             temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+             min_p: float | None = None, seed: int = 0, eos_ids: Sequence[int] | None = None,
+             n_samples: int = 1, return_topk: int | None = None, mesh: Mesh | None = None,
+             rules: str | dict = "fsdp", pad_id: int = 0) -> GenerateOutput:
+    """Generate completions for token-id prompts.
+
+    Args:
+      model: any object with ``.config`` (``ModelConfig``) and ``.params``; optional ``.lora``
+        and ``.tokenizer`` (its ``eos_ids`` are the default EOS set; ``decode`` fills ``texts``).
+      prompts: a non-empty list of non-empty token-id lists.
+      max_new_tokens: tokens generated per row at most.
+      temperature: ``0.0`` is greedy; top_k / top_p / min_p truncate (see
+        :class:`opd_jax.sampling.Sampling`).
+      seed: row ``(prompt i, sample j)`` draws with key ``fold_in(fold_in(key(seed), i), j)``.
+      eos_ids: ids ending a completion (default: the tokenizer's; ``[]`` disables EOS).
+      n_samples: completions per prompt.
+      return_topk: also return the model's top-``K`` ids / log-probs at every step.
+      mesh, rules: shard the batch (and params, as the rules table says) over a mesh.
+      pad_id: id used for padding.
+
+    Returns:
+      :class:`GenerateOutput` (``out.tokens`` is the list of completion id lists).
+    """
+    config: ModelConfig = model.config
+    if isinstance(prompts, (str, bytes)) or any(
+            isinstance(p, (str, bytes, int, np.integer)) for p in prompts):
+        raise ValueError("prompts must be a list of token-id lists (tokenize text first; wrap a "
+                         "single prompt in a list)")
+    prompts = [list(map(int, p)) for p in prompts]
+    if not prompts:
+        raise ValueError("prompts is empty; pass at least one token-id list")
+    if isinstance(n_samples, bool) or not isinstance(n_samples, (int, np.integer)) or n_samples < 1:
+        raise ValueError(f"n_samples={n_samples!r}; it must be a positive int")
+    for i, p in enumerate(prompts):
+        bad = [t for t in p if not 0 <= t < config.vocab_size]
+        if bad:
+            raise ValueError(f"prompt {i} has ids {bad[:5]} outside the vocabulary "
+                             f"[0, {config.vocab_size})")
+    sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+    eos = _default_eos(model) if eos_ids is None else tuple(eos_ids)
+    sampler = Sampler(config, sampling, max_new_tokens, eos_ids=eos, return_topk=return_topk,
+                      pad_id=pad_id, mesh=mesh, rules=rules)
+    sampler.check_lengths([len(p) for p in prompts])
+
+    prompt_index = np.repeat(np.arange(len(prompts)), n_samples)
+    sample_index = np.tile(np.arange(n_samples), len(prompts))
+    rows = [prompts[i] for i in prompt_index]
+    tokens, valid = pad_left(rows, pad_id=pad_id)
+    keys = row_keys(seed, prompt_index, sample_index)
+    params = sampler.shard_params(model.params)
+    out = sampler(params, tokens, valid, keys, lora=getattr(model, "lora", None), check=False)
+
+    host = jax.device_get(out)
+    mask = np.asarray(host.mask)
+    completion = np.asarray(host.tokens)
+    lengths = mask.sum(1)
+    token_lists = [completion[r, :lengths[r]].tolist() for r in range(len(rows))]
+    texts = None
+    tok = getattr(model, "tokenizer", None)
+    if tok is not None and hasattr(tok, "decode"):
+        texts = [tok.decode(t) for t in token_lists]
+    return GenerateOutput(
+        tokens=token_lists, prompt_tokens=rows, prompt_index=prompt_index,
+        sample_index=sample_index, completion=completion, mask=mask,
+        logprobs=np.asarray(host.logprobs), logprobs_full=np.asarray(host.logprobs_full),
+        topk_ids=None if host.topk_ids is None else np.asarray(host.topk_ids),
+        topk_logprobs=None if host.topk_logprobs is None else np.asarray(host.topk_logprobs),
+        lengths=lengths, texts=texts, raw=out)

@@ -1,0 +1,142 @@
+"""Scoring given sequences: per-token log-probs, top-k and logsumexp, chunked over tokens.
+
+The teacher's job in OPD (and the student's re-scoring): run the decoder over whole sequences
+``[prompt; completion]`` and keep, per position, what the losses need -- never the ``[B, T, V]``
+logits. The forward pass is the sampler's prefill (:func:`hidden_states`, same left-padding,
+``valid`` and RoPE-position construction), and the unembedding runs chunk by chunk through
+:mod:`opd_jax.losses.chunked`.
+
+**Shift.** Everything is aligned with the *predicting* position: the logits at position ``t``
+score token ``t + 1``. So ``logprobs[:, t] = log p(tokens[:, t+1] | tokens[:, :t+1])``,
+``topk`` at ``t`` is the distribution of the token *after* ``t``, and ``mask[:, t] =
+valid[:, t] & valid[:, t+1]``; the last column has no next token (mask ``False``, values 0).
+To line the log-probs up with the tokens they score, use ``logprobs[:, :-1]`` against
+``tokens[:, 1:]``.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from opd_jax.model.config import ModelConfig
+from opd_jax.model.decoder import KVCache, Lora, Params, forward, unembed_matrix
+
+__all__ = ["ScoreOutput", "score", "hidden_states", "next_token_logits", "pad_left"]
+
+
+def pad_left(seqs: Sequence[Sequence[int]], length: int | None = None, pad_id: int = 0
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """Left-pad token lists to ``[B, length]``: ``(tokens int32, valid bool)``.
+
+    ``length`` defaults to the longest sequence; a sequence longer than ``length`` is an error.
+    """
+    longest = max((len(s) for s in seqs), default=0)
+    length = longest if length is None else length
+    if longest > length:
+        raise ValueError(f"a sequence has {longest} tokens but the padded length is {length}")
+    tokens = np.full((len(seqs), length), pad_id, np.int32)
+    valid = np.zeros((len(seqs), length), bool)
+    for i, s in enumerate(seqs):
+        if len(s):
+            tokens[i, length - len(s):] = np.asarray(s, np.int32)
+            valid[i, length - len(s):] = True
+    return tokens, valid
+
+
+def hidden_states(params: Params, config: ModelConfig, tokens_BxT: jax.Array, valid_BxT: jax.Array,
+                  *, lora: Lora | None = None, cache: KVCache | None = None
+                  ) -> tuple[jax.Array, KVCache | None]:
+    """Final-norm hidden states ``[B, T, D]`` of (left-padded) sequences, and the filled cache.
+
+    The one forward both the sampler's prefill and :func:`score` use: padding tokens are masked
+    out of attention and RoPE positions count real tokens only (position 0 is each row's first
+    real token), so a row's values do not depend on how much padding it got.
+    """
+    return forward(params, config, tokens_BxT, None, valid_BxT=valid_BxT, cache=cache, lora=lora)
+
+
+def next_token_logits(params: Params, config: ModelConfig, hidden_BxD: jax.Array) -> jax.Array:
+    """``[B, V]`` float32 logits of one position per row (the unembedding of the decode step)."""
+    if config.tie_embeddings:
+        return jnp.einsum("bd,vd->bv", hidden_BxD, params["embed"],
+                          preferred_element_type=jnp.float32)
+    return jnp.einsum("bd,dv->bv", hidden_BxD, params["unembed"],
+                      preferred_element_type=jnp.float32)
+
+
+class ScoreOutput(NamedTuple):
+    """Per-position scores; position ``t`` scores token ``t + 1`` (see the module docstring).
+
+    Attributes:
+      logprobs: ``[B, T]`` float32 ``log softmax(logits_t / temperature)[tokens_{t+1}]``; 0 where
+        ``mask`` is False.
+      mask: ``[B, T]`` bool, ``valid[t] & valid[t+1]`` (last column False).
+      topk_ids: ``[B, T, K]`` int32 most probable next tokens (``None`` unless ``k``); defined
+        at every real position ``valid[t]`` (the last one included), 0 at padding.
+      topk_logprobs: ``[B, T, K]`` float32 their log-probs (full-vocabulary normalised).
+      logsumexp: ``[B, T]`` float32 ``logsumexp(logits_t / temperature)`` (``None`` unless ``k``).
+    """
+
+    logprobs: jax.Array
+    mask: jax.Array
+    topk_ids: jax.Array | None = None
+    topk_logprobs: jax.Array | None = None
+    logsumexp: jax.Array | None = None
+
+
+@functools.partial(jax.jit, static_argnames=("config", "k", "chunk_size", "temperature"))
+def score(params: Params, config: ModelConfig, tokens_BxT: jax.Array, *, valid_BxT: jax.Array,
+          k: int | None = None, chunk_size: int = 256, temperature: float = 1.0,
+          lora: Lora | None = None) -> ScoreOutput:
+    """Score given sequences, chunked over tokens (no ``[B, T, V]`` buffer).
+
+    Args:
+      params, config: the model (``config`` static).
+      tokens_BxT: int token ids, left- or right-padded.
+      valid_BxT: bool, False at padding.
+      k: also return each position's top-``k`` ids / log-probs and logsumexp (the teacher's job).
+      chunk_size: token rows per unembedding chunk.
+      temperature: softmax temperature of every returned quantity.
+      lora: optional adapters.
+
+    Returns:
+      :class:`ScoreOutput`; ``logprobs[:, t]`` scores ``tokens[:, t+1]``.
+    """
+    from opd_jax.losses.chunked import chunked_logits_map
+    from opd_jax.sampling import _top_k
+
+    if temperature <= 0:
+        raise ValueError(f"temperature={temperature}; it must be > 0")
+    if k is not None and not 1 <= k <= config.vocab_size:
+        raise ValueError(f"k={k}; it must satisfy 1 <= k <= V={config.vocab_size}")
+    valid_BxT = valid_BxT.astype(bool)
+    hidden_BxTxD, _ = hidden_states(params, config, tokens_BxT, valid_BxT, lora=lora)
+    next_BxT = jnp.concatenate([tokens_BxT[:, 1:], jnp.zeros_like(tokens_BxT[:, :1])], axis=1)
+    mask_BxT = valid_BxT & jnp.concatenate([valid_BxT[:, 1:], jnp.zeros_like(valid_BxT[:, :1])],
+                                           axis=1)
+    inv_temp = 1.0 / temperature
+
+    def per_chunk(logits_CxV, extras):
+        next_C, mask_C, valid_C = extras
+        z_CxV = logits_CxV * inv_temp
+        lse_C = jax.nn.logsumexp(z_CxV, axis=-1)
+        lp_C = jnp.take_along_axis(z_CxV, next_C[:, None], axis=-1)[:, 0] - lse_C
+        out = {"logprobs": jnp.where(mask_C, lp_C, 0.0)}
+        if k is not None:
+            vals_CxK, ids_CxK = _top_k(z_CxV, k)
+            keep = valid_C[:, None]
+            out["lse"] = jnp.where(valid_C, lse_C, 0.0)
+            out["ids"] = jnp.where(keep, ids_CxK, 0).astype(jnp.int32)
+            out["topk"] = jnp.where(keep, vals_CxK - lse_C[:, None], 0.0)
+        return out
+
+    out = chunked_logits_map(per_chunk, (hidden_BxTxD,), (unembed_matrix(params, config),),
+                             (next_BxT.astype(jnp.int32), mask_BxT, valid_BxT), chunk_size=chunk_size)
+    if k is None:
+        return ScoreOutput(out["logprobs"], mask_BxT)
+    return ScoreOutput(out["logprobs"], mask_BxT, out["ids"], out["topk"], out["lse"])
