@@ -1,0 +1,121 @@
+"""Map a ``LossSpec`` to one per-token function of a chunk of student and teacher logits.
+
+Every objective of :mod:`opd_jax.losses` is reachable from config: the per-chunk function receives
+``student_logits_CxV``, ``teacher_logits_CxV`` and the chunk's extras (sampled ``tokens_C``,
+``mask_C``, ``sampler_logprobs_C``) and returns the per-token loss ``[C]`` plus the mechanism
+metrics of the same logits (stop-gradient), so one chunked pass gives both.
+
+Objectives:
+
+* ``reverse_kl``, ``forward_kl``, ``generalized_jsd`` (``beta``), ``skew_forward_kl`` /
+  ``skew_reverse_kl`` (``alpha``): full-vocabulary divergence (``top_k: null``) or restricted to a
+  top-k ``support`` with ``tail`` renormalisation / bucket; ``pointwise_clip`` clips each element
+  before the vocabulary sum (OPSD).
+* ``topk_reward``: the OPD paper's per-(token, k) rewards ``-(log S - log T)·w`` with a
+  policy-gradient surrogate ``-Σ_k sg(A_k) log S(x_k)``.
+* ``sampled_token_rkl``: thunlp / Tinker: advantage ``-(log S(x) - log T(x))`` of the sampled token
+  (k1 estimator; ``estimator`` picks k1/k2/k3 for the logged value) with the ``pg_loss`` surrogate
+  ``plain`` (``-A log S``), ``importance_sampled`` (``-exp(log S - log S_sampler) A``) or
+  ``ppo_clip`` (old log-probs = sampler log-probs).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from opd_jax import losses
+from opd_jax.config_schema import LossSpec
+from opd_jax.metrics import mechanism_metrics_from_logits
+
+DIVERGENCE_OBJECTIVES = ("reverse_kl", "forward_kl", "generalized_jsd", "skew_forward_kl",
+                         "skew_reverse_kl")
+ChunkFn = Callable[[jax.Array, jax.Array, dict], dict]
+
+
+def _divergence_kwargs(spec: LossSpec) -> dict:
+    kw = {}
+    if spec.objective == "generalized_jsd":
+        kw["beta"] = spec.beta
+    if spec.objective.startswith("skew_"):
+        kw["alpha"] = spec.alpha
+    if spec.pointwise_clip is not None:
+        kw["pointwise_clip"] = spec.pointwise_clip
+    return kw
+
+
+def _divergence_loss(spec: LossSpec, s_logits, t_logits, ex):
+    kw = _divergence_kwargs(spec)
+    if spec.top_k is None:
+        fn = losses.DIVERGENCES[spec.objective]
+        return fn(s_logits, t_logits, where=ex["mask"], temperature=spec.temperature, **kw)
+    fn = functools.partial(losses.DIVERGENCES[spec.objective], **kw) if kw else spec.objective
+    return losses.topk_divergence(
+        s_logits, t_logits, k=spec.top_k, support=spec.resolved_support, divergence=fn,
+        tail=spec.tail, where=ex["mask"], temperature=spec.temperature)
+
+
+def _topk_reward_loss(spec: LossSpec, s_logits, t_logits, ex):
+    reward = losses.topk_reward(s_logits, t_logits, k=spec.top_k, support=spec.resolved_support,
+                                weights=spec.resolved_weights, where=ex["mask"],
+                                temperature=spec.temperature)
+    return losses.topk_policy_gradient_loss(s_logits, reward, where=ex["mask"],
+                                            temperature=spec.temperature)
+
+
+def _sampled_token_loss(spec: LossSpec, s_logits, t_logits, ex):
+    mask = ex["mask"]
+    s_lp = losses.token_logprobs(s_logits, ex["tokens"], temperature=spec.temperature)
+    t_lp = losses.token_logprobs(jax.lax.stop_gradient(t_logits), ex["tokens"],
+                                 temperature=spec.temperature)
+    adv = losses.opd_advantage(s_lp, t_lp, where=mask)
+    if spec.pg_loss == "plain":
+        return losses.policy_gradient_loss(s_lp, adv, where=mask)
+    if spec.pg_loss == "importance_sampled":
+        return losses.importance_sampled_pg_loss(s_lp, ex["sampler_logprobs"], adv, where=mask)
+    return losses.ppo_clip_loss(s_lp, ex["sampler_logprobs"], adv, clip_low=spec.clip_low,
+                                clip_high=spec.clip_high, where=mask)
+
+
+_OBJECTIVES = {
+    **{name: _divergence_loss for name in DIVERGENCE_OBJECTIVES},
+    "topk_reward": _topk_reward_loss,
+    "sampled_token_rkl": _sampled_token_loss,
+}
+
+
+def make_chunk_fn(spec: LossSpec, *, metrics_k: int = 16, with_metrics: bool = True) -> ChunkFn:
+    """The per-chunk function for ``opd_jax.losses.chunked.chunked_logits_map``.
+
+    Returns ``fn(student_logits_CxV, teacher_logits_CxV, extras) -> {"loss": [C], ...metrics}``
+    where extras holds ``tokens`` [C] (the token each position predicted), ``mask`` [C] bool and
+    ``sampler_logprobs`` [C]; loss is 0 where ``mask`` is False.
+    """
+    objective = _OBJECTIVES[spec.objective]
+    k = min(metrics_k, spec.top_k or metrics_k)
+
+    def fn(s_logits, t_logits, ex):
+        t_logits = jax.lax.stop_gradient(t_logits)
+        out = {"loss": objective(spec, s_logits, t_logits, ex)}
+        if with_metrics:
+            out.update(mechanism_metrics_from_logits(
+                s_logits, t_logits, ex["tokens"], k=min(k, s_logits.shape[-1]), where=ex["mask"],
+                temperature=spec.temperature, sampler_logprobs=ex["sampler_logprobs"]))
+            out["sampled_kl_" + spec.estimator] = jax.lax.stop_gradient(
+                losses.KL_ESTIMATORS[spec.estimator](out["student_token_logprob"],
+                                                     out["teacher_token_logprob"],
+                                                     where=ex["mask"]))
+        return out
+
+    return fn
+
+
+def sft_chunk_fn(s_logits, t_logits, ex):
+    """Cross-entropy on the given tokens (cold start): ``-log S(x_t)``, 0 where masked."""
+    del t_logits
+    lp = losses.token_logprobs(s_logits, ex["tokens"])
+    return {"loss": jnp.where(ex["mask"], -lp, 0.0), "student_token_logprob": jnp.where(
+        ex["mask"], jax.lax.stop_gradient(lp), 0.0)}

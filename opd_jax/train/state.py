@@ -1,0 +1,105 @@
+"""Train state, optimizer and the student/teacher application functions.
+
+The state holds only what the optimizer owns (big_vision distill style): the student's trainable
+parameters (full weights, or LoRA adapters over frozen base weights), the optimizer state, the
+step, the rng and a count of skipped non-finite updates. The teacher is a frozen argument: it never
+enters the optimizer state or the checkpoint. OPSD's EMA teacher is the one exception that must be
+checkpointed to resume exactly, so it lives in ``ema`` (``None`` otherwise).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from opd_jax.config_schema import OptimSpec
+from opd_jax.model import decoder
+from opd_jax.model.config import ModelConfig
+
+
+@flax.struct.dataclass
+class TrainState:
+    """``step`` int32; ``trainable`` params or LoRA weights; ``opt_state``; ``rng`` uint32 key data;
+    ``skipped`` updates dropped for a non-finite loss/gradient; ``ema`` EMA of ``trainable`` or None."""
+
+    step: jax.Array
+    trainable: Any
+    opt_state: Any
+    rng: jax.Array
+    skipped: jax.Array
+    ema: Any = None
+
+
+@dataclasses.dataclass(frozen=True)
+class StudentSpec:
+    """Static description of how the student runs: its config, LoRA scale (``None`` = full
+    fine-tuning, ``trainable`` is the whole parameter tree) and remat policy."""
+
+    config: ModelConfig
+    lora_scale: float | None = None
+    remat: str = "none"
+
+    def params_and_lora(self, trainable, frozen):
+        if self.lora_scale is None:
+            return trainable, None
+        return frozen, decoder.Lora(weights=trainable, scale=self.lora_scale)
+
+    def hidden(self, trainable, frozen, tokens_BxT, valid_BxT):
+        params, lora = self.params_and_lora(trainable, frozen)
+        h, _ = decoder.forward(params, self.config, tokens_BxT, valid_BxT=valid_BxT, lora=lora,
+                               remat=self.remat)
+        return h
+
+    def unembed(self, trainable, frozen):
+        params, _ = self.params_and_lora(trainable, frozen)
+        return decoder.unembed_matrix(params, self.config)
+
+
+def make_schedule(spec: OptimSpec, total_steps: int) -> optax.Schedule:
+    """Linear warm-up to ``lr`` then constant / cosine / linear decay to ``lr·final_lr_ratio``."""
+    decay_steps = max(total_steps - spec.warmup_steps, 1)
+    end = spec.lr * spec.final_lr_ratio
+    if spec.schedule == "constant":
+        main = optax.constant_schedule(spec.lr)
+    elif spec.schedule == "cosine":
+        main = optax.cosine_decay_schedule(spec.lr, decay_steps, alpha=spec.final_lr_ratio)
+    else:
+        main = optax.linear_schedule(spec.lr, end, decay_steps)
+    if spec.warmup_steps == 0:
+        return main
+    warm = optax.linear_schedule(0.0, spec.lr, spec.warmup_steps)
+    return optax.join_schedules([warm, main], [spec.warmup_steps])
+
+
+def make_optimizer(spec: OptimSpec, total_steps: int) -> optax.GradientTransformation:
+    """Gradient clipping (global norm) followed by AdamW / Adam / SGD on the schedule."""
+    lr = make_schedule(spec, total_steps)
+    if spec.optimizer == "adamw":
+        opt = optax.adamw(lr, b1=spec.b1, b2=spec.b2, eps=spec.eps, weight_decay=spec.weight_decay)
+    elif spec.optimizer == "adam":
+        opt = optax.adam(lr, b1=spec.b1, b2=spec.b2, eps=spec.eps)
+    else:
+        opt = optax.sgd(lr, momentum=spec.b1 or None)
+    if spec.grad_clip_norm is not None:
+        opt = optax.chain(optax.clip_by_global_norm(spec.grad_clip_norm), opt)
+    return opt
+
+
+def init_state(trainable, optimizer: optax.GradientTransformation, seed: int,
+               with_ema: bool = False) -> TrainState:
+    """A fresh state at step 0 (``ema`` starts as a copy of ``trainable`` when requested).
+
+    ``trainable`` is copied: the jitted step donates the state, and must not delete the caller's
+    arrays (e.g. the initial weights an OPSD fixed teacher keeps using).
+    """
+    trainable = jax.tree.map(jnp.copy, trainable)
+    return TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable,
+                      opt_state=optimizer.init(trainable),
+                      rng=jax.random.key_data(jax.random.key(seed)),
+                      skipped=jnp.zeros((), jnp.int32),
+                      ema=jax.tree.map(jnp.copy, trainable) if with_ema else None)

@@ -1,0 +1,177 @@
+"""The jitted training step: student + teacher forward, chunked loss, update, metrics.
+
+Alignment: a row is ``[left-padded prompt (P) | completion (N)]``. The logits at position ``t``
+score token ``t + 1``, so completion token ``j`` is predicted by the hidden state at
+``P - 1 + j``: the step slices ``hidden[:, P-1 : P-1+N]`` for the student (and likewise for the
+teacher with its own prompt length, which differs for OPSD's privileged context) and compares it
+with ``completion[:, j]`` under ``mask[:, j]``. ``[B, T, V]`` logits never exist: the loss runs
+chunk by chunk over tokens (``chunked_logits_map``) with rematerialisation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from opd_jax import losses
+from opd_jax.losses.chunked import chunked_logits_map
+from opd_jax.metrics import per_position
+from opd_jax.model import decoder
+from opd_jax.model.config import ModelConfig
+from opd_jax.train.state import StudentSpec, TrainState
+
+CURVE_KEYS = ("overlap", "token_reverse_kl", "student_entropy", "teacher_entropy")
+
+
+@flax.struct.dataclass
+class RolloutBatch:
+    """One step's sequences. ``student_tokens``/``student_valid``: ``[B, Ps + N]``;
+    ``teacher_tokens``/``teacher_valid``: ``[B, Pt + N]`` (same completion, the teacher's own
+    prompt); ``completion``/``mask``/``sampler_logprobs``: ``[B, N]``."""
+
+    student_tokens: jax.Array
+    student_valid: jax.Array
+    teacher_tokens: jax.Array
+    teacher_valid: jax.Array
+    completion: jax.Array
+    mask: jax.Array
+    sampler_logprobs: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class TeacherSpec:
+    """How the teacher runs. ``mode``: "separate" (own config/params), "student_fixed" /
+    "student_ema" (the student's architecture with given frozen trainable weights: OPSD fixed or
+    EMA teacher) or "student_live" (the current student weights, stop-gradient)."""
+
+    mode: str = "separate"
+    config: ModelConfig | None = None
+
+    def __post_init__(self):
+        modes = ("separate", "student_fixed", "student_ema", "student_live")
+        if self.mode not in modes:
+            raise ValueError(f"unknown teacher mode {self.mode!r}; expected one of {modes}")
+
+
+def _completion_slice(hidden_BxTxD, n):
+    p = hidden_BxTxD.shape[1] - n
+    return jax.lax.slice_in_dim(hidden_BxTxD, p - 1, p - 1 + n, axis=1)
+
+
+def teacher_hidden_and_unembed(teacher: TeacherSpec, student: StudentSpec, teacher_args: Any,
+                               trainable: Any, frozen: Any, batch: RolloutBatch):
+    """Teacher hidden states at the completion positions ``[B, N, D']`` and its unembedding."""
+    n = batch.completion.shape[1]
+    if teacher.mode == "separate":
+        h, _ = decoder.forward(teacher_args, teacher.config, batch.teacher_tokens,
+                               valid_BxT=batch.teacher_valid)
+        w = decoder.unembed_matrix(teacher_args, teacher.config)
+    else:
+        weights = trainable if teacher.mode == "student_live" else teacher_args
+        weights = jax.lax.stop_gradient(weights)
+        h = student.hidden(weights, frozen, batch.teacher_tokens, batch.teacher_valid)
+        w = student.unembed(weights, frozen)
+    return jax.lax.stop_gradient(_completion_slice(h, n)), jax.lax.stop_gradient(w)
+
+
+def loss_and_metrics(trainable, frozen, teacher_args, batch: RolloutBatch, *,
+                     student: StudentSpec, teacher: TeacherSpec, chunk_fn: Callable,
+                     reduction: Callable, chunk_size: int):
+    """Scalar loss and per-token outputs (``[B, N]`` each) of one (micro-)batch."""
+    n = batch.completion.shape[1]
+    hs = _completion_slice(student.hidden(trainable, frozen, batch.student_tokens,
+                                          batch.student_valid), n)
+    ws = student.unembed(trainable, frozen)
+    ht, wt = teacher_hidden_and_unembed(teacher, student, teacher_args, trainable, frozen, batch)
+    extras = {"tokens": batch.completion, "mask": batch.mask,
+              "sampler_logprobs": batch.sampler_logprobs}
+    out = chunked_logits_map(chunk_fn, (hs, ht), (ws, wt), extras, chunk_size=chunk_size)
+    return reduction(out["loss"], batch.mask), out
+
+
+def _split(batch: RolloutBatch, parts: int) -> RolloutBatch:
+    def split(x):
+        if x.shape[0] % parts:
+            raise ValueError(f"batch of {x.shape[0]} rows does not split into {parts} "
+                             "grad_accum_steps micro-batches; make batch rows a multiple")
+        return x.reshape(parts, x.shape[0] // parts, *x.shape[1:])
+    return jax.tree.map(split, batch)
+
+
+def _all_finite(tree) -> jax.Array:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def train_step(state: TrainState, batch: RolloutBatch, frozen, teacher_args, *,
+               student: StudentSpec, teacher: TeacherSpec, optimizer: optax.GradientTransformation,
+               chunk_fn: Callable, reduction: Callable, chunk_size: int, grad_accum: int = 1,
+               ema_decay: float | None = None):
+    """One optimizer step over ``grad_accum`` micro-batches; returns ``(state, metrics)``.
+
+    A non-finite loss or gradient skips the update (params and optimizer state unchanged) and
+    increments ``state.skipped``. Metrics are token means over the completion mask, plus
+    per-position curves for ``CURVE_KEYS``.
+    """
+    grad_fn = jax.value_and_grad(loss_and_metrics, has_aux=True)
+    kw = dict(student=student, teacher=teacher, chunk_fn=chunk_fn, reduction=reduction,
+              chunk_size=chunk_size)
+    micro = _split(batch, grad_accum)
+
+    def accumulate(carry, mb):
+        g_sum, l_sum = carry
+        (loss, out), g = grad_fn(state.trainable, frozen, teacher_args, mb, **kw)
+        return (jax.tree.map(jnp.add, g_sum, g), l_sum + loss), (out, mb.mask)
+
+    zeros = jax.tree.map(jnp.zeros_like, state.trainable)
+    (grads, loss_sum), (outs, masks) = jax.lax.scan(accumulate, (zeros, 0.0), micro)
+    grads = jax.tree.map(lambda g: g / grad_accum, grads)
+    loss = loss_sum / grad_accum
+
+    updates, new_opt = optimizer.update(grads, state.opt_state, state.trainable)
+    new_trainable = optax.apply_updates(state.trainable, updates)
+    ok = jnp.isfinite(loss) & _all_finite(grads)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+    new_trainable = keep(new_trainable, state.trainable)
+    new_opt = keep(new_opt, state.opt_state)
+    new_ema = state.ema
+    if ema_decay is not None and state.ema is not None:
+        new_ema = jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p, state.ema,
+                               new_trainable)
+    new_state = state.replace(step=state.step + 1, trainable=new_trainable, opt_state=new_opt,
+                              skipped=state.skipped + (~ok).astype(jnp.int32), ema=new_ema)
+
+    flat = lambda x: x.reshape(-1, *x.shape[2:])
+    outs, mask = jax.tree.map(flat, outs), flat(masks)
+    metrics = {k: losses.token_mean(v, mask) for k, v in outs.items() if k != "loss"}
+    metrics.update(loss=loss, grad_norm=optax.global_norm(grads), skipped=new_state.skipped,
+                   update_ok=ok, completion_tokens=mask.sum(),
+                   completion_len=mask.sum(axis=1).astype(jnp.float32).mean())
+    curves = {k: per_position(outs[k], mask) for k in CURVE_KEYS if k in outs}
+    return new_state, {"scalars": metrics, "curves": curves}
+
+
+def make_train_step(*, student: StudentSpec, teacher: TeacherSpec,
+                    optimizer: optax.GradientTransformation, chunk_fn: Callable,
+                    reduction: Callable, chunk_size: int, grad_accum: int = 1,
+                    ema_decay: float | None = None, shardings: dict | None = None):
+    """``train_step`` jitted once with the static parts bound and the state donated.
+
+    ``shardings`` (optional): ``{"state": ..., "batch": ..., "frozen": ..., "teacher": ...}``
+    explicit input shardings for a mesh run; outputs keep the state's sharding.
+    """
+    fn = functools.partial(train_step, student=student, teacher=teacher, optimizer=optimizer,
+                           chunk_fn=chunk_fn, reduction=reduction, chunk_size=chunk_size,
+                           grad_accum=grad_accum, ema_decay=ema_decay)
+    if shardings is None:
+        return jax.jit(fn, donate_argnums=(0,))
+    s = shardings
+    return jax.jit(fn, donate_argnums=(0,),
+                   in_shardings=(s["state"], s["batch"], s["frozen"], s["teacher"]),
+                   out_shardings=(s["state"], None))
