@@ -322,7 +322,11 @@ class SafetensorsFolder:
         self._info: dict[str, tuple[str, tuple[int, ...]]] = {}
         self._handles = {}
         for f in files:
-            h = safe_open(str(self.folder / f), framework="numpy")
+            try:
+                h = safe_open(str(self.folder / f), framework="numpy")
+            except Exception as e:  # truncated / corrupt header
+                raise ValueError(f"{self.folder / f} is not a readable safetensors file "
+                                 f"({type(e).__name__}: {e})") from e
             self._handles[f] = h
             for k in h.keys():
                 if k in self._where:
@@ -341,9 +345,15 @@ class SafetensorsFolder:
     def get(self, name: str) -> np.ndarray:
         file = self._where[name]
         dtype, shape = self._info[name]
-        if dtype in _RAW_DTYPES:
-            return self._raw(file, name, dtype, shape)
-        return self._handles[file].get_tensor(name)
+        try:
+            if dtype in _RAW_DTYPES:
+                return self._raw(file, name, dtype, shape)
+            return self._handles[file].get_tensor(name)
+        except ValueError:
+            raise
+        except Exception as e:  # data region truncated / unreadable
+            raise ValueError(f"{self.folder / file}: cannot read tensor {name!r} "
+                             f"({type(e).__name__}: {e})") from e
 
     def _raw(self, file: str, name: str, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
         import ml_dtypes
