@@ -1,0 +1,429 @@
+"""Chunked (memory-bounded) losses: same values and gradients as the dense forms, bounded memory."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from opd_jax.losses import chunked
+from opd_jax.losses.chunked import (
+    TeacherTopK,
+    chunked_divergence,
+    chunked_logprobs_at_ids,
+    chunked_teacher_topk,
+    chunked_token_logprobs,
+    chunked_token_logprobs_and_entropy,
+)
+from opd_jax.losses import topk as topk_lib
+from opd_jax.losses.chunked import chunked_topk_policy_gradient_loss
+from opd_jax.losses.divergences import DIVERGENCES, LOGPROB_DIVERGENCES, normalized_logprobs
+
+B, T, D, DT, V = 2, 13, 8, 6, 37  # B*T = 26 is not a multiple of the chunk sizes used
+
+# extra keyword arguments exercised per registered divergence (non-default where it matters)
+DIV_KWARGS = {
+    "forward_kl": {},
+    "reverse_kl": {"pointwise_clip": 0.05},
+    "generalized_jsd": {"beta": 0.3},
+    "skew_forward_kl": {"alpha": 0.2},
+    "skew_reverse_kl": {"alpha": 0.2},
+}
+
+
+def _inputs(seed=0, b=B, t=T, d=D, dt=DT, v=V, scale=1.5):
+    ks = jax.random.split(jax.random.key(seed), 6)
+    hs = jax.random.normal(ks[0], (b, t, d))
+    ws = scale * jax.random.normal(ks[1], (d, v)) / np.sqrt(d)
+    ht = jax.random.normal(ks[2], (b, t, dt))
+    wt = scale * jax.random.normal(ks[3], (dt, v)) / np.sqrt(dt)
+    where = jax.random.bernoulli(ks[4], 0.75, (b, t))
+    cot = jax.random.normal(ks[5], (b, t))  # a generic upstream cotangent
+    return hs, ws, ht, wt, where, cot
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _value_and_vjp(fn, cot, *args):
+    """``fn(*args)`` and the gradient of ``sum(cot * fn(*args))`` in one compiled call."""
+    out, vjp = jax.vjp(fn, *args)
+    return out, vjp(cot)
+
+
+def test_every_registered_divergence_is_exercised():
+    assert set(DIV_KWARGS) == set(DIVERGENCES)
+
+
+@pytest.mark.parametrize("name", sorted(DIVERGENCES))
+def test_chunked_matches_dense_values_and_grads(name):
+    hs, ws, ht, wt, where, cot = _inputs()
+    kw = DIV_KWARGS[name]
+    dense_fn, temp = DIVERGENCES[name], 0.7
+
+    def dense(hs, ws, ht, wt):
+        return dense_fn(hs @ ws, jax.lax.stop_gradient(ht @ wt), where=where, temperature=temp, **kw)
+
+    def chunk(hs, ws, ht, wt):
+        return chunked_divergence(
+            hs, ws, ht, wt, divergence=name, where=where, temperature=temp, chunk_size=5, **kw
+        )
+
+    (want, gd), (got, gc) = _value_and_vjp(dense, cot, hs, ws, ht, wt), _value_and_vjp(
+        chunk, cot, hs, ws, ht, wt
+    )
+    assert got.shape == (B, T) and got.dtype == jnp.float32
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert np.all(np.asarray(got)[~np.asarray(where)] == 0.0)
+    for a, b in zip(gd[:2], gc[:2]):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
+    # masked rows get exactly zero hidden-state gradient; the teacher gets none at all
+    assert np.all(np.asarray(gc[0])[~np.asarray(where)] == 0.0)
+    assert not np.any(np.asarray(gc[2])) and not np.any(np.asarray(gc[3]))
+    assert np.any(np.asarray(gc[0])) and np.any(np.asarray(gc[1]))
+
+
+@pytest.mark.parametrize("chunk_size", [1, 4, 26, 64])
+def test_chunk_size_and_no_mask(chunk_size):
+    hs, ws, ht, wt, _, _ = _inputs(seed=1)
+    want = DIVERGENCES["reverse_kl"](hs @ ws, ht @ wt)
+    got = chunked_divergence(hs, ws, ht, wt, chunk_size=chunk_size)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_callable_divergence_and_bf16_inputs():
+    hs, ws, ht, wt, where, _ = _inputs(seed=2)
+    fn = functools.partial(DIVERGENCES["generalized_jsd"], beta=0.5)
+    want = fn(hs @ ws, ht @ wt, where=where)
+    got = chunked_divergence(hs, ws, ht, wt, divergence=fn, where=where, chunk_size=8)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    low = chunked_divergence(
+        hs.astype(jnp.bfloat16), ws.astype(jnp.bfloat16), ht, wt, where=where, chunk_size=8
+    )
+    assert low.dtype == jnp.float32 and np.all(np.isfinite(low))
+
+
+def test_bad_inputs_raise():
+    hs, ws, ht, wt, where, _ = _inputs()
+    with pytest.raises(ValueError, match="either"):
+        chunked_divergence(hs, ws)
+    with pytest.raises(ValueError, match="unknown divergence"):
+        chunked_divergence(hs, ws, ht, wt, divergence="nope")
+    with pytest.raises(ValueError, match="chunk_size"):
+        chunked_divergence(hs, ws, ht, wt, chunk_size=0)
+    with pytest.raises(ValueError, match="vocabularies"):
+        chunked_divergence(hs, ws, ht, wt[:, :-1])
+    with pytest.raises(ValueError, match="where"):
+        chunked_divergence(hs, ws, ht, wt, where=where[:, :-1])
+    with pytest.raises(ValueError, match="hidden"):
+        chunked_divergence(hs[0], ws, ht, wt)
+
+
+# ------------------------------------------------------------------------------------------
+# precomputed teacher top-k
+# ------------------------------------------------------------------------------------------
+
+
+def _kl(p, q):
+    p, q = np.asarray(p), np.asarray(q)
+    return np.sum(np.where(p > 0, p * (np.log(np.where(p > 0, p, 1.0)) - np.log(q)), 0.0), -1)
+
+
+NUMPY_DIVS = {  # float64 references on probability vectors over the last axis
+    "forward_kl": lambda s, t, kw: _kl(t, s),
+    "reverse_kl": lambda s, t, kw: _kl(s, t),
+    "generalized_jsd": lambda s, t, kw: (
+        kw["beta"] * _kl(t, (1 - kw["beta"]) * s + kw["beta"] * t)
+        + (1 - kw["beta"]) * _kl(s, (1 - kw["beta"]) * s + kw["beta"] * t)
+    ),
+    "skew_forward_kl": lambda s, t, kw: _kl(t, kw["alpha"] * t + (1 - kw["alpha"]) * s),
+    "skew_reverse_kl": lambda s, t, kw: _kl(s, kw["alpha"] * s + (1 - kw["alpha"]) * t),
+}
+TOPK_KWARGS = {
+    "forward_kl": {},
+    "reverse_kl": {},
+    "generalized_jsd": {"beta": 0.3},
+    "skew_forward_kl": {"alpha": 0.2},
+    "skew_reverse_kl": {"alpha": 0.2},
+}
+
+
+def _softmax64(z):
+    z = np.asarray(z, np.float64)
+    e = np.exp(z - z.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def _numpy_topk_reference(hs, ws, ht, wt, k, temp, name, kw, tail):
+    s_p = _softmax64(np.asarray(hs @ ws, np.float64) / temp)
+    t_p = _softmax64(np.asarray(ht @ wt, np.float64) / temp)
+    ids = np.argsort(-t_p, axis=-1, kind="stable")[..., :k]
+    s_k, t_k = np.take_along_axis(s_p, ids, -1), np.take_along_axis(t_p, ids, -1)
+    if tail == "bucket":
+        s_k = np.concatenate([s_k, 1 - s_k.sum(-1, keepdims=True)], -1)
+        t_k = np.concatenate([t_k, 1 - t_k.sum(-1, keepdims=True)], -1)
+    else:
+        s_k, t_k = s_k / s_k.sum(-1, keepdims=True), t_k / t_k.sum(-1, keepdims=True)
+    return NUMPY_DIVS[name](s_k, t_k, kw)
+
+
+def test_numpy_references_cover_the_registry():
+    assert set(NUMPY_DIVS) == set(TOPK_KWARGS) == set(LOGPROB_DIVERGENCES)
+
+
+@pytest.mark.parametrize("tail", ["bucket", "renormalize"])
+@pytest.mark.parametrize("name", sorted(LOGPROB_DIVERGENCES))
+def test_teacher_topk_path_matches_float64_reference(name, tail):
+    hs, ws, ht, wt, where, _ = _inputs(seed=6)
+    k, temp, kw = 6, 0.9, TOPK_KWARGS[name]
+    teacher = chunked_teacher_topk(ht, wt, k=k, chunk_size=5, temperature=temp, where=where)
+    got = chunked_divergence(
+        hs, ws, teacher_topk=teacher, divergence=name, tail=tail,
+        where=where, temperature=temp, chunk_size=7, **kw,
+    )
+    want = _numpy_topk_reference(hs, ws, ht, wt, k, temp, name, kw, tail)
+    m = np.asarray(where)
+    assert got.shape == (B, T)
+    np.testing.assert_allclose(np.asarray(got)[m], want[m], rtol=2e-4, atol=2e-6)
+    assert np.all(np.asarray(got)[~m] == 0.0)
+
+
+def test_teacher_topk_path_grads_match_dense_and_bucket_lower_bounds_full_kl():
+    hs, ws, ht, wt, where, cot = _inputs(seed=7)
+    k, temp = 5, 1.2
+    teacher = chunked_teacher_topk(ht, wt, k=k, chunk_size=4, temperature=temp)
+
+    def dense(h, w):  # the same math on materialised logits
+        s_logp = normalized_logprobs(h @ w, temperature=temp, where=where)
+        out = topk_lib.support_divergence(
+            topk_lib.gather_logprobs(s_logp, teacher.ids), teacher.logprobs,
+            jnp.ones(teacher.ids.shape, bool), divergence="reverse_kl", tail="bucket",
+        )
+        return jnp.where(where, out, 0.0)
+
+    def chunk(h, w):
+        return chunked_divergence(
+            h, w, teacher_topk=teacher, where=where, temperature=temp, chunk_size=6
+        )
+
+    (want, gd), (got, gc) = _value_and_vjp(dense, cot, hs, ws), _value_and_vjp(chunk, cot, hs, ws)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    g = [gd, gc]
+    for a, b in zip(*g):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
+    assert np.all(np.asarray(g[1][0])[~np.asarray(where)] == 0.0)
+    # data-processing inequality: the bucketed divergence never exceeds the full one
+    full = DIVERGENCES["reverse_kl"](hs @ ws, ht @ wt, where=where, temperature=temp)
+    assert np.all(np.asarray(got) <= np.asarray(full) + 1e-5)
+
+
+def test_teacher_topk_bad_shapes_raise():
+    hs, ws, ht, wt, _, _ = _inputs()
+    teacher = chunked_teacher_topk(ht, wt, k=3, chunk_size=8)
+    with pytest.raises(ValueError, match="teacher_topk.ids"):
+        chunked_divergence(hs[:, :-1], ws, teacher_topk=teacher)
+    with pytest.raises(ValueError, match="either"):
+        chunked_divergence(hs, ws, ht, wt, teacher_topk=teacher)
+
+
+def test_topk_support_divergence_and_policy_gradient_chunked_match_dense():
+    hs, ws, ht, wt, where, cot = _inputs(seed=8)
+    kw = dict(k=4, support="union")
+    got = chunked_divergence(
+        hs, ws, ht, wt, divergence=topk_lib.topk_divergence, where=where, chunk_size=5, **kw
+    )
+    want = topk_lib.topk_divergence(hs @ ws, ht @ wt, where=where, **kw)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+    def dense_pg(h, w):
+        s, t = h @ w, ht @ wt
+        r = topk_lib.topk_reward(s, t, k=4, support="student", weights="student_p", where=where)
+        return topk_lib.topk_policy_gradient_loss(s, r, where=where)
+
+    def chunk_pg(h, w):
+        return chunked_topk_policy_gradient_loss(h, w, ht, wt, k=4, where=where, chunk_size=7)
+
+    def two_job_pg(h, w):  # student ids -> teacher scores them -> student surrogate
+        s_ids = chunked_teacher_topk(h, w, k=4, chunk_size=6).ids
+        t_logp = chunked_logprobs_at_ids(ht, wt, s_ids, chunk_size=6)
+        s_logp = chunked_logprobs_at_ids(h, w, s_ids, chunk_size=6)
+        valid = jnp.broadcast_to(where[..., None], s_ids.shape)
+        adv = topk_lib.support_advantages(s_logp, t_logp, valid, weights="student_p")
+        return topk_lib.support_policy_gradient_loss(s_logp, adv, valid)
+
+    want, gd = _value_and_vjp(dense_pg, cot, hs, ws)
+    for fn in (chunk_pg, two_job_pg):
+        got, gc = _value_and_vjp(fn, cot, hs, ws)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+        for a, b in zip(gd, gc):
+            np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------
+# scoring helpers
+# ------------------------------------------------------------------------------------------
+
+
+def test_teacher_topk_matches_dense():
+    _, _, ht, wt, where, _ = _inputs(seed=3)
+    k, temp = 5, 1.3
+    got = jax.jit(
+        lambda h, w, m: chunked_teacher_topk(h, w, k=k, chunk_size=7, temperature=temp, where=m)
+    )(ht, wt, where)
+    assert isinstance(got, TeacherTopK)
+    assert got.ids.shape == (B, T, k) and got.ids.dtype == jnp.int32
+    z = np.asarray(ht @ wt, np.float64) / temp
+    lse = np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1)) + z.max(-1)
+    ids = np.argsort(-z, axis=-1)[..., :k]
+    logp = np.take_along_axis(z, ids, -1) - lse[..., None]
+    m = np.asarray(where)
+    np.testing.assert_array_equal(np.asarray(got.ids)[m], ids[m])
+    np.testing.assert_allclose(np.asarray(got.logprobs)[m], logp[m], atol=1e-5)
+    np.testing.assert_allclose(np.asarray(got.logsumexp)[m], lse[m], atol=1e-5)
+    assert not np.any(np.asarray(got.ids)[~m]) and not np.any(np.asarray(got.logprobs)[~m])
+
+
+def test_token_logprobs_entropy_and_ids_match_dense_with_grads():
+    from opd_jax.losses.estimators import token_logprobs
+
+    hs, ws, _, _, _, cot = _inputs(seed=4)
+    tokens = jax.random.randint(jax.random.key(9), (B, T), 0, V)
+    ids = jax.random.randint(jax.random.key(10), (B, T, 3), 0, V)
+    temp = 0.8
+
+    def dense(h, w):
+        logp = jax.nn.log_softmax((h @ w) / temp, axis=-1)
+        ent = -jnp.sum(jnp.exp(logp) * logp, -1)
+        at = jnp.take_along_axis(logp, ids, -1)
+        return token_logprobs(h @ w, tokens, temperature=temp), ent, at
+
+    def chunk(h, w):
+        lp, ent = chunked_token_logprobs_and_entropy(h, w, tokens, chunk_size=6, temperature=temp)
+        lp2 = chunked_token_logprobs(h, w, tokens, chunk_size=5, temperature=temp)
+        at = chunked_logprobs_at_ids(h, w, ids, chunk_size=9, temperature=temp)
+        at1 = chunked_logprobs_at_ids(h, w, ids[..., 0], chunk_size=4, temperature=temp)
+        return lp, ent, at, lp2, at1
+
+    def dense5(h, w):
+        lp, ent, at = dense(h, w)
+        return lp, ent, at, lp, at[..., 0]
+
+    cots = (cot, 0.3 * cot, jnp.ones((B, T, 3)), -cot, cot)
+    (want, gd), (got, gc) = _value_and_vjp(dense5, cots, hs, ws), _value_and_vjp(chunk, cots, hs, ws)
+    for a, b in zip(want, got):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+    for a, b in zip(gd, gc):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
+
+
+def test_entropy_finite_with_minus_inf_logits():
+    logits = jax.random.normal(jax.random.key(5), (6, V)).at[:, :5].set(-jnp.inf)
+    tokens = jnp.full((6,), 7)
+
+    def ent(z):
+        return chunked._logprob_and_entropy(z, tokens, 1.0)
+
+    (lp, h), (g,) = _value_and_vjp(ent, (jnp.ones(6), jnp.ones(6)), logits)
+    assert np.all(np.isfinite(lp)) and np.all(np.isfinite(h))
+    assert np.all(np.isfinite(g)) and not np.any(np.asarray(g)[:, :5])
+
+
+# ------------------------------------------------------------------------------------------
+# memory: no [B*T, V] buffer in forward or backward
+# ------------------------------------------------------------------------------------------
+
+MEM_BT, MEM_V, MEM_D, MEM_C = 2048, 32768, 64, 64
+LOGIT_BYTES = MEM_BT * MEM_V * 4  # one float32 [B*T, V] buffer: 256 MiB
+CHUNK_BYTES = MEM_C * MEM_V * 4  # one float32 [C, V] buffer: 8 MiB
+
+
+def _temp_bytes(fn, *args):
+    compiled = jax.jit(fn).lower(*args).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+
+def _mem_inputs(k=None, rows=MEM_BT):
+    sd = jax.ShapeDtypeStruct
+    hs = sd((1, rows, MEM_D), jnp.float32)
+    ws = sd((MEM_D, MEM_V), jnp.float32)
+    where = sd((1, rows), jnp.bool_)
+    if k is None:
+        return hs, ws, hs, ws, where
+    topk = TeacherTopK(
+        ids=sd((1, rows, k), jnp.int32),
+        logprobs=sd((1, rows, k), jnp.float32),
+        logsumexp=sd((1, rows), jnp.float32),
+    )
+    return hs, ws, topk, where
+
+
+def test_chunked_loss_and_grad_memory_is_bounded():
+    def loss(hs, ws, ht, wt, where):
+        per_tok = chunked_divergence(hs, ws, ht, wt, where=where, chunk_size=MEM_C)
+        return jnp.sum(per_tok) / jnp.maximum(jnp.sum(where), 1)
+
+    grad = jax.grad(loss, argnums=(0, 1))
+    temp = _temp_bytes(grad, *_mem_inputs())
+    # a few [C, V] buffers, far below one [B*T, V] buffer, and independent of B*T
+    assert temp <= 4 * CHUNK_BYTES and temp < LOGIT_BYTES / 8, (temp, LOGIT_BYTES)
+    assert _temp_bytes(grad, *_mem_inputs(rows=4 * MEM_BT)) <= temp + MEM_D * MEM_V * 4
+
+    def dense(hs, ws, ht, wt, where):
+        per_tok = DIVERGENCES["reverse_kl"](hs @ ws, ht @ wt, where=where)
+        return jnp.sum(per_tok) / jnp.maximum(jnp.sum(where), 1)
+
+    dense_temp = _temp_bytes(jax.grad(dense, argnums=(0, 1)), *_mem_inputs())
+    assert dense_temp >= LOGIT_BYTES  # the property the chunked form removes
+    assert dense_temp > 10 * temp
+
+
+def test_chunked_topk_memory_is_bounded():
+    pytest.importorskip("opd_jax.losses.topk")
+
+    def loss(hs, ws, topk, where):
+        per_tok = chunked_divergence(hs, ws, teacher_topk=topk, where=where, chunk_size=MEM_C)
+        return jnp.sum(per_tok)
+
+    temp = _temp_bytes(jax.grad(loss, argnums=(0, 1)), *_mem_inputs(k=16))
+    assert temp <= 4 * CHUNK_BYTES and temp < LOGIT_BYTES / 8, (temp, LOGIT_BYTES)
+
+
+def test_scoring_memory_is_bounded():
+    hs, ws, _, _, where = _mem_inputs()
+    temp = _temp_bytes(
+        lambda h, w, m: chunked_teacher_topk(h, w, k=16, chunk_size=MEM_C, where=m), hs, ws, where
+    )
+    assert temp <= 4 * CHUNK_BYTES, (temp, CHUNK_BYTES)
+    tokens = jax.ShapeDtypeStruct((1, MEM_BT), jnp.int32)
+    temp = _temp_bytes(
+        jax.grad(
+            lambda h, w, x: jnp.sum(chunked_token_logprobs(h, w, x, chunk_size=MEM_C)),
+            argnums=(0, 1),
+        ),
+        hs,
+        ws,
+        tokens,
+    )
+    assert temp <= 4 * CHUNK_BYTES, (temp, CHUNK_BYTES)
+
+
+# ------------------------------------------------------------------------------------------
+# tracing: repeated calls with the same shapes do not recompile
+# ------------------------------------------------------------------------------------------
+
+
+def test_no_retrace_on_repeated_calls():
+    traces = []
+
+    @jax.jit
+    def step(hs, ws, ht, wt, where):
+        traces.append(1)
+        return jax.value_and_grad(
+            lambda h, w: jnp.sum(chunked_divergence(h, w, ht, wt, where=where, chunk_size=8)),
+            argnums=(0, 1),
+        )(hs, ws)
+
+    for seed in range(3):
+        step(*_inputs(seed=seed)[:5])
+    assert len(traces) == 1
