@@ -46,15 +46,16 @@ class RolloutBatch:
 
 @dataclasses.dataclass(frozen=True)
 class TeacherSpec:
-    """How the teacher runs. ``mode``: "separate" (own config/params), "student_fixed" /
-    "student_ema" (the student's architecture with given frozen trainable weights: OPSD fixed or
-    EMA teacher) or "student_live" (the current student weights, stop-gradient)."""
+    """How the teacher runs. ``mode``: "separate" (own config/params), "student_fixed" (the
+    student's architecture with frozen trainable weights given as the teacher argument: OPSD's
+    fixed teacher), "student_ema" (``state.ema``), "student_live" (the current student weights,
+    stop-gradient) or "none" (no teacher: SFT objectives; the student's own outputs stand in)."""
 
     mode: str = "separate"
     config: ModelConfig | None = None
 
     def __post_init__(self):
-        modes = ("separate", "student_fixed", "student_ema", "student_live")
+        modes = ("separate", "student_fixed", "student_ema", "student_live", "none")
         if self.mode not in modes:
             raise ValueError(f"unknown teacher mode {self.mode!r}; expected one of {modes}")
 
@@ -68,6 +69,8 @@ def teacher_hidden_and_unembed(teacher: TeacherSpec, student: StudentSpec, teach
                                trainable: Any, frozen: Any, batch: RolloutBatch):
     """Teacher hidden states at the completion positions ``[B, N, D']`` and its unembedding."""
     n = batch.completion.shape[1]
+    if teacher.mode == "none":
+        return None, None
     if teacher.mode == "separate":
         h, _ = decoder.forward(teacher_args, teacher.config, batch.teacher_tokens,
                                valid_BxT=batch.teacher_valid)
@@ -89,6 +92,8 @@ def loss_and_metrics(trainable, frozen, teacher_args, batch: RolloutBatch, *,
                                           batch.student_valid), n)
     ws = student.unembed(trainable, frozen)
     ht, wt = teacher_hidden_and_unembed(teacher, student, teacher_args, trainable, frozen, batch)
+    if ht is None:  # no teacher: the chunk function ignores its teacher logits
+        ht, wt = jax.lax.stop_gradient(hs), jax.lax.stop_gradient(ws)
     extras = {"tokens": batch.completion, "mask": batch.mask,
               "sampler_logprobs": batch.sampler_logprobs}
     out = chunked_logits_map(chunk_fn, (hs, ht), (ws, wt), extras, chunk_size=chunk_size)
@@ -123,6 +128,9 @@ def train_step(state: TrainState, batch: RolloutBatch, frozen, teacher_args, *,
     kw = dict(student=student, teacher=teacher, chunk_fn=chunk_fn, reduction=reduction,
               chunk_size=chunk_size)
     micro = _split(batch, grad_accum)
+
+    if teacher.mode == "student_ema":
+        teacher_args = state.ema
 
     def accumulate(carry, mb):
         g_sum, l_sum = carry

@@ -1,0 +1,104 @@
+"""Held-out evaluation: accuracy (Avg@k / pass@k) and the two KLs DESIGN.md asks for together.
+
+* on-policy reverse KL: KL(S‖T) over the full vocabulary at the positions of the student's own
+  samples (what OPD minimises);
+* forward KL on teacher samples: KL(T‖S) at the positions of the teacher's greedy answers. On
+  degenerate text the teacher also predicts the repetition, so reverse KL on the student's
+  samples alone can look good while the student is broken; this one cannot.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+
+from opd_jax import losses
+from opd_jax.config_schema import LossSpec
+from opd_jax.eval import evaluate
+from opd_jax.train import rollout
+from opd_jax.train.objectives import make_chunk_fn
+from opd_jax.train.step import TeacherSpec, loss_and_metrics
+from opd_jax.train.state import StudentSpec
+
+SUMMARY_KEYS = ("overlap", "student_shared_mass", "teacher_shared_mass", "student_entropy",
+                "teacher_entropy")
+
+
+@functools.lru_cache(maxsize=8)
+def _scorer(student: StudentSpec, teacher: TeacherSpec, objective: str, chunk_size: int):
+    chunk_fn = make_chunk_fn(LossSpec(objective=objective, top_k=None))
+    return jax.jit(functools.partial(loss_and_metrics, student=student, teacher=teacher,
+                                     chunk_fn=chunk_fn, reduction=losses.token_mean,
+                                     chunk_size=chunk_size))
+
+
+def score_rollouts(student: StudentSpec, teacher: TeacherSpec, trainable, frozen, teacher_args,
+                   batch, objective: str, chunk_size: int = 512) -> dict[str, float]:
+    """Token-mean full-vocabulary ``objective`` plus mechanism metrics on given rollouts."""
+    loss, outs = _scorer(student, teacher, objective, chunk_size)(trainable, frozen, teacher_args,
+                                                                  batch)
+    out = {objective: float(loss), "tokens": int(batch.mask.sum())}
+    for k in SUMMARY_KEYS:
+        out[k] = float(losses.token_mean(outs[k], batch.mask))
+    return out
+
+
+def _weighted(parts: list[dict]) -> dict[str, float]:
+    total = sum(p["tokens"] for p in parts) or 1
+    keys = [k for k in parts[0] if k != "tokens"]
+    return {k: sum(p[k] * p["tokens"] for p in parts) / total for k in keys}
+
+
+def evaluate_student(*, records: Sequence[dict], tokenizer, template, max_prompt_len: int,
+                     student: StudentSpec, teacher: TeacherSpec, trainable, frozen, teacher_args,
+                     student_sampler, teacher_sampler=None, ks: Sequence[int] = (1,),
+                     batch_prompts: int = 8, key: jax.Array, chunk_size: int = 512,
+                     privileged_teacher: bool = False, teacher_params_for_sampling=None,
+                     pad_id: int = 0) -> dict[str, Any]:
+    """Accuracy of the student on ``records`` and its held-out KLs to the teacher.
+
+    With ``teacher_sampler`` the teacher's greedy answers are also graded (``teacher_*`` keys) and
+    the forward KL on them is reported.
+    """
+    n = max(ks)
+    s_params, s_lora = student.params_and_lora(trainable, frozen)
+    completions: list[list[str]] = []
+    teacher_texts: list[list[str]] = []
+    rkl_parts, fkl_parts = [], []
+    for start in range(0, len(records), batch_prompts):
+        recs = list(records[start:start + batch_prompts])
+        sub = jax.random.fold_in(key, start)
+        prompts = rollout.encode_prompts(recs, tokenizer, template, max_prompt_len=max_prompt_len,
+                                         n_samples=n, privileged_teacher=privileged_teacher,
+                                         pad_id=pad_id)
+        out = rollout.sample(student_sampler, s_params, prompts, sub, lora=s_lora)
+        texts = rollout.decode_rows(tokenizer, out.tokens, out.mask)
+        completions += [texts[i * n:(i + 1) * n] for i in range(len(recs))]
+        batch = rollout.assemble(prompts, out.tokens, out.mask, out.logprobs_full)
+        rkl_parts.append(score_rollouts(student, teacher, trainable, frozen, teacher_args, batch,
+                                        "reverse_kl", chunk_size))
+        if teacher_sampler is not None:
+            single = rollout.encode_prompts(recs, tokenizer, template,
+                                            max_prompt_len=max_prompt_len,
+                                            privileged_teacher=privileged_teacher, pad_id=pad_id)
+            t_out = rollout.sample(teacher_sampler, teacher_params_for_sampling, single,
+                                   jax.random.fold_in(sub, 1), from_teacher_prompt=True)
+            teacher_texts += [[t] for t in rollout.decode_rows(tokenizer, t_out.tokens, t_out.mask)]
+            t_batch = rollout.assemble(single, t_out.tokens, t_out.mask, t_out.logprobs_full)
+            fkl_parts.append(score_rollouts(student, teacher, trainable, frozen, teacher_args,
+                                            t_batch, "forward_kl", chunk_size))
+    result = evaluate(list(records), completions, ks=tuple(ks))
+    summary = {k: v for k, v in result.items() if k not in ("per_prompt", "per_source")}
+    summary["onpolicy_reverse_kl"] = _weighted(rkl_parts)["reverse_kl"]
+    summary.update({f"onpolicy_{k}": v for k, v in _weighted(rkl_parts).items()
+                    if k != "reverse_kl"})
+    summary["samples"] = [{"prompt": r["prompt"], "answer": r.get("answer"), "completion": c[0]}
+                          for r, c in list(zip(records, completions))[:5]]
+    if teacher_sampler is not None:
+        t_result = evaluate(list(records), teacher_texts, ks=(1,))
+        summary["teacher_accuracy"] = t_result["accuracy"]
+        summary["teacher_samples_forward_kl"] = _weighted(fkl_parts)["forward_kl"]
+    return summary

@@ -1,0 +1,105 @@
+"""Build the teacher and the student a run config asks for (read once at the entry point)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from opd_jax.config_schema import ModelSpec
+from opd_jax.model import decoder
+from opd_jax.model.byte_tokenizer import ByteTokenizer
+from opd_jax.model.config import ModelConfig
+from opd_jax.model.derive import derive_student, random_student
+from opd_jax.model.loading import Model, check_same_vocab
+from opd_jax.model.lora import init_lora
+from opd_jax.train.state import StudentSpec
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass
+class Models:
+    """Everything the stages need about the models.
+
+    ``trainable``: the student's trainable tree (params, or LoRA weights over ``frozen``);
+    ``teacher``: the separate teacher (OPD, cold start, seq-KD; OPSD uses the student itself).
+    """
+
+    student: StudentSpec
+    trainable: Any
+    frozen: Any
+    teacher: Model
+    tokenizer: Any
+
+
+def load_source(spec: ModelSpec, seed: int) -> Model:
+    """``"default"`` (embedded SmolLM2-135M-Instruct), ``"random"`` (tiny random model with a byte
+    tokenizer, sized by ``derive``), or a path to a Hugging Face folder / ``.gguf`` file."""
+    if spec.source == "default":
+        from opd_jax.model.assets import default_teacher
+
+        return default_teacher(spec.dtype)
+    if spec.source == "random":
+        tok = ByteTokenizer()
+        d = spec.derive
+        sizes = {k: getattr(d, k) for k in ("n_layers", "d_model", "ffn_dim", "n_heads",
+                                            "n_kv_heads", "head_dim")
+                 if d is not None and getattr(d, k) is not None}
+        config = ModelConfig(vocab_size=tok.vocab_size, max_position=4096, **sizes)
+        params = decoder.init_params(config, jax.random.key(seed), _DTYPES[spec.dtype])
+        return Model(config, params, tok)
+    from opd_jax.model.loading import load_model
+
+    model = load_model(spec.source, spec.dtype)
+    if spec.tokenizer:
+        from opd_jax.model.tokenizer import load_tokenizer
+
+        model = model.replace(tokenizer=load_tokenizer(spec.tokenizer))
+    return model
+
+
+def derive(model: Model, spec: ModelSpec, seed: int) -> Model:
+    """Apply ``spec.derive`` (layer subset or smaller random init on the same vocabulary)."""
+    d = spec.derive
+    if d is None or spec.source == "random":
+        return model
+    if d.random_init:
+        sizes = {k: getattr(d, k) for k in ("n_layers", "d_model", "ffn_dim", "n_heads",
+                                            "n_kv_heads", "head_dim") if getattr(d, k) is not None}
+        config, params = random_student(model.config, jax.random.key(seed), teacher_params=model.params,
+                                        dtype=_DTYPES[spec.dtype], **sizes)
+        return Model(config, params, model.tokenizer)
+    if d.keep_layers or d.keep_every or d.drop_layers:
+        config, params = derive_student(model.config, model.params, keep_layers=d.keep_layers,
+                                        keep_every=d.keep_every, drop_layers=d.drop_layers)
+        return Model(config, params, model.tokenizer)
+    return model
+
+
+def build_models(teacher_spec: ModelSpec, student_spec: ModelSpec, *, seed: int,
+                 remat: str = "none") -> Models:
+    """Load the teacher, load (or reuse) and derive the student, add LoRA, check the vocabulary."""
+    teacher = derive(load_source(teacher_spec, seed), teacher_spec, seed)
+    same_source = (student_spec.source == teacher_spec.source and student_spec.dtype ==
+                   teacher_spec.dtype and student_spec.source != "random"
+                   and student_spec.tokenizer == teacher_spec.tokenizer)
+    base = (load_source(teacher_spec, seed) if teacher_spec.derive and same_source else
+            teacher if same_source else load_source(student_spec, seed + 1))
+    student = derive(base, student_spec, seed + 1)
+    check_same_vocab(teacher, student)
+    tokenizer = student.tokenizer or teacher.tokenizer
+    if tokenizer is None:
+        raise ValueError("neither the teacher nor the student came with a tokenizer; set "
+                         "student.tokenizer to a tokenizer.json / .model / .gguf path")
+    lora = student_spec.lora
+    if lora.enabled:
+        adapters = init_lora(student.config, jax.random.key(seed + 2), rank=lora.rank,
+                             alpha=lora.alpha, targets=lora.targets,
+                             dtype=_DTYPES[student_spec.dtype])
+        spec = StudentSpec(student.config, lora_scale=adapters.scale, remat=remat)
+        return Models(spec, adapters.weights, student.params, teacher, tokenizer)
+    return Models(StudentSpec(student.config, remat=remat), student.params, None, teacher,
+                  tokenizer)

@@ -1,0 +1,109 @@
+"""From a batch of prompt records to a ``RolloutBatch``: tokenize, left-pad to a bucket, sample.
+
+Prompt lengths are padded to the sampler's buckets, so the jitted sampler and train step see a
+handful of shapes over a whole run and never recompile per batch. Every row's randomness comes
+from ``fold_in(key, row)`` with a key derived from ``(seed, stage, step)``: a resumed run draws
+the same rollouts as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from opd_jax.data import PromptTemplate, tokenize_prompts
+from opd_jax.eval.filters import FilterConfig, filter_completions
+from opd_jax.model.decoder import Lora
+from opd_jax.sampler import Sampler, bucket_length
+from opd_jax.scoring import pad_left
+from opd_jax.train.step import RolloutBatch
+
+
+@dataclasses.dataclass
+class Prompts:
+    """Tokenized, left-padded prompts of one batch, repeated ``n_samples`` times (prompt-major)."""
+
+    records: list[dict]
+    student_tokens: np.ndarray  # [B, Ps]
+    student_valid: np.ndarray
+    teacher_tokens: np.ndarray  # [B, Pt]
+    teacher_valid: np.ndarray
+
+
+def encode_prompts(records: Sequence[dict], tokenizer, template: PromptTemplate, *,
+                   max_prompt_len: int, n_samples: int = 1, privileged_teacher: bool = False,
+                   pad_id: int = 0) -> Prompts:
+    """Chat-template and tokenize the student prompts (and the teacher's privileged prompts for
+    OPSD; otherwise the teacher sees the student's prompt), left-padded to a length bucket."""
+    student = tokenize_prompts(records, tokenizer, template.student, max_prompt_len).token_ids
+    teacher = (tokenize_prompts(records, tokenizer, template.teacher, max_prompt_len).token_ids
+               if privileged_teacher else student)
+    rep = lambda xs: [x for x in xs for _ in range(n_samples)]
+    s_tok, s_val = pad_left(rep(student), bucket_length(max(map(len, student))), pad_id)
+    t_tok, t_val = pad_left(rep(teacher), bucket_length(max(map(len, teacher))), pad_id)
+    return Prompts(rep(list(records)), s_tok, s_val, t_tok, t_val)
+
+
+def rollout_key(seed: int, stage_index: int, step: int) -> jax.Array:
+    """The key of one step's rollouts: ``fold_in(fold_in(key(seed), stage), step)``."""
+    return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), stage_index), step)
+
+
+def sample(sampler: Sampler, params, prompts: Prompts, key: jax.Array, *, lora: Lora | None = None,
+           from_teacher_prompt: bool = False):
+    """Run the sampler on the student's (or the teacher's) prompts."""
+    tok, val = ((prompts.teacher_tokens, prompts.teacher_valid) if from_teacher_prompt
+                else (prompts.student_tokens, prompts.student_valid))
+    return sampler(params, tok, val, key, lora=lora)
+
+
+def assemble(prompts: Prompts, completion: Any, mask: Any, sampler_logprobs: Any,
+             keep_rows: np.ndarray | None = None) -> RolloutBatch:
+    """``[prompt | completion]`` for the student and for the teacher (same completion).
+
+    ``keep_rows`` (bool ``[B]``) masks whole rows out of the loss (e.g. cold-start samples
+    rejected by a filter) while keeping shapes static.
+    """
+    completion = jnp.asarray(completion, jnp.int32)
+    mask = jnp.asarray(mask, bool)
+    if keep_rows is not None:
+        mask = mask & jnp.asarray(keep_rows, bool)[:, None]
+    cat = lambda a, b: jnp.concatenate([jnp.asarray(a), b], axis=1)
+    return RolloutBatch(
+        student_tokens=cat(prompts.student_tokens, completion),
+        student_valid=cat(prompts.student_valid, mask),
+        teacher_tokens=cat(prompts.teacher_tokens, completion),
+        teacher_valid=cat(prompts.teacher_valid, mask),
+        completion=completion, mask=mask,
+        sampler_logprobs=jnp.asarray(sampler_logprobs, jnp.float32))
+
+
+def decode_rows(tokenizer, completion: np.ndarray, mask: np.ndarray) -> list[str]:
+    """Completion texts (special tokens skipped) of each row."""
+    completion, mask = np.asarray(completion), np.asarray(mask)
+    return [tokenizer.decode(completion[i][mask[i]].tolist()) for i in range(len(completion))]
+
+
+def filter_rows(texts: Sequence[str], spec) -> tuple[np.ndarray, dict[str, int]]:
+    """Cold-start rejection filters (``FilterSpec``): keep mask ``[B]`` and counts per reason."""
+    config = FilterConfig(require_final_answer=spec.no_answer,
+                          max_line_repeats=2 if spec.repeated_lines else 10**9,
+                          ngram_n=spec.ngram_n or 10**9,
+                          max_ngram_repeats=spec.ngram_max_repeats)
+    result = filter_completions(list(enumerate(texts)), config, text_of=lambda it: it[1])
+    keep = np.zeros(len(texts), bool)
+    keep[[i for i, _ in result.kept]] = True
+    counts = {k: int(v) for k, v in result.counts.items()}
+    return keep, counts
+
+
+def eos_ids(tokenizer, extra: Sequence[int] = ()) -> tuple[int, ...]:
+    base = tuple(getattr(tokenizer, "eos_ids", ()) or ()) if tokenizer is not None else ()
+    return tuple(sorted(set(base) | set(int(e) for e in extra)))
+
+
+SampleFn = Callable[..., Any]

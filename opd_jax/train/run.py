@@ -1,0 +1,125 @@
+"""Run a config end to end: build models and data once, then each stage in order.
+
+A run directory holds ``config.yaml`` (the resolved config), ``metrics.jsonl``,
+``checkpoints/<stage>/<step>/`` and ``summary.json``. ``run(cfg)`` resumes by default: completed
+stages are skipped (their final checkpoint provides the student), an interrupted stage continues
+from its latest readable checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from opd_jax.checkpoint import StageCheckpointer, stage_dir
+from opd_jax.config import save_config
+from opd_jax.config_run import RunConfig
+from opd_jax.data import PromptTemplate, dedupe_records, load_records, split_records
+from opd_jax.data.templates import DEFAULT_TEACHER_TEMPLATE
+from opd_jax.train.metrics_log import MetricsLog
+from opd_jax.train.models import build_models
+from opd_jax.train.stages import RunContext, run_eval_stage, run_train_stage
+
+INITIAL_EVAL = "eval_initial"
+
+
+def load_data(cfg: RunConfig) -> tuple[list, list]:
+    """Training and held-out prompt records from ``cfg.data`` (deduplicated, disjoint)."""
+    d = cfg.data
+    if d.source == "reasoning_gym":
+        spec = {"type": "reasoning_gym", "name": d.name, "size": d.size + d.heldout_size,
+                "seed": d.seed, "config": d.kwargs}
+    else:
+        spec = {"type": d.source, "path": d.path, "prompt_key": d.prompt_key,
+                "answer_key": d.answer_key, "solution_key": d.solution_key}
+    records, _ = dedupe_records(load_records(spec))
+    train, heldout = split_records(records, heldout_size=min(d.heldout_size, len(records) - 1))
+    if not train:
+        raise ValueError(f"data source {d.source}:{d.name or d.path} left no training prompts "
+                         f"after holding out {d.heldout_size}; raise data.size or lower "
+                         "data.heldout_size")
+    return train[:d.size], heldout
+
+
+def make_template(cfg: RunConfig) -> PromptTemplate:
+    d = cfg.data
+    return PromptTemplate(system=d.system_prompt, student_template=d.instruction,
+                          teacher_template=d.teacher_template or DEFAULT_TEACHER_TEMPLATE)
+
+
+def _stage_result(cfg: RunConfig, name: str) -> dict | None:
+    ck = StageCheckpointer(stage_dir(cfg.run_dir, name), keep_last_n=1, async_save=False)
+    try:
+        if not ck.is_done():
+            return None
+        return ck.restore_latest(None).extra.get("result")
+    finally:
+        ck.close()
+
+
+def run(cfg: RunConfig, *, progress: bool = True, models=None) -> dict[str, Any]:
+    """Run every stage of ``cfg`` (resuming where a previous run stopped); returns the summary."""
+    run_dir = cfg.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+    train, heldout = load_data(cfg)
+    remat = "none"
+    models = models or build_models(cfg.teacher, cfg.student, seed=cfg.seed, remat=remat)
+    ctx = RunContext(cfg, models, train, heldout, make_template(cfg),
+                     MetricsLog(run_dir, cfg.log.tensorboard), progress)
+    trainable = models.trainable
+    evals: dict[str, dict] = {}
+    first_eval = next((i for i, s in enumerate(cfg.stages) if s.kind == "eval"), None)
+    trains_before = first_eval is not None and any(s.trains for s in cfg.stages[:first_eval])
+    if trains_before:
+        evals[INITIAL_EVAL] = run_eval_stage(ctx, first_eval, trainable, name=INITIAL_EVAL,
+                                             with_teacher=False)
+    for i, stage in enumerate(cfg.stages):
+        if stage.trains:
+            trainable = run_train_stage(ctx, i, trainable)
+        else:
+            evals[stage.name] = run_eval_stage(ctx, i, trainable)
+    summary = summarize(cfg, ctx.log, evals)
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def summarize(cfg: RunConfig, log: MetricsLog, evals: dict[str, dict]) -> dict[str, Any]:
+    """Before/after/teacher table and first-vs-last mechanism metrics of each train stage."""
+    out: dict[str, Any] = {"run_dir": str(cfg.run_dir), "evals": evals, "stages": {}}
+    for stage in cfg.stages:
+        rows = [r for r in log.read(stage.name) if "loss" in r]
+        if not rows:
+            continue
+        first, last = rows[0], rows[-1]
+        keys = ("loss", "overlap", "student_shared_mass", "teacher_shared_mass",
+                "token_reverse_kl", "student_entropy", "teacher_entropy", "skipped")
+        out["stages"][stage.name] = {"kind": stage.kind, "steps": len(rows),
+                                     "first": {k: first.get(k) for k in keys if k in first},
+                                     "last": {k: last.get(k) for k in keys if k in last}}
+    return out
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """A plain-text table of the run summary (student before / after, teacher; KLs; mechanism)."""
+    evals = summary["evals"]
+    lines = ["", f"run: {summary['run_dir']}"]
+    cols = [(name, e) for name, e in evals.items()]
+    if cols:
+        lines.append(f"{'held-out':34s}" + "".join(f"{n:>16s}" for n, _ in cols) + f"{'teacher':>16s}")
+        teacher = next((e for _, e in cols if "teacher_accuracy" in e), {})
+        for key, label in [("accuracy", "accuracy"), ("onpolicy_reverse_kl", "reverse KL on own samples"),
+                           ("teacher_samples_forward_kl", "forward KL on teacher samples"),
+                           ("onpolicy_overlap", "top-k overlap (own samples)"),
+                           ("onpolicy_student_shared_mass", "student shared mass")]:
+            row = "".join(f"{e[key]:16.4f}" if isinstance(e.get(key), float) else f"{'-':>16s}"
+                          for _, e in cols)
+            t = teacher.get("teacher_accuracy") if key == "accuracy" else None
+            lines.append(f"{label:34s}{row}{(f'{t:16.4f}' if t is not None else f'{chr(45):>16s}')}")
+    for name, s in summary["stages"].items():
+        lines.append(f"\nstage {name} ({s['kind']}, {s['steps']} steps): first -> last")
+        for k in s["first"]:
+            a, b = s["first"][k], s["last"].get(k)
+            if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+                lines.append(f"  {k:28s}{a:12.4f} -> {b:12.4f}")
+    return "\n".join(lines)
