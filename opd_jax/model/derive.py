@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from opd_jax.model import decoder
-from opd_jax.model.config import ModelConfig
+from opd_jax.model.config import ModelConfig, param_shapes
 
 
 def select_layers(n_layers: int, *, keep_layers: Sequence[int] | None = None,
@@ -62,6 +62,30 @@ def _pca_projection(embed_VxD: np.ndarray, d_out: int) -> np.ndarray:
     return vecs[:, ::-1][:, :d_out].astype(np.float32)
 
 
+def _init_params(config: ModelConfig, key: jax.Array, dtype) -> dict:
+    """Like ``decoder.init_params`` (normal std 0.02, norms 1, biases 0) but from a single
+    ``jax.random.normal`` draw cut into leaves: one small compile instead of one per leaf."""
+    shapes = param_shapes(config)
+    flat = [("", k, s) for k, s in shapes.items() if k != "layers"]
+    flat += [("layers", k, s) for k, s in shapes["layers"].items()]
+    random = [(g, k, s) for g, k, s in flat if "norm" not in k and "bias" not in k]
+    total = sum(math.prod(s) for _, _, s in random)
+    draw = np.asarray(0.02 * jax.random.normal(key, (total,), jnp.float32))
+    out: dict = {"layers": {}}
+    offset = 0
+    for group, name, shape in flat:
+        if "norm" in name:
+            leaf = jnp.ones(shape, dtype)
+        elif "bias" in name:
+            leaf = jnp.zeros(shape, dtype)
+        else:
+            n = math.prod(shape)
+            leaf = jnp.asarray(draw[offset:offset + n].reshape(shape), dtype)
+            offset += n
+        (out["layers"] if group else out)[name] = leaf
+    return out
+
+
 def random_student(config: ModelConfig, key: jax.Array, *, n_layers: int | None = None,
                    d_model: int | None = None, ffn_dim: int | None = None,
                    n_heads: int | None = None, n_kv_heads: int | None = None,
@@ -86,7 +110,7 @@ def random_student(config: ModelConfig, key: jax.Array, *, n_layers: int | None 
     if student.vocab_size != config.vocab_size:
         raise ValueError("a student must keep the teacher's vocabulary "
                          f"({config.vocab_size}), got vocab_size={student.vocab_size}")
-    params = decoder.init_params(student, key, dtype)
+    params = _init_params(student, key, jnp.dtype(dtype))
     if teacher_params is not None:
         t_embed = np.asarray(jax.device_get(teacher_params["embed"]), np.float32)
         proj = None if width == config.d_model else _pca_projection(t_embed, width)
