@@ -35,13 +35,15 @@ DIV_KWARGS = {
 
 
 def _inputs(seed=0, b=B, t=T, d=D, dt=DT, v=V, scale=1.5):
-    ks = jax.random.split(jax.random.key(seed), 6)
-    hs = jax.random.normal(ks[0], (b, t, d))
-    ws = scale * jax.random.normal(ks[1], (d, v)) / np.sqrt(d)
-    ht = jax.random.normal(ks[2], (b, t, dt))
-    wt = scale * jax.random.normal(ks[3], (dt, v)) / np.sqrt(dt)
-    where = jax.random.bernoulli(ks[4], 0.75, (b, t))
-    cot = jax.random.normal(ks[5], (b, t))  # a generic upstream cotangent
+    """Random inputs from numpy (cheap: no per-op compilation of jax.random on a busy CPU)."""
+    rng = np.random.default_rng(seed)
+    f32 = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)  # noqa: E731
+    hs = f32(b, t, d)
+    ws = scale * f32(d, v) / np.sqrt(d)
+    ht = f32(b, t, dt)
+    wt = scale * f32(dt, v) / np.sqrt(dt)
+    where = jnp.asarray(rng.random((b, t)) < 0.75)
+    cot = f32(b, t)  # a generic upstream cotangent
     return hs, ws, ht, wt, where, cot
 
 
@@ -84,7 +86,7 @@ def test_chunked_matches_dense_values_and_grads(name):
     assert np.any(np.asarray(gc[0])) and np.any(np.asarray(gc[1]))
 
 
-@pytest.mark.parametrize("chunk_size", [1, 4, 26, 64])
+@pytest.mark.parametrize("chunk_size", [1, 4, 64])
 def test_chunk_size_and_no_mask(chunk_size):
     hs, ws, ht, wt, _, _ = _inputs(seed=1)
     want = DIVERGENCES["reverse_kl"](hs @ ws, ht @ wt)
@@ -172,8 +174,13 @@ def test_numpy_references_cover_the_registry():
     assert set(NUMPY_DIVS) == set(TOPK_KWARGS) == set(LOGPROB_DIVERGENCES)
 
 
-@pytest.mark.parametrize("tail", ["bucket", "renormalize"])
-@pytest.mark.parametrize("name", sorted(LOGPROB_DIVERGENCES))
+TOPK_CASES = [(name, "bucket") for name in sorted(LOGPROB_DIVERGENCES)] + [
+    ("reverse_kl", "renormalize"),
+    ("generalized_jsd", "renormalize"),
+]
+
+
+@pytest.mark.parametrize("name,tail", TOPK_CASES)
 def test_teacher_topk_path_matches_float64_reference(name, tail):
     hs, ws, ht, wt, where, _ = _inputs(seed=6)
     k, temp, kw = 6, 0.9, TOPK_KWARGS[name]
@@ -288,8 +295,9 @@ def test_token_logprobs_entropy_and_ids_match_dense_with_grads():
     from opd_jax.losses.estimators import token_logprobs
 
     hs, ws, _, _, _, cot = _inputs(seed=4)
-    tokens = jax.random.randint(jax.random.key(9), (B, T), 0, V)
-    ids = jax.random.randint(jax.random.key(10), (B, T, 3), 0, V)
+    rng = np.random.default_rng(9)
+    tokens = jnp.asarray(rng.integers(0, V, (B, T)), jnp.int32)
+    ids = jnp.asarray(rng.integers(0, V, (B, T, 3)), jnp.int32)
     temp = 0.8
 
     def dense(h, w):
@@ -318,7 +326,9 @@ def test_token_logprobs_entropy_and_ids_match_dense_with_grads():
 
 
 def test_entropy_finite_with_minus_inf_logits():
-    logits = jax.random.normal(jax.random.key(5), (6, V)).at[:, :5].set(-jnp.inf)
+    logits = np.random.default_rng(5).standard_normal((6, V)).astype(np.float32)
+    logits[:, :5] = -np.inf
+    logits = jnp.asarray(logits)
     tokens = jnp.full((6,), 7)
 
     def ent(z):
