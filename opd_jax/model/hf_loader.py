@@ -223,7 +223,8 @@ def expected_hf_names(config: ModelConfig) -> dict[str, tuple[str, ...]]:
 
 
 def to_hf_state_dict(config: ModelConfig, params: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    """Our params as a HF Llama/Qwen2/Qwen3 ``state_dict`` of float32 numpy arrays.
+    """Our params as a HF Llama/Qwen2/Qwen3 ``state_dict`` of float32 numpy arrays (writable,
+    C-contiguous copies).
 
     ``{k: torch.from_numpy(v) for k, v in ...}`` loads into ``LlamaForCausalLM`` & co. built from
     ``to_hf_config(config)``. Tied models also get ``lm_head.weight`` (= the embedding), which
@@ -235,12 +236,12 @@ def to_hf_state_dict(config: ModelConfig, params: Mapping[str, Any]) -> dict[str
             name = leaf.split("/", 1)[1]
             stacked = np.asarray(jax.device_get(params["layers"][name]), np.float32)
             for i, hf_name in enumerate(names):
-                out[hf_name] = np.ascontiguousarray(leaf_to_hf(config, name, stacked[i]))
+                out[hf_name] = np.array(leaf_to_hf(config, name, stacked[i]), order="C")
         else:
             x = np.asarray(jax.device_get(params[leaf]), np.float32)
-            out[names[0]] = np.ascontiguousarray(leaf_to_hf(config, leaf, x))
+            out[names[0]] = np.array(leaf_to_hf(config, leaf, x), order="C")
     if config.tie_embeddings:
-        out["lm_head.weight"] = out["model.embed_tokens.weight"]
+        out["lm_head.weight"] = out["model.embed_tokens.weight"].copy()
     return out
 
 
