@@ -13,6 +13,7 @@ from opd_jax.losses import chunked
 from opd_jax.losses.chunked import (
     TeacherTopK,
     chunked_divergence,
+    chunked_divergence_loss,
     chunked_logprobs_at_ids,
     chunked_teacher_topk,
     chunked_token_logprobs,
@@ -265,6 +266,78 @@ def test_topk_support_divergence_and_policy_gradient_chunked_match_dense():
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
         for a, b in zip(gd, gc):
             np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------
+# fused weighted-sum loss (gradient formed in the forward pass)
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("teacher", ["dense", "topk"])
+def test_fused_loss_matches_dense_weighted_sum(teacher):
+    hs, ws, ht, wt, where, cot = _inputs(seed=11)
+    weights = jnp.where(where, jnp.abs(cot), 0.0)
+    temp = 0.8
+    if teacher == "dense":
+        kw, args = dict(divergence="generalized_jsd", beta=0.3), (ht, wt)
+
+        def per_token(h, w):
+            return DIVERGENCES["generalized_jsd"](
+                h @ w, ht @ wt, where=where, temperature=temp, beta=0.3
+            )
+    else:
+        top = chunked_teacher_topk(ht, wt, k=4, chunk_size=8, temperature=temp)
+        kw, args = dict(teacher_topk=top, divergence="forward_kl", tail="bucket"), ()
+
+        def per_token(h, w):
+            s_logp = normalized_logprobs(h @ w, temperature=temp, where=where)
+            out = topk_lib.support_divergence(
+                topk_lib.gather_logprobs(s_logp, top.ids), top.logprobs,
+                jnp.ones(top.ids.shape, bool), divergence="forward_kl", tail="bucket",
+            )
+            return jnp.where(where, out, 0.0)
+
+    def dense(h, w):
+        return jnp.sum(weights * per_token(h, w)), per_token(h, w)
+
+    def fused(h, w):
+        return chunked_divergence_loss(
+            h, w, *args, weights=weights, where=where, temperature=temp, chunk_size=5, **kw
+        )
+
+    step = jax.jit(jax.value_and_grad(lambda f, h, w: f(h, w), argnums=(1, 2), has_aux=True),
+                   static_argnums=0)
+    (lw, pw), gw = step(dense, hs, ws)
+    (lf, pf), gf = step(fused, hs, ws)
+    np.testing.assert_allclose(lf, lw, rtol=1e-5)
+    np.testing.assert_allclose(pf, pw, rtol=1e-5, atol=1e-6)
+    for a, b in zip(gw, gf):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-7)
+    # undifferentiated call: the plain forward (no gradient work); teacher gets no gradient
+    np.testing.assert_allclose(jax.jit(fused)(hs, ws)[0], lw, rtol=1e-5)
+    if teacher == "dense":
+        gt = jax.grad(
+            lambda a, b: chunked_divergence_loss(
+                hs, ws, a, b, weights=weights, where=where, chunk_size=5, **kw
+            )[0],
+            argnums=(0, 1),
+        )(ht, wt)
+        assert not any(np.any(np.asarray(g)) for g in gt)
+
+
+def test_fused_loss_memory_is_bounded():
+    hs, ws, ht, wt, where = _mem_inputs()
+    weights = jax.ShapeDtypeStruct((1, MEM_BT), jnp.float32)
+
+    def loss(hs, ws, ht, wt, where, weights):
+        return chunked_divergence_loss(
+            hs, ws, ht, wt, weights=weights, where=where, chunk_size=MEM_C
+        )[0]
+
+    temp = _temp_bytes(jax.grad(loss, argnums=(0, 1)), hs, ws, ht, wt, where, weights)
+    # the [D, V] float32 gradient accumulator lives in temp here; plus a few [C, V] buffers
+    assert temp <= 4 * CHUNK_BYTES + 2 * MEM_D * MEM_V * 4, (temp, CHUNK_BYTES)
+    assert temp < LOGIT_BYTES / 8
 
 
 # ------------------------------------------------------------------------------------------

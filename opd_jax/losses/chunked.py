@@ -53,6 +53,7 @@ from opd_jax.losses.topk import (
 __all__ = [
     "TeacherTopK",
     "chunked_divergence",
+    "chunked_divergence_loss",
     "chunked_teacher_topk",
     "chunked_token_logprobs",
     "chunked_token_logprobs_and_entropy",
@@ -218,6 +219,134 @@ def _resolve_divergence(divergence: str | Callable) -> Callable:
         ) from None
 
 
+class _ChunkLoss(NamedTuple):
+    """A per-token loss prepared for chunking: ``fn(student_logits_CxV, extras_C, consts)``."""
+
+    fn: Callable[..., jax.Array]
+    extras: Any  # pytree of [B, T, ...] per-token arrays (sliced per chunk)
+    consts: Any  # pytree of arrays shared by every chunk (the teacher unembedding)
+
+
+def _prepare_loss(
+    student_hidden,
+    student_unembed,
+    teacher_hidden,
+    teacher_unembed,
+    teacher_topk,
+    where,
+    *,
+    divergence,
+    temperature,
+    chunk_size,
+    divergence_kwargs,
+) -> _ChunkLoss:
+    """Check the inputs and build the per-chunk loss shared by the two chunked drivers."""
+    _check_head(student_hidden, student_unembed, "student")
+    _check_positive_int("chunk_size", chunk_size)
+    batch, time = student_hidden.shape[:2]
+    valid_BxT = _valid_mask(where, batch, time)
+    dense = teacher_hidden is not None or teacher_unembed is not None
+    if dense == (teacher_topk is not None):
+        raise ValueError(
+            "give either teacher_hidden and teacher_unembed (dense teacher), or teacher_topk "
+            "(precomputed teacher top-k), not both and not neither"
+        )
+    if teacher_topk is not None:
+        return _prepare_topk_loss(
+            student_unembed, teacher_topk, valid_BxT,
+            divergence=divergence, temperature=temperature, **divergence_kwargs,
+        )
+
+    if teacher_hidden is None or teacher_unembed is None:
+        raise ValueError("teacher_hidden and teacher_unembed must be given together")
+    _check_head(teacher_hidden, teacher_unembed, "teacher")
+    if teacher_hidden.shape[:2] != (batch, time):
+        raise ValueError(
+            f"teacher hidden [B, T] {teacher_hidden.shape[:2]} != student {(batch, time)}"
+        )
+    if teacher_unembed.shape[1] != student_unembed.shape[1]:
+        raise ValueError(
+            f"vocabularies differ: student {student_unembed.shape[1]}, "
+            f"teacher {teacher_unembed.shape[1]}"
+        )
+    div_fn = _resolve_divergence(divergence)
+
+    def fn(student_logits_CxV, extras, teacher_unembed_DxV):
+        teacher_hidden_CxD, valid_C = extras
+        return div_fn(
+            student_logits_CxV,
+            _logits(teacher_hidden_CxD, teacher_unembed_DxV),
+            where=valid_C,
+            temperature=temperature,
+            **divergence_kwargs,
+        )
+
+    return _ChunkLoss(
+        fn, (lax.stop_gradient(teacher_hidden), valid_BxT), lax.stop_gradient(teacher_unembed)
+    )
+
+
+def _prepare_topk_loss(
+    student_unembed,
+    teacher_topk: TeacherTopK,
+    valid_BxT,
+    *,
+    divergence,
+    temperature,
+    tail: str = "bucket",
+    pointwise_clip: float | None = None,
+    **div_params: Any,
+) -> _ChunkLoss:
+    batch, time = valid_BxT.shape
+    ids_BxTxK = teacher_topk.ids
+    if ids_BxTxK.ndim != 3 or ids_BxTxK.shape[:2] != (batch, time):
+        raise ValueError(
+            f"teacher_topk.ids has shape {ids_BxTxK.shape}; it must be [B, T, K] with "
+            f"[B, T] = {(batch, time)} (the student's token positions)"
+        )
+    if teacher_topk.logprobs.shape != ids_BxTxK.shape:
+        raise ValueError(
+            f"teacher_topk.logprobs has shape {teacher_topk.logprobs.shape}; it must match "
+            f"teacher_topk.ids {ids_BxTxK.shape}"
+        )
+    if isinstance(divergence, str):
+        if divergence not in LOGPROB_DIVERGENCES:
+            raise ValueError(
+                f"unknown divergence {divergence!r} for teacher_topk; known: "
+                f"{sorted(LOGPROB_DIVERGENCES)}"
+            )
+        divergence = LOGPROB_DIVERGENCES[divergence]
+    if div_params:  # beta=, alpha=: bind them as the dense path forwards them
+        divergence = functools.partial(divergence, **div_params)
+    uniform = -float(np.log(student_unembed.shape[1]))
+
+    def fn(student_logits_CxV, extras, consts):
+        del consts
+        ids_CxK, teacher_logp_CxK, valid_C = extras
+        # masked rows: the student's logits are zeroed (uniform log-probs -log V) and the
+        # teacher's filler replaced by the same value, so they give 0 with zero gradient
+        student_logp_CxV = normalized_logprobs(
+            student_logits_CxV, temperature=temperature, where=valid_C
+        )
+        teacher_logp_CxK = jnp.where(valid_C[:, None], teacher_logp_CxK, uniform)
+        out_C = support_divergence(
+            gather_logprobs(student_logp_CxV, ids_CxK),
+            teacher_logp_CxK,
+            jnp.ones(ids_CxK.shape, jnp.bool_),
+            divergence=divergence,
+            tail=tail,
+            pointwise_clip=pointwise_clip,
+        )
+        return mask_tokens(out_C, valid_C)
+
+    extras = (
+        ids_BxTxK.astype(jnp.int32),
+        lax.stop_gradient(teacher_topk.logprobs.astype(jnp.float32)),
+        valid_BxT,
+    )
+    return _ChunkLoss(fn, extras, None)
+
+
 def chunked_divergence(
     student_hidden: jax.Array,
     student_unembed: jax.Array,
@@ -283,122 +412,141 @@ def chunked_divergence(
       Differentiable w.r.t. ``student_hidden`` and ``student_unembed``; the teacher gets no
       gradient.
     """
-    _check_head(student_hidden, student_unembed, "student")
-    _check_positive_int("chunk_size", chunk_size)
-    batch, time = student_hidden.shape[:2]
-    valid_BxT = _valid_mask(where, batch, time)
-    dense = teacher_hidden is not None or teacher_unembed is not None
-    if dense == (teacher_topk is not None):
-        raise ValueError("give either teacher_hidden and teacher_unembed, or teacher_topk")
-
-    if teacher_topk is not None:
-        return _chunked_topk_divergence(
-            student_hidden,
-            student_unembed,
-            teacher_topk,
-            valid_BxT,
-            divergence=divergence,
-            temperature=temperature,
-            chunk_size=chunk_size,
-            **divergence_kwargs,
-        )
-
-    if teacher_hidden is None or teacher_unembed is None:
-        raise ValueError("teacher_hidden and teacher_unembed must be given together")
-    _check_head(teacher_hidden, teacher_unembed, "teacher")
-    if teacher_hidden.shape[:2] != (batch, time):
-        raise ValueError(
-            f"teacher hidden [B, T] {teacher_hidden.shape[:2]} != student {(batch, time)}"
-        )
-    if teacher_unembed.shape[1] != student_unembed.shape[1]:
-        raise ValueError(
-            f"vocabularies differ: student {student_unembed.shape[1]}, "
-            f"teacher {teacher_unembed.shape[1]}"
-        )
-    div_fn = _resolve_divergence(divergence)
-    teacher_hidden = lax.stop_gradient(teacher_hidden)
-    teacher_unembed = lax.stop_gradient(teacher_unembed)
-
-    def per_chunk(student_logits_CxV, teacher_logits_CxV, valid_C):
-        return div_fn(
-            student_logits_CxV,
-            teacher_logits_CxV,
-            where=valid_C,
-            temperature=temperature,
-            **divergence_kwargs,
-        )
-
-    return chunked_logits_map(
-        per_chunk,
-        (student_hidden, teacher_hidden),
-        (student_unembed, teacher_unembed),
-        valid_BxT,
-        chunk_size=chunk_size,
+    loss = _prepare_loss(
+        student_hidden, student_unembed, teacher_hidden, teacher_unembed, teacher_topk, where,
+        divergence=divergence, temperature=temperature, chunk_size=chunk_size,
+        divergence_kwargs=divergence_kwargs,
     )
+    batch, time = student_hidden.shape[:2]
+    xs = (_to_chunks(student_hidden, chunk_size),
+          jax.tree.map(lambda x: _to_chunks(x, chunk_size), loss.extras))
+
+    def body(x):
+        hidden_CxD, extras_C = x
+        return loss.fn(_logits(hidden_CxD, student_unembed), extras_C, loss.consts)
+
+    return _from_chunks(_scan(body, xs, remat=True), batch, time)
 
 
-def _chunked_topk_divergence(
+def chunked_divergence_loss(
     student_hidden: jax.Array,
     student_unembed: jax.Array,
-    teacher_topk: TeacherTopK,
-    valid_BxT: jax.Array,
+    teacher_hidden: jax.Array | None = None,
+    teacher_unembed: jax.Array | None = None,
     *,
-    divergence: str | Callable,
-    temperature: float,
-    chunk_size: int,
-    tail: str = "bucket",
-    **support_kwargs: Any,
-) -> jax.Array:
-    batch, time = valid_BxT.shape
-    ids_BxTxK = teacher_topk.ids
-    if ids_BxTxK.ndim != 3 or ids_BxTxK.shape[:2] != (batch, time):
-        raise ValueError(
-            f"teacher_topk.ids has shape {ids_BxTxK.shape}; it must be [B, T, K] with "
-            f"[B, T] = {(batch, time)} (the student's token positions)"
-        )
-    if teacher_topk.logprobs.shape != ids_BxTxK.shape:
-        raise ValueError(
-            f"teacher_topk.logprobs has shape {teacher_topk.logprobs.shape}; it must match "
-            f"teacher_topk.ids {ids_BxTxK.shape}"
-        )
-    teacher_logp_BxTxK = lax.stop_gradient(teacher_topk.logprobs.astype(jnp.float32))
-    uniform = -float(np.log(student_unembed.shape[1]))
-    pointwise_clip = support_kwargs.pop("pointwise_clip", None)
-    if isinstance(divergence, str):
-        if divergence not in LOGPROB_DIVERGENCES:
-            raise ValueError(
-                f"unknown divergence {divergence!r} for teacher_topk; known: "
-                f"{sorted(LOGPROB_DIVERGENCES)}"
-            )
-        divergence = LOGPROB_DIVERGENCES[divergence]
-    if support_kwargs:  # beta=, alpha=: bind them like the dense path forwards them
-        divergence = functools.partial(divergence, **support_kwargs)
+    weights: jax.Array,
+    teacher_topk: TeacherTopK | None = None,
+    divergence: str | Callable = "reverse_kl",
+    where: jax.Array | None = None,
+    temperature: float = 1.0,
+    chunk_size: int = 512,
+    **divergence_kwargs: Any,
+) -> tuple[jax.Array, jax.Array]:
+    r"""Fused chunked loss: :math:`L = \sum_t w_t \ell_t` with its gradient built in the forward pass.
 
-    def per_chunk(student_logits_CxV, extras):
-        ids_CxK, teacher_logp_CxK, valid_C = extras
-        # masked rows: the student's logits are zeroed (uniform log-probs -log V) and the
-        # teacher's filler replaced by the same value, so they give 0 with zero gradient
-        student_logp_CxV = normalized_logprobs(
-            student_logits_CxV, temperature=temperature, where=valid_C
-        )
-        teacher_logp_CxK = jnp.where(valid_C[:, None], teacher_logp_CxK, uniform)
-        out_C = support_divergence(
-            gather_logprobs(student_logp_CxV, ids_CxK),
-            teacher_logp_CxK,
-            jnp.ones(ids_CxK.shape, jnp.bool_),
-            divergence=divergence,
-            tail=tail,
-            pointwise_clip=pointwise_clip,
-        )
-        return mask_tokens(out_C, valid_C)
+    The same per-token divergence :math:`\ell_t` as :func:`chunked_divergence` (all arguments
+    mean the same), reduced with caller-chosen per-token ``weights`` :math:`w_t` -- every
+    reduction of :mod:`opd_jax.losses.reductions` is such a weighted sum, e.g. token-mean is
+    ``w = where / max(sum(where), 1)``.  Because the cotangent of each token is then known in
+    the forward pass, each chunk computes its logits once and immediately forms
+    :math:`\partial L/\partial h = G W^\top` and accumulates :math:`\partial L/\partial W
+    \mathrel{+}= h^\top G` with :math:`G = \partial L/\partial z` (``[C, V]``); the backward
+    pass only scales these by the incoming scalar cotangent.  That is 3 student matmuls
+    (``[C, D] x [D, V]`` sized) per chunk instead of 4 for the rematerialised per-token form
+    (and no teacher recompute), with the same bounded memory: a few ``[C, V]`` buffers, the
+    ``[D, V]`` gradient accumulator and the ``[B, T, D]`` hidden-state gradient.
 
-    return chunked_logits_map(
-        per_chunk,
-        (student_hidden,),
-        (student_unembed,),
-        (ids_BxTxK.astype(jnp.int32), teacher_logp_BxTxK, valid_BxT),
-        chunk_size=chunk_size,
+    Prefer this for training when the reduction is fixed; use :func:`chunked_divergence` when
+    the per-token losses feed further differentiable arithmetic.
+
+    Args:
+      weights: ``[B, T]`` per-token weights :math:`w_t` (treated as constants).
+      others: as :func:`chunked_divergence`.
+
+    Returns:
+      ``(loss, per_token)``: the scalar float32 :math:`L` (differentiable w.r.t.
+      ``student_hidden`` and ``student_unembed``) and the ``[B, T]`` per-token
+      :math:`\ell_t` under ``stop_gradient`` (for logging; ``0`` where masked).
+    """
+    loss = _prepare_loss(
+        student_hidden, student_unembed, teacher_hidden, teacher_unembed, teacher_topk, where,
+        divergence=divergence, temperature=temperature, chunk_size=chunk_size,
+        divergence_kwargs=divergence_kwargs,
     )
+    batch, time = student_hidden.shape[:2]
+    if weights.shape != (batch, time):
+        raise ValueError(f"weights must be [B, T] = {(batch, time)}, got shape {weights.shape}")
+    chunks = (
+        jax.tree.map(lambda x: _to_chunks(x, chunk_size), loss.extras),
+        _to_chunks(lax.stop_gradient(weights.astype(jnp.float32)), chunk_size),
+    )
+    hidden_NxCxD = _to_chunks(student_hidden, chunk_size)
+    total, per_token_NxC = _fused_weighted_sum(
+        loss.fn, hidden_NxCxD, student_unembed, chunks, loss.consts
+    )
+    return total, lax.stop_gradient(_from_chunks(per_token_NxC, batch, time))
+
+
+def _chunk_value_and_logit_grad(fn, logits_CxV, extras_C, weights_C, consts):
+    def weighted(z):
+        per_C = fn(z, extras_C, consts)
+        return jnp.sum(weights_C * per_C), per_C
+
+    (total, per_C), dlogits_CxV = jax.value_and_grad(weighted, has_aux=True)(logits_CxV)
+    return total, per_C, dlogits_CxV
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _fused_weighted_sum(fn, hidden_NxCxD, unembed_DxV, chunks, consts):
+    def step(total, x):
+        hidden_CxD, (extras_C, weights_C) = x
+        per_C = fn(_logits(hidden_CxD, unembed_DxV), extras_C, consts)
+        return total + jnp.sum(weights_C * per_C), per_C
+
+    return lax.scan(step, jnp.zeros((), jnp.float32), (hidden_NxCxD, chunks))
+
+
+def _fused_weighted_sum_fwd(fn, hidden_NxCxD, unembed_DxV, chunks, consts):
+    d, v = unembed_DxV.shape
+
+    def step(carry, x):
+        total, dunembed_DxV = carry
+        hidden_CxD, (extras_C, weights_C) = x
+        logits_CxV = _logits(hidden_CxD, unembed_DxV)
+        chunk_total, per_C, dlogits_CxV = _chunk_value_and_logit_grad(
+            fn, logits_CxV, extras_C, weights_C, consts
+        )
+        # dL/dh = G W^T  ([C, V] x [D, V] contracting V);  dL/dW += h^T G  (contracting C)
+        dhidden_CxD = lax.dot_general(
+            dlogits_CxV, unembed_DxV.astype(dlogits_CxV.dtype), (((1,), (1,)), ((), ())),
+            preferred_element_type=jnp.float32,
+        )
+        dunembed_DxV = dunembed_DxV + lax.dot_general(
+            hidden_CxD.astype(dlogits_CxV.dtype), dlogits_CxV, (((0,), (0,)), ((), ())),
+            preferred_element_type=jnp.float32,
+        )
+        return (total + chunk_total, dunembed_DxV), (per_C, dhidden_CxD.astype(hidden_CxD.dtype))
+
+    init = (jnp.zeros((), jnp.float32), jnp.zeros((d, v), jnp.float32))
+    (total, dunembed_DxV), (per_NxC, dhidden_NxCxD) = lax.scan(step, init, (hidden_NxCxD, chunks))
+    residuals = (dhidden_NxCxD, dunembed_DxV.astype(unembed_DxV.dtype))
+    return (total, per_NxC), residuals
+
+
+def _fused_weighted_sum_bwd(fn, residuals, cotangents):
+    del fn
+    dhidden_NxCxD, dunembed_DxV = residuals
+    g = cotangents[0]  # the per-token output leaves under stop_gradient: its cotangent is unused
+    # the teacher side, masks, ids and weights are constants: None is a zero cotangent
+    return (
+        (g * dhidden_NxCxD).astype(dhidden_NxCxD.dtype),
+        (g * dunembed_DxV).astype(dunembed_DxV.dtype),
+        None,
+        None,
+    )
+
+
+_fused_weighted_sum.defvjp(_fused_weighted_sum_fwd, _fused_weighted_sum_bwd)
 
 
 # --------------------------------------------------------------------------------------------
