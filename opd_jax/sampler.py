@@ -79,6 +79,8 @@ class SampleOutput:
       lengths: ``[B]`` int32 number of generated tokens (``mask.sum(1)``).
       prompt_tokens: ``[B, P]`` the prompts as given (left-padded).
       prompt_valid: ``[B, P]`` bool.
+      num_steps: scalar int32, tokens generated per row by the loop (``< N`` after an early
+        exit, when every row hit EOS).
     """
 
     tokens: jax.Array
@@ -90,6 +92,7 @@ class SampleOutput:
     lengths: jax.Array
     prompt_tokens: jax.Array
     prompt_valid: jax.Array
+    num_steps: jax.Array
 
     def sequences(self) -> tuple[jax.Array, jax.Array]:
         """``[prompt; completion]`` as ``(tokens [B, P+N], valid [B, P+N])``, ready for scoring.
@@ -111,6 +114,7 @@ class DecodeState:
     last_token: jax.Array     # [B] int32: fed at the next step
     done: jax.Array           # [B] bool
     keys: jax.Array           # [B] per-row keys
+    eos_ids: jax.Array        # [E] int32 (E may be 0)
     tokens: jax.Array         # [B, N]
     mask: jax.Array           # [B, N]
     logprobs: jax.Array       # [B, N]
@@ -126,7 +130,6 @@ class _Static:
     config: ModelConfig
     sampling: Sampling
     max_new_tokens: int
-    eos_ids: tuple[int, ...]
     return_topk: int
     pad_id: int
     mesh: Mesh | None
@@ -164,15 +167,15 @@ def _emit(st: _Static, state: DecodeState, logits_BxV: jax.Array) -> DecodeState
         ids, lps = top_logprobs(logits_BxV, st.return_topk)
         new["topk_ids"] = put(state.topk_ids, jnp.where(live[:, None], ids, 0))
         new["topk_logprobs"] = put(state.topk_logprobs, jnp.where(live[:, None], lps, 0.0))
-    eos = jnp.asarray(st.eos_ids, jnp.int32)
-    hit_eos = jnp.any(d.token[:, None] == eos[None, :], axis=-1) if st.eos_ids else False
+    hit_eos = jnp.any(d.token[:, None] == state.eos_ids[None, :], axis=-1)
     new["done"] = state.done | (live & hit_eos)
     return state.replace(**new)
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def _prefill(st: _Static, params: Params, lora: Lora | None, tokens_BxP: jax.Array,
-             valid_BxP: jax.Array, keys_B: jax.Array, active_B: jax.Array) -> DecodeState:
+             valid_BxP: jax.Array, keys_B: jax.Array, active_B: jax.Array, eos_E: jax.Array
+             ) -> DecodeState:
     TRACE_COUNTS["prefill"] += 1
     c, N, K = st.config, st.max_new_tokens, st.return_topk
     B, P = tokens_BxP.shape
@@ -187,7 +190,7 @@ def _prefill(st: _Static, params: Params, lora: Lora | None, tokens_BxP: jax.Arr
         zeros = lambda shape, dt: constrain(jnp.zeros(shape, dt), ("batch",) + (None,) * (len(shape) - 1))
         state = DecodeState(
             cache=cache, step=jnp.zeros((), jnp.int32), last_token=jnp.zeros((B,), jnp.int32),
-            done=~active_B.astype(bool), keys=keys_B,
+            done=~active_B.astype(bool), keys=keys_B, eos_ids=eos_E.astype(jnp.int32),
             tokens=zeros((B, N), jnp.int32), mask=zeros((B, N), bool),
             logprobs=zeros((B, N), jnp.float32), logprobs_full=zeros((B, N), jnp.float32),
             topk_ids=zeros((B, N, K), jnp.int32), topk_logprobs=zeros((B, N, K), jnp.float32))
@@ -319,10 +322,11 @@ class Sampler:
             raise ValueError(f"eos_ids {bad} are outside the vocabulary [0, {config.vocab_size})")
         rules_d = get_rules(rules)
         self.config = config
+        self.eos_ids = eos
         self.mesh = mesh
         self.rules = rules_d
         self._static = _Static(
-            config=config, sampling=sampling, max_new_tokens=int(max_new_tokens), eos_ids=eos,
+            config=config, sampling=sampling, max_new_tokens=int(max_new_tokens),
             return_topk=int(return_topk or 0), pad_id=int(pad_id), mesh=mesh,
             rules=tuple(sorted((k, tuple(v) if isinstance(v, list) else v)
                                for k, v in rules_d.items())))
@@ -384,7 +388,10 @@ class Sampler:
             row = lambda x: jax.device_put(x, named_sharding(
                 self.mesh, ("batch",) + (None,) * (x.ndim - 1), self.rules, x.shape))
             tokens, valid, active, keys = map(row, (tokens, valid, active, keys))
-        state = _prefill(st, params, lora, tokens, valid, keys, active)
+        # padded to a multiple of 4 with -1 (never drawn) so the EOS count rarely changes shapes
+        eos = np.full(_round_up(max(len(self.eos_ids), 1), 4), -1, np.int32)
+        eos[:len(self.eos_ids)] = self.eos_ids
+        state = _prefill(st, params, lora, tokens, valid, keys, active, eos)
         state = _decode(st, state, params, lora)
         K = st.return_topk
         return SampleOutput(
@@ -394,7 +401,7 @@ class Sampler:
             topk_logprobs=state.topk_logprobs[:B] if K else None,
             lengths=state.mask[:B].sum(1).astype(jnp.int32),
             prompt_tokens=jnp.asarray(prompt_tokens_BxP, jnp.int32),
-            prompt_valid=jnp.asarray(prompt_valid_BxP, bool))
+            prompt_valid=jnp.asarray(prompt_valid_BxP, bool), num_steps=state.step)
 
 
 # ----------------------------------------------------------------------------------------------
