@@ -52,6 +52,7 @@ __all__ = [
     "support_from_ids",
     "support_policy_gradient_loss",
     "tail_bucket_logprobs",
+    "tail_logprob",
     "topk_divergence",
     "topk_policy_gradient_loss",
     "topk_reward",
@@ -159,34 +160,59 @@ def renormalized_logprobs(logp_xM: Array, valid_xM: Array) -> Array:
     return jnp.where(valid_xM, logp_xM - lse, -jnp.inf)
 
 
-def tail_bucket_logprobs(logp_xM: Array, valid_xM: Array) -> Array:
+def tail_logprob(logp_xV: Array, ids_xM: Array, valid_xM: Array) -> Array:
+    r"""Exact log-mass outside a support: :math:`\log\sum_{v \notin \mathcal{K}} p_v`, ``[...]``.
+
+    From full-vocabulary log-probs ``[..., V]``; ``-inf`` (zero gradient) when the support
+    holds all the mass. Unlike :math:`\log(1 - \sum_{k} p_k)` it keeps full relative precision
+    for tiny tails. One extra pass over ``[..., V]``.
+
+    >>> import jax.numpy as jnp
+    >>> lp = jnp.log(jnp.array([0.5, 0.3, 0.2]))
+    >>> round(float(jnp.exp(tail_logprob(lp, jnp.array([0, 2]), jnp.array([True, True])))), 4)
+    0.3
+    """
+    vocab = logp_xV.shape[-1]
+    lead = logp_xV.shape[:-1]
+    ids = jnp.where(valid_xM, ids_xM, vocab).reshape(-1, ids_xM.shape[-1])  # invalid -> dropped
+    rows = jnp.arange(ids.shape[0])[:, None]
+    in_support = jnp.zeros((ids.shape[0], vocab), jnp.bool_).at[rows, ids].set(True, mode="drop")
+    outside = ~in_support.reshape(*lead, vocab)
+    return _masked_logsumexp(logp_xV, outside)[..., 0]
+
+
+def tail_bucket_logprobs(
+    logp_xM: Array, valid_xM: Array, tail_logp: Array | None = None
+) -> Array:
     r"""Valid entries plus one tail bucket :math:`\log(1 - \sum_{valid} p_k)`: ``[..., M+1]``.
 
-    Invalid entries become ``-inf``. The tail mass is floored at the smallest normal float
-    (so rounding never makes a tail exactly 0 on one side only, which would give an infinite
-    reverse KL); with ``sum p = 1`` on both sides the tail terms are 0.
+    Invalid entries become ``-inf``. Given ``tail_logp`` ``[...]`` (e.g. from
+    :func:`tail_logprob`), that exact value is the bucket. Otherwise the tail is
+    :math:`1 - \sum p_k`, which float32 resolves only to about ``1e-7``; it is then floored at
+    ``16 * eps`` of the dtype (``1.9e-6`` in float32), so rounding noise never makes one side's
+    tail 0 (an infinite reverse KL) or a spurious ``1e-38``: two tails below the floor
+    contribute exactly 0, and smaller tails are not resolved.
 
     >>> import jax.numpy as jnp
     >>> lp = jnp.log(jnp.array([0.5, 0.25]))
     >>> print(jnp.exp(tail_bucket_logprobs(lp, jnp.array([True, True]))).round(4))
     [0.5  0.25 0.25]
     """
+    body = jnp.where(valid_xM, logp_xM, -jnp.inf)
+    if tail_logp is not None:
+        tail = jnp.asarray(tail_logp, body.dtype)[..., None]
+        return jnp.concatenate([body, jnp.broadcast_to(tail, body.shape[:-1] + (1,))], axis=-1)
     lse = jnp.minimum(_masked_logsumexp(logp_xM, valid_xM), 0.0)
     near = lse > -0.6931472  # log(1 - e^x): expm1 branch near 0, log1p branch far from 0
     hi = jnp.where(near, lse, -1.0)
     lo = jnp.where(near, -1.0, lse)
-    tiny = jnp.finfo(logp_xM.dtype).tiny
-    tail = jnp.where(near, jnp.log(jnp.maximum(-jnp.expm1(hi), tiny)), jnp.log1p(-jnp.exp(lo)))
-    body = jnp.where(valid_xM, logp_xM, -jnp.inf)
+    floor = 16 * jnp.finfo(logp_xM.dtype).eps
+    tail = jnp.where(near, jnp.log(jnp.maximum(-jnp.expm1(hi), floor)), jnp.log1p(-jnp.exp(lo)))
     return jnp.concatenate([body, tail], axis=-1)
 
 
-_TAILS: dict[str, Callable[[Array, Array], Array]] = {
-    "renormalize": renormalized_logprobs,
-    "bucket": tail_bucket_logprobs,
-}
 #: Tail treatments accepted by :func:`support_divergence`.
-TAILS: tuple[str, ...] = tuple(_TAILS)
+TAILS: tuple[str, ...] = ("renormalize", "bucket")
 
 
 def support_divergence(
@@ -197,6 +223,8 @@ def support_divergence(
     divergence: str | Callable[..., Array] = "reverse_kl",
     tail: str = "renormalize",
     pointwise_clip: float | None = None,
+    student_tail_logp: Array | None = None,
+    teacher_tail_logp: Array | None = None,
 ) -> Array:
     r"""A divergence over a support, from full-vocabulary log-probs gathered at its ids.
 
@@ -216,6 +244,10 @@ def support_divergence(
         beta=0.9)``).
       tail: ``"renormalize"`` or ``"bucket"``.
       pointwise_clip: optional cap on each support element's term (OPSD).
+      student_tail_logp, teacher_tail_logp: optional exact log tail masses ``[...]`` (see
+        :func:`tail_logprob`) for ``tail="bucket"``; each side without one uses
+        :math:`\log(1 - \sum_k p_k)` (float32-resolved to ~1e-6, see
+        :func:`tail_bucket_logprobs`).
 
     Returns:
       ``[...]`` per-token divergence; 0 where the support is empty.
@@ -233,9 +265,16 @@ def support_divergence(
         _checks.check_choice("divergence", divergence, LOGPROB_DIVERGENCES)
         divergence = LOGPROB_DIVERGENCES[divergence]
     s = jnp.asarray(student_logp_xM)
-    s = _TAILS[tail](s.astype(_checks.compute_dtype(s)), valid_xM)
+    s = s.astype(_checks.compute_dtype(s))
     t = jnp.asarray(teacher_logp_xM)
-    t = _TAILS[tail](t.astype(_checks.compute_dtype(t)), valid_xM)
+    t = t.astype(_checks.compute_dtype(t))
+    if tail == "bucket":
+        s = tail_bucket_logprobs(s, valid_xM, student_tail_logp)
+        t = tail_bucket_logprobs(t, valid_xM, teacher_tail_logp)
+    elif student_tail_logp is not None or teacher_tail_logp is not None:
+        raise ValueError("tail log-probs were given with tail='renormalize'; pass tail='bucket'")
+    else:
+        s, t = renormalized_logprobs(s, valid_xM), renormalized_logprobs(t, valid_xM)
     return divergence(s, t, pointwise_clip=pointwise_clip)
 
 
@@ -258,8 +297,9 @@ def topk_divergence(
        \mathcal{K} = \text{support}(\mathrm{top}_k S, \mathrm{top}_k T)
 
     where :math:`\tilde\cdot` renormalises on :math:`\mathcal{K}` or appends a tail bucket
-    (see :func:`support_divergence`). Gradients flow through the gathered log-probs (which
-    depend on the full-vocabulary normaliser); the ids carry none.
+    (see :func:`support_divergence`; here the bucket is the exact :func:`tail_logprob`).
+    Gradients flow through the gathered log-probs (which depend on the full-vocabulary
+    normaliser) and the tail; the ids carry none.
 
     Args:
       student_logits, teacher_logits: ``[..., V]``.
@@ -284,6 +324,8 @@ def topk_divergence(
     s_logp = normalized_logprobs(student_logits, temperature=temperature, where=where)
     t_logp = normalized_logprobs(teacher_logits, temperature=temperature, where=where)
     sup = topk_support(s_logp, t_logp, k=k, support=support)
+    _checks.check_choice("tail", tail, TAILS)
+    exact = tail == "bucket"  # the full vocabulary is at hand: exact tails, not 1 - sum
     out = support_divergence(
         gather_logprobs(s_logp, sup.ids),
         gather_logprobs(t_logp, sup.ids),
@@ -291,6 +333,8 @@ def topk_divergence(
         divergence=divergence,
         tail=tail,
         pointwise_clip=pointwise_clip,
+        student_tail_logp=tail_logprob(s_logp, sup.ids, sup.valid) if exact else None,
+        teacher_tail_logp=tail_logprob(t_logp, sup.ids, sup.valid) if exact else None,
     )
     return mask_tokens(out, where)
 
