@@ -16,8 +16,21 @@ Modules:
 * :mod:`~opd_jax.losses.estimators` -- sampled-token KL estimators (k1, k2, k3), the OPD
   advantage, policy-gradient / importance-sampling / PPO-clip surrogates, token log-probs.
 * :mod:`~opd_jax.losses.reductions` -- verl ``loss_agg_mode`` reductions.
+* :mod:`~opd_jax.losses.chunked` -- memory-bounded forms over hidden states and the
+  unembedding that call the functions above per chunk of tokens.
 """
 
+from opd_jax.losses.chunked import (
+    TeacherTopK,
+    chunked_divergence,
+    chunked_divergence_loss,
+    chunked_logits_map,
+    chunked_logprobs_at_ids,
+    chunked_teacher_topk,
+    chunked_token_logprobs,
+    chunked_token_logprobs_and_entropy,
+    chunked_topk_policy_gradient_loss,
+)
 from opd_jax.losses.divergences import (
     DIVERGENCES,
     LOGPROB_DIVERGENCES,
@@ -82,6 +95,16 @@ from opd_jax.losses.topk import (
 )
 
 __all__ = [
+    # chunked (memory-bounded forms over hidden states + unembedding)
+    "TeacherTopK",
+    "chunked_divergence",
+    "chunked_divergence_loss",
+    "chunked_logits_map",
+    "chunked_logprobs_at_ids",
+    "chunked_teacher_topk",
+    "chunked_token_logprobs",
+    "chunked_token_logprobs_and_entropy",
+    "chunked_topk_policy_gradient_loss",
     # divergences
     "DIVERGENCES",
     "LOGPROB_DIVERGENCES",
