@@ -9,10 +9,14 @@ float32 out; float64 stays float64). Reduction is a separate helper the caller p
 
 Modules:
 
+* :mod:`~opd_jax.losses.elementwise` -- per-vocabulary divergence terms from log-probs,
+  float32 log-softmax with masking, the point-wise-clipped vocabulary sum.
 * :mod:`~opd_jax.losses.divergences` -- full-vocabulary KL / reverse KL / generalized JSD /
-  skew KLs, at element, log-prob and logit level, with OPSD's point-wise clip.
-* :mod:`~opd_jax.losses.topk` -- OPD top-k shared supports, the top-k reward and its
-  policy-gradient surrogate, divergences over a support (renormalised or with a tail bucket).
+  skew KLs at log-prob and logit level, with OPSD's point-wise clip; name registries.
+* :mod:`~opd_jax.losses.support` -- OPD top-k shared supports (static size + validity mask)
+  and divergences over a support (renormalised or with a tail bucket).
+* :mod:`~opd_jax.losses.topk` -- top-k divergence from logits, the OPD top-k reward and its
+  policy-gradient surrogate.
 * :mod:`~opd_jax.losses.estimators` -- sampled-token KL estimators (k1, k2, k3), the OPD
   advantage, policy-gradient / importance-sampling / PPO-clip surrogates, token log-probs.
 * :mod:`~opd_jax.losses.reductions` -- verl ``loss_agg_mode`` reductions.

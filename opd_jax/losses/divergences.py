@@ -2,8 +2,9 @@ r"""Full-vocabulary token-level divergences between a student S and a teacher T.
 
 Three layers, each reusable on its own (chunked code and the top-k path share them):
 
-* **element terms** ``*_terms(student_logp, teacher_logp)`` -> ``[..., V]``: the per-vocabulary
-  summands of a divergence, from normalised log-probs. ``0 * log 0`` is 0, with zero gradient.
+* **element terms** ``*_terms(student_logp, teacher_logp)`` -> ``[..., V]``: the
+  per-vocabulary summands of a divergence, from normalised log-probs (``0 * log 0`` is 0,
+  with zero gradient); defined in :mod:`~opd_jax.losses.elementwise`, re-exported here.
 * **log-prob level** ``*_from_logprobs(student_logp, teacher_logp, *, pointwise_clip)`` ->
   ``[...]``: ``sum_v min(term_v, c)`` over the last axis (OPSD's point-wise clip, applied to
   each element *before* the sum).
@@ -19,12 +20,24 @@ always finite because their mixture covers both supports.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 
 from opd_jax.losses import _checks
+from opd_jax.losses.elementwise import (  # re-exported: one import site for chunked / top-k
+    forward_kl_terms,
+    generalized_jsd_terms,
+    kl_terms,
+    mask_tokens,
+    mixture_logprobs,
+    normalized_logprobs,
+    reverse_kl_terms,
+    skew_forward_kl_terms,
+    skew_reverse_kl_terms,
+    sum_terms,
+)
 
 Array = jax.Array
 
@@ -52,167 +65,6 @@ __all__ = [
     "skew_reverse_kl_terms",
     "sum_terms",
 ]
-
-
-# ------------------------------------------------------------------------------------------
-# shared building blocks
-# ------------------------------------------------------------------------------------------
-
-
-def normalized_logprobs(
-    logits: Array, *, temperature: float | Array = 1.0, where: Array | None = None
-) -> Array:
-    r"""``log_softmax(logits / temperature)`` in float32 (float64 stays float64).
-
-    Rows where ``where`` is False are replaced by zeros *before* the softmax (the double-where
-    trick), so padding rows full of ``-inf`` or NaN cannot leak NaN into values or gradients.
-
-    Args:
-      logits: ``[..., V]`` any float dtype.
-      temperature: scalar > 0 dividing the logits.
-      where: optional bool ``[...]`` (broadcastable), True for positions to keep.
-
-    Returns:
-      ``[..., V]`` normalised log-probs.
-
-    >>> import jax.numpy as jnp
-    >>> print(jnp.exp(normalized_logprobs(jnp.array([0.0, jnp.log(3.0)]))))
-    [0.25 0.75]
-    """
-    x = jnp.asarray(logits)
-    x = x.astype(_checks.compute_dtype(x))
-    if where is not None:
-        x = jnp.where(jnp.asarray(where)[..., None], x, 0.0)
-    return jax.nn.log_softmax(x / temperature, axis=-1)
-
-
-def mask_tokens(x: Array, where: Array | None) -> Array:
-    """``x`` where ``where`` is True, exactly 0 elsewhere (zero gradient there too)."""
-    if where is None:
-        return x
-    return jnp.where(where, x, jnp.zeros((), x.dtype))
-
-
-def kl_terms(logp: Array, logq: Array) -> Array:
-    r"""Element terms of :math:`\mathrm{KL}(P\|Q)`: :math:`p_v(\log p_v - \log q_v)`, 0 where p=0.
-
-    Both inputs are replaced by 0 where :math:`p_v = 0` before the arithmetic, so ``-inf`` entries
-    give a 0 term with a zero (not NaN) gradient. ``q_v = 0 < p_v`` gives ``+inf`` (the true KL).
-
-    Args:
-      logp: ``[..., V]`` log-probs of P.
-      logq: ``[..., V]`` log-probs of Q.
-
-    Returns:
-      ``[..., V]`` element terms; their sum over V is :math:`\mathrm{KL}(P\|Q) \ge 0`.
-
-    >>> import jax.numpy as jnp
-    >>> print(kl_terms(jnp.log(jnp.array([1.0, 0.0])), jnp.log(jnp.array([0.5, 0.5]))))
-    [0.6931472 0.       ]
-    """
-    live = logp > -jnp.inf
-    lp = jnp.where(live, logp, 0.0)
-    lq = jnp.where(live, logq, 0.0)
-    return jnp.where(live, jnp.exp(lp) * (lp - lq), 0.0)
-
-
-def mixture_logprobs(logp: Array, logq: Array, weight_p: float | Array) -> Array:
-    r""":math:`\log(w\,p + (1-w)\,q)` elementwise from log-probs, stable and NaN-free.
-
-    Where both ``p`` and ``q`` are 0 the result is ``-inf`` with zero gradient. ``weight_p`` in
-    [0, 1].
-    """
-    dead = (logp == -jnp.inf) & (logq == -jnp.inf)
-    lp = jnp.where(dead, 0.0, logp)
-    lq = jnp.where(dead, 0.0, logq)
-    mix = jnp.logaddexp(lp + jnp.log(weight_p), lq + jnp.log1p(-weight_p))
-    return jnp.where(dead, -jnp.inf, mix)
-
-
-def sum_terms(terms: Array, pointwise_clip: float | None = None) -> Array:
-    r""":math:`\sum_v \min(\text{term}_v, c)` over the last axis (no clip when ``c`` is None).
-
-    The point-wise clip of OPSD (siyan-zhao/OPSD, ``jsd_token_clip``): each vocabulary
-    element's term is capped at ``c`` before the sum, so a few tokens cannot dominate.
-    """
-    if pointwise_clip is not None:
-        terms = jnp.minimum(terms, pointwise_clip)
-    return jnp.sum(terms, axis=-1)
-
-
-# ------------------------------------------------------------------------------------------
-# element terms [..., V] from normalised log-probs
-# ------------------------------------------------------------------------------------------
-
-
-def forward_kl_terms(student_logp: Array, teacher_logp: Array) -> Array:
-    r"""Element terms of :math:`\mathrm{KL}(T\|S)`: :math:`T_v(\log T_v - \log S_v)`."""
-    return kl_terms(teacher_logp, student_logp)
-
-
-def reverse_kl_terms(student_logp: Array, teacher_logp: Array) -> Array:
-    r"""Element terms of :math:`\mathrm{KL}(S\|T)`: :math:`S_v(\log S_v - \log T_v)`."""
-    return kl_terms(student_logp, teacher_logp)
-
-
-def _jsd_interior_terms(student_logp: Array, teacher_logp: Array, beta: Any) -> Array:
-    log_m = mixture_logprobs(teacher_logp, student_logp, beta)  # M = beta T + (1-beta) S
-    return beta * kl_terms(teacher_logp, log_m) + (1.0 - beta) * kl_terms(student_logp, log_m)
-
-
-def generalized_jsd_terms(
-    student_logp: Array, teacher_logp: Array, beta: float | Array = 0.5
-) -> Array:
-    r"""Element terms of the generalized JSD (GKD / TRL convention).
-
-    .. math::
-       M = (1-\beta) S + \beta T, \qquad
-       \mathrm{JSD}_\beta = \beta\,\mathrm{KL}(T\|M) + (1-\beta)\,\mathrm{KL}(S\|M)
-
-    with the endpoints defined as in TRL: :math:`\beta=0` is exactly :math:`\mathrm{KL}(T\|S)`,
-    :math:`\beta=1` exactly :math:`\mathrm{KL}(S\|T)`. A Python ``beta`` picks the branch at
-    trace time; a traced ``beta`` computes all three and selects (3x the work).
-    """
-    b = _checks.static_float(beta)
-    if b is not None:
-        _checks.check_unit_interval("beta", b)
-        if b == 0.0:
-            return forward_kl_terms(student_logp, teacher_logp)
-        if b == 1.0:
-            return reverse_kl_terms(student_logp, teacher_logp)
-        return _jsd_interior_terms(student_logp, teacher_logp, b)
-    beta = jnp.asarray(beta, student_logp.dtype)
-    at_end = (beta == 0.0) | (beta == 1.0)
-    interior = _jsd_interior_terms(student_logp, teacher_logp, jnp.where(at_end, 0.5, beta))
-    fkl = forward_kl_terms(student_logp, teacher_logp)
-    rkl = reverse_kl_terms(student_logp, teacher_logp)
-    return jnp.where(beta == 0.0, fkl, jnp.where(beta == 1.0, rkl, interior))
-
-
-def skew_forward_kl_terms(
-    student_logp: Array, teacher_logp: Array, alpha: float | Array = 0.1
-) -> Array:
-    r"""Element terms of :math:`\mathrm{KL}(T \| \alpha T + (1-\alpha) S)` (DistiLLM)."""
-    a = _checks.static_float(alpha)
-    if a is not None:
-        _checks.check_unit_interval("alpha", a)
-        if a == 0.0:
-            return forward_kl_terms(student_logp, teacher_logp)
-    mix = mixture_logprobs(teacher_logp, student_logp, alpha)
-    return kl_terms(teacher_logp, mix)
-
-
-def skew_reverse_kl_terms(
-    student_logp: Array, teacher_logp: Array, alpha: float | Array = 0.1
-) -> Array:
-    r"""Element terms of :math:`\mathrm{KL}(S \| \alpha S + (1-\alpha) T)` (DistiLLM)."""
-    a = _checks.static_float(alpha)
-    if a is not None:
-        _checks.check_unit_interval("alpha", a)
-        if a == 0.0:
-            return reverse_kl_terms(student_logp, teacher_logp)
-    mix = mixture_logprobs(student_logp, teacher_logp, alpha)
-    return kl_terms(student_logp, mix)
 
 
 # ------------------------------------------------------------------------------------------
