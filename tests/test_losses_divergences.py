@@ -139,6 +139,16 @@ def test_logprob_forms_match_logit_forms(name):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
+def test_logprob_forms_compute_bf16_in_float32():
+    sl = jax.nn.log_softmax(rand_logits(24)).astype(jnp.bfloat16)
+    tl = jax.nn.log_softmax(rand_logits(25)).astype(jnp.bfloat16)
+    for name, fn in losses.LOGPROB_DIVERGENCES.items():
+        out = fn(sl, tl)
+        assert out.dtype == jnp.float32, name
+        ref = fn(sl.astype(jnp.float32), tl.astype(jnp.float32))
+        np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-7)
+
+
 # ------------------------------------------------------------------------------------------
 # -inf logits, masking, gradients
 # ------------------------------------------------------------------------------------------

@@ -41,6 +41,12 @@ __all__ = [
 # ------------------------------------------------------------------------------------------
 
 
+def _wide(x: Array) -> Array:
+    """float32 for bf16 / f16 inputs (no-op for float32 / float64)."""
+    x = jnp.asarray(x)
+    return x.astype(_checks.compute_dtype(x))
+
+
 def normalized_logprobs(
     logits: Array, *, temperature: float | Array = 1.0, where: Array | None = None
 ) -> Array:
@@ -92,6 +98,7 @@ def kl_terms(logp: Array, logq: Array) -> Array:
     >>> print(kl_terms(jnp.log(jnp.array([1.0, 0.0])), jnp.log(jnp.array([0.5, 0.5]))))
     [0.6931472 0.       ]
     """
+    logp, logq = _wide(logp), _wide(logq)
     live = logp > -jnp.inf
     lp = jnp.where(live, logp, 0.0)
     lq = jnp.where(live, logq, 0.0)
@@ -104,6 +111,7 @@ def mixture_logprobs(logp: Array, logq: Array, weight_p: float | Array) -> Array
     Where both ``p`` and ``q`` are 0 the result is ``-inf`` with zero gradient. ``weight_p`` in
     [0, 1].
     """
+    logp, logq = _wide(logp), _wide(logq)
     dead = (logp == -jnp.inf) & (logq == -jnp.inf)
     lp = jnp.where(dead, 0.0, logp)
     lq = jnp.where(dead, 0.0, logq)
@@ -115,7 +123,8 @@ def sum_terms(terms: Array, pointwise_clip: float | None = None) -> Array:
     r""":math:`\sum_v \min(\text{term}_v, c)` over the last axis (no clip when ``c`` is None).
 
     The point-wise clip of OPSD (siyan-zhao/OPSD, ``jsd_token_clip``): each vocabulary
-    element's term is capped at ``c`` before the sum, so a few tokens cannot dominate.
+    element's term is capped at ``c`` before the sum, so a few tokens cannot dominate. KL
+    element terms are negative where :math:`p_v < q_v`, so a clipped sum can be below 0.
     """
     if pointwise_clip is not None:
         terms = jnp.minimum(terms, pointwise_clip)

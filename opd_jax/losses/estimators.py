@@ -60,7 +60,8 @@ def token_logprobs(
 
     Args:
       logits: ``[..., V]`` any float dtype.
-      tokens: ``[...]`` integer ids.
+      tokens: ``[...]`` integer ids in ``[0, V)`` wherever ``where`` is True (an
+        out-of-range id gives NaN, as :func:`jax.numpy.take_along_axis` does).
       temperature: :math:`\tau > 0`.
       where: optional bool ``[...]``; masked positions (e.g. padding ids like -100) give 0.
 
