@@ -56,7 +56,24 @@ def field(reader, key: str, default: Any = None) -> Any:
     f = reader.fields.get(key)
     if f is None:
         return default
-    return f.contents()
+    if hasattr(f, "contents"):
+        return f.contents()
+    return _contents(f)
+
+
+def _contents(f) -> Any:
+    """``ReaderField.contents()`` for gguf releases that predate it."""
+    import gguf
+
+    text = lambda x: bytes(x).decode("utf-8")  # noqa: E731
+    main = f.types[0]
+    if main == gguf.GGUFValueType.ARRAY:
+        if f.types[-1] == gguf.GGUFValueType.STRING:
+            return [text(f.parts[i]) for i in f.data]
+        return [v for i in f.data for v in f.parts[i].tolist()]
+    if main == gguf.GGUFValueType.STRING:
+        return text(f.parts[-1])
+    return f.parts[-1].tolist()[0]
 
 
 def open_gguf(path: str | os.PathLike):
