@@ -8,6 +8,7 @@ it and never build ``[B, T, V]`` logits. Layers are stacked on a leading axis an
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import flax.struct
@@ -74,20 +75,25 @@ class Lora:
 
 
 def init_params(config: ModelConfig, key: jax.Array, dtype=jnp.float32) -> Params:
-    """Random parameters (normal, std 0.02; norms = 1; biases = 0) with the contract's shapes."""
+    """Random parameters (normal, std 0.02; norms = 1; biases = 0) with the contract's shapes.
+
+    One flat normal draw is cut into the leaves, so a new shape costs one compile, not one per leaf.
+    """
     shapes = param_shapes(config)
-    leaves, treedef = jax.tree.flatten(shapes, is_leaf=lambda s: isinstance(s, tuple))
-    paths = [jax.tree_util.keystr(p) for p, _ in
-             jax.tree_util.tree_flatten_with_path(shapes, is_leaf=lambda s: isinstance(s, tuple))[0]]
-    keys = jax.random.split(key, len(leaves))
-    out = []
-    for path, shape, k in zip(paths, leaves, keys):
-        if "norm" in path:
+    is_shape = lambda s: isinstance(s, tuple)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(shapes, is_leaf=is_shape)
+    sizes = [math.prod(shape) for _, shape in flat]
+    draws = 0.02 * jax.random.normal(key, (sum(sizes),), jnp.float32)
+    out, offset = [], 0
+    for (path, shape), size in zip(flat, sizes):
+        name = jax.tree_util.keystr(path)
+        if "norm" in name:
             out.append(jnp.ones(shape, dtype))
-        elif "bias" in path:
+        elif "bias" in name:
             out.append(jnp.zeros(shape, dtype))
         else:
-            out.append((0.02 * jax.random.normal(k, shape, jnp.float32)).astype(dtype))
+            out.append(draws[offset:offset + size].reshape(shape).astype(dtype))
+        offset += size
     return jax.tree.unflatten(treedef, out)
 
 

@@ -1,0 +1,138 @@
+"""``opd-jax``: train | eval | sample | analyze | demo.
+
+    opd-jax train configs/demo.yaml [key.sub=value ...] [--fresh]
+    opd-jax eval  configs/demo.yaml [overrides]     # the config's eval stages on its student
+    opd-jax sample configs/demo.yaml --prompt "What is 2+3?" [--teacher]
+    opd-jax analyze runs/demo                        # PNG plots + summary.md
+    opd-jax demo                                     # train configs/demo.yaml, then analyze
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+
+def _load(args):
+    from opd_jax.config import load_config
+
+    return load_config(args.config, args.overrides)
+
+
+def cmd_train(args) -> int:
+    from opd_jax.analyze import write_report
+    from opd_jax.train.run import format_summary, run
+
+    cfg = _load(args)
+    if args.fresh and cfg.run_dir.exists():
+        shutil.rmtree(cfg.run_dir)
+    summary = run(cfg, progress=not args.no_progress)
+    print(format_summary(summary))
+    report = write_report(cfg.run_dir)
+    print(f"\nreport: {report}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    import dataclasses
+
+    from opd_jax.train.run import format_summary, run
+
+    cfg = _load(args)
+    evals = tuple(s for s in cfg.stages if s.kind == "eval")
+    if not evals:
+        raise SystemExit(f"{args.config} has no eval stage; add one, e.g. "
+                         "stages: [{kind: eval, n_prompts: 40}]")
+    cfg = dataclasses.replace(cfg, stages=evals)
+    print(format_summary(run(cfg, progress=not args.no_progress)))
+    return 0
+
+
+def cmd_sample(args) -> int:
+    from opd_jax.data import PromptTemplate
+    from opd_jax.sampler import generate
+    from opd_jax.train.models import build_models
+
+    cfg = _load(args)
+    models = build_models(cfg.teacher, cfg.student, seed=cfg.seed)
+    tok = models.tokenizer
+    prompt = tok.encode(tok.apply_chat_template(
+        PromptTemplate(student_template="{problem}").student({"prompt": args.prompt}),
+        add_generation_prompt=True))
+    if args.teacher:
+        model = models.teacher
+    else:
+        from opd_jax.model.loading import Model
+
+        params, lora = models.student.params_and_lora(models.trainable, models.frozen)
+        model = Model(models.student.config, params, tok, lora)
+    out = generate(model, [prompt], max_new_tokens=args.max_new_tokens,
+                   temperature=args.temperature, seed=args.seed, eos_ids=tok.eos_ids)
+    print(tok.decode(out.tokens[0]))
+    return 0
+
+
+def cmd_analyze(args) -> int:
+    from opd_jax.analyze import write_report
+
+    print(write_report(args.run_dir))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    config = Path(args.config)
+    if not config.exists():
+        raise SystemExit(f"{config} not found: run `opd-jax demo` from the repository root or "
+                         "pass --config path/to/demo.yaml")
+    args.config, args.fresh, args.no_progress = str(config), args.fresh, args.no_progress
+    return cmd_train(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="opd-jax", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def with_config(name, help_):
+        sp = sub.add_parser(name, help=help_)
+        sp.add_argument("config")
+        sp.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+        sp.add_argument("--no-progress", action="store_true")
+        return sp
+
+    t = with_config("train", "run every stage of a config (resumes an interrupted run)")
+    t.add_argument("--fresh", action="store_true", help="delete the run directory first")
+    t.set_defaults(fn=cmd_train)
+    with_config("eval", "run only the eval stages").set_defaults(fn=cmd_eval)
+    s = with_config("sample", "generate from the student (or --teacher)")
+    s.add_argument("--prompt", required=True)
+    s.add_argument("--teacher", action="store_true")
+    s.add_argument("--max-new-tokens", type=int, default=64)
+    s.add_argument("--temperature", type=float, default=0.0)
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(fn=cmd_sample)
+    a = sub.add_parser("analyze", help="plots and markdown summary of a run directory")
+    a.add_argument("run_dir")
+    a.set_defaults(fn=cmd_analyze)
+    d = sub.add_parser("demo", help="distil the embedded default teacher (configs/demo.yaml)")
+    d.add_argument("--config", default="configs/demo.yaml")
+    d.add_argument("overrides", nargs="*")
+    d.add_argument("--fresh", action="store_true", default=True)
+    d.add_argument("--no-progress", action="store_true")
+    d.set_defaults(fn=cmd_demo)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except ValueError as e:  # config / data / model errors: a clear message, no traceback
+        print(f"opd-jax: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
