@@ -293,11 +293,14 @@ class OptimSpec:
 
 @dataclasses.dataclass(frozen=True)
 class FilterSpec:
-    """Cold-start rejection filters on teacher rollouts: drop samples with no final answer, with a
+    """Cold-start rejection filters on teacher rollouts: drop samples with no final answer
+    (``answer_format`` "marked": ``Answer:`` / ``\\boxed{}`` / ``####``; "any_number": a last
+    number counts too), with a
     repeated line, or with an ``ngram_n``-gram occurring more than ``ngram_max_repeats`` times
     (``ngram_n`` null = off)."""
 
     no_answer: bool = True
+    answer_format: Literal["marked", "any_number"] = "marked"
     repeated_lines: bool = True
     ngram_n: Optional[int] = 4
     ngram_max_repeats: int = 3

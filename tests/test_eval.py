@@ -179,3 +179,11 @@ def test_filter_config_and_batch_counts():
     assert ev.filter_completions(["Answer: 1"]).counts["kept"] == 1
     with pytest.raises(ValueError):
         ev.FilterConfig(ngram_n=0)
+
+
+def test_bare_number_counts_as_answer_only_when_allowed():
+    from opd_jax.eval.filters import FilterConfig, filter_completion
+
+    assert filter_completion("2 + 3 = 5") == "no_final_answer"
+    assert filter_completion("2 + 3 = 5", FilterConfig(allow_bare_number=True)) is None
+    assert filter_completion("no digits here", FilterConfig(allow_bare_number=True)) == "no_final_answer"

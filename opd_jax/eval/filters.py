@@ -28,7 +28,9 @@ class FilterConfig:
 
     Attributes:
       require_final_answer: reject text without ``\\boxed{}``, ``####`` or ``Answer:``
-        (a bare trailing number does not count).
+        (a bare trailing number does not count unless ``allow_bare_number``).
+      allow_bare_number: a last number counts as the final answer (short-answer tasks whose
+        model states the result without a marker, e.g. SmolLM2 writing ``2 + 3 = 5``).
       max_line_repeats: reject when a line (stripped, >= ``min_line_chars`` characters)
         occurs more than this many times.
       min_line_chars: shorter lines (``}``, blank lines, ``---``) are not counted.
@@ -37,6 +39,7 @@ class FilterConfig:
     """
 
     require_final_answer: bool = True
+    allow_bare_number: bool = False
     max_line_repeats: int = 2
     min_line_chars: int = 4
     ngram_n: int = 4
@@ -69,7 +72,8 @@ def filter_completion(text: str, config: FilterConfig = FilterConfig()) -> str |
     >>> filter_completion("2 + 3 = 5"), filter_completion("I I I I I I I I Answer: 1")
     ('no_final_answer', 'repeated_ngrams')
     """
-    if config.require_final_answer and extract_answer(text, fallback_to_last_number=False) is None:
+    if config.require_final_answer and extract_answer(
+            text, fallback_to_last_number=config.allow_bare_number) is None:
         return NO_FINAL_ANSWER
     if max_line_count(text, config.min_line_chars) > config.max_line_repeats:
         return REPEATED_LINES

@@ -91,6 +91,7 @@ def decode_rows(tokenizer, completion: np.ndarray, mask: np.ndarray) -> list[str
 def filter_rows(texts: Sequence[str], spec) -> tuple[np.ndarray, dict[str, int]]:
     """Cold-start rejection filters (``FilterSpec``): keep mask ``[B]`` and counts per reason."""
     config = FilterConfig(require_final_answer=spec.no_answer,
+                          allow_bare_number=spec.answer_format == "any_number",
                           max_line_repeats=2 if spec.repeated_lines else 10**9,
                           ngram_n=spec.ngram_n or 10**9,
                           max_ngram_repeats=spec.ngram_max_repeats)

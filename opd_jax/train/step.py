@@ -158,7 +158,7 @@ def train_step(state: TrainState, batch: RolloutBatch, frozen, teacher_args, *,
     flat = lambda x: x.reshape(-1, *x.shape[2:])
     outs, mask = jax.tree.map(flat, outs), flat(masks)
     metrics = {k: losses.token_mean(v, mask) for k, v in outs.items() if k != "loss"}
-    metrics.update(loss=loss, grad_norm=optax.global_norm(grads), skipped=new_state.skipped,
+    metrics.update(loss=loss, grad_norm=optax.tree.norm(grads), skipped=new_state.skipped,
                    update_ok=ok, completion_tokens=mask.sum(),
                    completion_len=mask.sum(axis=1).astype(jnp.float32).mean())
     curves = {k: per_position(outs[k], mask) for k in CURVE_KEYS if k in outs}
