@@ -247,18 +247,18 @@ def test_empty_intersection():
 
 
 @pytest.mark.parametrize("support", SUPPORTS)
-@pytest.mark.parametrize("divergence", ["reverse_kl", "forward_kl", "generalized_jsd"])
 @pytest.mark.parametrize("tail", ["renormalize", "bucket"])
-def test_topk_divergence_matches_reference(support, divergence, tail):
+def test_topk_divergence_matches_reference(support, tail):
     s, t, k, temp = rand_logits(12), rand_logits(13), 4, 0.9
-    out = losses.topk_divergence(s, t, k=k, support=support, divergence=divergence, tail=tail,
-                                 temperature=temp)
-    assert out.shape == (2, 3) and out.dtype == jnp.float32
-    for o, a, b in zip(np.asarray(out).reshape(-1), rows(s), rows(t)):
-        S, T = np.exp(np_log_softmax(a, temp)), np.exp(np_log_softmax(b, temp))
-        ids = [int(i) for i in np_support(a, b, k, support)]
-        np.testing.assert_allclose(o, np_support_divergence(divergence, S, T, ids, tail),
-                                   rtol=5e-5, atol=5e-6)
+    for divergence in ["reverse_kl", "forward_kl", "generalized_jsd"]:
+        out = losses.topk_divergence(s, t, k=k, support=support, divergence=divergence,
+                                     tail=tail, temperature=temp)
+        assert out.shape == (2, 3) and out.dtype == jnp.float32
+        for o, a, b in zip(np.asarray(out).reshape(-1), rows(s), rows(t)):
+            S, T = np.exp(np_log_softmax(a, temp)), np.exp(np_log_softmax(b, temp))
+            ids = [int(i) for i in np_support(a, b, k, support)]
+            np.testing.assert_allclose(o, np_support_divergence(divergence, S, T, ids, tail),
+                                       rtol=5e-5, atol=5e-6)
 
 
 @pytest.mark.parametrize("tail", ["renormalize", "bucket"])
@@ -338,9 +338,10 @@ def _masked_jsd_value_and_grads(s, t, where, *, support, tail):
     return f(s, t), jax.grad(lambda a, b: f(a, b).sum(), argnums=(0, 1))(s, t)
 
 
-@pytest.mark.parametrize("tail", ["renormalize", "bucket"])
-@pytest.mark.parametrize("support", SUPPORTS)
-def test_topk_divergence_neg_inf_and_masking(tail, support):
+@pytest.mark.parametrize("support,tail", [("student", "renormalize"), ("teacher", "bucket"),
+                                          ("union", "bucket"), ("intersection", "renormalize"),
+                                          ("symmetric_difference", "bucket")])
+def test_topk_divergence_neg_inf_and_masking(support, tail):
     s, t = rand_logits(20), rand_logits(21)
     s[..., :3] = t[..., :3] = -np.inf  # padded vocabulary, k reaches into it
     where = np.array([[True, True, False], [True, False, True]])
@@ -372,9 +373,10 @@ def test_check_grads_float64(tail):
                                                         divergence="generalized_jsd",
                                                         temperature=1.2))
         check_grads(f, (s, t), order=1, modes=["rev"])
-        r = losses.topk_reward(s, t, k=3)
-        g = jax.jit(lambda a: losses.topk_policy_gradient_loss(a, r))
-        check_grads(g, (s,), order=1, modes=["rev"])
+        if tail == "bucket":
+            r = losses.topk_reward(s, t, k=3)
+            g = jax.jit(lambda a: losses.topk_policy_gradient_loss(a, r))
+            check_grads(g, (s,), order=1, modes=["rev"])
 
 
 def test_jit_traces_once():
