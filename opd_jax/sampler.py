@@ -22,6 +22,14 @@ How a call runs (the gemma-sampler pattern):
 3. :func:`_decode` (one jitted call, the state donated) steps a :class:`DecodeState` in a
    ``lax.while_loop`` until every row is done (EOS drawn, or ``max_new_tokens`` reached).
 
+Decode is memory-bound: each step should read every weight once and touch the KV cache in place.
+``layer_loop="unroll"`` (the default on CPU) runs the layers as a Python loop over per-layer
+weight arrays (split once per call) and per-layer caches updated in place with
+``dynamic_update_slice``. The decoder's ``lax.scan`` over stacked layers (``layer_loop="scan"``,
+the default elsewhere; faster to compile for deep models) makes XLA CPU copy each layer's weight
+slice before its matmul and rebuild the stacked cache every step -- about 2.5x the memory traffic
+of a step. Both run the decoder's own layer function, so they compute the same values.
+
 Draws use one uniform per row and an inverse CDF (:mod:`opd_jax.sampling`); the key of step
 ``s`` of a row is ``fold_in(row_key, s)``, so a row's tokens depend only on its prompt, its key
 and the weights -- not on the rest of the batch (left-padding is masked and RoPE positions count
@@ -42,8 +50,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
+from opd_jax.model import decoder
 from opd_jax.model.config import ModelConfig, param_axes
 from opd_jax.model.decoder import KVCache, Lora, Params, init_cache
+from opd_jax.model.layers import rms_norm, rope_inv_freq
 from opd_jax.sampling import Sampling, draw, top_logprobs, uniforms
 from opd_jax.scoring import hidden_states, next_token_logits, pad_left
 from opd_jax.sharding import constrain, get_rules, named_sharding, tree_shardings, use_mesh_rules
@@ -106,10 +116,28 @@ class SampleOutput:
 
 
 @flax.struct.dataclass
+class LayerCaches:
+    """The KV cache as per-layer arrays (``layer_loop="unroll"``): ``k[l], v[l]: [B, S, G, E]``;
+    ``valid``, ``index``, ``next_pos`` as in :class:`opd_jax.model.decoder.KVCache`."""
+
+    k: tuple
+    v: tuple
+    valid: jax.Array
+    index: jax.Array
+    next_pos: jax.Array
+
+    @classmethod
+    def from_stacked(cls, cache: KVCache) -> "LayerCaches":
+        L = cache.k.shape[0]
+        return cls(k=tuple(cache.k[i] for i in range(L)), v=tuple(cache.v[i] for i in range(L)),
+                   valid=cache.valid, index=cache.index, next_pos=cache.next_pos)
+
+
+@flax.struct.dataclass
 class DecodeState:
     """The ``lax.while_loop`` carry: the cache, the step counter and the growing outputs."""
 
-    cache: KVCache
+    cache: KVCache | LayerCaches
     step: jax.Array           # scalar int32: tokens generated so far
     last_token: jax.Array     # [B] int32: fed at the next step
     done: jax.Array           # [B] bool
@@ -134,6 +162,7 @@ class _Static:
     pad_id: int
     mesh: Mesh | None
     rules: tuple
+    layer_loop: str = "unroll"
 
 
 def _mesh_context(st: _Static):
@@ -187,6 +216,8 @@ def _prefill(st: _Static, params: Params, lora: Lora | None, tokens_BxP: jax.Arr
         hidden_BxPxD, cache = hidden_states(params, c, tokens_BxP, valid_BxP, lora=lora,
                                             cache=cache)
         logits_BxV = next_token_logits(params, c, hidden_BxPxD[:, -1])
+        if st.layer_loop == "unroll":
+            cache = LayerCaches.from_stacked(cache)
         zeros = lambda shape, dt: constrain(jnp.zeros(shape, dt), ("batch",) + (None,) * (len(shape) - 1))
         state = DecodeState(
             cache=cache, step=jnp.zeros((), jnp.int32), last_token=jnp.zeros((B,), jnp.int32),
@@ -205,15 +236,61 @@ def _decode(st: _Static, state: DecodeState, params: Params, lora: Lora | None) 
     def cond(s: DecodeState):
         return (s.step < N) & ~jnp.all(s.done)
 
-    def body(s: DecodeState):
-        B = s.last_token.shape[0]
-        hidden_Bx1xD, cache = hidden_states(params, c, s.last_token[:, None],
-                                            jnp.ones((B, 1), bool), lora=lora, cache=s.cache)
-        s = s.replace(cache=cache)
-        return _emit(st, s, next_token_logits(params, c, hidden_Bx1xD[:, 0]))
-
     with _mesh_context(st):
+        if st.layer_loop == "unroll":
+            layers = _split_layers(params, lora, c.n_layers)
+
+            def step(s: DecodeState):
+                return _unrolled_step(c, params, layers, lora, s.last_token, s.cache)
+        else:
+            def step(s: DecodeState):
+                B = s.last_token.shape[0]
+                hidden_Bx1xD, cache = hidden_states(params, c, s.last_token[:, None],
+                                                    jnp.ones((B, 1), bool), lora=lora,
+                                                    cache=s.cache)
+                return hidden_Bx1xD[:, 0], cache
+
+        def body(s: DecodeState):
+            hidden_BxD, cache = step(s)
+            s = s.replace(cache=cache)
+            return _emit(st, s, next_token_logits(params, c, hidden_BxD))
+
         return jax.lax.while_loop(cond, body, state)
+
+
+def _split_layers(params: Params, lora: Lora | None, n_layers: int) -> list[dict]:
+    """Per-layer weight trees (``{"p": ..., "lora": ...}``), sliced once outside the loop."""
+    out = []
+    for i in range(n_layers):
+        layer = {"p": jax.tree.map(lambda x: x[i], params["layers"])}
+        if lora is not None:
+            layer["lora"] = jax.tree.map(lambda x: x[i], lora.weights)
+        out.append(layer)
+    return out
+
+
+def _unrolled_step(c: ModelConfig, params: Params, layers: list[dict], lora: Lora | None,
+                   token_B: jax.Array, cache: LayerCaches) -> tuple[jax.Array, LayerCaches]:
+    """One decode step through the decoder's layer function, layer by layer (per-layer caches
+    updated in place). Same math as ``decoder.forward(..., cache=...)`` for one real token."""
+    B = token_B.shape[0]
+    S = cache.valid.shape[1]
+    x = constrain(params["embed"][token_B[:, None]], ("batch", "length", "embed"))
+    valid_BxS = jax.lax.dynamic_update_slice(cache.valid, jnp.ones((B, 1), bool),
+                                             (0, cache.index))
+    mask_Bx1xS = (jnp.arange(S)[None, None, :] <= cache.index) & valid_BxS[:, None, :]
+    positions_Bx1 = cache.next_pos[:, None]
+    inv_freq = rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling)
+    scale = lora.scale if lora is not None else 0.0
+    ks, vs = [], []
+    for layer, k, v in zip(layers, cache.k, cache.v):
+        x, (k, v) = decoder._layer(c, inv_freq, scale, x, layer, positions_Bx1, mask_Bx1xS,
+                                   (k, v), cache.index)
+        ks.append(k)
+        vs.append(v)
+    hidden_BxD = rms_norm(x, params["final_norm"], c.rms_eps)[:, 0]
+    return hidden_BxD, LayerCaches(k=tuple(ks), v=tuple(vs), valid=valid_BxS,
+                                   index=cache.index + 1, next_pos=cache.next_pos + 1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -300,11 +377,14 @@ class Sampler:
       pad_id: id written after a row is done (and for padding).
       mesh, rules: shard the batch over the mesh's batch axes (``rules["batch"]``); params are
         used as placed by the caller (see :func:`shard_params`).
+      layer_loop: ``"unroll"`` (per-layer decode step, least memory traffic; longer compile),
+        ``"scan"`` (the decoder's layer scan) or ``"auto"`` (unroll on CPU, scan elsewhere).
     """
 
     def __init__(self, config: ModelConfig, sampling: Sampling, max_new_tokens: int, *,
                  eos_ids: Sequence[int] = (), return_topk: int | None = None, pad_id: int = 0,
-                 mesh: Mesh | None = None, rules: str | dict = "fsdp"):
+                 mesh: Mesh | None = None, rules: str | dict = "fsdp",
+                 layer_loop: str = "auto"):
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) \
                 or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={max_new_tokens!r}; it must be a positive int")
@@ -321,6 +401,10 @@ class Sampler:
         if bad:
             raise ValueError(f"eos_ids {bad} are outside the vocabulary [0, {config.vocab_size})")
         rules_d = get_rules(rules)
+        if layer_loop == "auto":
+            layer_loop = "unroll" if jax.default_backend() == "cpu" else "scan"
+        if layer_loop not in ("unroll", "scan"):
+            raise ValueError(f"layer_loop={layer_loop!r}; expected 'auto', 'unroll' or 'scan'")
         self.config = config
         self.eos_ids = eos
         self.mesh = mesh
@@ -329,7 +413,7 @@ class Sampler:
             config=config, sampling=sampling, max_new_tokens=int(max_new_tokens),
             return_topk=int(return_topk or 0), pad_id=int(pad_id), mesh=mesh,
             rules=tuple(sorted((k, tuple(v) if isinstance(v, list) else v)
-                               for k, v in rules_d.items())))
+                               for k, v in rules_d.items())), layer_loop=layer_loop)
 
     @property
     def max_new_tokens(self) -> int:

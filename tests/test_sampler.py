@@ -353,3 +353,20 @@ def test_eight_fake_devices_match_one_device():
         assert res[name][0] == res["one"][0], name
         assert res[name][1] == res["one"][1], name
         np.testing.assert_allclose(res[name][2], res["one"][2], atol=1e-4)
+
+
+def test_unrolled_and_scan_layer_loops_agree():
+    from opd_jax.model.lora import init_lora
+
+    lora = init_lora(CFG, jax.random.PRNGKey(2), rank=2, alpha=4.0)
+    lora = lora.replace(weights=jax.tree.map(lambda x: x + 0.2, lora.weights))
+    tokens, valid = np.array([[0, 0, 5, 9, 17], [3, 1, 4, 1, 5]]), np.array([[0, 0, 1, 1, 1]] * 1
+                                                                             + [[1] * 5], bool)
+    outs = [Sampler(CFG, TopK(20, 0.9), 6, layer_loop=mode)(PARAMS, tokens, valid,
+                                                           jax.random.key(4), lora=lora)
+            for mode in ("unroll", "scan")]
+    np.testing.assert_array_equal(np.asarray(outs[0].tokens), np.asarray(outs[1].tokens))
+    np.testing.assert_allclose(np.asarray(outs[0].logprobs_full), np.asarray(outs[1].logprobs_full),
+                               atol=1e-5)
+    with pytest.raises(ValueError, match="layer_loop"):
+        Sampler(CFG, Greedy(), 2, layer_loop="loop")
