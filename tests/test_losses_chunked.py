@@ -394,8 +394,8 @@ def test_token_logprobs_entropy_and_ids_match_dense_with_grads():
     (want, gd), (got, gc) = _value_and_vjp(dense5, cots, hs, ws), _value_and_vjp(chunk, cots, hs, ws)
     for a, b in zip(want, got):
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
-    for a, b in zip(gd, gc):
-        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
+    for a, b in zip(gd, gc):  # sums of many terms in another order: absolute slack 1e-5
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
 
 
 def test_entropy_finite_with_minus_inf_logits():

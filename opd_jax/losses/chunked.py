@@ -10,18 +10,22 @@ its gradient hold several of them at once.  Every function here instead
 2. runs a :func:`jax.lax.scan` over the ``N = ceil(B*T / C)`` chunks, computing
    ``logits_CxV = hidden_CxD @ unembed_DxV`` (float32 accumulation) for one chunk at a time and
    calling the *dense* per-token function of :mod:`opd_jax.losses` on it, and
-3. wraps the per-chunk function in :func:`jax.checkpoint`, so the backward pass recomputes the
-   chunk's logits instead of storing them.
+3. differentiates through a custom VJP that recomputes the chunk's logits in the backward
+   pass (or, for :func:`chunked_divergence_loss`, forms the gradient during the forward pass)
+   and accumulates the unembedding gradient in place (see :mod:`opd_jax.losses._chunk_engine`).
 
 So no ``[B, T, V]`` buffer exists in the forward or in the backward pass: the live logit-sized
-memory is a few ``[C, V]`` buffers plus the ``[D, V]`` unembedding gradient.  Values and
-gradients equal the dense forms (same per-chunk math, up to float32 summation order in the
-matmul).  Teacher inputs always get :func:`jax.lax.stop_gradient`.
+memory is one to a few ``[C, V]`` float32 buffers.  Values and gradients equal the dense forms
+(same per-chunk math, up to float32 summation order).  Gradients flow to the student hidden
+states and unembedding only: teacher inputs, masks, ids, weights and hyper-parameters (a traced
+temperature, ``beta``) are constants.
 
 The teacher side can also arrive precomputed as :class:`TeacherTopK` (its top-k ids and
 log-probs plus its full-vocabulary logsumexp, produced by :func:`chunked_teacher_topk` in the
 teacher's scoring job); the divergence is then taken over the teacher's top-k support with a
-tail bucket (or renormalised) through :func:`opd_jax.losses.topk.support_divergence`.
+tail bucket (or renormalised) through :func:`opd_jax.losses.topk.support_divergence`.  That
+path needs only the student's log-probs at the K ids, so a chunk holds a single ``[C, V]``
+logit buffer plus its gradient.
 
 Shape letters follow :mod:`opd_jax` (``C`` = chunk of token rows, ``N`` = number of chunks).
 """
@@ -36,29 +40,20 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from opd_jax.losses.divergences import (
-    DIVERGENCES,
-    LOGPROB_DIVERGENCES,
-    mask_tokens,
-    normalized_logprobs,
-)
-from opd_jax.losses.estimators import token_logprobs
-from opd_jax.losses.topk import (
-    gather_logprobs,
-    support_divergence,
-    topk_policy_gradient_loss,
-    topk_reward,
-)
+from opd_jax.losses import _checks
+from opd_jax.losses import _chunk_engine as engine
+from opd_jax.losses.divergences import DIVERGENCES, LOGPROB_DIVERGENCES, mask_tokens
+from opd_jax.losses.topk import support_divergence, topk_policy_gradient_loss, topk_reward
 
 __all__ = [
     "TeacherTopK",
     "chunked_divergence",
     "chunked_divergence_loss",
+    "chunked_logits_map",
+    "chunked_logprobs_at_ids",
     "chunked_teacher_topk",
     "chunked_token_logprobs",
     "chunked_token_logprobs_and_entropy",
-    "chunked_logprobs_at_ids",
-    "chunked_logits_map",
     "chunked_topk_policy_gradient_loss",
 ]
 
@@ -103,27 +98,6 @@ def _check_head(hidden: jax.Array, unembed: jax.Array, who: str) -> None:
         )
 
 
-def _num_chunks(rows: int, chunk_size: int) -> int:
-    return -(-rows // chunk_size)
-
-
-def _to_chunks(x: jax.Array, chunk_size: int, fill: Any = 0) -> jax.Array:
-    """``[B, T, ...]`` -> ``[N, C, ...]``: flatten token rows, pad the last chunk with ``fill``."""
-    rows = x.shape[0] * x.shape[1]
-    flat = x.reshape((rows,) + x.shape[2:])
-    pad = _num_chunks(rows, chunk_size) * chunk_size - rows
-    if pad:
-        widths = [(0, pad)] + [(0, 0)] * (flat.ndim - 1)
-        flat = jnp.pad(flat, widths, constant_values=fill)
-    return flat.reshape((-1, chunk_size) + x.shape[2:])
-
-
-def _from_chunks(y: jax.Array, batch: int, time: int) -> jax.Array:
-    """``[N, C, ...]`` -> ``[B, T, ...]``: drop the padded rows."""
-    flat = y.reshape((-1,) + y.shape[2:])
-    return flat[: batch * time].reshape((batch, time) + y.shape[2:])
-
-
 def _valid_mask(where: jax.Array | None, batch: int, time: int) -> jax.Array:
     if where is None:
         return jnp.ones((batch, time), dtype=bool)
@@ -132,26 +106,69 @@ def _valid_mask(where: jax.Array | None, batch: int, time: int) -> jax.Array:
     return where.astype(bool)
 
 
-def _logits(hidden_CxD: jax.Array, unembed_DxV: jax.Array) -> jax.Array:
-    """One chunk's logits, accumulated in float32 whatever the input dtype."""
-    return jnp.dot(hidden_CxD, unembed_DxV, preferred_element_type=jnp.float32)
+def _inv_temperature(temperature) -> jax.Array:
+    _checks.check_positive("temperature", temperature)
+    return 1.0 / jnp.asarray(temperature, jnp.float32)
+
+
+class _ChunkLoss(NamedTuple):
+    """A per-token function of one model's logits, ready for the chunk engine.
+
+    ``y_C = fn(head.features(z_CxV, head_extras_C, head_consts), loss_extras_C, loss_consts)``;
+    extras are ``[B, T, ...]`` pytrees sliced per chunk, consts are shared by every chunk.
+    """
+
+    head: engine.Head
+    fn: Callable[..., Any]
+    head_extras: Any
+    loss_extras: Any
+    head_consts: Any = None
+    loss_consts: Any = None
+
+
+def _chunks(loss: _ChunkLoss, chunk_size: int):
+    to = lambda x: engine.to_chunks(x, chunk_size)  # noqa: E731
+    return (jax.tree.map(to, loss.head_extras), jax.tree.map(to, loss.loss_extras))
+
+
+def _run_per_token(loss: _ChunkLoss, hidden, unembed, chunk_size: int):
+    """``[B, T, ...]`` outputs of ``loss`` (remat backward pass)."""
+    batch, time = hidden.shape[:2]
+    chunks = _chunks(loss, chunk_size)
+    fn, consts = engine.convert_closure(
+        loss.head, loss.fn, chunk_size, unembed.shape[1], chunks,
+        (loss.head_consts, loss.loss_consts),
+    )
+    out = engine.per_token(
+        loss.head, fn, engine.vocab_blocks(unembed.shape[1]),
+        engine.to_chunks(hidden, chunk_size), unembed, chunks, consts,
+    )
+    return jax.tree.map(lambda y: engine.from_chunks(y, batch, time), out)
+
+
+def _run_weighted(loss: _ChunkLoss, hidden, unembed, weights, chunk_size: int):
+    """``(sum_t w_t y_t, y [B, T])`` with the gradient formed in the forward pass."""
+    batch, time = hidden.shape[:2]
+    chunks = _chunks(loss, chunk_size)
+    fn, consts = engine.convert_closure(
+        loss.head, loss.fn, chunk_size, unembed.shape[1], chunks,
+        (loss.head_consts, loss.loss_consts),
+    )
+    w_chunks = engine.to_chunks(lax.stop_gradient(weights.astype(jnp.float32)), chunk_size)
+    total, per_NxC = engine.weighted_sum(
+        loss.head, fn, engine.vocab_blocks(unembed.shape[1]),
+        engine.to_chunks(hidden, chunk_size), unembed, (chunks, w_chunks), consts,
+    )
+    return total, lax.stop_gradient(engine.from_chunks(per_NxC, batch, time))
 
 
 def _scan(body: Callable, xs: Any, *, remat: bool) -> Any:
-    """Map ``body`` over the leading chunk axis of ``xs`` with ``lax.scan``.
-
-    With ``remat`` the body is wrapped in ``jax.checkpoint`` (nothing saved but its inputs), so
-    the backward pass recomputes each chunk's logits rather than keeping ``N`` of them.
-    ``prevent_cse=False`` is safe inside ``scan`` (the loop already stops CSE) and keeps XLA's
-    fusions intact.
-    """
     fn = jax.checkpoint(body, prevent_cse=False) if remat else body
 
     def step(carry, x):
         return carry, fn(x)
 
-    _, ys = lax.scan(step, None, xs)
-    return ys
+    return lax.scan(step, None, xs)[1]
 
 
 def chunked_logits_map(
@@ -165,9 +182,12 @@ def chunked_logits_map(
 ) -> Any:
     """Apply a per-token function of one or more models' logits, one chunk of tokens at a time.
 
-    The general tool the other functions here are built on: for chunk ``n`` it computes
-    ``logits_i = hiddens[i][chunk] @ unembeds[i]`` (``[C, V]`` each, float32) and returns the
-    ``[B, T, ...]`` stack of ``fn(*logits, extras[chunk])``.
+    The general tool: for chunk ``n`` it computes ``logits_i = hiddens[i][chunk] @ unembeds[i]``
+    (``[C, V]`` each, float32) and returns the ``[B, T, ...]`` stack of
+    ``fn(*logits, extras[chunk])``.  It differentiates through anything (every model, extras,
+    closures) by ``jax.checkpoint`` on the chunk; the price is one more ``[D, V]`` float32
+    temporary per differentiated unembedding in the backward pass (XLA adds ``h^T G`` into the
+    accumulator through a temporary).  The losses below use leaner custom VJPs instead.
 
     Args:
       fn: ``fn(*logits_CxV, extras_chunk) -> pytree of [C, ...]`` arrays; ``extras_chunk`` has
@@ -191,16 +211,16 @@ def chunked_logits_map(
         _check_head(h, w, "model")
         if h.shape[:2] != (batch, time):
             raise ValueError(f"all hiddens must share [B, T]; got {h.shape[:2]} vs {(batch, time)}")
-    h_chunks = tuple(_to_chunks(h, chunk_size) for h in hiddens)
-    e_chunks = jax.tree.map(lambda x: _to_chunks(x, chunk_size), extras)
+    h_chunks = tuple(engine.to_chunks(h, chunk_size) for h in hiddens)
+    e_chunks = jax.tree.map(lambda x: engine.to_chunks(x, chunk_size), extras)
 
     def body(xs):
         hs, ex = xs
-        logits = tuple(_logits(h, w) for h, w in zip(hs, unembeds))
+        logits = tuple(engine.logits(h, w) for h, w in zip(hs, unembeds))
         return fn(*logits, ex)
 
     ys = _scan(body, (h_chunks, e_chunks), remat=remat)
-    return jax.tree.map(lambda y: _from_chunks(y, batch, time), ys)
+    return jax.tree.map(lambda y: engine.from_chunks(y, batch, time), ys)
 
 
 # --------------------------------------------------------------------------------------------
@@ -208,37 +228,17 @@ def chunked_logits_map(
 # --------------------------------------------------------------------------------------------
 
 
-def _resolve_divergence(divergence: str | Callable) -> Callable:
+def _resolve(divergence: str | Callable, registry: dict, what: str) -> Callable:
     if callable(divergence):
         return divergence
-    try:
-        return DIVERGENCES[divergence]
-    except KeyError:
-        raise ValueError(
-            f"unknown divergence {divergence!r}; known: {sorted(DIVERGENCES)}"
-        ) from None
-
-
-class _ChunkLoss(NamedTuple):
-    """A per-token loss prepared for chunking: ``fn(student_logits_CxV, extras_C, consts)``."""
-
-    fn: Callable[..., jax.Array]
-    extras: Any  # pytree of [B, T, ...] per-token arrays (sliced per chunk)
-    consts: Any  # pytree of arrays shared by every chunk (the teacher unembedding)
+    if divergence not in registry:
+        raise ValueError(f"unknown divergence {divergence!r}{what}; known: {sorted(registry)}")
+    return registry[divergence]
 
 
 def _prepare_loss(
-    student_hidden,
-    student_unembed,
-    teacher_hidden,
-    teacher_unembed,
-    teacher_topk,
-    where,
-    *,
-    divergence,
-    temperature,
-    chunk_size,
-    divergence_kwargs,
+    student_hidden, student_unembed, teacher_hidden, teacher_unembed, teacher_topk, where, *,
+    divergence, temperature, chunk_size, divergence_kwargs,
 ) -> _ChunkLoss:
     """Check the inputs and build the per-chunk loss shared by the two chunked drivers."""
     _check_head(student_hidden, student_unembed, "student")
@@ -256,7 +256,6 @@ def _prepare_loss(
             student_unembed, teacher_topk, valid_BxT,
             divergence=divergence, temperature=temperature, **divergence_kwargs,
         )
-
     if teacher_hidden is None or teacher_unembed is None:
         raise ValueError("teacher_hidden and teacher_unembed must be given together")
     _check_head(teacher_hidden, teacher_unembed, "teacher")
@@ -269,33 +268,27 @@ def _prepare_loss(
             f"vocabularies differ: student {student_unembed.shape[1]}, "
             f"teacher {teacher_unembed.shape[1]}"
         )
-    div_fn = _resolve_divergence(divergence)
+    div_fn = _resolve(divergence, DIVERGENCES, "")
 
     def fn(student_logits_CxV, extras, teacher_unembed_DxV):
         teacher_hidden_CxD, valid_C = extras
         return div_fn(
             student_logits_CxV,
-            _logits(teacher_hidden_CxD, teacher_unembed_DxV),
+            engine.logits(teacher_hidden_CxD, teacher_unembed_DxV),
             where=valid_C,
             temperature=temperature,
             **divergence_kwargs,
         )
 
     return _ChunkLoss(
-        fn, (lax.stop_gradient(teacher_hidden), valid_BxT), lax.stop_gradient(teacher_unembed)
+        engine.DENSE_HEAD, fn, None, (lax.stop_gradient(teacher_hidden), valid_BxT),
+        loss_consts=lax.stop_gradient(teacher_unembed),
     )
 
 
 def _prepare_topk_loss(
-    student_unembed,
-    teacher_topk: TeacherTopK,
-    valid_BxT,
-    *,
-    divergence,
-    temperature,
-    tail: str = "bucket",
-    pointwise_clip: float | None = None,
-    **div_params: Any,
+    student_unembed, teacher_topk: TeacherTopK, valid_BxT, *, divergence, temperature,
+    tail: str = "bucket", pointwise_clip: float | None = None, **div_params: Any,
 ) -> _ChunkLoss:
     batch, time = valid_BxT.shape
     ids_BxTxK = teacher_topk.ids
@@ -309,42 +302,30 @@ def _prepare_topk_loss(
             f"teacher_topk.logprobs has shape {teacher_topk.logprobs.shape}; it must match "
             f"teacher_topk.ids {ids_BxTxK.shape}"
         )
-    if isinstance(divergence, str):
-        if divergence not in LOGPROB_DIVERGENCES:
-            raise ValueError(
-                f"unknown divergence {divergence!r} for teacher_topk; known: "
-                f"{sorted(LOGPROB_DIVERGENCES)}"
-            )
-        divergence = LOGPROB_DIVERGENCES[divergence]
-    if div_params:  # beta=, alpha=: bind them as the dense path forwards them
-        divergence = functools.partial(divergence, **div_params)
+    div_fn = _resolve(divergence, LOGPROB_DIVERGENCES, " for teacher_topk")
+    if div_params:  # beta=, alpha=: bound as the dense path forwards them
+        div_fn = functools.partial(div_fn, **div_params)
     uniform = -float(np.log(student_unembed.shape[1]))
 
-    def fn(student_logits_CxV, extras, consts):
+    def fn(student_logp_CxK, extras, consts):
         del consts
-        ids_CxK, teacher_logp_CxK, valid_C = extras
-        # masked rows: the student's logits are zeroed (uniform log-probs -log V) and the
-        # teacher's filler replaced by the same value, so they give 0 with zero gradient
-        student_logp_CxV = normalized_logprobs(
-            student_logits_CxV, temperature=temperature, where=valid_C
-        )
+        teacher_logp_CxK, valid_C = extras
+        # masked rows: the sparse head zeroes the student's logits (log-probs -log V); the
+        # teacher's filler gets the same value, so they give 0 with zero gradient
         teacher_logp_CxK = jnp.where(valid_C[:, None], teacher_logp_CxK, uniform)
         out_C = support_divergence(
-            gather_logprobs(student_logp_CxV, ids_CxK),
-            teacher_logp_CxK,
-            jnp.ones(ids_CxK.shape, jnp.bool_),
-            divergence=divergence,
-            tail=tail,
-            pointwise_clip=pointwise_clip,
+            student_logp_CxK, teacher_logp_CxK, jnp.ones(student_logp_CxK.shape, jnp.bool_),
+            divergence=div_fn, tail=tail, pointwise_clip=pointwise_clip,
         )
         return mask_tokens(out_C, valid_C)
 
-    extras = (
-        ids_BxTxK.astype(jnp.int32),
-        lax.stop_gradient(teacher_topk.logprobs.astype(jnp.float32)),
-        valid_BxT,
+    teacher_logp_BxTxK = lax.stop_gradient(teacher_topk.logprobs.astype(jnp.float32))
+    return _ChunkLoss(
+        engine.SPARSE_HEAD, fn,
+        head_extras=(ids_BxTxK.astype(jnp.int32), valid_BxT),
+        loss_extras=(teacher_logp_BxTxK, valid_BxT),
+        head_consts=_inv_temperature(temperature),
     )
-    return _ChunkLoss(fn, extras, None)
 
 
 def chunked_divergence(
@@ -417,15 +398,7 @@ def chunked_divergence(
         divergence=divergence, temperature=temperature, chunk_size=chunk_size,
         divergence_kwargs=divergence_kwargs,
     )
-    batch, time = student_hidden.shape[:2]
-    xs = (_to_chunks(student_hidden, chunk_size),
-          jax.tree.map(lambda x: _to_chunks(x, chunk_size), loss.extras))
-
-    def body(x):
-        hidden_CxD, extras_C = x
-        return loss.fn(_logits(hidden_CxD, student_unembed), extras_C, loss.consts)
-
-    return _from_chunks(_scan(body, xs, remat=True), batch, time)
+    return _run_per_token(loss, student_hidden, student_unembed, chunk_size)
 
 
 def chunked_divergence_loss(
@@ -476,77 +449,7 @@ def chunked_divergence_loss(
     batch, time = student_hidden.shape[:2]
     if weights.shape != (batch, time):
         raise ValueError(f"weights must be [B, T] = {(batch, time)}, got shape {weights.shape}")
-    chunks = (
-        jax.tree.map(lambda x: _to_chunks(x, chunk_size), loss.extras),
-        _to_chunks(lax.stop_gradient(weights.astype(jnp.float32)), chunk_size),
-    )
-    hidden_NxCxD = _to_chunks(student_hidden, chunk_size)
-    total, per_token_NxC = _fused_weighted_sum(
-        loss.fn, hidden_NxCxD, student_unembed, chunks, loss.consts
-    )
-    return total, lax.stop_gradient(_from_chunks(per_token_NxC, batch, time))
-
-
-def _chunk_value_and_logit_grad(fn, logits_CxV, extras_C, weights_C, consts):
-    def weighted(z):
-        per_C = fn(z, extras_C, consts)
-        return jnp.sum(weights_C * per_C), per_C
-
-    (total, per_C), dlogits_CxV = jax.value_and_grad(weighted, has_aux=True)(logits_CxV)
-    return total, per_C, dlogits_CxV
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _fused_weighted_sum(fn, hidden_NxCxD, unembed_DxV, chunks, consts):
-    def step(total, x):
-        hidden_CxD, (extras_C, weights_C) = x
-        per_C = fn(_logits(hidden_CxD, unembed_DxV), extras_C, consts)
-        return total + jnp.sum(weights_C * per_C), per_C
-
-    return lax.scan(step, jnp.zeros((), jnp.float32), (hidden_NxCxD, chunks))
-
-
-def _fused_weighted_sum_fwd(fn, hidden_NxCxD, unembed_DxV, chunks, consts):
-    d, v = unembed_DxV.shape
-
-    def step(carry, x):
-        total, dunembed_DxV = carry
-        hidden_CxD, (extras_C, weights_C) = x
-        logits_CxV = _logits(hidden_CxD, unembed_DxV)
-        chunk_total, per_C, dlogits_CxV = _chunk_value_and_logit_grad(
-            fn, logits_CxV, extras_C, weights_C, consts
-        )
-        # dL/dh = G W^T  ([C, V] x [D, V] contracting V);  dL/dW += h^T G  (contracting C)
-        dhidden_CxD = lax.dot_general(
-            dlogits_CxV, unembed_DxV.astype(dlogits_CxV.dtype), (((1,), (1,)), ((), ())),
-            preferred_element_type=jnp.float32,
-        )
-        dunembed_DxV = dunembed_DxV + lax.dot_general(
-            hidden_CxD.astype(dlogits_CxV.dtype), dlogits_CxV, (((0,), (0,)), ((), ())),
-            preferred_element_type=jnp.float32,
-        )
-        return (total + chunk_total, dunembed_DxV), (per_C, dhidden_CxD.astype(hidden_CxD.dtype))
-
-    init = (jnp.zeros((), jnp.float32), jnp.zeros((d, v), jnp.float32))
-    (total, dunembed_DxV), (per_NxC, dhidden_NxCxD) = lax.scan(step, init, (hidden_NxCxD, chunks))
-    residuals = (dhidden_NxCxD, dunembed_DxV.astype(unembed_DxV.dtype))
-    return (total, per_NxC), residuals
-
-
-def _fused_weighted_sum_bwd(fn, residuals, cotangents):
-    del fn
-    dhidden_NxCxD, dunembed_DxV = residuals
-    g = cotangents[0]  # the per-token output leaves under stop_gradient: its cotangent is unused
-    # the teacher side, masks, ids and weights are constants: None is a zero cotangent
-    return (
-        (g * dhidden_NxCxD).astype(dhidden_NxCxD.dtype),
-        (g * dunembed_DxV).astype(dunembed_DxV.dtype),
-        None,
-        None,
-    )
-
-
-_fused_weighted_sum.defvjp(_fused_weighted_sum_fwd, _fused_weighted_sum_bwd)
+    return _run_weighted(loss, student_hidden, student_unembed, weights, chunk_size)
 
 
 # --------------------------------------------------------------------------------------------
@@ -617,6 +520,11 @@ def chunked_teacher_topk(
     )
 
 
+def _identity_logp(logp_CxK, extras, consts):
+    del extras, consts
+    return logp_CxK
+
+
 def chunked_logprobs_at_ids(
     hidden: jax.Array,
     unembed: jax.Array,
@@ -654,18 +562,18 @@ def chunked_logprobs_at_ids(
       float32 log-probs with the shape of ``ids``.
     """
     _check_head(hidden, unembed, "model")
+    _check_positive_int("chunk_size", chunk_size)
     batch, time = hidden.shape[:2]
     if ids.shape[:2] != (batch, time) or ids.ndim not in (2, 3):
         raise ValueError(f"ids must be [B, T] or [B, T, K] with [B, T] = {(batch, time)}")
     squeeze = ids.ndim == 2
-    ids_BxTxK = ids[..., None] if squeeze else ids
-
-    def per_chunk(logits_CxV, ids_CxK):
-        return gather_logprobs(normalized_logprobs(logits_CxV, temperature=temperature), ids_CxK)
-
-    out = chunked_logits_map(
-        per_chunk, (hidden,), (unembed,), ids_BxTxK.astype(jnp.int32), chunk_size=chunk_size
+    ids_BxTxK = (ids[..., None] if squeeze else ids).astype(jnp.int32)
+    loss = _ChunkLoss(
+        engine.SPARSE_HEAD, _identity_logp,
+        head_extras=(ids_BxTxK, jnp.ones((batch, time), bool)), loss_extras=None,
+        head_consts=_inv_temperature(temperature),
     )
+    out = _run_per_token(loss, hidden, unembed, chunk_size)
     return out[..., 0] if squeeze else out
 
 
@@ -737,6 +645,11 @@ def chunked_topk_policy_gradient_loss(
     )
 
 
+def _masked_token_logp(logp_Cx1, valid_C, consts):
+    del consts
+    return mask_tokens(logp_Cx1[:, 0], valid_C)
+
+
 def chunked_token_logprobs(
     hidden: jax.Array,
     unembed: jax.Array,
@@ -750,8 +663,9 @@ def chunked_token_logprobs(
 
     .. math:: \log p_t = \log\mathrm{softmax}(h_t W / \tau)_{x_t}
 
-    Calls :func:`opd_jax.losses.estimators.token_logprobs` on each chunk's logits, so values
-    equal the dense form.  Differentiable w.r.t. ``hidden`` and ``unembed``.
+    The same value as :func:`opd_jax.losses.estimators.token_logprobs` on the dense logits,
+    computed from each chunk's logsumexp and the gathered logit (no ``[C, V]`` log-prob
+    array).  Differentiable w.r.t. ``hidden`` and ``unembed``.
 
     Args:
       hidden: ``[B, T, D]`` hidden states (position ``t`` predicts ``tokens[:, t]``).
@@ -766,22 +680,18 @@ def chunked_token_logprobs(
       ``[B, T]`` float32 log-probs.
     """
     _check_head(hidden, unembed, "model")
+    _check_positive_int("chunk_size", chunk_size)
     batch, time = hidden.shape[:2]
     if tokens.shape != (batch, time):
         raise ValueError(f"tokens must be [B, T] = {(batch, time)}, got {tokens.shape}")
     valid_BxT = _valid_mask(where, batch, time)
-
-    def per_chunk(logits_CxV, extras):
-        tokens_C, valid_C = extras
-        return token_logprobs(logits_CxV, tokens_C, temperature=temperature, where=valid_C)
-
-    return chunked_logits_map(
-        per_chunk,
-        (hidden,),
-        (unembed,),
-        (tokens.astype(jnp.int32), valid_BxT),
-        chunk_size=chunk_size,
+    ids_BxTx1 = jnp.where(valid_BxT, tokens, 0).astype(jnp.int32)[..., None]
+    loss = _ChunkLoss(
+        engine.SPARSE_HEAD, _masked_token_logp,
+        head_extras=(ids_BxTx1, valid_BxT), loss_extras=valid_BxT,
+        head_consts=_inv_temperature(temperature),
     )
+    return _run_per_token(loss, hidden, unembed, chunk_size)
 
 
 def _logprob_and_entropy(logits_CxV, tokens_C, inv_temp):
@@ -820,13 +730,11 @@ def chunked_token_logprobs_and_entropy(
       ``(logprobs [B, T], entropy [B, T])``, both float32.
     """
     _check_head(hidden, unembed, "model")
+    _check_positive_int("chunk_size", chunk_size)
     if tokens.shape != hidden.shape[:2]:
         raise ValueError(f"tokens must be [B, T] = {hidden.shape[:2]}, got {tokens.shape}")
-    inv_temp = 1.0 / temperature
-
-    def per_chunk(logits_CxV, tokens_C):
-        return _logprob_and_entropy(logits_CxV, tokens_C, inv_temp)
-
-    return chunked_logits_map(
-        per_chunk, (hidden,), (unembed,), tokens.astype(jnp.int32), chunk_size=chunk_size
+    loss = _ChunkLoss(
+        engine.DENSE_HEAD, _logprob_and_entropy, None, tokens.astype(jnp.int32),
+        loss_consts=_inv_temperature(temperature),
     )
+    return _run_per_token(loss, hidden, unembed, chunk_size)
