@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 import functools
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
@@ -57,11 +57,13 @@ def evaluate_student(*, records: Sequence[dict], tokenizer, template, max_prompt
                      student_sampler, teacher_sampler=None, ks: Sequence[int] = (1,),
                      batch_prompts: int = 8, key: jax.Array, chunk_size: int = 512,
                      privileged_teacher: bool = False, teacher_params_for_sampling=None,
-                     pad_id: int = 0) -> dict[str, Any]:
+                     pad_id: int = 0, host: Callable = lambda x: x,
+                     place: Callable = lambda x: x) -> dict[str, Any]:
     """Accuracy of the student on ``records`` and its held-out KLs to the teacher.
 
     With ``teacher_sampler`` the teacher's greedy answers are also graded (``teacher_*`` keys) and
-    the forward KL on them is reported.
+    the forward KL on them is reported. ``host`` brings sampler outputs to the host (multi-process:
+    ``opd_jax.train.mesh.to_host``), ``place`` puts a scoring batch on the mesh.
     """
     n = max(ks)
     s_params, s_lora = student.params_and_lora(trainable, frozen)
@@ -74,20 +76,21 @@ def evaluate_student(*, records: Sequence[dict], tokenizer, template, max_prompt
         prompts = rollout.encode_prompts(recs, tokenizer, template, max_prompt_len=max_prompt_len,
                                          n_samples=n, privileged_teacher=privileged_teacher,
                                          pad_id=pad_id)
-        out = rollout.sample(student_sampler, s_params, prompts, sub, lora=s_lora)
+        out = host(rollout.sample(student_sampler, s_params, prompts, sub, lora=s_lora))
         texts = rollout.decode_rows(tokenizer, out.tokens, out.mask)
         completions += [texts[i * n:(i + 1) * n] for i in range(len(recs))]
-        batch = rollout.assemble(prompts, out.tokens, out.mask, out.logprobs_full)
+        batch = place(rollout.assemble(prompts, out.tokens, out.mask, out.logprobs_full))
         rkl_parts.append(score_rollouts(student, teacher, trainable, frozen, teacher_args, batch,
                                         "reverse_kl", chunk_size))
         if teacher_sampler is not None:
             single = rollout.encode_prompts(recs, tokenizer, template,
                                             max_prompt_len=max_prompt_len,
                                             privileged_teacher=privileged_teacher, pad_id=pad_id)
-            t_out = rollout.sample(teacher_sampler, teacher_params_for_sampling, single,
-                                   jax.random.fold_in(sub, 1), from_teacher_prompt=True)
+            t_out = host(rollout.sample(teacher_sampler, teacher_params_for_sampling, single,
+                                        jax.random.fold_in(sub, 1), from_teacher_prompt=True))
             teacher_texts += [[t] for t in rollout.decode_rows(tokenizer, t_out.tokens, t_out.mask)]
-            t_batch = rollout.assemble(single, t_out.tokens, t_out.mask, t_out.logprobs_full)
+            t_batch = place(rollout.assemble(single, t_out.tokens, t_out.mask,
+                                             t_out.logprobs_full))
             fkl_parts.append(score_rollouts(student, teacher, trainable, frozen, teacher_args,
                                             t_batch, "forward_kl", chunk_size))
     result = evaluate(list(records), completions, ks=tuple(ks))

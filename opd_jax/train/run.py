@@ -16,7 +16,7 @@ from opd_jax.config import save_config
 from opd_jax.config_run import RunConfig
 from opd_jax.data import PromptTemplate, dedupe_records, load_records, split_records
 from opd_jax.data.templates import DEFAULT_TEACHER_TEMPLATE
-from opd_jax.train.metrics_log import MetricsLog
+from opd_jax.train import mesh as mesh_lib
 from opd_jax.train.models import build_models
 from opd_jax.train.stages import RunContext, run_eval_stage, run_train_stage
 
@@ -58,15 +58,22 @@ def _stage_result(cfg: RunConfig, name: str) -> dict | None:
 
 
 def run(cfg: RunConfig, *, progress: bool = True, models=None) -> dict[str, Any]:
-    """Run every stage of ``cfg`` (resuming where a previous run stopped); returns the summary."""
+    """Run every stage of ``cfg`` (resuming where a previous run stopped); returns the summary.
+
+    Runs on the mesh ``cfg.mesh`` (multi-process: ``cfg.mesh.distributed`` initialises
+    ``jax.distributed`` first; only process 0 writes the run directory's files)."""
+    mesh_lib.init_distributed(cfg.mesh.distributed)
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
+    if mesh_lib.is_primary():
+        save_config(cfg, run_dir / "config.yaml")
     train, heldout = load_data(cfg)
     remat = "none"
+    tm = mesh_lib.build_mesh(cfg.mesh)
     models = models or build_models(cfg.teacher, cfg.student, seed=cfg.seed, remat=remat)
+    models = mesh_lib.place_models(models, tm)
     ctx = RunContext(cfg, models, train, heldout, make_template(cfg),
-                     MetricsLog(run_dir, cfg.log.tensorboard), progress)
+                     mesh_lib.make_log(run_dir, cfg.log.tensorboard), progress, mesh=tm)
     trainable = models.trainable
     evals: dict[str, dict] = {}
     first_eval = next((i for i, s in enumerate(cfg.stages) if s.kind == "eval"), None)
@@ -80,11 +87,12 @@ def run(cfg: RunConfig, *, progress: bool = True, models=None) -> dict[str, Any]
         else:
             evals[stage.name] = run_eval_stage(ctx, i, trainable)
     summary = summarize(cfg, ctx.log, evals)
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    if mesh_lib.is_primary():
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 
-def summarize(cfg: RunConfig, log: MetricsLog, evals: dict[str, dict]) -> dict[str, Any]:
+def summarize(cfg: RunConfig, log, evals: dict[str, dict]) -> dict[str, Any]:
     """Before/after/teacher table and first-vs-last mechanism metrics of each train stage."""
     out: dict[str, Any] = {"run_dir": str(cfg.run_dir), "evals": evals, "stages": {}}
     for stage in cfg.stages:

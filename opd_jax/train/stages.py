@@ -9,6 +9,7 @@ done). A stage restarts from its latest readable checkpoint; rollout keys depend
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import signal
 import time
@@ -23,6 +24,7 @@ from opd_jax.checkpoint import StageCheckpointer, graceful_stop, stage_dir
 from opd_jax.data import PromptTemplate, make_prompt_dataset, make_prompt_iterator
 from opd_jax.sampler import Sampler
 from opd_jax.sampling import Sampling
+from opd_jax.train import mesh as mesh_lib
 from opd_jax.train import rollout
 from opd_jax.train.evaluate import evaluate_student
 from opd_jax.train.metrics_log import MetricsLog, to_python
@@ -37,7 +39,8 @@ _TEACHER_MODES = {"fixed": "student_fixed", "ema": "student_ema", "live": "stude
 
 @dataclasses.dataclass
 class RunContext:
-    """What every stage shares: the config, models, data splits, template and the metrics log."""
+    """What every stage shares: the config, models, data splits, template, the metrics log and
+    the device mesh (``None``: one device)."""
 
     cfg: Any
     models: Models
@@ -46,26 +49,39 @@ class RunContext:
     template: PromptTemplate
     log: MetricsLog
     progress: bool = True
+    mesh: mesh_lib.TrainMesh | None = None
 
 
-def make_sampler(config, spec, tokenizer, *, greedy: bool = False, return_topk=None) -> Sampler:
+def make_sampler(config, spec, tokenizer, *, greedy: bool = False, return_topk=None, mesh=None,
+                 rules="fsdp") -> Sampler:
     sampling = Sampling(temperature=0.0 if greedy else spec.temperature, top_k=spec.top_k or None,
                         top_p=spec.top_p if spec.top_p < 1 else None,
                         min_p=spec.min_p or None)
     eos = rollout.eos_ids(tokenizer, spec.extra_eos_ids) if spec.stop_at_eos else ()
     return Sampler(config, sampling, spec.max_new_tokens, eos_ids=eos,
-                   pad_id=getattr(tokenizer, "pad_id", 0) or 0, return_topk=return_topk)
+                   pad_id=getattr(tokenizer, "pad_id", 0) or 0, return_topk=return_topk,
+                   mesh=mesh, rules=rules)
 
 
 def _pad_id(tokenizer) -> int:
     return int(getattr(tokenizer, "pad_id", 0) or 0)
 
 
+def _mesh(ctx: RunContext) -> mesh_lib.TrainMesh:
+    return ctx.mesh if ctx.mesh is not None else mesh_lib.single_device_mesh()
+
+
+def _separate_teacher(ctx: RunContext) -> TeacherSpec:
+    tm = _mesh(ctx)
+    rules = mesh_lib.rules_key(tm.teacher_rules) if tm.teacher_rules != tm.rules else None
+    return TeacherSpec("separate", ctx.models.teacher.config, rules=rules)
+
+
 def _teacher_for(ctx: RunContext, kind: str, teacher_mode: str, trainable):
     if kind == "cold_start":
         return TeacherSpec("none"), None
     if kind == "opd":
-        return TeacherSpec("separate", ctx.models.teacher.config), ctx.models.teacher.params
+        return _separate_teacher(ctx), ctx.models.teacher.params
     mode = _TEACHER_MODES[teacher_mode]
     return TeacherSpec(mode), (jax.tree.map(lambda x: x.copy(), trainable)
                                if mode == "student_fixed" else None)
@@ -78,22 +94,37 @@ def run_train_stage(ctx: RunContext, index: int, trainable) -> Any:
     kind, lspec, sspec, dspec = stage.kind, stage.loss, stage.sampler, stage.data
     teacher, teacher_args = _teacher_for(ctx, kind, stage.teacher_mode, trainable)
     optimizer = make_optimizer(stage.optim, stage.steps)
-    state = init_state(trainable, optimizer, cfg.seed + index,
-                       with_ema=(kind == "opsd" and stage.teacher_mode == "ema"))
-    it = make_prompt_iterator(make_prompt_dataset(ctx.train_records, batch_size=stage.batch_prompts,
+    tm = _mesh(ctx)
+    n_samples = stage.num_teacher_samples if kind == "cold_start" else sspec.n_samples
+    tm.check_rows(stage.batch_prompts * n_samples, stage.optim.grad_accum_steps,
+                  f"stage {stage.name!r}'s batch (batch_prompts x n_samples)")
+    init_fn = functools.partial(init_state, optimizer=optimizer, seed=cfg.seed + index,
+                                with_ema=(kind == "opsd" and stage.teacher_mode == "ema"))
+    trainable_sh = tm.trainable_shardings(m.student, trainable)
+    abstract, state_sh = tm.abstract_state(init_fn, trainable, trainable_sh)
+    shardings = {"state": state_sh, "batch": tm.batch_shardings(),
+                 "frozen": tm.params_shardings(m.student.config, m.frozen),
+                 "teacher": (tm.params_shardings(m.teacher.config, teacher_args, teacher=True)
+                             if teacher.mode == "separate" else
+                             trainable_sh if teacher_args is not None else None)}
+    it = make_prompt_iterator(make_prompt_dataset(ctx.train_records,
+                                                  batch_size=mesh_lib.per_process_batch(
+                                                      stage.batch_prompts),
                                                   seed=cfg.seed + index, num_epochs=None,
                                                   source=dspec.name or dspec.path))
     ck = StageCheckpointer(stage_dir(cfg.run_dir, stage.name), keep_last_n=cfg.checkpoint.keep_last_n,
                            every_n_steps=cfg.checkpoint.every_n_steps,
                            async_save=cfg.checkpoint.async_save)
     start = 0
-    restored = ck.restore_latest(state)
+    restored = ck.restore_latest(abstract)
     if restored is not None:
         state, start = restored.state, restored.step
         it.set_state(restored.extra["data"])
         if restored.extra.get("done"):
             ck.close()
             return state.trainable
+    else:
+        state = tm.init_state(init_fn, trainable, state_sh)
     ctx.log.truncate(stage.name, start)
 
     chunk_fn = sft_chunk_fn if kind == "cold_start" else make_chunk_fn(lspec)
@@ -101,18 +132,19 @@ def run_train_stage(ctx: RunContext, index: int, trainable) -> Any:
                               chunk_fn=chunk_fn, reduction=getattr(losses, lspec.reduction),
                               chunk_size=lspec.chunk_size,
                               grad_accum=stage.optim.grad_accum_steps,
-                              ema_decay=stage.ema_decay if stage.teacher_mode == "ema" else None)
+                              ema_decay=stage.ema_decay if stage.teacher_mode == "ema" else None,
+                              shardings=shardings)
     tok = m.tokenizer
-    student_sampler = make_sampler(m.student.config, sspec, tok)
-    teacher_sampler = make_sampler(m.teacher.config, sspec, tok) if kind != "opsd" else student_sampler
-    n_samples = stage.num_teacher_samples if kind == "cold_start" else sspec.n_samples
+    student_sampler = make_sampler(m.student.config, sspec, tok, mesh=tm.mesh, rules=tm.rules)
+    teacher_sampler = (make_sampler(m.teacher.config, sspec, tok, mesh=tm.mesh,
+                                    rules=tm.teacher_rules) if kind != "opsd" else student_sampler)
     fault = int(os.environ.get(FAULT_ENV, "-1"))
-    bar = tqdm(total=stage.steps, initial=start, desc=f"{stage.name}", disable=not ctx.progress,
-               dynamic_ncols=True)
+    bar = tqdm(total=stage.steps, initial=start, desc=f"{stage.name}",
+               disable=not ctx.progress or not mesh_lib.is_primary(), dynamic_ncols=True)
     with graceful_stop() as stop:
         for step in range(start, stage.steps):
             t0 = time.perf_counter()
-            records = next(it)
+            records = mesh_lib.gather_records(next(it))  # the global batch on every process
             key = rollout.rollout_key(cfg.seed, index, step)
             prompts = rollout.encode_prompts(records, tok, ctx.template,
                                              max_prompt_len=dspec.max_prompt_len,
@@ -133,15 +165,19 @@ def run_train_stage(ctx: RunContext, index: int, trainable) -> Any:
                                      from_teacher_prompt=True)
             else:
                 out = rollout.sample(teacher_sampler, m.teacher.params, prompts, key)
+            out = mesh_lib.to_host(out)
             keep = None
             if kind == "cold_start":
                 texts = rollout.decode_rows(tok, out.tokens, out.mask)
                 keep, counts = rollout.filter_rows(texts, stage.filters)
                 extra_metrics.update({f"filter_{k}": v for k, v in counts.items()})
-            batch = rollout.assemble(prompts, out.tokens, out.mask, out.logprobs_full, keep)
+            batch = tm.place(rollout.assemble(prompts, out.tokens, out.mask, out.logprobs_full,
+                                              keep), shardings["batch"])
             jax.block_until_ready(batch)
             t1 = time.perf_counter()
-            state, metrics = step_fn(state, batch, m.frozen, teacher_args)
+            with tm.scope():
+                state, metrics = step_fn(state, batch, m.frozen, teacher_args)
+            metrics = mesh_lib.to_host(metrics)
             scalars = to_python(jax.device_get(metrics["scalars"]))
             t2 = time.perf_counter()
             gen_tokens = int(np.asarray(out.mask).sum())
@@ -187,17 +223,21 @@ def run_eval_stage(ctx: RunContext, index: int, trainable, *, name: str | None =
     sspec = stage.sampler
     greedy = sspec.temperature == 0.0
     tok = m.tokenizer
-    s_sampler = make_sampler(m.student.config, sspec, tok, greedy=greedy)
-    t_sampler = make_sampler(m.teacher.config, sspec, tok, greedy=True) if with_teacher else None
-    result = evaluate_student(
-        records=records, tokenizer=tok, template=ctx.template,
-        max_prompt_len=stage.data.max_prompt_len, student=m.student,
-        teacher=TeacherSpec("separate", m.teacher.config), trainable=trainable, frozen=m.frozen,
-        teacher_args=m.teacher.params, student_sampler=s_sampler, teacher_sampler=t_sampler,
-        ks=stage.ks, batch_prompts=stage.batch_prompts,
-        key=jax.random.fold_in(jax.random.key(cfg.seed), 10_000 + index),
-        chunk_size=stage.loss.chunk_size, teacher_params_for_sampling=m.teacher.params,
-        pad_id=_pad_id(tok))
+    tm = _mesh(ctx)
+    s_sampler = make_sampler(m.student.config, sspec, tok, greedy=greedy, mesh=tm.mesh,
+                             rules=tm.rules)
+    t_sampler = make_sampler(m.teacher.config, sspec, tok, greedy=True, mesh=tm.mesh,
+                             rules=tm.teacher_rules) if with_teacher else None
+    with tm.scope():
+        result = evaluate_student(
+            records=records, tokenizer=tok, template=ctx.template,
+            max_prompt_len=stage.data.max_prompt_len, student=m.student,
+            teacher=_separate_teacher(ctx), trainable=trainable, frozen=m.frozen,
+            teacher_args=m.teacher.params, student_sampler=s_sampler, teacher_sampler=t_sampler,
+            ks=stage.ks, batch_prompts=stage.batch_prompts,
+            key=jax.random.fold_in(jax.random.key(cfg.seed), 10_000 + index),
+            chunk_size=stage.loss.chunk_size, teacher_params_for_sampling=m.teacher.params,
+            pad_id=_pad_id(tok), host=mesh_lib.to_host, place=tm.place_rows)
     ctx.log.write({"stage": name, "kind": "eval", "step": 0,
                    **{k: v for k, v in result.items() if k != "samples"}})
     ck.save(0, None, {"result": result}, done=True)

@@ -24,6 +24,7 @@ from opd_jax.losses.chunked import chunked_logits_map
 from opd_jax.metrics import per_position
 from opd_jax.model import decoder
 from opd_jax.model.config import ModelConfig
+from opd_jax.train.mesh import teacher_scope
 from opd_jax.train.state import StudentSpec, TrainState
 
 CURVE_KEYS = ("overlap", "token_reverse_kl", "student_entropy", "teacher_entropy")
@@ -49,10 +50,13 @@ class TeacherSpec:
     """How the teacher runs. ``mode``: "separate" (own config/params), "student_fixed" (the
     student's architecture with frozen trainable weights given as the teacher argument: OPSD's
     fixed teacher), "student_ema" (``state.ema``), "student_live" (the current student weights,
-    stop-gradient) or "none" (no teacher: SFT objectives; the student's own outputs stand in)."""
+    stop-gradient) or "none" (no teacher: SFT objectives; the student's own outputs stand in).
+    ``rules``: the teacher's own rules table (``opd_jax.train.mesh.rules_key`` form) for the
+    activation constraints of a separate teacher on the active mesh; ``None`` = the student's."""
 
     mode: str = "separate"
     config: ModelConfig | None = None
+    rules: tuple | None = None
 
     def __post_init__(self):
         modes = ("separate", "student_fixed", "student_ema", "student_live", "none")
@@ -72,8 +76,9 @@ def teacher_hidden_and_unembed(teacher: TeacherSpec, student: StudentSpec, teach
     if teacher.mode == "none":
         return None, None
     if teacher.mode == "separate":
-        h, _ = decoder.forward(teacher_args, teacher.config, batch.teacher_tokens,
-                               valid_BxT=batch.teacher_valid)
+        with teacher_scope(teacher.rules):
+            h, _ = decoder.forward(teacher_args, teacher.config, batch.teacher_tokens,
+                                   valid_BxT=batch.teacher_valid)
         w = decoder.unembed_matrix(teacher_args, teacher.config)
     else:
         weights = trainable if teacher.mode == "student_live" else teacher_args
