@@ -101,7 +101,8 @@ def loss_and_metrics(trainable, frozen, teacher_args, batch: RolloutBatch, *,
         ht, wt = jax.lax.stop_gradient(hs), jax.lax.stop_gradient(ws)
     extras = {"tokens": batch.completion, "mask": batch.mask,
               "sampler_logprobs": batch.sampler_logprobs}
-    out = chunked_logits_map(chunk_fn, (hs, ht), (ws, wt), extras, chunk_size=chunk_size)
+    rows = batch.completion.shape[0] * n  # a chunk longer than the input would only add padding
+    out = chunked_logits_map(chunk_fn, (hs, ht), (ws, wt), extras, chunk_size=min(chunk_size, rows))
     return reduction(out["loss"], batch.mask), out
 
 

@@ -1,0 +1,213 @@
+"""Benchmark: one on-policy distillation iteration (student rollouts + teacher scoring + student
+update), opd_jax vs TRL's ``DistillationTrainer`` on identical weights, in one run.
+
+Setting (the demo's): teacher SmolLM2-135M-Instruct (embedded GGUF, dequantised, float32), student
+= teacher minus layers 10, 15, 20 (27 layers), 8 basic-arithmetic prompts per step, 32 new tokens
+sampled at T=1, full-vocabulary reverse KL KL(S‖T) over the completion, AdamW lr 5e-5.
+
+* opd_jax: ``Sampler`` (jitted prefill + while_loop decode) then the jitted, donated train step
+  (student forward+backward, teacher forward, chunked loss; no [B, T, V] logits).
+* TRL: ``DistillationTrainer.training_step`` with ``lmbda=1`` (always on-policy), ``beta=1`` (reverse
+  KL), same generation settings, plus ``optimizer.step()``; torch float32, all cores.
+
+Reported per side: median seconds per iteration (after warm-up, so compile time is excluded and
+listed separately for opd_jax), generated tokens/s, trained tokens/s (prompt + completion tokens
+through the student's backward pass), and the FLOP count of the update (6·N_student + 2·N_teacher
+per trained token, plus attention) against the 315 GFLOP/s float32 matmul peak.
+
+    python benchmarks/train_step.py            # quiet machine, both sides
+    python benchmarks/train_step.py --small    # seconds-long smoke run on tiny random models
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import (F32_MATMUL_PEAK_GFLOPS, RESULTS_DIR, load_report, machine_info,  # noqa: E402
+                     print_table, write_json)
+
+
+def build(small: bool):
+    import jax
+
+    from opd_jax.model.config import ModelConfig
+    from opd_jax.model.decoder import init_params
+    from opd_jax.model.derive import derive_student
+    from opd_jax.model.loading import Model
+
+    if small:  # tiny random model on SmolLM2's real tokenizer (TRL needs an HF tokenizer)
+        from opd_jax.model.assets import default_teacher_path
+        from opd_jax.model.tokenizer import load_tokenizer
+
+        tok = load_tokenizer(default_teacher_path())
+        tcfg = ModelConfig(vocab_size=tok.vocab_size, n_layers=4, max_position=4096,
+                           tie_embeddings=True)
+        teacher = Model(tcfg, init_params(tcfg, jax.random.key(0)), tok)
+        drop = [1]
+    else:
+        from opd_jax.model.assets import default_teacher
+
+        teacher, drop = default_teacher(), [10, 15, 20]
+    scfg, sparams = derive_student(teacher.config, teacher.params, drop_layers=drop)
+    return teacher, Model(scfg, sparams, teacher.tokenizer)
+
+
+def prompts(tok, n: int, seed: int = 0) -> tuple[list[list[int]], list[str]]:
+    from opd_jax.data import PromptTemplate, load_reasoning_gym
+
+    recs = load_reasoning_gym("basic_arithmetic", size=n, seed=seed, config={
+        "min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1, "operators": "+-*"})
+    tpl = PromptTemplate()
+    texts = [tok.apply_chat_template(tpl.student(r), add_generation_prompt=True) for r in recs]
+    return [tok.encode(t) for t in texts], [r["prompt"] for r in recs]
+
+
+def bench_opd_jax(teacher, student, ids, args) -> dict:
+    import jax
+
+    from opd_jax import losses
+    from opd_jax.config_schema import LossSpec, OptimSpec
+    from opd_jax.sampler import Sampler, bucket_length
+    from opd_jax.sampling import Sampling
+    from opd_jax.scoring import pad_left
+    from opd_jax.train.objectives import make_chunk_fn
+    from opd_jax.train.rollout import Prompts, assemble
+    from opd_jax.train.state import StudentSpec, init_state, make_optimizer
+    from opd_jax.train.step import TeacherSpec, make_train_step
+
+    tok = teacher.tokenizer
+    tokens, valid = pad_left(ids, bucket_length(max(map(len, ids))), tok.pad_id)
+    prompts_ = Prompts([{}] * len(ids), tokens, valid, tokens, valid)
+    sampler = Sampler(student.config, Sampling(temperature=1.0), args.new_tokens,
+                      eos_ids=tok.eos_ids, pad_id=tok.pad_id)
+    opt = make_optimizer(OptimSpec(lr=5e-5, grad_clip_norm=None), 100)
+    step = make_train_step(student=StudentSpec(student.config),
+                           teacher=TeacherSpec("separate", teacher.config), optimizer=opt,
+                           chunk_fn=make_chunk_fn(LossSpec(objective="reverse_kl", top_k=None)),
+                           reduction=losses.token_mean, chunk_size=512)
+    state = init_state(student.params, opt, 0)
+    times, gen_tok, trained, compile_s = [], [], [], None
+    for i in range(args.warmup + args.repeats):
+        t0 = time.perf_counter()
+        out = sampler(student.params if i == 0 else _params(state), tokens, valid,
+                      jax.random.key(i))
+        batch = assemble(prompts_, out.tokens, out.mask, out.logprobs_full)
+        jax.block_until_ready(batch)
+        t1 = time.perf_counter()
+        state, m = step(state, batch, None, teacher.params)
+        jax.block_until_ready(m)
+        t2 = time.perf_counter()
+        if i == 0:
+            compile_s = t2 - t0
+        if i >= args.warmup:
+            times.append((t2 - t0, t1 - t0, t2 - t1))
+            gen_tok.append(int(np.asarray(out.mask).sum()))
+            trained.append(int(np.asarray(batch.student_valid).sum()))
+    return _summary("opd_jax", times, gen_tok, trained, student, teacher,
+                    extra={"first_iteration_s (incl. compile)": compile_s,
+                           "loss_last": float(m["scalars"]["loss"])})
+
+
+def _params(state):
+    return state.trainable
+
+
+def _summary(name, times, gen_tok, trained, student, teacher, extra=None) -> dict:
+    tot = float(np.median([t[0] for t in times]))
+    gen = float(np.median([t[1] for t in times]))
+    upd = float(np.median([t[2] for t in times]))
+    g, tr = float(np.mean(gen_tok)), float(np.mean(trained))
+    flops = tr * (3 * student.config.flops_per_token() + teacher.config.flops_per_token())
+    return {"impl": name, "iter_s": tot, "gen_s": gen, "update_s": upd,
+            "gen_tokens": g, "trained_tokens": tr, "gen_tok_per_s": g / gen,
+            "trained_tok_per_s": tr / upd, "update_gflops": flops / 1e9,
+            "update_gflop_per_s": flops / upd / 1e9,
+            "update_pct_peak": 100 * flops / upd / 1e9 / F32_MATMUL_PEAK_GFLOPS, **(extra or {})}
+
+
+def bench_trl(teacher, student, ids, texts, args) -> dict:
+    import torch
+    from datasets import Dataset
+    from transformers import PreTrainedTokenizerFast
+    from trl import DistillationConfig, DistillationTrainer
+
+    from forward import _torch_twin
+
+    torch.set_num_threads(max(1, __import__("os").cpu_count() or 1))
+    tok = teacher.tokenizer
+    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok.backend, eos_token=tok.eos_token,
+                                     pad_token=tok.eos_token, bos_token=tok.bos_token)
+    hf_tok.chat_template = tok.chat_template
+    t_hf, s_hf = _torch_twin(teacher), _torch_twin(student).train()
+    ds = Dataset.from_list([{"prompt": [{"role": "user", "content": t}]} for t in texts])
+    with tempfile.TemporaryDirectory() as out:
+        cfg = DistillationConfig(output_dir=out, per_device_train_batch_size=len(texts),
+                                 beta=1.0, temperature=1.0, max_completion_length=args.new_tokens,
+                                 learning_rate=5e-5, use_cpu=True, report_to=[],
+                                 gradient_checkpointing=False, bf16=False, fp16=False)
+        trainer = DistillationTrainer(model=s_hf, teacher_model=t_hf, args=cfg, train_dataset=ds,
+                                      processing_class=hf_tok)
+        trainer.create_optimizer()
+        trainer.current_gradient_accumulation_steps = 1  # normally set by trainer.train()
+        inputs = next(iter(trainer.get_train_dataloader()))
+        times, gen_tok, trained = [], [], []
+        for i in range(args.warmup + args.repeats):
+            t0 = time.perf_counter()
+            trainer.training_step(trainer.model, inputs, None)
+            trainer.optimizer.step()
+            trainer.optimizer.zero_grad()
+            t1 = time.perf_counter()
+            if i >= args.warmup:
+                # TRL generates inside training_step: generation is not timed separately
+                times.append((t1 - t0, float("nan"), t1 - t0))
+                gen_tok.append(len(texts) * args.new_tokens)
+                # upper bound: TRL generates up to max_completion_length tokens per row
+                trained.append(sum(map(len, ids)) + len(texts) * args.new_tokens)
+    row = _summary("trl DistillationTrainer", times, gen_tok, trained, student, teacher)
+    row.update(gen_s=float("nan"), gen_tok_per_s=float("nan"))
+    return row
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--small", action="store_true")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--no-trl", action="store_true")
+    args = p.parse_args()
+    if args.small:
+        args.batch, args.new_tokens, args.repeats = 2, 8, 2
+    load = load_report()
+    teacher, student = build(args.small)
+    ids, texts = prompts(teacher.tokenizer, args.batch)
+    rows = [bench_opd_jax(teacher, student, ids, args)]
+    if not args.no_trl:
+        try:
+            rows.append(bench_trl(teacher, student, ids, texts, args))
+        except Exception as e:  # noqa: BLE001 - a missing/changed TRL must not hide our numbers
+            print(f"TRL side skipped: {type(e).__name__}: {e}")
+    if len(rows) == 2:
+        rows[1]["speedup_vs_trl"] = 1.0
+        rows[0]["speedup_vs_trl"] = rows[1]["iter_s"] / rows[0]["iter_s"]
+    print_table(rows, [("impl", "impl"), ("iter_s", "s/iter"), ("gen_s", "gen s"),
+                       ("update_s", "update s"), ("gen_tok_per_s", "gen tok/s"),
+                       ("trained_tok_per_s", "trained tok/s"), ("update_gflop_per_s", "GFLOP/s"),
+                       ("update_pct_peak", "% peak"), ("speedup_vs_trl", "x TRL")])
+    name = "train_step_small.json" if args.small else "train_step.json"
+    write_json(RESULTS_DIR / name, {"load": load, "machine": machine_info(), "args": vars(args),
+                                    "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
