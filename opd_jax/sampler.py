@@ -58,7 +58,8 @@ from opd_jax.sampling import Sampling, draw, top_logprobs, uniforms
 from opd_jax.scoring import hidden_states, next_token_logits, pad_left
 from opd_jax.sharding import constrain, get_rules, named_sharding, tree_shardings, use_mesh_rules
 
-__all__ = ["generate", "GenerateOutput", "Sampler", "SampleOutput", "DecodeState", "row_keys",
+__all__ = ["generate", "GenerateOutput", "Sampler", "SampleOutput", "DecodeState", "LayerCaches",
+           "row_keys",
            "bucket_length", "bucket_batch", "TRACE_COUNTS"]
 
 # Incremented (in Python, so only while tracing) by the jitted prefill / decode: a test can assert

@@ -275,6 +275,14 @@ def draw(logits_BxV: jax.Array, u_B: jax.Array, sampling: Sampling) -> Draw:
 
     Returns:
       :class:`Draw` ``(token [B] int32, logprob [B], logprob_full [B])``.
+
+    >>> import jax.numpy as jnp
+    >>> logits = jnp.log(jnp.array([[0.5, 0.3, 0.2]]))
+    >>> int(draw(logits, jnp.array([0.9]), Greedy()).token[0])
+    0
+    >>> d = draw(logits, jnp.array([0.9]), TopK(2))  # kept: 0.5/0.8, 0.3/0.8; u=0.9 -> id 1
+    >>> int(d.token[0]), round(float(jnp.exp(d.logprob[0])), 3), round(float(jnp.exp(d.logprob_full[0])), 3)
+    (1, 0.375, 0.3)
     """
     logits = logits_BxV.astype(jnp.float32)
     lse1_B = jax.nn.logsumexp(logits, axis=-1)

@@ -34,6 +34,10 @@ def pad_left(seqs: Sequence[Sequence[int]], length: int | None = None, pad_id: i
     """Left-pad token lists to ``[B, length]``: ``(tokens int32, valid bool)``.
 
     ``length`` defaults to the longest sequence; a sequence longer than ``length`` is an error.
+
+    >>> tokens, valid = pad_left([[5, 6], [7]])
+    >>> tokens.tolist(), valid.tolist()
+    ([[5, 6], [0, 7]], [[True, True], [False, True]])
     """
     longest = max((len(s) for s in seqs), default=0)
     length = longest if length is None else length
