@@ -380,7 +380,7 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--memory-only", action="store_true", help="compile only; report memory")
     p.add_argument("--small", action="store_true",
-                   help="smoke run: T=256, V=8192, D=128, chunks 64,128, K=16, 2 repeats")
+                   help="smoke run: T=512, V=32768, D=128, chunks 64,128, K=16, 2 repeats")
     p.add_argument("--max-load-per-core", type=float, default=0.25,
                    help="warn when the 1-min load average exceeds cores * this")
     p.add_argument("--out", type=str, default=None, help="JSON path (default results/losses.json)")
@@ -389,7 +389,7 @@ def parse_args(argv=None):
     if unknown:
         p.error(f"unknown methods {sorted(unknown)}; choose from {METHODS}")
     if args.small:
-        args.batch, args.seq, args.vocab, args.dim = 1, 256, 8192, 128
+        args.batch, args.seq, args.vocab, args.dim = 1, 512, 32768, 128
         args.teacher_dim = None
         args.chunk_sizes, args.topk, args.repeats = [64, 128], [16], 2
     if args.out is None:

@@ -70,8 +70,13 @@ def logits(hidden_CxD: jax.Array, unembed_DxV: jax.Array) -> jax.Array:
     return jnp.dot(hidden_CxD, unembed_DxV, preferred_element_type=jnp.float32)
 
 
-def vocab_blocks(vocab: int, target: int = VOCAB_BLOCK) -> int:
-    """Number of equal vocabulary blocks (a divisor of V) of at most ~``target`` ids each."""
+def vocab_blocks(vocab: int, target: int | None = None) -> int:
+    """Number of equal vocabulary blocks (a divisor of V) of at most ~``target`` ids each.
+
+    ``target`` defaults to :data:`VOCAB_BLOCK`.  A V with no divisor near it (e.g. a prime)
+    gets one block.
+    """
+    target = VOCAB_BLOCK if target is None else target
     if vocab <= target:
         return 1
     lo = -(-vocab // target)
