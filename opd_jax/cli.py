@@ -1,10 +1,12 @@
-"""``opd-jax``: train | eval | sample | analyze | demo.
+"""``opd-jax``: train | eval | sample | analyze | demo | select-prompts | study.
 
     opd-jax train configs/demo.yaml [key.sub=value ...] [--fresh]
     opd-jax eval  configs/demo.yaml [overrides]     # the config's eval stages on its student
     opd-jax sample configs/demo.yaml --prompt "What is 2+3?" [--teacher]
     opd-jax analyze runs/demo                        # PNG plots + summary.md
     opd-jax demo                                     # train configs/demo.yaml, then analyze
+    opd-jax select-prompts --config configs/select_demo.yaml [select.rule.top_n=16]
+    opd-jax study --config configs/study_demo.yaml [--small] [--fresh]
 """
 
 from __future__ import annotations
@@ -81,6 +83,27 @@ def cmd_analyze(args) -> int:
     return 0
 
 
+def cmd_select_prompts(args) -> int:
+    from opd_jax.select_prompts import load_select_config, select_prompts
+
+    cfg, sel = load_select_config(args.config, args.overrides)
+    summary = select_prompts(cfg, sel, progress=not args.no_progress)
+    print(f"selected {summary['selected_count']} of {summary['pool']} prompts; "
+          f"report: {summary['out_dir']}/report.md")
+    return 0
+
+
+def cmd_study(args) -> int:
+    from opd_jax.study import load_study_config, run_study
+
+    cfg, study, sel = load_study_config(args.config, args.overrides, small=args.small)
+    summary = run_study(cfg, study, sel, progress=not args.no_progress, fresh=args.fresh)
+    for f in summary["findings"]:
+        print(f"{f['id']} {f['finding']}: {f['verdict']}")
+    print(f"report: {summary['out_dir']}/report.md")
+    return 0
+
+
 def cmd_demo(args) -> int:
     config = Path(args.config)
     if not config.exists():
@@ -116,6 +139,18 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("analyze", help="plots and markdown summary of a run directory")
     a.add_argument("run_dir")
     a.set_defaults(fn=cmd_analyze)
+    sp = sub.add_parser("select-prompts", help="score, dedupe and select OPD prompts")
+    sp.add_argument("--config", default="configs/select_demo.yaml")
+    sp.add_argument("overrides", nargs="*", help="key.sub=value (select.* for the select section)")
+    sp.add_argument("--no-progress", action="store_true")
+    sp.set_defaults(fn=cmd_select_prompts)
+    st = sub.add_parser("study", help="the OPD paper's comparisons on the default teacher")
+    st.add_argument("--config", default="configs/study_demo.yaml")
+    st.add_argument("overrides", nargs="*", help="key.sub=value (study.*, select.* sections)")
+    st.add_argument("--small", action="store_true", help="tiny random models, a few steps")
+    st.add_argument("--fresh", action="store_true", help="delete the study directory first")
+    st.add_argument("--no-progress", action="store_true")
+    st.set_defaults(fn=cmd_study)
     d = sub.add_parser("demo", help="distil the embedded default teacher (configs/demo.yaml)")
     d.add_argument("--config", default="configs/demo.yaml")
     d.add_argument("overrides", nargs="*")

@@ -155,29 +155,42 @@ class SelectConfig:
         need(self.metrics_k >= 1, "metrics_k", self.metrics_k, "an integer >= 1")
 
 
-def split_config(raw: dict, overrides: Sequence[str] = (), *, key: str = "select",
-                 cls: Any = SelectConfig, where: str = "config") -> tuple[RunConfig, Any]:
-    """``(RunConfig, cls)`` from a raw mapping with a ``key:`` section; ``key.x=v`` overrides go
-    to the section, the rest to the run config. A missing ``stages`` list gets one eval stage."""
+def split_sections(raw: dict, overrides: Sequence[str], sections: dict[str, type], *,
+                   where: str = "config") -> tuple[RunConfig, list]:
+    """``(RunConfig, [section objects])`` from a raw mapping holding extra top-level
+    ``sections`` (``{key: dataclass}``); ``key.x=v`` overrides go to section ``key``, the rest to
+    the run config. A missing ``stages`` list gets one eval stage (the run config needs one)."""
     raw = dict(raw)
-    section = raw.pop(key, None) or {}
-    prefix = key + "."
-    sec_over = [o[len(prefix):] for o in overrides if o.startswith(prefix)]
-    run_over = [o for o in overrides if not o.startswith(prefix)]
+    parsed = {k: raw.pop(k, None) or {} for k in sections}
+    wrapper = dataclasses.make_dataclass(
+        "Sections", [(k, cls, dataclasses.field(default_factory=cls)) for k, cls in sections.items()])
+    own = [o for o in overrides if o.split(".")[0] in sections]
+    run_over = [o for o in overrides if o.split(".")[0] not in sections]
     if not raw.get("stages"):
         raw["stages"] = [{"kind": "eval"}]
     try:
         cfg = from_dict(RunConfig, apply_overrides(raw, run_over, schema=RunConfig))
-        sec = from_dict(cls, apply_overrides(section, sec_over, schema=cls), path=key)
+        parsed = apply_overrides(parsed, own, schema=wrapper)
+        objs = [from_dict(cls, parsed[k], path=k) for k, cls in sections.items()]
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
-    return cfg, sec
+    return cfg, objs
+
+
+def split_config(raw: dict, overrides: Sequence[str] = (), *, where: str = "config"
+                 ) -> tuple[RunConfig, SelectConfig]:
+    """``(RunConfig, SelectConfig)`` from a raw mapping with a ``select:`` section."""
+    cfg, (sel,) = split_sections(raw, overrides, {"select": SelectConfig}, where=where)
+    return cfg, sel
 
 
 def load_select_config(path: str | Path, overrides: Sequence[str] = ()
                        ) -> tuple[RunConfig, SelectConfig]:
-    """The run config and the ``select:`` section of a YAML file, with overrides applied."""
-    return split_config(load_yaml(path), overrides, where=str(path))
+    """The run config and the ``select:`` section of a YAML file, with overrides applied (a
+    ``study:`` section, see :mod:`opd_jax.study`, is ignored)."""
+    raw = load_yaml(path)
+    raw.pop("study", None)
+    return split_config(raw, overrides, where=str(path))
 
 
 # --------------------------------------------------------------------------------------------
@@ -192,6 +205,14 @@ def normalize_text(text: str) -> str:
     True
     """
     return re.sub(r"\s+", " ", unicodedata.normalize("NFKC", text).casefold()).strip()
+
+
+def exact_duplicates(rows: list[dict], heldout) -> None:
+    """Mark rows (status None) whose normalised prompt equals a held-out one (``"exact_dup"``)."""
+    held = {normalize_text(r["prompt"]) for r in heldout}
+    for r in rows:
+        if r["status"] is None and normalize_text(r["record"]["prompt"]) in held:
+            r["status"] = "exact_dup"
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
@@ -456,10 +477,7 @@ def select_prompts(cfg: RunConfig, sel: SelectConfig, *, models=None, pool=None,
     rows = [{"record": r, "scores": {}, "status": None} for r in pool]
 
     if sel.dedup.exact:
-        held = {normalize_text(r["prompt"]) for r in heldout}
-        for r in rows:
-            if normalize_text(r["record"]["prompt"]) in held:
-                r["status"] = "exact_dup"
+        exact_duplicates(rows, heldout)
     if sel.dedup.near and heldout:
         near_duplicates(rows, heldout, models.teacher, tok, template, sel.dedup,
                         max_len=cfg.data.max_prompt_len, batch_prompts=sel.batch_prompts,
