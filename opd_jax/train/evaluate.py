@@ -57,13 +57,13 @@ def evaluate_student(*, records: Sequence[dict], tokenizer, template, max_prompt
                      student_sampler, teacher_sampler=None, ks: Sequence[int] = (1,),
                      batch_prompts: int = 8, key: jax.Array, chunk_size: int = 512,
                      privileged_teacher: bool = False, teacher_params_for_sampling=None,
-                     pad_id: int = 0, host: Callable = lambda x: x,
+                     pad_id: int = 0, sample: Callable = rollout.sample,
                      place: Callable = lambda x: x) -> dict[str, Any]:
     """Accuracy of the student on ``records`` and its held-out KLs to the teacher.
 
     With ``teacher_sampler`` the teacher's greedy answers are also graded (``teacher_*`` keys) and
-    the forward KL on them is reported. ``host`` brings sampler outputs to the host (multi-process:
-    ``opd_jax.train.mesh.to_host``), ``place`` puts a scoring batch on the mesh.
+    the forward KL on them is reported. ``sample`` runs a sampler (``rollout.sample``, or
+    ``TrainMesh.sample`` on a mesh), ``place`` puts a scoring batch on the mesh.
     """
     n = max(ks)
     s_params, s_lora = student.params_and_lora(trainable, frozen)
@@ -76,7 +76,7 @@ def evaluate_student(*, records: Sequence[dict], tokenizer, template, max_prompt
         prompts = rollout.encode_prompts(recs, tokenizer, template, max_prompt_len=max_prompt_len,
                                          n_samples=n, privileged_teacher=privileged_teacher,
                                          pad_id=pad_id)
-        out = host(rollout.sample(student_sampler, s_params, prompts, sub, lora=s_lora))
+        out = sample(student_sampler, s_params, prompts, sub, lora=s_lora)
         texts = rollout.decode_rows(tokenizer, out.tokens, out.mask)
         completions += [texts[i * n:(i + 1) * n] for i in range(len(recs))]
         batch = place(rollout.assemble(prompts, out.tokens, out.mask, out.logprobs_full))
@@ -86,8 +86,8 @@ def evaluate_student(*, records: Sequence[dict], tokenizer, template, max_prompt
             single = rollout.encode_prompts(recs, tokenizer, template,
                                             max_prompt_len=max_prompt_len,
                                             privileged_teacher=privileged_teacher, pad_id=pad_id)
-            t_out = host(rollout.sample(teacher_sampler, teacher_params_for_sampling, single,
-                                        jax.random.fold_in(sub, 1), from_teacher_prompt=True))
+            t_out = sample(teacher_sampler, teacher_params_for_sampling, single,
+                           jax.random.fold_in(sub, 1), from_teacher_prompt=True)
             teacher_texts += [[t] for t in rollout.decode_rows(tokenizer, t_out.tokens, t_out.mask)]
             t_batch = place(rollout.assemble(single, t_out.tokens, t_out.mask,
                                              t_out.logprobs_full))

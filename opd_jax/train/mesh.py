@@ -69,9 +69,7 @@ class TrainMesh:
     @property
     def batch_shards(self) -> int:
         """Ways the batch's leading axis is split (product of the ``batch`` rule's mesh axes)."""
-        target = self.rules.get("batch")
-        axes = () if target is None else ((target,) if isinstance(target, str) else tuple(target))
-        return math.prod(self.mesh.shape[a] for a in axes)
+        return _shards(self.mesh, self.rules)
 
     def scope(self, teacher: bool = False):
         """``use_mesh_rules`` for activation constraints (student or teacher table)."""
@@ -146,6 +144,21 @@ class TrainMesh:
                                 shapes, shardings)
         return abstract, shardings
 
+    def train_shardings(self, student, trainable, frozen, teacher, teacher_args, init_fn):
+        """``(abstract_state, shardings)`` for a train stage: ``shardings`` is the
+        ``{"state", "batch", "frozen", "teacher"}`` dict ``make_train_step(shardings=)`` takes.
+        ``teacher`` is the step's ``TeacherSpec``: a separate teacher is placed by the teacher
+        rules, OPSD's fixed teacher (a copy of the trainable tree) like the trainable tree."""
+        trainable_sh = self.trainable_shardings(student, trainable)
+        abstract, state_sh = self.abstract_state(init_fn, trainable, trainable_sh)
+        if teacher.mode == "separate":
+            teacher_sh = self.params_shardings(teacher.config, teacher_args, teacher=True)
+        else:
+            teacher_sh = trainable_sh if teacher_args is not None else None
+        return abstract, {"state": state_sh, "batch": self.batch_shardings(),
+                          "frozen": self.params_shardings(student.config, frozen),
+                          "teacher": teacher_sh}
+
     def init_state(self, init_fn, trainable, shardings):
         """``init_fn(trainable)`` built directly in ``shardings``."""
         return jax.jit(init_fn, out_shardings=shardings)(trainable)
@@ -174,6 +187,42 @@ class TrainMesh:
         rows that do not divide are replicated (eval batches of any size)."""
         return self.place(batch, jax.tree.map(lambda x: self.rows(np.ndim(x), np.shape(x)), batch))
 
+    def sample(self, sampler, params, prompts, key, *, lora=None,
+               from_teacher_prompt: bool = False):
+        """``rollout.sample`` on the mesh; the output is on the host in a multi-process run.
+
+        One process: exactly ``rollout.sample``. Several: jax 0.10 cannot ``device_put`` typed
+        PRNG keys onto devices of other processes (the sampler does so for its per-row keys and
+        its padding rows), so the rows are padded here to the sampler's batch bucket (copies of
+        row 0, dropped afterwards) and the per-row keys ``fold_in(key, row)`` (the sampler's own
+        rule) are placed as key data and re-wrapped, already in the sampler's row sharding.
+        """
+        from opd_jax.sampler import bucket_batch
+        from opd_jax.train import rollout
+
+        if jax.process_count() == 1:
+            return rollout.sample(sampler, params, prompts, key, lora=lora,
+                                  from_teacher_prompt=from_teacher_prompt)
+        tok, val = ((prompts.teacher_tokens, prompts.teacher_valid) if from_teacher_prompt
+                    else (prompts.student_tokens, prompts.student_valid))
+        tok, val = np.asarray(tok), np.asarray(val)
+        B = tok.shape[0]
+        sampler.check_lengths(val.sum(1))
+        Bb = bucket_batch(B, _shards(sampler.mesh, sampler.rules))
+        tok = np.concatenate([tok, np.repeat(tok[:1], Bb - B, 0)])
+        val = np.concatenate([val, np.repeat(val[:1], Bb - B, 0)])
+        keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(np.arange(Bb, dtype=np.uint32))
+        data = np.asarray(jax.random.key_data(keys))
+        sh = shd.named_sharding(sampler.mesh, ("batch", None), sampler.rules, data.shape)
+        keys = jax.random.wrap_key_data(self.place(data, sh))
+        out = to_host(sampler(params, tok, val, keys, lora=lora, check=False))
+        cut = lambda x: None if x is None else np.asarray(x)[:B]
+        return out.replace(tokens=cut(out.tokens), mask=cut(out.mask),
+                           logprobs=cut(out.logprobs), logprobs_full=cut(out.logprobs_full),
+                           topk_ids=cut(out.topk_ids), topk_logprobs=cut(out.topk_logprobs),
+                           lengths=cut(out.lengths), prompt_tokens=cut(out.prompt_tokens),
+                           prompt_valid=cut(out.prompt_valid))
+
     def check_rows(self, rows: int, grad_accum: int = 1, what: str = "the batch") -> None:
         """``ValueError`` unless ``rows`` (and each grad-accum micro-batch) splits evenly over the
         batch shards."""
@@ -188,6 +237,12 @@ class TrainMesh:
                 f"splits rows {n} ways (rules batch -> {self.rules.get('batch')}); make "
                 f"batch_prompts x n_samples / grad_accum_steps a multiple of {n}, or use a mesh "
                 f"with fewer data/fsdp devices")
+
+
+def _shards(mesh: Mesh, rules: dict) -> int:
+    target = rules.get("batch")
+    axes = () if target is None else ((target,) if isinstance(target, str) else tuple(target))
+    return math.prod(mesh.shape[a] for a in axes)
 
 
 def _shapes(tree):

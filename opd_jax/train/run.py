@@ -57,11 +57,12 @@ def _stage_result(cfg: RunConfig, name: str) -> dict | None:
         ck.close()
 
 
-def run(cfg: RunConfig, *, progress: bool = True, models=None) -> dict[str, Any]:
+def run(cfg: RunConfig, *, progress: bool = True, models=None, mesh=None) -> dict[str, Any]:
     """Run every stage of ``cfg`` (resuming where a previous run stopped); returns the summary.
 
     Runs on the mesh ``cfg.mesh`` (multi-process: ``cfg.mesh.distributed`` initialises
-    ``jax.distributed`` first; only process 0 writes the run directory's files)."""
+    ``jax.distributed`` first; only process 0 writes the run directory's files). ``mesh``: a
+    ``opd_jax.train.mesh.TrainMesh`` to use instead of building one from ``cfg.mesh``."""
     mesh_lib.init_distributed(cfg.mesh.distributed)
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -69,7 +70,7 @@ def run(cfg: RunConfig, *, progress: bool = True, models=None) -> dict[str, Any]
         save_config(cfg, run_dir / "config.yaml")
     train, heldout = load_data(cfg)
     remat = "none"
-    tm = mesh_lib.build_mesh(cfg.mesh)
+    tm = mesh or mesh_lib.build_mesh(cfg.mesh)
     models = models or build_models(cfg.teacher, cfg.student, seed=cfg.seed, remat=remat)
     models = mesh_lib.place_models(models, tm)
     ctx = RunContext(cfg, models, train, heldout, make_template(cfg),

@@ -100,13 +100,8 @@ def run_train_stage(ctx: RunContext, index: int, trainable) -> Any:
                   f"stage {stage.name!r}'s batch (batch_prompts x n_samples)")
     init_fn = functools.partial(init_state, optimizer=optimizer, seed=cfg.seed + index,
                                 with_ema=(kind == "opsd" and stage.teacher_mode == "ema"))
-    trainable_sh = tm.trainable_shardings(m.student, trainable)
-    abstract, state_sh = tm.abstract_state(init_fn, trainable, trainable_sh)
-    shardings = {"state": state_sh, "batch": tm.batch_shardings(),
-                 "frozen": tm.params_shardings(m.student.config, m.frozen),
-                 "teacher": (tm.params_shardings(m.teacher.config, teacher_args, teacher=True)
-                             if teacher.mode == "separate" else
-                             trainable_sh if teacher_args is not None else None)}
+    abstract, shardings = tm.train_shardings(m.student, trainable, m.frozen, teacher,
+                                             teacher_args, init_fn)
     it = make_prompt_iterator(make_prompt_dataset(ctx.train_records,
                                                   batch_size=mesh_lib.per_process_batch(
                                                       stage.batch_prompts),
@@ -124,7 +119,7 @@ def run_train_stage(ctx: RunContext, index: int, trainable) -> Any:
             ck.close()
             return state.trainable
     else:
-        state = tm.init_state(init_fn, trainable, state_sh)
+        state = tm.init_state(init_fn, trainable, shardings["state"])
     ctx.log.truncate(stage.name, start)
 
     chunk_fn = sft_chunk_fn if kind == "cold_start" else make_chunk_fn(lspec)
@@ -156,16 +151,15 @@ def run_train_stage(ctx: RunContext, index: int, trainable) -> Any:
             extra_metrics: dict[str, Any] = {"on_policy": on_policy}
             s_params, s_lora = m.student.params_and_lora(state.trainable, m.frozen)
             if on_policy:
-                out = rollout.sample(student_sampler, s_params, prompts, key, lora=s_lora)
+                out = tm.sample(student_sampler, s_params, prompts, key, lora=s_lora)
             elif kind == "opsd":  # seq-KD from the privileged teacher (the student's weights)
                 tw = state.trainable if stage.teacher_mode == "live" else (
                     state.ema if stage.teacher_mode == "ema" else teacher_args)
                 tp, tl = m.student.params_and_lora(tw, m.frozen)
-                out = rollout.sample(teacher_sampler, tp, prompts, key, lora=tl,
-                                     from_teacher_prompt=True)
+                out = tm.sample(teacher_sampler, tp, prompts, key, lora=tl,
+                                from_teacher_prompt=True)
             else:
-                out = rollout.sample(teacher_sampler, m.teacher.params, prompts, key)
-            out = mesh_lib.to_host(out)
+                out = tm.sample(teacher_sampler, m.teacher.params, prompts, key)
             keep = None
             if kind == "cold_start":
                 texts = rollout.decode_rows(tok, out.tokens, out.mask)
@@ -237,7 +231,7 @@ def run_eval_stage(ctx: RunContext, index: int, trainable, *, name: str | None =
             ks=stage.ks, batch_prompts=stage.batch_prompts,
             key=jax.random.fold_in(jax.random.key(cfg.seed), 10_000 + index),
             chunk_size=stage.loss.chunk_size, teacher_params_for_sampling=m.teacher.params,
-            pad_id=_pad_id(tok), host=mesh_lib.to_host, place=tm.place_rows)
+            pad_id=_pad_id(tok), sample=tm.sample, place=tm.place_rows)
     ctx.log.write({"stage": name, "kind": "eval", "step": 0,
                    **{k: v for k, v in result.items() if k != "samples"}})
     ck.save(0, None, {"result": result}, done=True)
