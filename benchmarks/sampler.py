@@ -183,12 +183,13 @@ class Tok:  # tunix tokenizes strings; hand it our ids through a trivial tokeniz
 
 results = {}
 P, N = len(spec["prompt"]), spec["new_tokens"]
+P2 = 1 << (P - 1).bit_length()  # tunix left-pads prompts to a power of two
 for batch in spec["batches"]:
     s = tsampler.Sampler(model, Tok(spec["prompt"]), tsampler.CacheConfig(
-        cache_size=P + N + 8, num_layers=c["n_layers"], num_kv_heads=c["n_kv_heads"],
+        cache_size=P2 + N + 8, num_layers=c["n_layers"], num_kv_heads=c["n_kv_heads"],
         head_dim=c["head_dim"]))
     for mode in spec["modes"]:
-        kw = dict(max_generation_steps=N, echo=False)
+        kw = dict(max_generation_steps=N, echo=False, max_prompt_length=P2)
         if mode == "sample":
             kw.update(temperature=1.0, top_p=1.0, seed=0)
         run = lambda: s(["x"] * batch, **kw)
