@@ -38,6 +38,7 @@ __all__ = [
     "logprob_gap",
     "mechanism_metrics_from_logits",
     "mechanism_metrics",
+    "mechanism_metrics_from_teacher_topk",
     "summarize",
     "per_position",
 ]
@@ -323,6 +324,93 @@ def mechanism_metrics(
         extras,
         chunk_size=chunk_size,
         remat=False,
+    )
+
+
+def mechanism_metrics_from_teacher_topk(
+    student_hidden: jax.Array,
+    student_unembed: jax.Array,
+    teacher_topk,
+    tokens: jax.Array,
+    *,
+    where: jax.Array | None = None,
+    chunk_size: int = 512,
+    temperature: float = 1.0,
+    sampler_logprobs: jax.Array | None = None,
+) -> dict[str, jax.Array]:
+    r"""Mechanism metrics when the teacher is only known by its precomputed top-k.
+
+    With :class:`~opd_jax.losses.chunked.TeacherTopK` (``ids``/``logprobs`` ``[B, T, K]``,
+    e.g. from the teacher's scoring job) the student side is computed chunk by chunk from
+    hidden states (no ``[B, T, V]`` logits) with ``k = K``.  The teacher's entropy and its
+    log-prob of tokens outside its top-k are unknown, so this returns the subset
+    ``overlap``, ``student_shared_mass``, ``teacher_shared_mass``, ``student_topk_mass``,
+    ``teacher_topk_mass``, ``student_entropy``, ``student_token_logprob`` (and the gap metrics
+    with ``sampler_logprobs``), plus ``token_in_teacher_topk`` (1 where the sampled token is
+    among the teacher's top-k).
+
+    Args:
+      student_hidden: ``[B, T, D]``; student_unembed: ``[D, V]``.
+      teacher_topk: ``TeacherTopK`` at the same positions and ``temperature``.
+      tokens: ``[B, T]`` sampled token ids.
+      where: ``[B, T]`` bool mask; ``None`` = all.
+      chunk_size: token rows per chunk ``C``.
+      temperature: softmax temperature of the student (the teacher's was fixed when scoring).
+      sampler_logprobs: optional ``[B, T]`` sampler log-probs.
+
+    Returns:
+      dict of ``[B, T]`` float32 arrays, ``0`` where masked.
+    """
+    from opd_jax.losses.chunked import chunked_logits_map
+
+    token_shape = student_hidden.shape[:2]
+    _check_metric_inputs(tokens, where, sampler_logprobs, token_shape)
+    if teacher_topk.ids.shape[:2] != token_shape or teacher_topk.ids.ndim != 3:
+        raise ValueError(
+            f"teacher_topk.ids has shape {teacher_topk.ids.shape}; it must be [B, T, K] with "
+            f"[B, T] = {token_shape}"
+        )
+    k = teacher_topk.ids.shape[-1]
+    valid = jnp.ones(token_shape, bool) if where is None else where.astype(bool)
+    sg = lax.stop_gradient
+    extras = (
+        tokens.astype(jnp.int32),
+        valid,
+        None if sampler_logprobs is None else sg(sampler_logprobs),
+        teacher_topk.ids.astype(jnp.int32),
+        sg(teacher_topk.logprobs.astype(jnp.float32)),
+    )
+    inv_temp = 1.0 / temperature
+
+    def per_chunk(s_logits_CxV, ex):
+        tok_C, valid_C, sampler_C, t_ids, t_top = ex
+        s_logp = jax.nn.log_softmax(s_logits_CxV.astype(jnp.float32) * inv_temp, axis=-1)
+        s_top, s_ids = lax.top_k(s_logp, k)
+        s_p = jnp.exp(s_logp)
+        s_tok = jnp.take_along_axis(s_logp, tok_C[:, None], axis=-1)[:, 0]
+        out = {
+            "overlap": topk_overlap(s_ids, t_ids, where=valid_C),
+            "student_shared_mass": shared_mass(s_top, s_ids, t_ids, where=valid_C),
+            "teacher_shared_mass": shared_mass(t_top, t_ids, s_ids, where=valid_C),
+            "student_topk_mass": _mask(jnp.sum(jnp.exp(s_top), axis=-1), valid_C),
+            "teacher_topk_mass": _mask(jnp.sum(jnp.exp(t_top), axis=-1), valid_C),
+            "student_entropy": _mask(
+                -jnp.sum(s_p * jnp.where(s_p > 0, s_logp, 0.0), -1), valid_C
+            ),
+            "student_token_logprob": _mask(s_tok, valid_C),
+            "token_in_teacher_topk": _mask(
+                jnp.any(t_ids == tok_C[:, None], axis=-1).astype(jnp.float32), valid_C
+            ),
+        }
+        if sampler_C is not None:
+            gap = logprob_gap(sampler_C, s_tok, where=valid_C)
+            out["logprob_gap"] = gap
+            out["abs_logprob_gap"] = jnp.abs(gap)
+        return out
+
+    return chunked_logits_map(
+        per_chunk, (sg(student_hidden),), (sg(student_unembed),), extras,
+        chunk_size=chunk_size, remat=False,
     )
 
 

@@ -180,3 +180,24 @@ def test_metrics_carry_no_gradient():
         return sum(jnp.sum(v) for v in out.values())
 
     assert not np.any(np.asarray(jax.grad(f)(hs)))
+
+
+def test_teacher_topk_metrics_match_dense_subset():
+    from opd_jax.losses.chunked import chunked_teacher_topk
+
+    hs, ws, ht, wt, tokens, where, sampler = _inputs(seed=5)
+    temp = 0.9
+    top = chunked_teacher_topk(ht, wt, k=K, chunk_size=8, temperature=temp, where=where)
+    got = metrics.mechanism_metrics_from_teacher_topk(
+        hs, ws, top, tokens, where=where, chunk_size=6, temperature=temp, sampler_logprobs=sampler
+    )
+    want = _reference(hs @ ws, ht @ wt, tokens, sampler, K, temp)
+    m = np.asarray(where)
+    for name in set(got) - {"token_in_teacher_topk"}:
+        np.testing.assert_allclose(
+            np.asarray(got[name])[m], want[name][m], rtol=1e-5, atol=2e-5, err_msg=name
+        )
+    t_ids = np.argsort(-np.asarray(ht @ wt), -1, kind="stable")[..., :K]
+    inside = (t_ids == np.asarray(tokens)[..., None]).any(-1)
+    np.testing.assert_array_equal(np.asarray(got["token_in_teacher_topk"])[m], inside[m])
+    assert all(np.all(np.asarray(v)[~m] == 0.0) for v in got.values())
