@@ -352,6 +352,40 @@ def test_frozen_unembedding_and_traced_temperature():
     np.testing.assert_allclose(g_dense_teacher, want_dense, rtol=1e-4, atol=1e-6)
 
 
+def test_student_logits_map_matches_checkpoint_map():
+    """The lean map equals chunked_logits_map (values, student gradients) on a loss+metrics fn."""
+    from opd_jax.losses.chunked import chunked_logits_map, chunked_student_logits_map
+
+    hs, ws, ht, wt, where, cot = _inputs(seed=14)
+    tokens = jnp.asarray(np.random.default_rng(14).integers(0, V, (B, T)), jnp.int32)
+
+    def fn(s_logits, t_logits, ex):
+        t_logits = jax.lax.stop_gradient(t_logits)
+        return {
+            "loss": DIVERGENCES["forward_kl"](s_logits, t_logits, where=ex["mask"]),
+            "logp": jax.lax.stop_gradient(jax.nn.log_softmax(s_logits))[
+                jnp.arange(s_logits.shape[0]), ex["tokens"]
+            ],
+        }
+
+    extras = {"tokens": tokens, "mask": where}
+
+    def via_checkpoint(h, w):
+        return chunked_logits_map(fn, (h, ht), (w, wt), extras, chunk_size=6)
+
+    def via_lean(h, w):
+        return chunked_student_logits_map(fn, h, w, ht, wt, extras, chunk_size=6)
+
+    cots = {"loss": cot, "logp": jnp.zeros_like(cot)}
+    (want, gw), (got, gl) = _value_and_vjp(via_checkpoint, cots, hs, ws), _value_and_vjp(
+        via_lean, cots, hs, ws
+    )
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-6)
+    for a, b in zip(gw, gl):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
+
+
 # ------------------------------------------------------------------------------------------
 # scoring helpers
 # ------------------------------------------------------------------------------------------

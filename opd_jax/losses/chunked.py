@@ -51,6 +51,7 @@ __all__ = [
     "chunked_divergence_loss",
     "chunked_logits_map",
     "chunked_logprobs_at_ids",
+    "chunked_student_logits_map",
     "chunked_teacher_topk",
     "chunked_token_logprobs",
     "chunked_token_logprobs_and_entropy",
@@ -221,6 +222,65 @@ def chunked_logits_map(
 
     ys = _scan(body, (h_chunks, e_chunks), remat=remat)
     return jax.tree.map(lambda y: engine.from_chunks(y, batch, time), ys)
+
+
+def chunked_student_logits_map(
+    fn: Callable[..., Any],
+    student_hidden: jax.Array,
+    student_unembed: jax.Array,
+    teacher_hidden: jax.Array | None = None,
+    teacher_unembed: jax.Array | None = None,
+    extras: Any = None,
+    *,
+    chunk_size: int = 512,
+) -> Any:
+    """:func:`chunked_logits_map` for a student + frozen teacher, on the lean custom VJP.
+
+    Returns the ``[B, T, ...]`` stack of ``fn(student_logits_CxV, teacher_logits_CxV,
+    extras_chunk)`` (``teacher_logits_CxV`` is ``None`` without a teacher).  Gradients flow to
+    ``student_hidden`` and ``student_unembed`` only: the teacher is under ``stop_gradient``
+    and ``extras`` and values ``fn`` closes over are constants.  In exchange the backward pass
+    needs no second ``[D, V]`` buffer and skips the unembedding matmul when the unembedding
+    is frozen.  Outputs ``fn`` computes under ``stop_gradient`` (metrics) cost nothing in the
+    backward pass.
+
+    Args:
+      fn: ``fn(student_logits_CxV, teacher_logits_CxV | None, extras_chunk) -> pytree of
+        [C, ...]`` float arrays.
+      student_hidden, student_unembed: ``[B, T, D]``, ``[D, V]``.
+      teacher_hidden, teacher_unembed: ``[B, T, D']``, ``[D', V]``, or both ``None``.
+      extras: pytree of ``[B, T, ...]`` per-token arrays, or ``None`` (padded rows get zeros).
+      chunk_size: token rows per chunk ``C``.
+
+    Returns:
+      The pytree returned by ``fn``, leaves ``[B, T, ...]``.
+    """
+    _check_head(student_hidden, student_unembed, "student")
+    _check_positive_int("chunk_size", chunk_size)
+    if (teacher_hidden is None) != (teacher_unembed is None):
+        raise ValueError("teacher_hidden and teacher_unembed must be given together")
+    if teacher_hidden is not None:
+        _check_head(teacher_hidden, teacher_unembed, "teacher")
+        if teacher_hidden.shape[:2] != student_hidden.shape[:2]:
+            raise ValueError(
+                f"teacher hidden [B, T] {teacher_hidden.shape[:2]} != student "
+                f"{student_hidden.shape[:2]}"
+            )
+        teacher_hidden = lax.stop_gradient(teacher_hidden)
+        teacher_unembed = lax.stop_gradient(teacher_unembed)
+
+    def loss_fn(student_logits_CxV, loss_extras, teacher_unembed_DxV):
+        teacher_hidden_CxD, extras_C = loss_extras
+        teacher_logits_CxV = (
+            None if teacher_hidden_CxD is None
+            else engine.logits(teacher_hidden_CxD, teacher_unembed_DxV)
+        )
+        return fn(student_logits_CxV, teacher_logits_CxV, extras_C)
+
+    loss = _ChunkLoss(
+        engine.DENSE_HEAD, loss_fn, None, (teacher_hidden, extras), loss_consts=teacher_unembed
+    )
+    return _run_per_token(loss, student_hidden, student_unembed, chunk_size)
 
 
 # --------------------------------------------------------------------------------------------
