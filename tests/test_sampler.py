@@ -306,18 +306,6 @@ def test_default_eos_from_tokenizer():
     assert out.tokens[0] == base.tokens[0][:2] and out.texts == ["<2>"]
 
 
-def test_lora_is_used():
-    from opd_jax.model.lora import init_lora
-
-    lora = init_lora(CFG, jax.random.PRNGKey(1), rank=4, alpha=8.0)
-    lora = lora.replace(weights=jax.tree.map(lambda x: x + 0.3, lora.weights))
-    m = types.SimpleNamespace(config=CFG, params=PARAMS, lora=lora)
-    out = generate(m, [PROMPTS[1]], max_new_tokens=6, eos_ids=[])
-    seq = PROMPTS[1] + out.tokens[0]
-    ref = full_logits_np(PARAMS, CFG, seq, lora)[len(PROMPTS[1]) - 1:-1].argmax(-1)
-    assert out.tokens[0] == ref.tolist()
-
-
 EIGHT_DEVICES = textwrap.dedent("""
     import os, json, types
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
@@ -355,7 +343,7 @@ def test_eight_fake_devices_match_one_device():
         np.testing.assert_allclose(res[name][2], res["one"][2], atol=1e-4)
 
 
-def test_unrolled_and_scan_layer_loops_agree():
+def test_unrolled_and_scan_layer_loops_agree_with_lora():
     from opd_jax.model.lora import init_lora
 
     lora = init_lora(CFG, jax.random.PRNGKey(2), rank=2, alpha=4.0)
@@ -368,5 +356,12 @@ def test_unrolled_and_scan_layer_loops_agree():
     np.testing.assert_array_equal(np.asarray(outs[0].tokens), np.asarray(outs[1].tokens))
     np.testing.assert_allclose(np.asarray(outs[0].logprobs_full), np.asarray(outs[1].logprobs_full),
                                atol=1e-5)
+    # the adapters are applied: log-probs equal a full (uncached) forward with the same LoRA
+    seq = tokens[1].tolist() + np.asarray(outs[0].tokens[1]).tolist()
+    lp = log_softmax64(full_logits_np(PARAMS, CFG, seq, lora))[4:-1]
+    np.testing.assert_allclose(np.asarray(outs[0].logprobs_full[1]),
+                               lp[np.arange(6), seq[5:]], atol=2e-4)
+    no_lora = log_softmax64(full_logits_np(PARAMS, CFG, seq))[4:-1]
+    assert np.abs(no_lora[np.arange(6), seq[5:]] - lp[np.arange(6), seq[5:]]).max() > 1e-3
     with pytest.raises(ValueError, match="layer_loop"):
         Sampler(CFG, Greedy(), 2, layer_loop="loop")
