@@ -219,7 +219,9 @@ def _prefill(st: _Static, params: Params, lora: Lora | None, tokens_BxP: jax.Arr
         logits_BxV = next_token_logits(params, c, hidden_BxPxD[:, -1])
         if st.layer_loop == "unroll":
             cache = LayerCaches.from_stacked(cache)
-        zeros = lambda shape, dt: constrain(jnp.zeros(shape, dt), ("batch",) + (None,) * (len(shape) - 1))
+        def zeros(shape, dt):
+            return constrain(jnp.zeros(shape, dt), ("batch",) + (None,) * (len(shape) - 1))
+
         state = DecodeState(
             cache=cache, step=jnp.zeros((), jnp.int32), last_token=jnp.zeros((B,), jnp.int32),
             done=~active_B.astype(bool), keys=keys_B, eos_ids=eos_E.astype(jnp.int32),
