@@ -452,6 +452,18 @@ def chunked_divergence(
       ``[B, T]`` float32 unreduced per-token divergence, exactly ``0`` where ``where`` is False.
       Differentiable w.r.t. ``student_hidden`` and ``student_unembed``; the teacher gets no
       gradient.
+
+    >>> import jax, jax.numpy as jnp
+    >>> from opd_jax.losses import reverse_kl
+    >>> h = jax.random.normal(jax.random.key(0), (1, 5, 4))
+    >>> w = jax.random.normal(jax.random.key(1), (4, 11))
+    >>> per_token = chunked_divergence(h, w, 2 * h, w, chunk_size=2)  # 3 chunks, 1 padded row
+    >>> bool(jnp.allclose(per_token, reverse_kl(h @ w, 2 * h @ w), atol=1e-5))
+    True
+    >>> top = chunked_teacher_topk(2 * h, w, k=11, chunk_size=2)  # K = V: the bucket is empty
+    >>> bool(jnp.allclose(chunked_divergence(h, w, teacher_topk=top, chunk_size=2), per_token,
+    ...                   atol=1e-4))
+    True
     """
     loss = _prepare_loss(
         student_hidden, student_unembed, teacher_hidden, teacher_unembed, teacher_topk, where,
