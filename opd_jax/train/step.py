@@ -5,7 +5,8 @@ score token ``t + 1``, so completion token ``j`` is predicted by the hidden stat
 ``P - 1 + j``: the step slices ``hidden[:, P-1 : P-1+N]`` for the student (and likewise for the
 teacher with its own prompt length, which differs for OPSD's privileged context) and compares it
 with ``completion[:, j]`` under ``mask[:, j]``. ``[B, T, V]`` logits never exist: the loss runs
-chunk by chunk over tokens (``chunked_logits_map``) with rematerialisation.
+chunk by chunk over tokens (``chunked_student_logits_map``, a custom VJP that recomputes each
+chunk's logits).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import jax.numpy as jnp
 import optax
 
 from opd_jax import losses
-from opd_jax.losses.chunked import chunked_logits_map
+from opd_jax.losses.chunked import chunked_student_logits_map
 from opd_jax.metrics import per_position
 from opd_jax.model import decoder
 from opd_jax.model.config import ModelConfig
@@ -97,12 +98,13 @@ def loss_and_metrics(trainable, frozen, teacher_args, batch: RolloutBatch, *,
                                           batch.student_valid), n)
     ws = student.unembed(trainable, frozen)
     ht, wt = teacher_hidden_and_unembed(teacher, student, teacher_args, trainable, frozen, batch)
-    if ht is None:  # no teacher: the chunk function ignores its teacher logits
-        ht, wt = jax.lax.stop_gradient(hs), jax.lax.stop_gradient(ws)
     extras = {"tokens": batch.completion, "mask": batch.mask,
               "sampler_logprobs": batch.sampler_logprobs}
     rows = batch.completion.shape[0] * n  # a chunk longer than the input would only add padding
-    out = chunked_logits_map(chunk_fn, (hs, ht), (ws, wt), extras, chunk_size=min(chunk_size, rows))
+    # lean custom VJP: no second [D, V] buffer in the backward pass, metrics free in backward;
+    # teacher None (SFT) skips the teacher's logits entirely
+    out = chunked_student_logits_map(chunk_fn, hs, ws, ht, wt, extras,
+                                     chunk_size=min(chunk_size, rows))
     return reduction(out["loss"], batch.mask), out
 
 
