@@ -117,7 +117,7 @@ SMALL = {  # --small: tiny random models, a few steps; the whole pipeline in sec
     "optim.lr": 1.0e-3,
     "checkpoint": {"every_n_steps": 0, "keep_last_n": 1, "async_save": False},
     "study.opd_steps": 2, "study.eval_every": 1, "study.eval_prompts": 2, "study.batch_prompts": 2,
-    "study.cold_start_steps": 1, "study.aligned_prompts": 2,
+    "study.cold_start_steps": 1, "study.aligned_prompts": 2, "study.out_dir": "runs/{name}_small",
     "select.pool_size": 8, "select.batch_prompts": 4, "select.chunk_size": 16,
     "select.metrics_k": 4, "select.rule.teacher_correct": False,
     "select.rule.min_teacher_logprob": None,
@@ -305,6 +305,13 @@ def run_study(cfg: RunConfig, study: StudyConfig, sel: SelectConfig, *, progress
     if fresh and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
+    resolved = {"run": to_dict(cfg), "study": to_dict(study), "select": to_dict(sel)}
+    resolved["study"].pop("compilation_cache")
+    saved = out / "study_config.json"
+    if saved.exists() and json.loads(saved.read_text()) != json.loads(json.dumps(resolved)):
+        raise ValueError(f"{out} holds a study run with a different config; pass --fresh to "
+                         "start over there, or set study.out_dir to another directory")
+    saved.write_text(json.dumps(resolved, indent=2))
     with compilation_cache(study.compilation_cache):
         summary = _run_arms(cfg, study, sel, out, progress=progress, fresh=fresh)
     write_study_report(out, cfg, summary)
@@ -490,12 +497,27 @@ def _f(x) -> str:
     return "-" if not _ok(x) else f"{x:.4g}"
 
 
+def describe_model(spec: dict) -> str:
+    """A short description of a ModelSpec dict, e.g. ``default minus layers [10, 15, 20]``."""
+    d = spec.get("derive") or {}
+    name = "SmolLM2-135M-Instruct" if spec["source"] == "default" else spec["source"]
+    if d.get("drop_layers"):
+        return f"{name} minus layers {list(d['drop_layers'])}"
+    if d.get("keep_every"):
+        return f"{name}, keeping every layer i with i % {d['keep_every']} == 0"
+    if d.get("keep_layers"):
+        return f"{name}, layers {list(d['keep_layers'])}"
+    sizes = {k: d[k] for k in ("n_layers", "d_model", "ffn_dim") if d.get(k)}
+    return name + (f" ({', '.join(f'{k}={v}' for k, v in sizes.items())})" if sizes else "")
+
+
 def format_study_report(cfg: RunConfig, summary: dict[str, Any], plots: Sequence[Path]) -> str:
     """The markdown report: setup, findings table, held-out tables per arm, plots, selection."""
     st, arms = summary["study"], summary["arms"]
     lines = ["# OPD study: the paper's findings in miniature", "",
-             f"Teacher: `{cfg.teacher.source}`; compatible student: `{to_dict(cfg.student)}`; "
-             f"incompatible student: `{st['incompatible_student']}`. Data: {cfg.data.source}:"
+             f"Teacher: {describe_model(to_dict(cfg.teacher))}; compatible student: "
+             f"{describe_model(to_dict(cfg.student))}; incompatible student: "
+             f"{describe_model(st['incompatible_student'])}. Data: {cfg.data.source}:"
              f"{cfg.data.name or cfg.data.path}; objective {cfg.loss.objective} "
              f"(top_k {cfg.loss.top_k}), lr {cfg.optim.lr}, {st['batch_prompts']} prompts x "
              f"{cfg.sampler.max_new_tokens} new tokens a step, T={cfg.sampler.temperature}; "

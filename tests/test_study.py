@@ -41,6 +41,7 @@ def test_load_study_config_demo_small_and_errors():
                                                "optim.lr=1e-4"], small=True)
     assert cfg.teacher.source == cfg.student.source == "random" and cfg.optim.lr == 1e-4
     assert study.opd_steps == 3 and sel.pool_size == 5
+    assert study.out_dir == "runs/{name}_small"  # never mixed with a real study's directory
     with pytest.raises(ConfigError, match="study.opd_stepz"):
         load_study_config(DEMO, ["study.opd_stepz=3"])
     with pytest.raises(ConfigError, match="study.arms"):
@@ -175,6 +176,12 @@ def test_study_end_to_end_on_tiny_models(tmp_path):
     # a rerun without --fresh resumes: every arm is read back, the numbers are the same
     again = run_study(cfg, study, sel, progress=False)
     assert again["arms"] == arms and again["findings"] == summary["findings"]
+
+    # a changed config in the same directory is refused (no silent mix of two studies)
+    cfg3, study3, sel3 = load_study_config(DEMO, [f"study.out_dir={tmp_path}/study", cache,
+                                                  "study.opd_steps=1"], small=True)
+    with pytest.raises(ValueError, match="different config"):
+        run_study(cfg3, study3, sel3, progress=False)
 
     # fixed seeds: a fresh run of one arm gives the same numbers on this machine
     cfg2, study2, sel2 = load_study_config(DEMO, [f"study.out_dir={tmp_path}/again", cache,
