@@ -1,6 +1,6 @@
 """``opd-jax study``: the OPD paper's (arXiv 2604.13016) comparisons, in miniature, on one teacher.
 
-Arms (each a run directory under ``study.out_dir``, run by the trainer's own stage functions):
+Arms (each a run directory under ``study.out_dir``, run by ``opd_jax.train.run.run``):
 
 1. ``compatible``: OPD from the run config's ``student`` (demo: SmolLM2 minus layers 10, 15, 20);
 2. ``incompatible``: OPD from ``study.incompatible_student`` (demo: every 3rd layer);
@@ -75,7 +75,7 @@ class StudyConfig:
     rollouts kept by ``cold_start_filters`` (``cold_start_lr`` null = run-level lr); arm 4:
     ``aligned_prompts`` prompts for ``aligned_student``. ``compilation_cache``: JAX persistent
     compilation cache directory (null = off): later stages reuse the compiled step.
-    ``keep_checkpoints`` false deletes a train stage's checkpoint once the next one is done."""
+    ``keep_checkpoints`` false deletes an arm's train-stage checkpoints once the arm is done."""
 
     out_dir: str = "runs/{name}"
     arms: tuple[str, ...] = ARMS
@@ -204,35 +204,18 @@ def arm_config(cfg: RunConfig, name: str, run_dir: Path, student: ModelSpec,
 
 def run_arm(cfg: RunConfig, models, train: list, heldout: list, *, keep_checkpoints: bool,
             progress: bool = True) -> dict[str, dict]:
-    """Run every stage of ``cfg`` on the given records (what ``run.run`` does, with prompt records
-    and models passed in); returns ``{eval stage name: result}``. Resumes an interrupted arm."""
-    from opd_jax.checkpoint import StageCheckpointer, stage_dir
-    from opd_jax.config import save_config
-    from opd_jax.train.metrics_log import MetricsLog
-    from opd_jax.train.run import make_template, summarize
-    from opd_jax.train.stages import RunContext, run_eval_stage, run_train_stage
+    """``run.run`` of one arm on the given records (resumes an interrupted arm); returns
+    ``{eval stage name: result}``. Without ``keep_checkpoints`` the train stages' checkpoints
+    (student + optimizer state, ~1.4 GB each for the 27-layer student) are deleted once the arm
+    is done (the eval results stay: they are small JSON checkpoints)."""
+    from opd_jax.checkpoint import stage_dir
+    from opd_jax.train.run import run
 
-    cfg.run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, cfg.run_dir / "config.yaml")
-    ctx = RunContext(cfg, models, train, heldout, make_template(cfg), MetricsLog(cfg.run_dir),
-                     progress)
-
-    def done(stage) -> bool:
-        with StageCheckpointer(stage_dir(cfg.run_dir, stage.name), async_save=False) as ck:
-            return ck.is_done()
-
-    trains = [i for i, s in enumerate(cfg.stages) if s.trains]
-    last_done = max([i for i in trains if done(cfg.stages[i])], default=-1)
-    trainable, evals, previous = models.trainable, {}, None
-    for i, stage in enumerate(cfg.stages):
-        if not stage.trains:
-            evals[stage.name] = run_eval_stage(ctx, i, trainable)
-        elif i >= last_done:  # earlier train stages are done (their checkpoints may be pruned)
-            trainable = run_train_stage(ctx, i, trainable)
-            if previous is not None and not keep_checkpoints:
-                shutil.rmtree(stage_dir(cfg.run_dir, previous), ignore_errors=True)
-            previous = stage.name
-    (cfg.run_dir / "summary.json").write_text(json.dumps(summarize(cfg, ctx.log, evals), indent=2))
+    evals = run(cfg, progress=progress, models=models, data=(train, heldout))["evals"]
+    if not keep_checkpoints:
+        for stage in cfg.stages:
+            if stage.trains:
+                shutil.rmtree(stage_dir(cfg.run_dir, stage.name), ignore_errors=True)
     return evals
 
 

@@ -148,10 +148,10 @@ def test_study_end_to_end_on_tiny_models(tmp_path):
         for p in arm["heldout"]:
             assert all(isinstance(p[k], float) for k in (R, F, O, "accuracy")), p
         assert (out / name / "arm.json").exists() and (out / name / "metrics.jsonl").exists()
-        # train checkpoints of earlier segments are pruned, the last one is kept
-        kept = sorted(d.name for d in (out / name / "checkpoints").iterdir()
-                      if not d.name.startswith("eval"))
-        assert kept == ["opd_001-002"], kept
+        # the arm is done: its train checkpoints are deleted, the eval results kept
+        kept = sorted(d.name for d in (out / name / "checkpoints").iterdir())
+        assert kept == sorted(f"eval_{x}" for x in (["pre_cold_start"] if name == "cold_start"
+                                                    else []) + ["opd000", "opd001", "opd002"])
     assert len(arms["cold_start"]["cold_start_loss"]) == 1
     assert arms["aligned"]["train_prompts"] == arms["random"]["train_prompts"] == 2
     sel_ids = [json.loads(x)["id"] for x in (out / "select" / "selected.jsonl").read_text()

@@ -57,18 +57,21 @@ def _stage_result(cfg: RunConfig, name: str) -> dict | None:
         ck.close()
 
 
-def run(cfg: RunConfig, *, progress: bool = True, models=None, mesh=None) -> dict[str, Any]:
+def run(cfg: RunConfig, *, progress: bool = True, models=None, mesh=None,
+        data: tuple[list, list] | None = None) -> dict[str, Any]:
     """Run every stage of ``cfg`` (resuming where a previous run stopped); returns the summary.
 
     Runs on the mesh ``cfg.mesh`` (multi-process: ``cfg.mesh.distributed`` initialises
     ``jax.distributed`` first; only process 0 writes the run directory's files). ``mesh``: a
-    ``opd_jax.train.mesh.TrainMesh`` to use instead of building one from ``cfg.mesh``."""
+    ``opd_jax.train.mesh.TrainMesh`` to use instead of building one from ``cfg.mesh``.
+    ``data``: ``(train, heldout)`` prompt records to use instead of :func:`load_data` (the
+    study's arms train on selected prompts against one held-out set)."""
     mesh_lib.init_distributed(cfg.mesh.distributed)
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     if mesh_lib.is_primary():
         save_config(cfg, run_dir / "config.yaml")
-    train, heldout = load_data(cfg)
+    train, heldout = data if data is not None else load_data(cfg)
     remat = "none"
     tm = mesh or mesh_lib.build_mesh(cfg.mesh)
     models = models or build_models(cfg.teacher, cfg.student, seed=cfg.seed, remat=remat)
