@@ -40,13 +40,23 @@ import jax, numpy as np
 """
 
 
-def _python(code: str, n_devices: int = 8, timeout: int = 900, env=None):
+def _python(*codes: str, n_devices: int = 8, timeout: int = 900):
+    """Run each code string in its own subprocess, all at once (compiles dominate: two cores
+    compile two programs at a time); returns their stdouts."""
     prelude = PRELUDE.format(n=n_devices, root=ROOT)
-    res = subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(code)],
-                         capture_output=True, text=True, timeout=timeout, cwd=ROOT,
-                         env={**os.environ, **(env or {})})
-    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
-    return res.stdout
+    procs = [subprocess.Popen([sys.executable, "-c", prelude + textwrap.dedent(code)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+             for code in codes]
+    outs = []
+    for p in procs:
+        try:
+            out, err = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            out, err = p.communicate()
+        assert p.returncode == 0, out[-2000:] + err[-4000:]
+        outs.append(out)
+    return outs
 
 
 def _last_json(stdout: str):
@@ -86,11 +96,10 @@ from opd_jax.train.run import run
 from opd_jax.train.state import init_state, make_optimizer
 from opd_jax.train.step import TeacherSpec
 
-out_dir, tiny = sys.argv[1], sys.argv[2]
+out_dir, tiny, meshes = OUT_DIR, TINY, MESHES
 stages = "stages=[{kind: opd, steps: 3, batch_prompts: 8}]"
 result = {}
-for shape, rules in [((1, 1, 1), "fsdp"), ((8, 1, 1), "fsdp"), ((2, 4, 1), "fsdp"),
-                     ((2, 2, 2), "fsdp_tp")]:
+for shape, rules in meshes:
     name = "x".join(map(str, shape))
     cfg = load_config(tiny, [f"out_dir={out_dir}/{name}", stages, "checkpoint.async_save=false",
                              f"mesh.shape.data={shape[0]}", f"mesh.shape.fsdp={shape[1]}",
@@ -124,8 +133,13 @@ print(json.dumps(result))
 
 
 def test_meshes_match_one_device_and_state_shrinks_with_fsdp(tmp_path):
-    code = MESH_RUNS.replace("sys.argv[1], sys.argv[2]", f"{str(tmp_path)!r}, {TINY!r}")
-    res = _last_json(_python(code))
+    groups = [[((1, 1, 1), "fsdp"), ((2, 2, 2), "fsdp_tp")],
+              [((8, 1, 1), "fsdp"), ((2, 4, 1), "fsdp")]]
+    codes = [f"OUT_DIR, TINY, MESHES = {str(tmp_path)!r}, {TINY!r}, {g!r}\n" + MESH_RUNS
+             for g in groups]
+    res = {}
+    for out in _python(*codes):
+        res.update(_last_json(out))
     ref = res["1x1x1"]
     assert len(ref["loss"]) == 3
     for name in ("8x1x1", "2x4x1", "2x2x2"):
@@ -173,7 +187,7 @@ stacked = {tuple(s) for s in jax.tree.leaves(param_shapes(c)["layers"],
                                              is_leaf=lambda x: isinstance(x, tuple))}
 per_layer = {s[1:] for s in stacked}
 out = {}
-for shape in [(8, 1, 1), (1, 8, 1)]:
+for shape in SHAPES:
     tm = TrainMesh(shd.make_mesh(shape), shd.RULES_FSDP, shd.RULES_FSDP)
     tr = tm.place(ps, tm.trainable_shardings(student, ps))
     tp = tm.place(pt, tm.params_shardings(c, pt, teacher=True))
@@ -198,7 +212,9 @@ print(json.dumps(out))
 
 
 def test_compiled_step_memory_falls_with_fsdp_and_gathers_only_per_layer():
-    res = _last_json(_python(COMPILED))
+    res = {}
+    for out in _python(*[f"SHAPES = [{s!r}]\n" + COMPILED for s in [(8, 1, 1), (1, 8, 1)]]):
+        res.update(_last_json(out))
     dp, fsdp = res["8x1x1"], res["1x8x1"]
     # parameters + AdamW state + teacher dominate the arguments: 1/8 per device, up to the batch
     # and replicated scalars
@@ -222,7 +238,7 @@ def test_rows_that_do_not_split_over_the_mesh_fail_clearly(tmp_path):
     except ValueError as e:
         print("ERR", e)
     """
-    out = _python(code)
+    out, = _python(code)
     assert "ERR" in out and "splits rows 8 ways" in out and "multiple of 8" in out, out[-2000:]
 
 
