@@ -55,6 +55,7 @@ HELDOUT = [("onpolicy_reverse_kl", "on-policy reverse KL"),
 TRAIN = [("loss", "reverse KL on rollouts (loss)"), ("overlap", "top-k overlap"),
          ("student_shared_mass", "student shared mass"), ("teacher_shared_mass", "teacher shared mass"),
          ("student_entropy", "student entropy"), ("teacher_entropy", "teacher entropy")]
+LOG_SCALE = ("onpolicy_reverse_kl", "teacher_samples_forward_kl", "loss", "cold_start_loss")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -464,7 +465,11 @@ def plot_study(out: Path, arms: dict[str, dict]) -> list[Path]:
                 ax.plot([p["opd_step"] for p in rows], [_nan(p.get(key)) for p in rows],
                         marker="o" if fname == "heldout.png" else None, ms=3, label=arm)
                 ax.set_xlabel("OPD step")
-            ax.set_title(f"{label} ({title})", fontsize=9)
+            ax.set_title(f"{label} ({'teacher rollouts' if key == 'cold_start_loss' else title})",
+                         fontsize=9)
+            ys = [y for line in ax.lines for y in line.get_ydata() if np.isfinite(y)]
+            if key in LOG_SCALE and ys and min(ys) > 0:  # arms differ by orders of magnitude
+                ax.set_yscale("log")
             if ax.lines:
                 ax.legend(fontsize=7)
         for ax in list(axes.flat)[len(panels):]:
