@@ -29,7 +29,7 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/opd-jax demo
 
 test: $(VENV)/.parity
-	$(PY) -m pytest -x -q
+	$(PY) -m pytest -q --durations=25
 
 test-fast: $(VENV)/.installed
 	$(PY) -m pytest -q -m "not slow and not torch"
