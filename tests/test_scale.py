@@ -4,7 +4,8 @@
   of 3 steps from configs/tiny_test.yaml); the final checkpoint restores directly into the
   shardings and per-device parameter + optimizer bytes fall as 1/fsdp;
 * the compiled train step: per-device argument bytes fall as 1/fsdp, and no all-gather produces a
-  full stacked ``[L, ...]`` parameter (only per-layer FSDP gathers);
+  full stacked ``[L, ...]`` parameter (only per-layer FSDP gathers, the embedding table and the
+  unembedding) or a batch-sized activation;
 * two processes on localhost (4 CPU devices each, gloo collectives) train, checkpoint, are killed
   with SIGKILL and resume to the metrics of an uninterrupted two-process run.
 
@@ -186,6 +187,7 @@ init_fn = functools.partial(init_state, optimizer=opt, seed=0)
 stacked = {tuple(s) for s in jax.tree.leaves(param_shapes(c)["layers"],
                                              is_leaf=lambda x: isinstance(x, tuple))}
 per_layer = {s[1:] for s in stacked}
+whole = {(c.vocab_size, c.d_model), (c.d_model, c.vocab_size), (c.d_model,)}  # embed, unembed, norm
 out = {}
 for shape in SHAPES:
     tm = TrainMesh(shd.make_mesh(shape), shd.RULES_FSDP, shd.RULES_FSDP)
@@ -206,7 +208,8 @@ for shape in SHAPES:
         "argument": ma.argument_size_in_bytes, "temp": ma.temp_size_in_bytes,
         "state": int(sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(state))),
         "full_gathers": [g for g in gathers if g in stacked],
-        "layer_gathers": sorted({g for g in gathers if g in per_layer})}
+        "layer_gathers": sorted({g for g in gathers if g in per_layer}),
+        "other_gathers": sorted({g for g in gathers if g not in per_layer | whole})}
 print(json.dumps(out))
 """
 
@@ -225,6 +228,9 @@ def test_compiled_step_memory_falls_with_fsdp_and_gathers_only_per_layer():
     assert fsdp["full_gathers"] == [] and dp["full_gathers"] == []
     assert len(fsdp["layer_gathers"]) >= 4, fsdp["layer_gathers"]
     assert dp["layer_gathers"] == []  # pure data parallelism: weights are already whole
+    # and no activations: the loss runs on each device's rows (shard_map), the embedding lookup
+    # in a gathered table (no [B, T, D] gathers across the batch, forward or backward)
+    assert fsdp["other_gathers"] == [] and dp["other_gathers"] == [], (fsdp, dp)
 
 
 def test_rows_that_do_not_split_over_the_mesh_fail_clearly(tmp_path):

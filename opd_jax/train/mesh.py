@@ -45,7 +45,7 @@ from opd_jax.model.lora import lora_axes
 
 __all__ = ["TrainMesh", "build_mesh", "init_distributed", "is_primary", "to_host",
            "gather_records", "per_process_batch", "make_log", "place_models", "teacher_scope",
-           "rules_key", "MemoryLog"]
+           "map_rows_per_device", "replicate_embedding", "rules_key", "MemoryLog"]
 
 
 def rules_key(rules: dict) -> tuple:
@@ -288,6 +288,43 @@ def teacher_scope(rules: tuple | None):
         return
     with shd.use_mesh_rules(shd._ACTIVE[-1][0], dict(rules)):
         yield
+
+
+def replicate_embedding(params):
+    """Inside a traced step on the active mesh: a parameter tree whose ``embed`` table is
+    constrained to whole rows (``("vocab", None)``: gathered over ``fsdp`` like one layer's
+    weights, still split by vocabulary under ``fsdp_tp``), so token lookups run locally on each
+    device's rows. Left FSDP-sharded, XLA instead gathers the ``[B, T, D]`` embeddings of every
+    row (and, in the backward pass, their gradients) onto every device. Trees without ``embed``
+    (LoRA adapters, ``None``) and calls without an active mesh pass through."""
+    if not shd._ACTIVE or not isinstance(params, dict) or "embed" not in params:
+        return params
+    return {**params, "embed": shd.constrain(params["embed"], ("vocab", None))}
+
+
+def map_rows_per_device(fn, rows, shared):
+    """``fn(rows, shared)`` on each device's own rows of ``rows`` (trees of ``[B, ...]`` arrays),
+    ``shared`` (e.g. unembeddings) whole on every device.
+
+    Inside a traced step on the active mesh (``use_mesh_rules``) this is a ``shard_map`` over the
+    rules' batch axes (the other axes, e.g. ``tensor``, stay automatic), so a loss that scans over
+    chunks of the flattened ``[B * N]`` tokens stays data-parallel: without it XLA gathers every
+    chunk of every row onto every device and each device computes the whole batch's loss.
+    Without an active mesh, with one batch shard, or when ``B`` does not split, ``fn`` runs as is.
+    """
+    if not shd._ACTIVE:
+        return fn(rows, shared)
+    mesh, rules = shd._ACTIVE[-1]
+    target = rules.get("batch")
+    axes = () if target is None else ((target,) if isinstance(target, str) else tuple(target))
+    axes = tuple(a for a in axes if mesh.shape[a] > 1)
+    n = math.prod(mesh.shape[a] for a in axes)
+    b = jax.tree.leaves(rows)[0].shape[0]
+    if n == 1 or b % n:
+        return fn(rows, shared)
+    spec = P(axes if len(axes) > 1 else axes[0])
+    return jax.shard_map(fn, mesh=mesh, in_specs=(spec, P()), out_specs=spec,
+                         axis_names=frozenset(axes), check_vma=False)(rows, shared)
 
 
 # --- multi-process ----------------------------------------------------------------------------

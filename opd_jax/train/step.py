@@ -25,7 +25,7 @@ from opd_jax.losses.chunked import chunked_student_logits_map
 from opd_jax.metrics import per_position
 from opd_jax.model import decoder
 from opd_jax.model.config import ModelConfig
-from opd_jax.train.mesh import teacher_scope
+from opd_jax.train.mesh import map_rows_per_device, replicate_embedding, teacher_scope
 from opd_jax.train.state import StudentSpec, TrainState
 
 CURVE_KEYS = ("overlap", "token_reverse_kl", "student_entropy", "teacher_entropy")
@@ -94,17 +94,25 @@ def loss_and_metrics(trainable, frozen, teacher_args, batch: RolloutBatch, *,
                      reduction: Callable, chunk_size: int):
     """Scalar loss and per-token outputs (``[B, N]`` each) of one (micro-)batch."""
     n = batch.completion.shape[1]
+    # on a mesh: look tokens up in a gathered table (no [B, T, D] gathers across the batch)
+    trainable, frozen, teacher_args = map(replicate_embedding, (trainable, frozen, teacher_args))
     hs = _completion_slice(student.hidden(trainable, frozen, batch.student_tokens,
                                           batch.student_valid), n)
     ws = student.unembed(trainable, frozen)
     ht, wt = teacher_hidden_and_unembed(teacher, student, teacher_args, trainable, frozen, batch)
     extras = {"tokens": batch.completion, "mask": batch.mask,
               "sampler_logprobs": batch.sampler_logprobs}
-    rows = batch.completion.shape[0] * n  # a chunk longer than the input would only add padding
-    # lean custom VJP: no second [D, V] buffer in the backward pass, metrics free in backward;
-    # teacher None (SFT) skips the teacher's logits entirely
-    out = chunked_student_logits_map(chunk_fn, hs, ws, ht, wt, extras,
-                                     chunk_size=min(chunk_size, rows))
+
+    def per_device(rows_, shared):
+        hs_, ht_, extras_ = rows_
+        rows = hs_.shape[0] * n  # a chunk longer than the input would only add padding
+        # lean custom VJP: no second [D, V] buffer in the backward pass, metrics free in
+        # backward; teacher None (SFT) skips the teacher's logits entirely
+        return chunked_student_logits_map(chunk_fn, hs_, shared[0], ht_, shared[1], extras_,
+                                          chunk_size=min(chunk_size, rows))
+
+    # on a mesh each device runs the chunks of its own rows (no gather of every row's tokens)
+    out = map_rows_per_device(per_device, (hs, ht, extras), (ws, wt))
     return reduction(out["loss"], batch.mask), out
 
 
