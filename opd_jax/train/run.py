@@ -83,8 +83,7 @@ def run(cfg: RunConfig, *, progress: bool = True, models=None, mesh=None,
     first_eval = next((i for i, s in enumerate(cfg.stages) if s.kind == "eval"), None)
     trains_before = first_eval is not None and any(s.trains for s in cfg.stages[:first_eval])
     if trains_before:
-        evals[INITIAL_EVAL] = run_eval_stage(ctx, first_eval, trainable, name=INITIAL_EVAL,
-                                             with_teacher=False)
+        evals[INITIAL_EVAL] = run_eval_stage(ctx, first_eval, trainable, name=INITIAL_EVAL)
     for i, stage in enumerate(cfg.stages):
         if stage.trains:
             trainable = run_train_stage(ctx, i, trainable)
