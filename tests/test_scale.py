@@ -267,8 +267,16 @@ cfg = load_config(sys.argv[5], [
     "mesh.distributed.num_processes=2", f"mesh.distributed.process_id={pid}"])
 summary = run(cfg, progress=False)
 import jax
+from opd_jax.data import make_prompt_dataset, make_prompt_iterator
+from opd_jax.train import mesh as M
+from opd_jax.train.run import load_data
+# grain shards the prompts by process; the trainer joins the shards into the global batch
+batch = next(make_prompt_iterator(make_prompt_dataset(load_data(cfg)[0], batch_size=4, seed=0,
+                                                      num_epochs=None)))
 print("RESULT", json.dumps({"process": jax.process_index(), "count": jax.process_count(),
-                            "devices": jax.device_count(), "stages": summary["stages"]}))
+                            "devices": jax.device_count(), "stages": summary["stages"],
+                            "local_ids": [r["id"] for r in batch],
+                            "global_ids": [r["id"] for r in M.gather_records(batch)]}))
 """
 
 
@@ -311,6 +319,9 @@ def test_two_processes_train_checkpoint_kill_and_resume(tmp_path):
     assert [r["process"] for r in results] == [0, 1]
     assert results[0]["count"] == 2 and results[0]["devices"] == 8
     assert results[0]["stages"] == results[1]["stages"]  # metrics are global on every process
+    a, b = results[0]["local_ids"], results[1]["local_ids"]
+    assert len(a) == len(b) == 4 and not set(a) & set(b)  # disjoint prompt shards
+    assert results[0]["global_ids"] == results[1]["global_ids"] == a + b
 
     codes, outs = _two_processes(tmp_path / "res", {**cache, "OPD_JAX_FAULT_KILL_AFTER_STEP": "3"})
     assert codes == [-signal.SIGKILL, -signal.SIGKILL], [o[1][-3000:] for o in outs]
