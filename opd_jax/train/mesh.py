@@ -92,7 +92,7 @@ class TrainMesh:
         return RolloutBatch(*([s] * len(dataclasses.fields(RolloutBatch))))
 
     def params_shardings(self, config, params, teacher: bool = False):
-        """Shardings of a full parameter tree of ``config`` by the student's (or teacher's) rules."""
+        """Shardings of a parameter tree of ``config`` by the student's (or teacher's) rules."""
         if params is None:
             return None
         rules = self.teacher_rules if teacher else self.rules
@@ -370,7 +370,8 @@ def gather_records(records: Sequence[dict]) -> list[dict]:
     from jax.experimental import multihost_utils
 
     data = np.frombuffer(json.dumps(list(records)).encode(), np.uint8)
-    sizes = np.asarray(multihost_utils.process_allgather(np.array([data.size], np.int64))).reshape(-1)
+    sizes = multihost_utils.process_allgather(np.array([data.size], np.int64))
+    sizes = np.asarray(sizes).reshape(-1)
     padded = np.zeros(int(sizes.max()), np.uint8)
     padded[:data.size] = data
     every = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(sizes), -1)
