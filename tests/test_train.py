@@ -154,7 +154,7 @@ def test_tiny_run_all_stage_kinds(tmp_path):
 
 @pytest.mark.parametrize("mode", ["fixed", "ema", "live"])
 def test_opsd_stage_teacher_modes(tmp_path, mode):
-    cfg = _cfg(tmp_path, "data.teacher_template={problem} (the answer is {answer})",
+    cfg = _cfg(tmp_path, "data.teacher_template='{problem} (the answer is {answer})'",
                "loss.objective=generalized_jsd", "loss.beta=0.0", "loss.top_k=null",
                "loss.pointwise_clip=0.05",
                f"stages=[{{kind: opsd, steps: 2, batch_prompts: 2, teacher_mode: {mode}}}]")
@@ -198,8 +198,11 @@ def test_bad_inputs_fail_early_with_clear_errors(tmp_path):
         _cfg(tmp_path, "optim.lrr=1")
     with pytest.raises(ValueError, match="over max_prompt_len"):
         run(_cfg(tmp_path, "data.max_prompt_len=8"), progress=False)
-    with pytest.raises(ValueError, match="no training prompts"):
-        run(_cfg(tmp_path, "data.size=1", "data.heldout_size=1"), progress=False)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(ValueError, match="No prompt records left from empty.jsonl"):
+        run(_cfg(tmp_path, "data.source=jsonl", f"data.path={empty}", "data.prompt_key=prompt"),
+            progress=False)
     with pytest.raises(ValueError, match="do not share a vocabulary"):
         from opd_jax.train.models import build_models
         cfg = _cfg(tmp_path)
