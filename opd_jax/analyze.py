@@ -46,7 +46,8 @@ def plot_run(run_dir: str | Path) -> list[Path]:
         offset = steps[-1]
     for ax in axes.flat:
         ax.set_xlabel("step (all stages)")
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:  # panels with no data for any stage stay empty
+            ax.legend(fontsize=8)
     fig.tight_layout()
     path = run_dir / "mechanism_metrics.png"
     fig.savefig(path, dpi=80)
