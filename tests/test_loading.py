@@ -25,6 +25,7 @@ from opd_jax.model.gguf_loader import load_gguf, unpermute_qk
 from opd_jax.model.hf_loader import (config_from_hf, load_hf, to_hf_config, to_hf_state_dict)
 from opd_jax.model.layers import rope_inv_freq
 from opd_jax.model.loading import Model, check_same_vocab, load_model
+from _gpt2_bytes import bytes_to_unicode
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -235,18 +236,6 @@ def gguf_name(hf_name: str) -> str:
     return f"blk.{i}.{HF_TO_GGUF[rest]}"
 
 
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte -> printable unicode map."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
-        list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
 
 
 TINY_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]

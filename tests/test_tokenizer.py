@@ -12,23 +12,13 @@ import pytest
 
 from opd_jax.model.tokenizer import (CHATML_TEMPLATE, HFTokenizer, SentencePieceTokenizer, Tokenizer,
                                      load_tokenizer, render_chat_template, tokenizer_from_gguf)
+from _gpt2_bytes import bytes_to_unicode
 
 TEXTS = ["Hello world!", "hello world, this is hell", "What is 2+3? The year 2024 had 366 days.",
          "  leading spaces\n\n\ttabs and émojis 🤗 ", "def f(x):\n    return x**2  # comment",
          "don't I'll we've", "<|im_start|>user\nhi<|im_end|>\n", ""]
 
 
-def bytes_to_unicode() -> dict[int, str]:
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
-        list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
 
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
