@@ -35,6 +35,7 @@ import dataclasses
 from typing import Any
 
 FAMILIES = ("llama", "qwen2", "qwen3")
+ATTENTION_IMPLS = ("dense", "blocked")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +60,12 @@ class ModelConfig:
       qkv_bias: q/k/v projections have biases (Qwen2).  qk_norm: per-head RMSNorm on q and k (Qwen3).
       rope_scaling: Llama 3 frequency scaling or ``None``.
       max_position: longest sequence the model was trained for (prompt + completion check).
+      attention: how full-sequence attention is computed (not part of the architecture: same
+        values either way): ``"dense"`` materialises ``[B, H, T, S]`` float32 scores;
+        ``"blocked"`` runs an online softmax over ``attention_block``-sized query and key blocks
+        (``layers.attention_blocked``: O(T * block) memory, for long sequences). One-token decode
+        steps over the KV cache always use the dense form.
+      attention_block: query / key block size of ``"blocked"`` attention.
     """
 
     family: str = "llama"
@@ -76,8 +83,15 @@ class ModelConfig:
     qk_norm: bool = False
     rope_scaling: RopeScaling | None = None
     max_position: int = 2048
+    attention: str = "dense"
+    attention_block: int = 512
 
     def __post_init__(self):
+        if self.attention not in ATTENTION_IMPLS:
+            raise ValueError(f"unknown attention {self.attention!r}; expected one of "
+                             f"{ATTENTION_IMPLS}")
+        if self.attention_block < 1:
+            raise ValueError(f"attention_block must be positive, got {self.attention_block}")
         if self.family not in FAMILIES:
             raise ValueError(f"unknown model family {self.family!r}; expected one of {FAMILIES}")
         if self.n_heads % self.n_kv_heads:

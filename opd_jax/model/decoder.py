@@ -9,14 +9,15 @@ it and never build ``[B, T, V]`` logits. Layers are stacked on a leading axis an
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 
 from opd_jax.model.config import ModelConfig, param_shapes
-from opd_jax.model.layers import apply_rope, attention, rms_norm, rope_inv_freq
+from opd_jax.model.layers import (apply_rope, attention, attention_blocked, rms_norm,
+                                  rope_inv_freq)
 from opd_jax.sharding import constrain
 
 Params = dict[str, Any]
@@ -34,6 +35,15 @@ REMAT_POLICIES = {
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
+
+
+class BlockedMask(NamedTuple):
+    """The attention mask in factored form for blocked attention: query ``t`` may attend to slot
+    ``s`` when ``s <= q_slot[t]`` and ``kv_valid[b, s]`` (never built as ``[B, T, S]``)."""
+
+    q_slot: jax.Array    # [T] int32
+    kv_valid: jax.Array  # [B, S] bool
+    block: int
 
 
 @flax.struct.dataclass
@@ -137,7 +147,12 @@ def _layer(config: ModelConfig, inv_freq, scale: float, x_BxTxD, layer, position
         new_kv = (k_all, v_all)
     else:
         k_all, v_all, new_kv = k, v, None
-    attn = attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype), mask_BxTxS)
+    if isinstance(mask_BxTxS, BlockedMask):
+        attn = attention_blocked(q, k_all.astype(q.dtype), v_all.astype(q.dtype),
+                                 mask_BxTxS.q_slot, mask_BxTxS.kv_valid,
+                                 block_q=mask_BxTxS.block, block_k=mask_BxTxS.block)
+    else:
+        attn = attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype), mask_BxTxS)
     x_BxTxD = x_BxTxD + _project("o", attn, p["o"], lora_l, scale)
     h = rms_norm(x_BxTxD, p["mlp_norm"], config.rms_eps)
     gated = jax.nn.silu(_project("gate", h, p["gate"], lora_l, scale)) * _project(
@@ -150,7 +165,8 @@ def _layer(config: ModelConfig, inv_freq, scale: float, x_BxTxD, layer, position
 def forward(params: Params, config: ModelConfig, tokens_BxT: jax.Array,
             positions_BxT: jax.Array | None = None, *, valid_BxT: jax.Array | None = None,
             cache: KVCache | None = None, lora: Lora | None = None,
-            remat: str = "none") -> tuple[jax.Array, KVCache | None]:
+            remat: str = "none", attention: str | None = None
+            ) -> tuple[jax.Array, KVCache | None]:
     """Run the decoder.
 
     Args:
@@ -164,13 +180,20 @@ def forward(params: Params, config: ModelConfig, tokens_BxT: jax.Array,
         ``[cache.index, cache.index + T)`` and queries attend causally over the whole cache.
       lora: adapters added to the projections; ``None`` runs the base weights alone.
       remat: rematerialisation policy per layer: ``"none" | "full" | "dots" | "dots_no_batch"``.
+      attention: ``"dense" | "blocked"``; ``None`` = ``config.attention``. Blocked attention
+        (block ``config.attention_block``) never builds the ``[B, T, S]`` mask or scores; a
+        one-token step (``T == 1``, decoding over a cache) always runs dense.
 
     Returns:
       ``(hidden_BxTxD, new_cache)``: final-norm hidden states and the updated cache (or ``None``).
     """
     if remat not in REMAT_POLICIES:
         raise ValueError(f"unknown remat policy {remat!r}; expected one of {sorted(REMAT_POLICIES)}")
+    attention = config.attention if attention is None else attention
+    if attention not in ("dense", "blocked"):
+        raise ValueError(f"unknown attention {attention!r}; expected 'dense' or 'blocked'")
     B, T = tokens_BxT.shape
+    blocked = attention == "blocked" and T > 1
     valid_BxT = jnp.ones((B, T), bool) if valid_BxT is None else valid_BxT.astype(bool)
     offset_B = cache.next_pos if cache is not None else jnp.zeros((B,), jnp.int32)
     if positions_BxT is None:
@@ -182,7 +205,13 @@ def forward(params: Params, config: ModelConfig, tokens_BxT: jax.Array,
         slots_S = jnp.arange(cache.size)
         kv_valid_BxS = jax.lax.dynamic_update_slice(cache.valid, valid_BxT, (0, cache.index))
         query_slot_T = cache.index + jnp.arange(T)
-        mask_BxTxS = (slots_S[None, None, :] <= query_slot_T[None, :, None]) & kv_valid_BxS[:, None, :]
+        if blocked:
+            mask_BxTxS = BlockedMask(query_slot_T, kv_valid_BxS, config.attention_block)
+        else:
+            mask_BxTxS = ((slots_S[None, None, :] <= query_slot_T[None, :, None])
+                          & kv_valid_BxS[:, None, :])
+    elif blocked:
+        mask_BxTxS = BlockedMask(jnp.arange(T), valid_BxT, config.attention_block)
     else:
         causal_TxT = jnp.tril(jnp.ones((T, T), bool))
         mask_BxTxS = causal_TxT[None] & valid_BxT[:, None, :]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -64,3 +65,179 @@ def attention(q_BxTxHxE: jax.Array, k_BxSxGxE: jax.Array, v_BxSxGxE: jax.Array,
     probs = jax.nn.softmax(scores, axis=-1).astype(v_BxSxGxE.dtype)
     out = jnp.einsum("bgrts,bsge->btgre", probs, v_BxSxGxE, preferred_element_type=jnp.float32)
     return out.reshape(B, T, H, E).astype(q_BxTxHxE.dtype)
+
+
+# --- blocked (flash-style) attention ----------------------------------------------------------
+#
+# Same result as ``attention`` with ``mask[b, t, s] = (s <= q_slot[t]) & kv_valid[b, s]`` (the
+# decoder's causal + per-slot validity mask, with or without a KV cache) for every query that may
+# attend to at least one key. Queries are cut into blocks of ``block_q`` and keys into blocks of
+# ``block_k``; each query block runs over its key blocks with a running max / sum (online
+# softmax) in float32, so no ``[T, S]`` scores exist: temporaries are O(B * H * block_q * block_k)
+# and the saved residuals O(B * T * H * E). Key blocks entirely after a query block's last slot
+# (causal) or before the first valid slot of every row (left padding) are skipped (the loops run
+# over ``[lo, hi)`` only). The gradient is a custom VJP that recomputes the probabilities block by
+# block from the saved log-sum-exp (flash attention's backward), never the scan's residuals.
+# A query with no key to attend to (a left-padding position) gets output 0 here, where the dense
+# path returns the mean of all values; those positions are padding and are masked downstream.
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _blocked_layout(q, k, v, q_slot_T, kv_valid_BxS, block_q, block_k):
+    """Pad T and S to whole blocks; returns the padded arrays and the block geometry."""
+    B, T, H, E = q.shape
+    S, G = k.shape[1], k.shape[2]
+    bq, bk = max(1, min(block_q, T)), max(1, min(block_k, S))
+    nq, nk = _cdiv(T, bq), _cdiv(S, bk)
+    qp = jnp.pad(q, ((0, 0), (0, nq * bq - T), (0, 0), (0, 0)))
+    qp = qp.reshape(B, nq * bq, G, H // G, E)
+    kp = jnp.pad(k, ((0, 0), (0, nk * bk - S), (0, 0), (0, 0)))
+    vp = jnp.pad(v, ((0, 0), (0, nk * bk - S), (0, 0), (0, 0)))
+    # padded queries sit at slot -1 (they attend to nothing); padded keys are invalid
+    slot = jnp.pad(q_slot_T.astype(jnp.int32), (0, nq * bq - T), constant_values=-1)
+    valid = jnp.pad(kv_valid_BxS.astype(bool), ((0, 0), (0, nk * bk - S)))
+    # first key block holding a valid key in any row (left padding: earlier blocks are skipped)
+    any_valid_S = jnp.any(valid, axis=0)
+    first = jnp.where(jnp.any(any_valid_S), jnp.argmax(any_valid_S), nk * bk)
+    lo = (first // bk).astype(jnp.int32)
+    return qp, kp, vp, slot, valid, lo, (B, T, H, E, G, bq, bk, nq, nk)
+
+
+def _block_hi(slot_q, bk, nk):
+    """One past the last key block a query block needs: its largest slot's block (causal)."""
+    return jnp.clip(jnp.floor_divide(jnp.max(slot_q), bk) + 1, 0, nk).astype(jnp.int32)
+
+
+def _block_scores(q_i, k_j, slot_q, valid_j, j, bk, scale):
+    """Scaled float32 scores ``[B, G, R, bq, bk]`` of one (query, key) block pair and its mask."""
+    s = jnp.einsum("bqgre,bkge->bgrqk", q_i, k_j, preferred_element_type=jnp.float32) * scale
+    slots_k = j * bk + jnp.arange(bk)
+    mask = (slots_k[None, :] <= slot_q[:, None])[None, None, None] & valid_j[:, None, None, None, :]
+    return s, mask
+
+
+def _blocked_forward(q, k, v, q_slot_T, kv_valid_BxS, block_q, block_k):
+    qp, kp, vp, slot, valid, lo, geo = _blocked_layout(q, k, v, q_slot_T, kv_valid_BxS,
+                                                       block_q, block_k)
+    B, T, H, E, G, bq, bk, nq, nk = geo
+    R = H // G
+    scale = 1.0 / math.sqrt(E)
+
+    def q_block(_, i):
+        q_i = jax.lax.dynamic_slice_in_dim(qp, i * bq, bq, axis=1)      # [B, bq, G, R, E]
+        slot_q = jax.lax.dynamic_slice_in_dim(slot, i * bq, bq)          # [bq]
+
+        def kv_block(j, carry):
+            m, l, acc = carry
+            k_j = jax.lax.dynamic_slice_in_dim(kp, j * bk, bk, axis=1)  # [B, bk, G, E]
+            v_j = jax.lax.dynamic_slice_in_dim(vp, j * bk, bk, axis=1)
+            valid_j = jax.lax.dynamic_slice_in_dim(valid, j * bk, bk, axis=1)
+            s, mask = _block_scores(q_i, k_j, slot_q, valid_j, j, bk, scale)
+            m_new = jnp.maximum(m, jnp.max(jnp.where(mask, s, MASK_VALUE), axis=-1))
+            p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
+            alpha = jnp.exp(m - m_new)
+            l = alpha * l + jnp.sum(p, axis=-1)
+            pv = jnp.einsum("bgrqk,bkge->bgrqe", p.astype(v_j.dtype), v_j,
+                            preferred_element_type=jnp.float32)
+            return m_new, l, alpha[..., None] * acc + pv
+
+        init = (jnp.full((B, G, R, bq), MASK_VALUE, jnp.float32),
+                jnp.zeros((B, G, R, bq), jnp.float32), jnp.zeros((B, G, R, bq, E), jnp.float32))
+        m, l, acc = jax.lax.fori_loop(lo, _block_hi(slot_q, bk, nk), kv_block, init)
+        seen = l > 0
+        o_i = jnp.where(seen[..., None], acc / jnp.where(seen, l, 1.0)[..., None], 0.0)
+        lse_i = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), 0.0)
+        return None, (o_i, lse_i)
+
+    _, (o, lse) = jax.lax.scan(q_block, None, jnp.arange(nq))     # [nq, B, G, R, bq, (E)]
+    o = jnp.moveaxis(o, 0, 1).transpose(0, 1, 4, 2, 3, 5).reshape(B, nq * bq, H, E)[:, :T]
+    return o.astype(q.dtype), lse                                  # lse: [nq, B, G, R, bq]
+
+
+def _blocked_backward(q, k, v, q_slot_T, kv_valid_BxS, o, lse, do, block_q, block_k):
+    qp, kp, vp, slot, valid, lo, geo = _blocked_layout(q, k, v, q_slot_T, kv_valid_BxS,
+                                                       block_q, block_k)
+    B, T, H, E, G, bq, bk, nq, nk = geo
+    R = H // G
+    scale = 1.0 / math.sqrt(E)
+    pad_t = ((0, 0), (0, nq * bq - T), (0, 0), (0, 0))
+    dop = jnp.pad(do, pad_t).reshape(B, nq * bq, G, R, E)
+    # D_t = sum_e dO_te O_te = sum_s P_ts dP_ts (float32)
+    delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1)
+    delta = jnp.pad(delta, ((0, 0), (0, nq * bq - T), (0, 0))).reshape(B, nq * bq, G, R)
+
+    def q_block(carry, i):
+        dk, dv = carry
+        q_i = jax.lax.dynamic_slice_in_dim(qp, i * bq, bq, axis=1)
+        do_i = jax.lax.dynamic_slice_in_dim(dop, i * bq, bq, axis=1)     # [B, bq, G, R, E]
+        slot_q = jax.lax.dynamic_slice_in_dim(slot, i * bq, bq)
+        delta_i = jax.lax.dynamic_slice_in_dim(delta, i * bq, bq, axis=1).transpose(0, 2, 3, 1)
+        lse_i = lse[i]                                                   # [B, G, R, bq]
+
+        def kv_block(j, carry):
+            dq_i, dk, dv = carry
+            k_j = jax.lax.dynamic_slice_in_dim(kp, j * bk, bk, axis=1)
+            v_j = jax.lax.dynamic_slice_in_dim(vp, j * bk, bk, axis=1)
+            valid_j = jax.lax.dynamic_slice_in_dim(valid, j * bk, bk, axis=1)
+            s, mask = _block_scores(q_i, k_j, slot_q, valid_j, j, bk, scale)
+            p = jnp.where(mask, jnp.exp(s - lse_i[..., None]), 0.0)       # [B, G, R, bq, bk]
+            dv_j = jnp.einsum("bgrqk,bqgre->bkge", p.astype(do_i.dtype), do_i,
+                              preferred_element_type=jnp.float32)
+            dp = jnp.einsum("bqgre,bkge->bgrqk", do_i, v_j, preferred_element_type=jnp.float32)
+            ds = (p * (dp - delta_i[..., None]) * scale).astype(q_i.dtype)
+            dq_i = dq_i + jnp.einsum("bgrqk,bkge->bqgre", ds, k_j,
+                                     preferred_element_type=jnp.float32)
+            dk_j = jnp.einsum("bgrqk,bqgre->bkge", ds, q_i, preferred_element_type=jnp.float32)
+            at = j * bk
+            dk = jax.lax.dynamic_update_slice_in_dim(
+                dk, jax.lax.dynamic_slice_in_dim(dk, at, bk, axis=1) + dk_j, at, axis=1)
+            dv = jax.lax.dynamic_update_slice_in_dim(
+                dv, jax.lax.dynamic_slice_in_dim(dv, at, bk, axis=1) + dv_j, at, axis=1)
+            return dq_i, dk, dv
+
+        dq_i = jnp.zeros((B, bq, G, R, E), jnp.float32)
+        dq_i, dk, dv = jax.lax.fori_loop(lo, _block_hi(slot_q, bk, nk), kv_block, (dq_i, dk, dv))
+        return (dk, dv), dq_i
+
+    zeros_kv = jnp.zeros((B, nk * bk, G, E), jnp.float32)
+    (dk, dv), dq = jax.lax.scan(q_block, (zeros_kv, zeros_kv), jnp.arange(nq))
+    dq = jnp.moveaxis(dq, 0, 1).reshape(B, nq * bq, H, E)[:, :T]
+    S = k.shape[1]
+    return dq.astype(q.dtype), dk[:, :S].astype(k.dtype), dv[:, :S].astype(v.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _attention_blocked(q, k, v, q_slot_T, kv_valid_BxS, block_q, block_k):
+    return _blocked_forward(q, k, v, q_slot_T, kv_valid_BxS, block_q, block_k)[0]
+
+
+def _attention_blocked_fwd(q, k, v, q_slot_T, kv_valid_BxS, block_q, block_k):
+    o, lse = _blocked_forward(q, k, v, q_slot_T, kv_valid_BxS, block_q, block_k)
+    return o, (q, k, v, q_slot_T, kv_valid_BxS, o, lse)
+
+
+def _attention_blocked_bwd(block_q, block_k, res, do):
+    q, k, v, q_slot_T, kv_valid_BxS, o, lse = res
+    dq, dk, dv = _blocked_backward(q, k, v, q_slot_T, kv_valid_BxS, o, lse, do, block_q, block_k)
+    return dq, dk, dv, None, None
+
+
+_attention_blocked.defvjp(_attention_blocked_fwd, _attention_blocked_bwd)
+
+
+def attention_blocked(q_BxTxHxE: jax.Array, k_BxSxGxE: jax.Array, v_BxSxGxE: jax.Array,
+                      q_slot_T: jax.Array, kv_valid_BxS: jax.Array, *, block_q: int = 512,
+                      block_k: int = 512) -> jax.Array:
+    """Memory-efficient grouped-query attention (online softmax over key blocks; float32 math).
+
+    Query ``t`` may attend to key slot ``s`` when ``s <= q_slot_T[t]`` and ``kv_valid_BxS[b, s]``
+    (without a cache ``q_slot_T = arange(T)``; with one, ``cache.index + arange(T)``). Equal to
+    :func:`attention` with that mask wherever a query has a key to attend to; a query with none
+    gets 0. ``T`` and ``S`` need not be multiples of the block sizes (blocks are clamped to
+    ``T`` / ``S`` and the tail is padded). Differentiable (custom VJP, O(T) residuals).
+    """
+    return _attention_blocked(q_BxTxHxE, k_BxSxGxE, v_BxSxGxE, q_slot_T, kv_valid_BxS,
+                              int(block_q), int(block_k))
