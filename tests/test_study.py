@@ -7,8 +7,8 @@ import os
 import pytest
 
 from opd_jax.config import ConfigError, to_dict
-from opd_jax.study import (ARMS, HELDOUT, TRAIN, FindingRules, StudyConfig, arm_stages, judge,
-                           load_study_config, plot_study, run_study, write_study_report)
+from opd_jax.study import (ARMS, HELDOUT, TRAIN, FindingRules, StudyConfig, arm_series, arm_stages,
+                           judge, load_study_config, plot_study, run_study, write_study_report)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(ROOT, "configs", "study_demo.yaml")
@@ -46,6 +46,22 @@ def test_load_study_config_demo_small_and_errors():
         load_study_config(DEMO, ["study.opd_stepz=3"])
     with pytest.raises(ConfigError, match="study.arms"):
         load_study_config(DEMO, ["study.arms=[compatible, nope]"])
+
+
+def test_arm_series_reads_evals_and_training_rows(tmp_path):
+    rows = [{"stage": "cold_start", "kind": "cold_start", "step": 1, "loss": 2.5},
+            {"stage": "eval_opd000", "kind": "eval", "step": 0, R: 9.0},
+            {"stage": "opd_000-001", "kind": "opd", "step": 1, "loss": 1.5, "overlap": 0.25},
+            {"stage": "opd_001-002", "kind": "opd", "step": 1, "loss": 1.0, "overlap": 0.5}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + "\n")
+    evals = {"eval_opd000": {R: 2.0, "teacher_accuracy": 0.5}, "eval_opd002": {R: 1.0}}
+    s = arm_series(tmp_path, evals, {"eval_opd000": 0, "eval_opd002": 2})
+    assert [(p["opd_step"], p[R], p["teacher_accuracy"]) for p in s["heldout"]] == [
+        (0, 2.0, 0.5), (2, 1.0, None)]
+    assert set(s["heldout"][0]) == {"opd_step", "teacher_accuracy", *(k for k, _ in HELDOUT)}
+    assert [(t["opd_step"], t["loss"], t["overlap"], t["student_entropy"]) for t in s["train"]] == [
+        (1, 1.5, 0.25, None), (2, 1.0, 0.5, None)]
+    assert s["cold_start_loss"] == [2.5]
 
 
 def _arm(points):

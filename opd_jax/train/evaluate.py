@@ -13,7 +13,6 @@ import functools
 from typing import Any, Callable, Sequence
 
 import jax
-import numpy as np
 
 from opd_jax import losses
 from opd_jax.config_schema import LossSpec
@@ -27,12 +26,19 @@ SUMMARY_KEYS = ("overlap", "student_shared_mass", "teacher_shared_mass", "studen
                 "teacher_entropy")
 
 
+def full_vocab_scorer(student: StudentSpec, teacher: TeacherSpec, objective: str,
+                     chunk_size: int, metrics_k: int = 16) -> Callable:
+    """``fn(trainable, frozen, teacher_args, batch) -> (loss, per-token outputs)``, not jitted:
+    the trainer's chunked ``loss_and_metrics`` with the full-vocabulary ``objective`` (token
+    mean) and the mechanism metrics at top-``metrics_k``."""
+    chunk_fn = make_chunk_fn(LossSpec(objective=objective, top_k=None), metrics_k=metrics_k)
+    return functools.partial(loss_and_metrics, student=student, teacher=teacher,
+                             chunk_fn=chunk_fn, reduction=losses.token_mean, chunk_size=chunk_size)
+
+
 @functools.lru_cache(maxsize=8)
 def _scorer(student: StudentSpec, teacher: TeacherSpec, objective: str, chunk_size: int):
-    chunk_fn = make_chunk_fn(LossSpec(objective=objective, top_k=None))
-    return jax.jit(functools.partial(loss_and_metrics, student=student, teacher=teacher,
-                                     chunk_fn=chunk_fn, reduction=losses.token_mean,
-                                     chunk_size=chunk_size))
+    return jax.jit(full_vocab_scorer(student, teacher, objective, chunk_size))
 
 
 def score_rollouts(student: StudentSpec, teacher: TeacherSpec, trainable, frozen, teacher_args,
@@ -72,27 +78,19 @@ def evaluate_student(*, records: Sequence[dict], tokenizer, template, max_prompt
     rkl_parts, fkl_parts = [], []
     for start in range(0, len(records), batch_prompts):
         recs = list(records[start:start + batch_prompts])
-        sub = jax.random.fold_in(key, start)
-        prompts = rollout.encode_prompts(recs, tokenizer, template, max_prompt_len=max_prompt_len,
-                                         n_samples=n, privileged_teacher=privileged_teacher,
-                                         pad_id=pad_id)
-        out = sample(student_sampler, s_params, prompts, sub, lora=s_lora)
-        texts = rollout.decode_rows(tokenizer, out.tokens, out.mask)
-        completions += [texts[i * n:(i + 1) * n] for i in range(len(recs))]
-        batch = place(rollout.assemble(prompts, out.tokens, out.mask, out.logprobs_full))
-        rkl_parts.append(score_rollouts(student, teacher, trainable, frozen, teacher_args, batch,
-                                        "reverse_kl", chunk_size))
+        ro = rollout.sample_student_and_teacher(
+            recs, tokenizer, template, max_prompt_len=max_prompt_len, n_samples=n,
+            key=jax.random.fold_in(key, start), student_sampler=student_sampler,
+            student_params=s_params, student_lora=s_lora, teacher_sampler=teacher_sampler,
+            teacher_params=teacher_params_for_sampling, privileged_teacher=privileged_teacher,
+            pad_id=pad_id, sample_fn=sample)
+        completions += [ro.student_texts[i * n:(i + 1) * n] for i in range(len(recs))]
+        rkl_parts.append(score_rollouts(student, teacher, trainable, frozen, teacher_args,
+                                        place(ro.student), "reverse_kl", chunk_size))
         if teacher_sampler is not None:
-            single = rollout.encode_prompts(recs, tokenizer, template,
-                                            max_prompt_len=max_prompt_len,
-                                            privileged_teacher=privileged_teacher, pad_id=pad_id)
-            t_out = sample(teacher_sampler, teacher_params_for_sampling, single,
-                           jax.random.fold_in(sub, 1), from_teacher_prompt=True)
-            teacher_texts += [[t] for t in rollout.decode_rows(tokenizer, t_out.tokens, t_out.mask)]
-            t_batch = place(rollout.assemble(single, t_out.tokens, t_out.mask,
-                                             t_out.logprobs_full))
+            teacher_texts += [[t] for t in ro.teacher_texts]
             fkl_parts.append(score_rollouts(student, teacher, trainable, frozen, teacher_args,
-                                            t_batch, "forward_kl", chunk_size))
+                                            place(ro.teacher), "forward_kl", chunk_size))
     result = evaluate(list(records), completions, ks=tuple(ks))
     summary = {k: v for k, v in result.items() if k not in ("per_prompt", "per_source")}
     summary["onpolicy_reverse_kl"] = _weighted(rkl_parts)["reverse_kl"]

@@ -9,7 +9,7 @@ the same rollouts as an uninterrupted one.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -82,6 +82,45 @@ def assemble(prompts: Prompts, completion: Any, mask: Any, sampler_logprobs: Any
         sampler_logprobs=jnp.asarray(sampler_logprobs, jnp.float32))
 
 
+class StudentAndTeacherRollouts(NamedTuple):
+    """One batch's student rollouts and (optionally) the teacher's answers, assembled and decoded.
+
+    ``student`` / ``student_texts``: ``n_samples`` rows per record (prompt-major); ``teacher`` /
+    ``teacher_texts``: one row per record, ``None`` when no teacher sampler was given."""
+
+    student: RolloutBatch
+    student_texts: list[str]
+    teacher: RolloutBatch | None = None
+    teacher_texts: list[str] | None = None
+
+
+def sample_student_and_teacher(records: Sequence[dict], tokenizer, template: PromptTemplate, *,
+                               max_prompt_len: int, n_samples: int, key: jax.Array,
+                               student_sampler: Sampler, student_params,
+                               student_lora: Lora | None = None,
+                               teacher_sampler: Sampler | None = None, teacher_params=None,
+                               privileged_teacher: bool = False, pad_id: int = 0,
+                               sample_fn: Callable | None = None) -> StudentAndTeacherRollouts:
+    """``n_samples`` student rollouts per record drawn with ``key`` and, with ``teacher_sampler``,
+    one teacher rollout per record (on the teacher's prompt) drawn with ``fold_in(key, 1)``: the
+    batches held-out evaluation and prompt selection score. ``sample_fn`` runs a sampler
+    (default :func:`sample`; ``TrainMesh.sample`` on a mesh)."""
+    sample_fn = sample_fn or sample
+    enc = dict(max_prompt_len=max_prompt_len, privileged_teacher=privileged_teacher, pad_id=pad_id)
+    prompts = encode_prompts(records, tokenizer, template, n_samples=n_samples, **enc)
+    out = sample_fn(student_sampler, student_params, prompts, key, lora=student_lora)
+    student = assemble(prompts, out.tokens, out.mask, out.logprobs_full)
+    texts = decode_rows(tokenizer, out.tokens, out.mask)
+    if teacher_sampler is None:
+        return StudentAndTeacherRollouts(student, texts)
+    single = encode_prompts(records, tokenizer, template, **enc)
+    t_out = sample_fn(teacher_sampler, teacher_params, single, jax.random.fold_in(key, 1),
+                      from_teacher_prompt=True)
+    return StudentAndTeacherRollouts(
+        student, texts, assemble(single, t_out.tokens, t_out.mask, t_out.logprobs_full),
+        decode_rows(tokenizer, t_out.tokens, t_out.mask))
+
+
 def decode_rows(tokenizer, completion: np.ndarray, mask: np.ndarray) -> list[str]:
     """Completion texts (special tokens skipped) of each row."""
     completion, mask = np.asarray(completion), np.asarray(mask)
@@ -100,6 +139,11 @@ def filter_rows(texts: Sequence[str], spec) -> tuple[np.ndarray, dict[str, int]]
     keep[[i for i, _ in result.kept]] = True
     counts = {k: int(v) for k, v in result.counts.items()}
     return keep, counts
+
+
+def pad_id_of(tokenizer) -> int:
+    """The tokenizer's pad id (0 when it has none)."""
+    return int(getattr(tokenizer, "pad_id", 0) or 0)
 
 
 def eos_ids(tokenizer, extra: Sequence[int] = ()) -> tuple[int, ...]:

@@ -63,10 +63,6 @@ def make_sampler(config, spec, tokenizer, *, greedy: bool = False, return_topk=N
                    mesh=mesh, rules=rules)
 
 
-def _pad_id(tokenizer) -> int:
-    return int(getattr(tokenizer, "pad_id", 0) or 0)
-
-
 def _mesh(ctx: RunContext) -> mesh_lib.TrainMesh:
     return ctx.mesh if ctx.mesh is not None else mesh_lib.single_device_mesh()
 
@@ -144,7 +140,8 @@ def run_train_stage(ctx: RunContext, index: int, trainable) -> Any:
             prompts = rollout.encode_prompts(records, tok, ctx.template,
                                              max_prompt_len=dspec.max_prompt_len,
                                              n_samples=n_samples,
-                                             privileged_teacher=(kind == "opsd"), pad_id=_pad_id(tok))
+                                             privileged_teacher=(kind == "opsd"),
+                                             pad_id=rollout.pad_id_of(tok))
             on_policy = kind != "cold_start" and (
                 lspec.lambda_on_policy >= 1.0 or
                 float(jax.random.uniform(jax.random.fold_in(key, 1))) < lspec.lambda_on_policy)
@@ -231,7 +228,7 @@ def run_eval_stage(ctx: RunContext, index: int, trainable, *, name: str | None =
             ks=stage.ks, batch_prompts=stage.batch_prompts,
             key=jax.random.fold_in(jax.random.key(cfg.seed), 10_000 + index),
             chunk_size=stage.loss.chunk_size, teacher_params_for_sampling=m.teacher.params,
-            pad_id=_pad_id(tok), sample=tm.sample, place=tm.place_rows)
+            pad_id=rollout.pad_id_of(tok), sample=tm.sample, place=tm.place_rows)
     ctx.log.write({"stage": name, "kind": "eval", "step": 0,
                    **{k: v for k, v in result.items() if k != "samples"}})
     ck.save(0, None, {"result": result}, done=True)
