@@ -40,7 +40,9 @@ BUILD NOTES (measured on this project's CPU machines, tunix 0.1.7, jax 0.10.2, f
 * ``google-tunix`` is the PyPI name; ``tunix`` on PyPI is an unrelated 0.0.0 placeholder with no
   code. tunix 0.1.7 needs ``safetensors<0.8`` and pulls transformers, datasets,
   tensorflow-datasets, kagglehub, numba, qwix, ...: its virtualenv is 1.6 GB, which is why it
-  stays an optional extra (installed in a separate CI step / virtualenv).
+  stays an optional extra. This module and its tests import far less: CI (``make test``) installs
+  ``google-tunix==0.1.7`` with ``--no-deps`` plus jaxtyping, wadler-lindig, google-metrax, clu,
+  tensorboardX, perfetto, wrapt and pandas (``TUNIX_LEAN`` in the Makefile, ≈30 s).
 * tunix 0.1.7's Qwen3 (and Llama3) attention calls ``apply_rope`` without the config's
   ``rope_theta``: its RoPE base is always ``1_000_000`` whatever ``ModelConfig.rope_theta`` says.
   :func:`from_tunix_qwen3` therefore defaults to ``rope_theta="tunix"`` (``1e6``, reproducing
