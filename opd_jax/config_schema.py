@@ -16,12 +16,14 @@ from opd_jax.config import FieldError
 
 __all__ = [
     "DeriveSpec", "LoraSpec", "ModelSpec", "DataSpec", "SamplerSpec", "LossSpec", "OptimSpec",
-    "FilterSpec", "OBJECTIVES", "PROJECTIONS", "need", "placeholders",
+    "FilterSpec", "OBJECTIVES", "PROJECTIONS", "ATTENTION", "REMAT", "need", "placeholders",
 ]
 
 OBJECTIVES = ("sampled_token_rkl", "topk_reward", "reverse_kl", "forward_kl", "generalized_jsd",
               "skew_forward_kl", "skew_reverse_kl")
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
+ATTENTION = ("dense", "blocked")
+REMAT = ("none", "full", "dots", "dots_no_batch")
 
 Objective = Literal["sampled_token_rkl", "topk_reward", "reverse_kl", "forward_kl",
                     "generalized_jsd", "skew_forward_kl", "skew_reverse_kl"]
@@ -102,17 +104,31 @@ class LoraSpec:
 class ModelSpec:
     """Which weights to load. ``source``: "default" (embedded SmolLM2-135M-Instruct GGUF), a path
     to a Hugging Face folder or a ``.gguf`` file, or "random" (tiny random model; ``derive`` sizes
-    it). ``tokenizer``: optional path overriding the tokenizer that comes with ``source``."""
+    it). ``tokenizer``: optional path overriding the tokenizer that comes with ``source``.
+
+    How the model runs (same values either way): ``attention`` "dense" builds ``[B, H, T, T]``
+    float32 scores, "blocked" runs an online softmax over ``attention_block``-token query / key
+    blocks (memory O(T x block): long responses need it). ``remat`` (student only: the teacher
+    runs no backward pass) recomputes each layer's activations in the backward pass: "none",
+    "full" (keep only each layer's input), "dots" (keep matmul outputs), "dots_no_batch"."""
 
     source: str = "default"
     dtype: Literal["float32", "bfloat16"] = "float32"
     tokenizer: Optional[str] = None
     derive: Optional[DeriveSpec] = None
     lora: LoraSpec = LoraSpec()
+    attention: Literal["dense", "blocked"] = "dense"
+    attention_block: int = 512
+    remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"
 
     def validate(self) -> None:
         need(bool(self.source), "source", self.source,
               '"default", "random" or a path to a HF folder / .gguf file')
+        need(self.attention in ATTENTION, "attention", self.attention,
+             f"one of {list(ATTENTION)}")
+        need(self.remat in REMAT, "remat", self.remat, f"one of {list(REMAT)}")
+        need(self.attention_block >= 1, "attention_block", self.attention_block,
+             "an integer >= 1 (query / key block size of blocked attention)")
 
 
 @dataclasses.dataclass(frozen=True)

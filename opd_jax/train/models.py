@@ -79,16 +79,27 @@ def derive(model: Model, spec: ModelSpec, seed: int) -> Model:
     return model
 
 
+def with_execution(model: Model, spec: ModelSpec) -> Model:
+    """``model`` with the spec's attention implementation and block size in its config."""
+    return model.replace(config=model.config.replace(attention=spec.attention,
+                                                     attention_block=spec.attention_block))
+
+
 def build_models(teacher_spec: ModelSpec, student_spec: ModelSpec, *, seed: int,
-                 remat: str = "none") -> Models:
-    """Load the teacher, load (or reuse) and derive the student, add LoRA, check the vocabulary."""
+                 remat: str | None = None) -> Models:
+    """Load the teacher, load (or reuse) and derive the student, add LoRA, check the vocabulary.
+
+    Each model's config carries its spec's ``attention`` / ``attention_block``; the student runs
+    with ``remat`` (default ``student_spec.remat``)."""
+    remat = student_spec.remat if remat is None else remat
     teacher = derive(load_source(teacher_spec, seed), teacher_spec, seed)
     same_source = (student_spec.source == teacher_spec.source and student_spec.dtype ==
                    teacher_spec.dtype and student_spec.source != "random"
                    and student_spec.tokenizer == teacher_spec.tokenizer)
     base = (load_source(teacher_spec, seed) if teacher_spec.derive and same_source else
             teacher if same_source else load_source(student_spec, seed + 1))
-    student = derive(base, student_spec, seed + 1)
+    student = with_execution(derive(base, student_spec, seed + 1), student_spec)
+    teacher = with_execution(teacher, teacher_spec)
     check_same_vocab(teacher, student)
     tokenizer = student.tokenizer or teacher.tokenizer
     if tokenizer is None:

@@ -72,9 +72,9 @@ def run(cfg: RunConfig, *, progress: bool = True, models=None, mesh=None,
     if mesh_lib.is_primary():
         save_config(cfg, run_dir / "config.yaml")
     train, heldout = data if data is not None else load_data(cfg)
-    remat = "none"
     tm = mesh or mesh_lib.build_mesh(cfg.mesh)
-    models = models or build_models(cfg.teacher, cfg.student, seed=cfg.seed, remat=remat)
+    # student.remat / attention and teacher.attention come from the specs (build_models)
+    models = models or build_models(cfg.teacher, cfg.student, seed=cfg.seed)
     models = mesh_lib.place_models(models, tm)
     ctx = RunContext(cfg, models, train, heldout, make_template(cfg),
                      mesh_lib.make_log(run_dir, cfg.log.tensorboard), progress, mesh=tm)
