@@ -135,23 +135,39 @@ class DistributedSpec:
              "set coordinator_address, num_processes and process_id together, or none of them")
 
 
+RULES_TABLES = ("fsdp", "fsdp_tp", "replicated")
+
+
 @dataclasses.dataclass(frozen=True)
 class MeshSpec:
-    """Device mesh and the logical-axis rules table: "fsdp" (pure FSDP, the default) or "fsdp_tp"
-    (FSDP plus tensor parallelism over ``tensor``); ``teacher_rules`` null = same as the student."""
+    """Device mesh and the logical-axis rules tables (``opd_jax.sharding``): "fsdp" (weights split
+    over ``fsdp``, the default), "fsdp_tp" (also heads / mlp / vocab over ``tensor``) or
+    "replicated" (whole weights on every device; the batch still split over ``data`` x ``fsdp``).
+    ``teacher_rules`` null = the student's table. The teacher runs no backward pass, so it may use
+    a different table on the same mesh: e.g. a student ``fsdp_tp`` with a teacher ``fsdp``
+    (sharded over ``fsdp``, whole over ``tensor``), or a small teacher ``replicated`` (no per-layer
+    gathers). With ``shape.tensor > 1`` at least one of the two tables must use the tensor axis
+    (``fsdp_tp``); a model whose table does not use it repeats its work on every ``tensor``
+    device."""
 
     shape: MeshShape = MeshShape()
-    rules: Literal["fsdp", "fsdp_tp"] = "fsdp"
-    teacher_rules: Optional[Literal["fsdp", "fsdp_tp"]] = None
+    rules: Literal["fsdp", "fsdp_tp", "replicated"] = "fsdp"
+    teacher_rules: Optional[Literal["fsdp", "fsdp_tp", "replicated"]] = None
     distributed: DistributedSpec = DistributedSpec()
 
     def validate(self) -> None:
+        for field in ("rules", "teacher_rules"):
+            value = getattr(self, field)
+            need(value in RULES_TABLES or (field == "teacher_rules" and value is None), field,
+                 value, f"one of {list(RULES_TABLES)}" + (" or null (= rules)"
+                                                          if field == "teacher_rules" else ""))
         if self.shape.tensor != 1:
-            for field in ("rules", "teacher_rules"):
-                value = getattr(self, field)
-                need(value in (None, "fsdp_tp"), field, value,
-                     f'"fsdp_tp": the "fsdp" table does not use the tensor axis '
-                     f"(shape.tensor={self.shape.tensor})")
+            teacher = self.teacher_rules or self.rules
+            need("fsdp_tp" in (self.rules, teacher), "rules", self.rules,
+                 f'"fsdp_tp" for the student or the teacher (teacher_rules={self.teacher_rules!r})'
+                 f": shape.tensor={self.shape.tensor} but neither table uses the tensor axis, so "
+                 "every device along it would repeat the same work; set shape.tensor: 1 or use "
+                 "fsdp_tp")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -228,6 +244,9 @@ class RunConfig:
         for i, stage in enumerate(self.stages):
             if stage.kind == "opsd":
                 self._validate_opsd(i, stage)
+        need(self.teacher.remat == "none", "teacher.remat", self.teacher.remat,
+             '"none": the teacher runs no backward pass, so there is nothing to rematerialise '
+             "(set student.remat)")
 
     def _validate_opsd(self, i: int, stage: StageSpec) -> None:
         data = self.resolve_stage(stage).data

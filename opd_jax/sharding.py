@@ -46,11 +46,16 @@ RULES_FSDP_TP: dict[str, Any] = {
     "kv_heads": "tensor",
 }
 
-RULES = {"fsdp": RULES_FSDP, "fsdp_tp": RULES_FSDP_TP}
+# Whole weights on every device (pure data parallelism over data x fsdp): e.g. a small teacher
+# next to an FSDP student, which then needs no per-layer gathers in its forward pass.
+RULES_REPLICATED: dict[str, Any] = {name: None for name in RULES_FSDP} | {"batch": ("data", "fsdp")}
+
+RULES = {"fsdp": RULES_FSDP, "fsdp_tp": RULES_FSDP_TP, "replicated": RULES_REPLICATED}
 
 
 def get_rules(name_or_rules: str | Mapping[str, Any]) -> dict[str, Any]:
-    """Return a rules table by name (``"fsdp"``, ``"fsdp_tp"``) or pass a mapping through."""
+    """Return a rules table by name (``"fsdp"``, ``"fsdp_tp"``, ``"replicated"``) or pass a
+    mapping through."""
     if isinstance(name_or_rules, Mapping):
         return dict(name_or_rules)
     if name_or_rules not in RULES:
