@@ -347,6 +347,19 @@ def _as_row_keys(key: jax.Array, batch: int) -> jax.Array:
     return typed
 
 
+def _host_copy(x):
+    """A multi-process input on the host: global arrays gathered from every process (typed keys
+    as key data, re-wrapped locally); anything else as is."""
+    if not isinstance(x, jax.Array) or x.is_fully_addressable:
+        return x
+    from jax.experimental import multihost_utils
+
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        data = multihost_utils.process_allgather(jax.random.key_data(x), tiled=True)
+        return jax.random.wrap_key_data(np.asarray(data), impl=jax.random.key_impl(x))
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
 def _batch_shards(mesh: Mesh | None, rules: dict) -> int:
     if mesh is None:
         return 1
@@ -430,6 +443,21 @@ class Sampler:
                                    jax.tree.map(lambda x: x.shape, params))
         return jax.device_put(params, shardings)
 
+    def _place_rows(self, x: jax.Array) -> jax.Array:
+        """``x`` (``[B, ...]``, the same on every process) split over the mesh's batch axes as a
+        global array. Typed PRNG keys travel as their key data and are re-wrapped: jax cannot
+        place typed keys onto other processes' devices. One process: ``device_put``."""
+        typed = jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+        data = jax.random.key_data(x) if typed else x
+        sharding = named_sharding(self.mesh, ("batch",) + (None,) * (data.ndim - 1), self.rules,
+                                  data.shape)
+        if jax.process_count() == 1:
+            placed = jax.device_put(data, sharding)
+        else:
+            host = np.asarray(data)
+            placed = jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+        return jax.random.wrap_key_data(placed, impl=jax.random.key_impl(x)) if typed else placed
+
     def check_lengths(self, prompt_lengths: Sequence[int] | np.ndarray) -> None:
         """``ValueError`` naming the row when ``length + max_new_tokens > config.max_position``
         or a row is empty."""
@@ -447,6 +475,10 @@ class Sampler:
     def __call__(self, params: Params, prompt_tokens_BxP, prompt_valid_BxP, key, *,
                  lora: Lora | None = None, check: bool = True) -> SampleOutput:
         st = self._static
+        if jax.process_count() > 1:
+            # every process holds the same host batch; global inputs are gathered first
+            prompt_tokens_BxP, prompt_valid_BxP, key = map(
+                _host_copy, (prompt_tokens_BxP, prompt_valid_BxP, key))
         tokens = jnp.asarray(prompt_tokens_BxP, jnp.int32)
         valid = jnp.asarray(prompt_valid_BxP, bool)
         if tokens.ndim != 2 or tokens.shape != valid.shape:
@@ -472,9 +504,7 @@ class Sampler:
         if Bb > B:
             keys = jnp.concatenate([keys, jax.random.split(jax.random.key(0), Bb - B)])
         if self.mesh is not None:
-            row = lambda x: jax.device_put(x, named_sharding(
-                self.mesh, ("batch",) + (None,) * (x.ndim - 1), self.rules, x.shape))
-            tokens, valid, active, keys = map(row, (tokens, valid, active, keys))
+            tokens, valid, active, keys = map(self._place_rows, (tokens, valid, active, keys))
         # padded to a multiple of 4 with -1 (never drawn) so the EOS count rarely changes shapes
         eos = np.full(_round_up(max(len(self.eos_ids), 1), 4), -1, np.int32)
         eos[:len(self.eos_ids)] = self.eos_ids

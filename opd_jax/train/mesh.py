@@ -43,7 +43,7 @@ from opd_jax.model.config import param_axes
 from opd_jax.model.decoder import Lora
 from opd_jax.model.lora import lora_axes
 
-__all__ = ["TrainMesh", "build_mesh", "init_distributed", "is_primary", "to_host",
+__all__ = ["TrainMesh", "build_mesh", "init_distributed", "is_primary", "barrier", "to_host",
            "gather_records", "per_process_batch", "make_log", "place_models", "teacher_scope",
            "map_rows_per_device", "replicate_embedding", "rules_key", "MemoryLog"]
 
@@ -191,37 +191,13 @@ class TrainMesh:
                from_teacher_prompt: bool = False):
         """``rollout.sample`` on the mesh; the output is on the host in a multi-process run.
 
-        One process: exactly ``rollout.sample``. Several: jax 0.10 cannot ``device_put`` typed
-        PRNG keys onto devices of other processes (the sampler does so for its per-row keys and
-        its padding rows), so the rows are padded here to the sampler's batch bucket (copies of
-        row 0, dropped afterwards) and the per-row keys ``fold_in(key, row)`` (the sampler's own
-        rule) are placed as key data and re-wrapped, already in the sampler's row sharding.
-        """
-        from opd_jax.sampler import bucket_batch
+        The sampler places its rows (and its per-row keys, as key data) as global arrays on the
+        mesh itself, so this only fetches the outputs that span other processes."""
         from opd_jax.train import rollout
 
-        if jax.process_count() == 1:
-            return rollout.sample(sampler, params, prompts, key, lora=lora,
-                                  from_teacher_prompt=from_teacher_prompt)
-        tok, val = ((prompts.teacher_tokens, prompts.teacher_valid) if from_teacher_prompt
-                    else (prompts.student_tokens, prompts.student_valid))
-        tok, val = np.asarray(tok), np.asarray(val)
-        B = tok.shape[0]
-        sampler.check_lengths(val.sum(1))
-        Bb = bucket_batch(B, _shards(sampler.mesh, sampler.rules))
-        tok = np.concatenate([tok, np.repeat(tok[:1], Bb - B, 0)])
-        val = np.concatenate([val, np.repeat(val[:1], Bb - B, 0)])
-        keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(np.arange(Bb, dtype=np.uint32))
-        data = np.asarray(jax.random.key_data(keys))
-        sh = shd.named_sharding(sampler.mesh, ("batch", None), sampler.rules, data.shape)
-        keys = jax.random.wrap_key_data(self.place(data, sh))
-        out = to_host(sampler(params, tok, val, keys, lora=lora, check=False))
-        cut = lambda x: None if x is None else np.asarray(x)[:B]
-        return out.replace(tokens=cut(out.tokens), mask=cut(out.mask),
-                           logprobs=cut(out.logprobs), logprobs_full=cut(out.logprobs_full),
-                           topk_ids=cut(out.topk_ids), topk_logprobs=cut(out.topk_logprobs),
-                           lengths=cut(out.lengths), prompt_tokens=cut(out.prompt_tokens),
-                           prompt_valid=cut(out.prompt_valid))
+        out = rollout.sample(sampler, params, prompts, key, lora=lora,
+                             from_teacher_prompt=from_teacher_prompt)
+        return to_host(out)
 
     def check_rows(self, rows: int, grad_accum: int = 1, what: str = "the batch") -> None:
         """``ValueError`` unless ``rows`` (and each grad-accum micro-batch) splits evenly over the
@@ -345,6 +321,14 @@ def init_distributed(spec) -> bool:
 
 def is_primary() -> bool:
     return jax.process_index() == 0
+
+
+def barrier(name: str) -> None:
+    """Wait for every process (a no-op in a single process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 def to_host(tree):
