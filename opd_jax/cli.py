@@ -27,13 +27,21 @@ def cmd_train(args) -> int:
     from opd_jax.analyze import write_report
     from opd_jax.train.run import format_summary, run
 
+    from opd_jax.train import mesh as mesh_lib
+
     cfg = _load(args)
-    if args.fresh and cfg.run_dir.exists():
-        shutil.rmtree(cfg.run_dir)
+    # multi-process: initialise first (run() would do it too) so that only process 0 deletes or
+    # writes the shared run directory
+    mesh_lib.init_distributed(cfg.mesh.distributed)
+    if args.fresh:
+        if mesh_lib.is_primary() and cfg.run_dir.exists():
+            shutil.rmtree(cfg.run_dir)
+        mesh_lib.barrier("fresh_run_dir")
     summary = run(cfg, progress=not args.no_progress)
-    print(format_summary(summary))
-    report = write_report(cfg.run_dir)
-    print(f"\nreport: {report}")
+    if mesh_lib.is_primary():
+        print(format_summary(summary))
+        report = write_report(cfg.run_dir)
+        print(f"\nreport: {report}")
     return 0
 
 
