@@ -92,7 +92,8 @@ def bench_opd_jax(teacher, student, ids, args) -> dict:
     opt = make_optimizer(OptimSpec(lr=5e-5, grad_clip_norm=None), 100)
     step = make_train_step(student=StudentSpec(student.config),
                            teacher=TeacherSpec("separate", teacher.config), optimizer=opt,
-                           chunk_fn=make_chunk_fn(LossSpec(objective="reverse_kl", top_k=None)),
+                           chunk_fn=make_chunk_fn(LossSpec(objective="reverse_kl", top_k=None),
+                                                  with_metrics=not args.no_metrics),
                            reduction=losses.token_mean, chunk_size=512)
     state = init_state(student.params, opt, 0)
     times, gen_tok, trained, compile_s = [], [], [], None
@@ -185,6 +186,8 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--no-trl", action="store_true")
+    p.add_argument("--no-metrics", action="store_true",
+                   help="opd_jax step without the in-step mechanism metrics (loss only)")
     args = p.parse_args()
     if args.small:
         args.batch, args.new_tokens, args.repeats = 2, 8, 2
