@@ -118,7 +118,7 @@ class SampleOutput:
 
 @flax.struct.dataclass
 class LayerCaches:
-    """The KV cache as per-layer arrays (``layer_loop="unroll"``): ``k[l], v[l]: [B, S, G, E]``;
+    """The KV cache as per-layer arrays (``layer_loop="unroll"``): ``k[l], v[l]: [B, G, S, E]``;
     ``valid``, ``index``, ``next_pos`` as in :class:`opd_jax.model.decoder.KVCache`."""
 
     k: tuple
@@ -212,7 +212,7 @@ def _prefill(st: _Static, params: Params, lora: Lora | None, tokens_BxP: jax.Arr
     with _mesh_context(st):
         dtype = params["embed"].dtype
         cache = init_cache(c, B, P + N - 1, dtype)
-        kv_axes = ("layers", "batch", "length", "kv_heads", "head_dim")
+        kv_axes = ("layers", "batch", "kv_heads", "length", "head_dim")
         cache = cache.replace(k=constrain(cache.k, kv_axes), v=constrain(cache.v, kv_axes))
         hidden_BxPxD, cache = hidden_states(params, c, tokens_BxP, valid_BxP, lora=lora,
                                             cache=cache)

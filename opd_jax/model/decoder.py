@@ -16,8 +16,8 @@ import jax
 import jax.numpy as jnp
 
 from opd_jax.model.config import ModelConfig, param_shapes
-from opd_jax.model.layers import (apply_rope, attention, attention_blocked, rms_norm,
-                                  rope_inv_freq)
+from opd_jax.model.layers import (apply_rope, attention, attention_blocked, attention_over_cache,
+                                  rms_norm, rope_inv_freq)
 from opd_jax.sharding import constrain
 
 Params = dict[str, Any]
@@ -51,7 +51,9 @@ class KVCache:
     """Preallocated key/value cache.
 
     Attributes:
-      k, v: ``[L, B, S, G, E]`` keys and values per slot.
+      k, v: ``[L, B, G, S, E]`` keys and values per slot, heads before slots: a decode step's
+        attention reads each (row, head) block contiguously and a write touches one ``E`` run
+        per head, with no per-step transpose of the whole cache.
       valid: ``[B, S]`` bool, slot holds a real (non-padding) token.
       index: scalar int32, next slot to write (shared by all rows: prompts are left-padded).
       next_pos: ``[B]`` int32, RoPE position of each row's next real token.
@@ -65,12 +67,12 @@ class KVCache:
 
     @property
     def size(self) -> int:
-        return self.k.shape[2]
+        return self.k.shape[3]
 
 
 def init_cache(config: ModelConfig, batch: int, size: int, dtype=jnp.float32) -> KVCache:
     """An empty cache of ``size`` slots for ``batch`` rows."""
-    shape = (config.n_layers, batch, size, config.n_kv_heads, config.head_dim)
+    shape = (config.n_layers, batch, config.n_kv_heads, size, config.head_dim)
     return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
                    valid=jnp.zeros((batch, size), bool), index=jnp.zeros((), jnp.int32),
                    next_pos=jnp.zeros((batch,), jnp.int32))
@@ -140,19 +142,23 @@ def _layer(config: ModelConfig, inv_freq, scale: float, x_BxTxD, layer, position
     k = apply_rope(k, positions_BxT, inv_freq)
     q = constrain(q, ("batch", "length", "heads", "head_dim"))
     if cache_kv is not None:
-        k_all = jax.lax.dynamic_update_slice(cache_kv[0], k.astype(cache_kv[0].dtype),
-                                             (0, write_index, 0, 0))
-        v_all = jax.lax.dynamic_update_slice(cache_kv[1], v.astype(cache_kv[1].dtype),
-                                             (0, write_index, 0, 0))
-        new_kv = (k_all, v_all)
-    else:
-        k_all, v_all, new_kv = k, v, None
-    if isinstance(mask_BxTxS, BlockedMask):
-        attn = attention_blocked(q, k_all.astype(q.dtype), v_all.astype(q.dtype),
-                                 mask_BxTxS.q_slot, mask_BxTxS.kv_valid,
+        # cache layout [B, G, S, E]: the T new rows go in as [B, G, T, E] at slot write_index
+        write = lambda buf, x: jax.lax.dynamic_update_slice(
+            buf, x.transpose(0, 2, 1, 3).astype(buf.dtype), (0, 0, write_index, 0))
+        new_kv = (write(cache_kv[0], k), write(cache_kv[1], v))
+        k_all, v_all = (x.astype(q.dtype) for x in new_kv)
+        if isinstance(mask_BxTxS, BlockedMask):   # prefill: one transpose back per call
+            attn = attention_blocked(q, k_all.transpose(0, 2, 1, 3), v_all.transpose(0, 2, 1, 3),
+                                     mask_BxTxS.q_slot, mask_BxTxS.kv_valid,
+                                     block_q=mask_BxTxS.block, block_k=mask_BxTxS.block)
+        else:
+            attn = attention_over_cache(q, k_all, v_all, mask_BxTxS)
+    elif isinstance(mask_BxTxS, BlockedMask):
+        attn = attention_blocked(q, k, v, mask_BxTxS.q_slot, mask_BxTxS.kv_valid,
                                  block_q=mask_BxTxS.block, block_k=mask_BxTxS.block)
+        new_kv = None
     else:
-        attn = attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype), mask_BxTxS)
+        attn, new_kv = attention(q, k, v, mask_BxTxS), None
     x_BxTxD = x_BxTxD + _project("o", attn, p["o"], lora_l, scale)
     h = rms_norm(x_BxTxD, p["mlp_norm"], config.rms_eps)
     gated = jax.nn.silu(_project("gate", h, p["gate"], lora_l, scale)) * _project(

@@ -67,6 +67,22 @@ def attention(q_BxTxHxE: jax.Array, k_BxSxGxE: jax.Array, v_BxSxGxE: jax.Array,
     return out.reshape(B, T, H, E).astype(q_BxTxHxE.dtype)
 
 
+def attention_over_cache(q_BxTxHxE: jax.Array, k_BxGxSxE: jax.Array, v_BxGxSxE: jax.Array,
+                         mask_BxTxS: jax.Array) -> jax.Array:
+    """:func:`attention` with keys/values in the KV cache's ``[B, G, S, E]`` layout (heads before
+    slots), so a decode step reads each (row, head) block in place instead of transposing the
+    whole cache first. Same math: ``o_t = sum_s softmax_s(q_t . k_s / sqrt(E) + m_ts) v_s``."""
+    B, T, H, E = q_BxTxHxE.shape
+    G = k_BxGxSxE.shape[1]
+    q_BxTxGxRxE = q_BxTxHxE.reshape(B, T, G, H // G, E)
+    scores = jnp.einsum("btgre,bgse->bgrts", q_BxTxGxRxE, k_BxGxSxE,
+                        preferred_element_type=jnp.float32) / math.sqrt(E)
+    scores = jnp.where(mask_BxTxS[:, None, None, :, :], scores, MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_BxGxSxE.dtype)
+    out = jnp.einsum("bgrts,bgse->btgre", probs, v_BxGxSxE, preferred_element_type=jnp.float32)
+    return out.reshape(B, T, H, E).astype(q_BxTxHxE.dtype)
+
+
 # --- blocked (flash-style) attention ----------------------------------------------------------
 #
 # Same result as ``attention`` with ``mask[b, t, s] = (s <= q_slot[t]) & kv_valid[b, s]`` (the
