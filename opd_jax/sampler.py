@@ -17,9 +17,9 @@ How a call runs (the gemma-sampler pattern):
    mesh's batch shards) with dummy rows that are dropped afterwards. Calls whose shapes fall in
    the same buckets reuse one compiled program (module-level ``jax.jit`` objects with the static
    settings as a hashable argument).
-2. :func:`_prefill` (one jitted call) runs the prompt through the decoder, filling a cache of
+2. ``prefill`` (:mod:`opd_jax.decode_loop`, one jitted call) runs the prompt through the decoder, filling a cache of
    ``P + max_new_tokens - 1`` slots, unembeds the **last position only** and draws token 0.
-3. :func:`_decode` (one jitted call, the state donated) steps a :class:`DecodeState` in a
+3. ``decode`` (one jitted call, the state donated) steps a :class:`DecodeState` in a
    ``lax.while_loop`` until every row is done (EOS drawn, or ``max_new_tokens`` reached).
 
 Decode is memory-bound: each step should read every weight once and touch the KV cache in place.
@@ -28,7 +28,10 @@ weight arrays (split once per call) and per-layer caches updated in place with
 ``dynamic_update_slice``. The decoder's ``lax.scan`` over stacked layers (``layer_loop="scan"``,
 the default elsewhere; faster to compile for deep models) makes XLA CPU copy each layer's weight
 slice before its matmul and rebuild the stacked cache every step -- about 2.5x the memory traffic
-of a step. Both run the decoder's own layer function, so they compute the same values.
+of a step. Both run the decoder's own layer function, so they compute the same values. The cache
+is laid out ``[B, G, S, E]`` per layer (heads before slots, :class:`opd_jax.model.decoder.KVCache`)
+so the attention einsums read it in place; the earlier ``[B, S, G, E]`` layout made XLA transpose
+every layer's K and V once per step (≈1.7 ms per cache slot at B = 32, see BUILD_NOTES.md).
 
 Draws use one uniform per row and an inverse CDF (:mod:`opd_jax.sampling`); the key of step
 ``s`` of a row is ``fold_in(row_key, s)``, so a row's tokens depend only on its prompt, its key
@@ -38,11 +41,7 @@ real tokens only).
 
 from __future__ import annotations
 
-import collections
-import contextlib
-import dataclasses
-import functools
-from typing import Any, Sequence
+from typing import Sequence
 
 import flax.struct
 import jax
@@ -50,21 +49,23 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from opd_jax.model import decoder
+from opd_jax.decode_loop import (TRACE_COUNTS, DecodeSettings, DecodeState, LayerCaches, decode,
+                                 prefill)
 from opd_jax.model.config import ModelConfig, param_axes
-from opd_jax.model.decoder import KVCache, Lora, Params, init_cache
-from opd_jax.model.layers import rms_norm, rope_inv_freq
-from opd_jax.sampling import Sampling, draw, top_logprobs, uniforms
-from opd_jax.scoring import hidden_states, next_token_logits, pad_left
-from opd_jax.sharding import constrain, get_rules, named_sharding, tree_shardings, use_mesh_rules
+from opd_jax.model.decoder import Lora, Params
+from opd_jax.sampling import Sampling
+from opd_jax.sharding import get_rules, named_sharding, tree_shardings
 
 __all__ = ["generate", "GenerateOutput", "Sampler", "SampleOutput", "DecodeState", "LayerCaches",
-           "row_keys",
-           "bucket_length", "bucket_batch", "TRACE_COUNTS"]
+           "row_keys", "bucket_length", "bucket_batch", "TRACE_COUNTS"]
 
-# Incremented (in Python, so only while tracing) by the jitted prefill / decode: a test can assert
-# that repeated calls in one bucket do not recompile.
-TRACE_COUNTS: collections.Counter = collections.Counter()
+
+def __getattr__(name: str):
+    # the user API lives in opd_jax.generation (it imports this module); kept reachable here
+    if name in ("generate", "GenerateOutput"):
+        from opd_jax import generation
+        return getattr(generation, name)
+    raise AttributeError(f"module 'opd_jax.sampler' has no attribute {name!r}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -114,186 +115,6 @@ class SampleOutput:
         tokens = jnp.concatenate([jnp.asarray(self.prompt_tokens, jnp.int32), self.tokens], 1)
         valid = jnp.concatenate([jnp.asarray(self.prompt_valid, bool), self.mask], 1)
         return tokens, valid
-
-
-@flax.struct.dataclass
-class LayerCaches:
-    """The KV cache as per-layer arrays (``layer_loop="unroll"``): ``k[l], v[l]: [B, G, S, E]``;
-    ``valid``, ``index``, ``next_pos`` as in :class:`opd_jax.model.decoder.KVCache`."""
-
-    k: tuple
-    v: tuple
-    valid: jax.Array
-    index: jax.Array
-    next_pos: jax.Array
-
-    @classmethod
-    def from_stacked(cls, cache: KVCache) -> "LayerCaches":
-        L = cache.k.shape[0]
-        return cls(k=tuple(cache.k[i] for i in range(L)), v=tuple(cache.v[i] for i in range(L)),
-                   valid=cache.valid, index=cache.index, next_pos=cache.next_pos)
-
-
-@flax.struct.dataclass
-class DecodeState:
-    """The ``lax.while_loop`` carry: the cache, the step counter and the growing outputs."""
-
-    cache: KVCache | LayerCaches
-    step: jax.Array           # scalar int32: tokens generated so far
-    last_token: jax.Array     # [B] int32: fed at the next step
-    done: jax.Array           # [B] bool
-    keys: jax.Array           # [B] per-row keys
-    eos_ids: jax.Array        # [E] int32 (E may be 0)
-    tokens: jax.Array         # [B, N]
-    mask: jax.Array           # [B, N]
-    logprobs: jax.Array       # [B, N]
-    logprobs_full: jax.Array  # [B, N]
-    topk_ids: jax.Array       # [B, N, K] (K = 0 when not requested)
-    topk_logprobs: jax.Array  # [B, N, K]
-
-
-@dataclasses.dataclass(frozen=True)
-class _Static:
-    """Everything the compiled program depends on besides array shapes (hashable)."""
-
-    config: ModelConfig
-    sampling: Sampling
-    max_new_tokens: int
-    return_topk: int
-    pad_id: int
-    mesh: Mesh | None
-    rules: tuple
-    layer_loop: str = "unroll"
-
-
-def _mesh_context(st: _Static):
-    if st.mesh is None:
-        return contextlib.nullcontext()
-    return use_mesh_rules(st.mesh, dict(st.rules))
-
-
-# ----------------------------------------------------------------------------------------------
-# the jitted program
-# ----------------------------------------------------------------------------------------------
-
-
-def _emit(st: _Static, state: DecodeState, logits_BxV: jax.Array) -> DecodeState:
-    """Draw token ``state.step`` for every row and record it."""
-    step = state.step
-    step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(state.keys, step)
-    d = draw(logits_BxV, uniforms(step_keys), st.sampling)
-    live = ~state.done
-    token = jnp.where(live, d.token, st.pad_id)
-    put = lambda buf, x: jax.lax.dynamic_update_index_in_dim(buf, x.astype(buf.dtype), step, 1)
-    new = dict(
-        step=step + 1,
-        last_token=token,
-        tokens=put(state.tokens, token),
-        mask=put(state.mask, live),
-        logprobs=put(state.logprobs, jnp.where(live, d.logprob, 0.0)),
-        logprobs_full=put(state.logprobs_full, jnp.where(live, d.logprob_full, 0.0)),
-    )
-    if st.return_topk:
-        ids, lps = top_logprobs(logits_BxV, st.return_topk)
-        new["topk_ids"] = put(state.topk_ids, jnp.where(live[:, None], ids, 0))
-        new["topk_logprobs"] = put(state.topk_logprobs, jnp.where(live[:, None], lps, 0.0))
-    hit_eos = jnp.any(d.token[:, None] == state.eos_ids[None, :], axis=-1)
-    new["done"] = state.done | (live & hit_eos)
-    return state.replace(**new)
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _prefill(st: _Static, params: Params, lora: Lora | None, tokens_BxP: jax.Array,
-             valid_BxP: jax.Array, keys_B: jax.Array, active_B: jax.Array, eos_E: jax.Array
-             ) -> DecodeState:
-    TRACE_COUNTS["prefill"] += 1
-    c, N, K = st.config, st.max_new_tokens, st.return_topk
-    B, P = tokens_BxP.shape
-    with _mesh_context(st):
-        dtype = params["embed"].dtype
-        cache = init_cache(c, B, P + N - 1, dtype)
-        kv_axes = ("layers", "batch", "kv_heads", "length", "head_dim")
-        cache = cache.replace(k=constrain(cache.k, kv_axes), v=constrain(cache.v, kv_axes))
-        hidden_BxPxD, cache = hidden_states(params, c, tokens_BxP, valid_BxP, lora=lora,
-                                            cache=cache)
-        logits_BxV = next_token_logits(params, c, hidden_BxPxD[:, -1])
-        if st.layer_loop == "unroll":
-            cache = LayerCaches.from_stacked(cache)
-        def zeros(shape, dt):
-            return constrain(jnp.zeros(shape, dt), ("batch",) + (None,) * (len(shape) - 1))
-
-        state = DecodeState(
-            cache=cache, step=jnp.zeros((), jnp.int32), last_token=jnp.zeros((B,), jnp.int32),
-            done=~active_B.astype(bool), keys=keys_B, eos_ids=eos_E.astype(jnp.int32),
-            tokens=zeros((B, N), jnp.int32), mask=zeros((B, N), bool),
-            logprobs=zeros((B, N), jnp.float32), logprobs_full=zeros((B, N), jnp.float32),
-            topk_ids=zeros((B, N, K), jnp.int32), topk_logprobs=zeros((B, N, K), jnp.float32))
-        return _emit(st, state, logits_BxV)
-
-
-@functools.partial(jax.jit, static_argnums=0, donate_argnums=1)
-def _decode(st: _Static, state: DecodeState, params: Params, lora: Lora | None) -> DecodeState:
-    TRACE_COUNTS["decode"] += 1
-    c, N = st.config, st.max_new_tokens
-
-    def cond(s: DecodeState):
-        return (s.step < N) & ~jnp.all(s.done)
-
-    with _mesh_context(st):
-        if st.layer_loop == "unroll":
-            layers = _split_layers(params, lora, c.n_layers)
-
-            def step(s: DecodeState):
-                return _unrolled_step(c, params, layers, lora, s.last_token, s.cache)
-        else:
-            def step(s: DecodeState):
-                B = s.last_token.shape[0]
-                hidden_Bx1xD, cache = hidden_states(params, c, s.last_token[:, None],
-                                                    jnp.ones((B, 1), bool), lora=lora,
-                                                    cache=s.cache)
-                return hidden_Bx1xD[:, 0], cache
-
-        def body(s: DecodeState):
-            hidden_BxD, cache = step(s)
-            s = s.replace(cache=cache)
-            return _emit(st, s, next_token_logits(params, c, hidden_BxD))
-
-        return jax.lax.while_loop(cond, body, state)
-
-
-def _split_layers(params: Params, lora: Lora | None, n_layers: int) -> list[dict]:
-    """Per-layer weight trees (``{"p": ..., "lora": ...}``), sliced once outside the loop."""
-    out = []
-    for i in range(n_layers):
-        layer = {"p": jax.tree.map(lambda x: x[i], params["layers"])}
-        if lora is not None:
-            layer["lora"] = jax.tree.map(lambda x: x[i], lora.weights)
-        out.append(layer)
-    return out
-
-
-def _unrolled_step(c: ModelConfig, params: Params, layers: list[dict], lora: Lora | None,
-                   token_B: jax.Array, cache: LayerCaches) -> tuple[jax.Array, LayerCaches]:
-    """One decode step through the decoder's layer function, layer by layer (per-layer caches
-    updated in place). Same math as ``decoder.forward(..., cache=...)`` for one real token."""
-    B = token_B.shape[0]
-    S = cache.valid.shape[1]
-    x = constrain(params["embed"][token_B[:, None]], ("batch", "length", "embed"))
-    valid_BxS = jax.lax.dynamic_update_slice(cache.valid, jnp.ones((B, 1), bool),
-                                             (0, cache.index))
-    mask_Bx1xS = (jnp.arange(S)[None, None, :] <= cache.index) & valid_BxS[:, None, :]
-    positions_Bx1 = cache.next_pos[:, None]
-    inv_freq = rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling)
-    scale = lora.scale if lora is not None else 0.0
-    ks, vs = [], []
-    for layer, k, v in zip(layers, cache.k, cache.v):
-        x, (k, v) = decoder._layer(c, inv_freq, scale, x, layer, positions_Bx1, mask_Bx1xS,
-                                   (k, v), cache.index)
-        ks.append(k)
-        vs.append(v)
-    hidden_BxD = rms_norm(x, params["final_norm"], c.rms_eps)[:, 0]
-    return hidden_BxD, LayerCaches(k=tuple(ks), v=tuple(vs), valid=valid_BxS,
-                                   index=cache.index + 1, next_pos=cache.next_pos + 1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -425,7 +246,7 @@ class Sampler:
         self.eos_ids = eos
         self.mesh = mesh
         self.rules = rules_d
-        self._static = _Static(
+        self._static = DecodeSettings(
             config=config, sampling=sampling, max_new_tokens=int(max_new_tokens),
             return_topk=int(return_topk or 0), pad_id=int(pad_id), mesh=mesh,
             rules=tuple(sorted((k, tuple(v) if isinstance(v, list) else v)
@@ -508,8 +329,8 @@ class Sampler:
         # padded to a multiple of 4 with -1 (never drawn) so the EOS count rarely changes shapes
         eos = np.full(_round_up(max(len(self.eos_ids), 1), 4), -1, np.int32)
         eos[:len(self.eos_ids)] = self.eos_ids
-        state = _prefill(st, params, lora, tokens, valid, keys, active, eos)
-        state = _decode(st, state, params, lora)
+        state = prefill(st, params, lora, tokens, valid, keys, active, eos)
+        state = decode(st, state, params, lora)
         K = st.return_topk
         return SampleOutput(
             tokens=state.tokens[:B], mask=state.mask[:B], logprobs=state.logprobs[:B],
@@ -519,124 +340,3 @@ class Sampler:
             lengths=state.mask[:B].sum(1).astype(jnp.int32),
             prompt_tokens=jnp.asarray(prompt_tokens_BxP, jnp.int32),
             prompt_valid=jnp.asarray(prompt_valid_BxP, bool), num_steps=state.step)
-
-
-# ----------------------------------------------------------------------------------------------
-# generate
-# ----------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class GenerateOutput:
-    """:func:`generate`'s result: ``R = len(prompts) * n_samples`` rows, prompt-major
-    (row ``r`` is sample ``r % n_samples`` of prompt ``r // n_samples``).
-
-    Attributes:
-      tokens: ``R`` completion id lists, up to and including the EOS.
-      prompt_tokens: ``R`` prompt id lists.
-      prompt_index, sample_index: ``[R]`` int arrays.
-      completion: ``[R, N]`` int32 ids (``pad_id`` after EOS).
-      mask: ``[R, N]`` bool, True up to and including the EOS.
-      logprobs: ``[R, N]`` log-probs under the distribution sampled from (see
-        :class:`SampleOutput`); ``logprobs_full``: under the temperature-1 untruncated one.
-      topk_ids, topk_logprobs: ``[R, N, K]`` or ``None``.
-      lengths: ``[R]`` completion lengths.
-      texts: decoded completions when the model has a tokenizer with ``decode``, else ``None``.
-      raw: the device-side :class:`SampleOutput`.
-    """
-
-    tokens: list[list[int]]
-    prompt_tokens: list[list[int]]
-    prompt_index: np.ndarray
-    sample_index: np.ndarray
-    completion: np.ndarray
-    mask: np.ndarray
-    logprobs: np.ndarray
-    logprobs_full: np.ndarray
-    topk_ids: np.ndarray | None
-    topk_logprobs: np.ndarray | None
-    lengths: np.ndarray
-    texts: list[str] | None = None
-    raw: SampleOutput | None = dataclasses.field(default=None, repr=False)
-
-
-def _default_eos(model: Any) -> tuple[int, ...]:
-    tok = getattr(model, "tokenizer", None)
-    if tok is None:
-        return ()
-    ids = getattr(tok, "eos_ids", None)
-    if ids is None:
-        one = getattr(tok, "eos_id", None)
-        ids = () if one is None else (one,)
-    return tuple(int(i) for i in ids)
-
-
-def generate(model: Any, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
-             temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-             min_p: float | None = None, seed: int = 0, eos_ids: Sequence[int] | None = None,
-             n_samples: int = 1, return_topk: int | None = None, mesh: Mesh | None = None,
-             rules: str | dict = "fsdp", pad_id: int = 0) -> GenerateOutput:
-    """Generate completions for token-id prompts.
-
-    Args:
-      model: any object with ``.config`` (``ModelConfig``) and ``.params``; optional ``.lora``
-        and ``.tokenizer`` (its ``eos_ids`` are the default EOS set; ``decode`` fills ``texts``).
-      prompts: a non-empty list of non-empty token-id lists.
-      max_new_tokens: tokens generated per row at most.
-      temperature: ``0.0`` is greedy; top_k / top_p / min_p truncate (see
-        :class:`opd_jax.sampling.Sampling`).
-      seed: row ``(prompt i, sample j)`` draws with key ``fold_in(fold_in(key(seed), i), j)``.
-      eos_ids: ids ending a completion (default: the tokenizer's; ``[]`` disables EOS).
-      n_samples: completions per prompt.
-      return_topk: also return the model's top-``K`` ids / log-probs at every step.
-      mesh, rules: shard the batch (and params, as the rules table says) over a mesh.
-      pad_id: id used for padding.
-
-    Returns:
-      :class:`GenerateOutput` (``out.tokens`` is the list of completion id lists).
-    """
-    config: ModelConfig = model.config
-    if isinstance(prompts, (str, bytes)) or any(
-            isinstance(p, (str, bytes, int, np.integer)) for p in prompts):
-        raise ValueError("prompts must be a list of token-id lists (tokenize text first; wrap a "
-                         "single prompt in a list)")
-    prompts = [list(map(int, p)) for p in prompts]
-    if not prompts:
-        raise ValueError("prompts is empty; pass at least one token-id list")
-    if isinstance(n_samples, bool) or not isinstance(n_samples, (int, np.integer)) or n_samples < 1:
-        raise ValueError(f"n_samples={n_samples!r}; it must be a positive int")
-    for i, p in enumerate(prompts):
-        bad = [t for t in p if not 0 <= t < config.vocab_size]
-        if bad:
-            raise ValueError(f"prompt {i} has ids {bad[:5]} outside the vocabulary "
-                             f"[0, {config.vocab_size})")
-    sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
-    eos = _default_eos(model) if eos_ids is None else tuple(eos_ids)
-    sampler = Sampler(config, sampling, max_new_tokens, eos_ids=eos, return_topk=return_topk,
-                      pad_id=pad_id, mesh=mesh, rules=rules)
-    sampler.check_lengths([len(p) for p in prompts])
-
-    prompt_index = np.repeat(np.arange(len(prompts)), n_samples)
-    sample_index = np.tile(np.arange(n_samples), len(prompts))
-    rows = [prompts[i] for i in prompt_index]
-    tokens, valid = pad_left(rows, pad_id=pad_id)
-    keys = row_keys(seed, prompt_index, sample_index)
-    params = sampler.shard_params(model.params)
-    out = sampler(params, tokens, valid, keys, lora=getattr(model, "lora", None), check=False)
-
-    host = jax.device_get(out)
-    mask = np.asarray(host.mask)
-    completion = np.asarray(host.tokens)
-    lengths = mask.sum(1)
-    token_lists = [completion[r, :lengths[r]].tolist() for r in range(len(rows))]
-    texts = None
-    tok = getattr(model, "tokenizer", None)
-    if tok is not None and hasattr(tok, "decode"):
-        texts = [tok.decode(t) for t in token_lists]
-    return GenerateOutput(
-        tokens=token_lists, prompt_tokens=rows, prompt_index=prompt_index,
-        sample_index=sample_index, completion=completion, mask=mask,
-        logprobs=np.asarray(host.logprobs), logprobs_full=np.asarray(host.logprobs_full),
-        topk_ids=None if host.topk_ids is None else np.asarray(host.topk_ids),
-        topk_logprobs=None if host.topk_logprobs is None else np.asarray(host.topk_logprobs),
-        lengths=lengths, texts=texts, raw=out)

@@ -135,3 +135,35 @@ def test_config_errors_are_clear():
         c = FAMILIES["llama"]
         p, t = _setup(c)
         dec.forward(p, c, t, remat="some")
+
+
+def test_attention_over_cache_layout_matches_float64_reference():
+    # the KV cache stores keys/values [B, G, S, E]; decode attention reads them in that layout
+    from opd_jax.model.layers import attention, attention_over_cache
+
+    rng = np.random.default_rng(0)
+    B, T, S, H, G, E = 2, 3, 7, 6, 2, 4
+    q = rng.standard_normal((B, T, H, E))
+    k = rng.standard_normal((B, S, G, E))
+    v = rng.standard_normal((B, S, G, E))
+    mask = rng.random((B, T, S)) < 0.6
+    mask[..., 0] = True                      # every query has a key
+    got = attention_over_cache(*(jnp.asarray(x, jnp.float32) for x in (
+        q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3))), jnp.asarray(mask))
+    same = attention(*(jnp.asarray(x, jnp.float32) for x in (q, k, v)), jnp.asarray(mask))
+    # float64 reference: head h uses kv head h // (H // G)
+    kh, vh = (np.repeat(x, H // G, axis=2) for x in (k, v))
+    s = np.einsum("bthe,bshe->bhts", q, kh) / np.sqrt(E)
+    s = np.where(mask[:, None], s, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    ref = np.einsum("bhts,bshe->bthe", p, vh)
+    np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(same), rtol=1e-6, atol=1e-6)
+
+
+def test_cache_layout_is_heads_before_slots():
+    config = FAMILIES["llama"]
+    cache = dec.init_cache(config, batch=2, size=11)
+    assert cache.k.shape == (config.n_layers, 2, config.n_kv_heads, 11, config.head_dim)
+    assert cache.size == 11

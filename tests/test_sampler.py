@@ -18,8 +18,8 @@ import pytest
 from opd_jax import sampling as S
 from opd_jax.model import decoder
 from opd_jax.model.config import ModelConfig
-from opd_jax.sampler import (TRACE_COUNTS, Sampler, bucket_batch, bucket_length, generate,
-                             row_keys)
+from opd_jax.generation import generate
+from opd_jax.sampler import TRACE_COUNTS, Sampler, bucket_batch, bucket_length, row_keys
 from opd_jax.sampling import Greedy, MinP, Sampling, Temperature, TopK, TopP
 
 CFG = ModelConfig(max_position=64)
@@ -314,7 +314,7 @@ EIGHT_DEVICES = textwrap.dedent("""
     sys_path = {path!r}
     import sys; sys.path.insert(0, sys_path)
     from tests.test_sampler import CFG, PARAMS, PROMPTS
-    from opd_jax.sampler import generate
+    from opd_jax.generation import generate
     from opd_jax.sharding import make_mesh
     assert len(jax.devices()) == 8
     m = types.SimpleNamespace(config=CFG, params=PARAMS)

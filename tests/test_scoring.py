@@ -13,7 +13,7 @@ import pytest
 
 from opd_jax.model import decoder
 from opd_jax.model.config import ModelConfig
-from opd_jax.sampler import generate
+from opd_jax.generation import generate
 from opd_jax.scoring import pad_left, score
 
 CFG = ModelConfig(max_position=64, tie_embeddings=True)

@@ -1,0 +1,216 @@
+"""The sampler's jitted program: one prefill call, then a ``lax.while_loop`` decode over a KV cache.
+
+:func:`prefill` runs the left-padded prompts through the decoder into a cache of
+``P + max_new_tokens - 1`` slots, unembeds the last position only and draws token 0;
+:func:`decode` (state donated) steps a :class:`DecodeState` until every row is done. Both are
+module-level ``jax.jit`` objects keyed on a hashable :class:`DecodeSettings`, so calls in one shape bucket
+reuse one compiled program. :class:`opd_jax.sampler.Sampler` is the public face; see its module
+docstring for the design (layer loop, cache layout, keys).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import functools
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+
+from opd_jax.model import decoder
+from opd_jax.model.config import ModelConfig
+from opd_jax.model.decoder import KVCache, Lora, Params, init_cache
+from opd_jax.model.layers import rms_norm, rope_inv_freq
+from opd_jax.sampling import Sampling, draw, top_logprobs, uniforms
+from opd_jax.scoring import hidden_states, next_token_logits
+from opd_jax.sharding import constrain, use_mesh_rules
+
+__all__ = ["DecodeSettings", "DecodeState", "LayerCaches", "TRACE_COUNTS", "prefill", "decode"]
+
+# Incremented (in Python, so only while tracing) by the jitted prefill / decode: a test can assert
+# that repeated calls in one bucket do not recompile.
+TRACE_COUNTS: collections.Counter = collections.Counter()
+
+
+@flax.struct.dataclass
+class LayerCaches:
+    """The KV cache as per-layer arrays (``layer_loop="unroll"``): ``k[l], v[l]: [B, G, S, E]``;
+    ``valid``, ``index``, ``next_pos`` as in :class:`opd_jax.model.decoder.KVCache`."""
+
+    k: tuple
+    v: tuple
+    valid: jax.Array
+    index: jax.Array
+    next_pos: jax.Array
+
+    @classmethod
+    def from_stacked(cls, cache: KVCache) -> "LayerCaches":
+        L = cache.k.shape[0]
+        return cls(k=tuple(cache.k[i] for i in range(L)), v=tuple(cache.v[i] for i in range(L)),
+                   valid=cache.valid, index=cache.index, next_pos=cache.next_pos)
+
+
+@flax.struct.dataclass
+class DecodeState:
+    """The ``lax.while_loop`` carry: the cache, the step counter and the growing outputs."""
+
+    cache: KVCache | LayerCaches
+    step: jax.Array           # scalar int32: tokens generated so far
+    last_token: jax.Array     # [B] int32: fed at the next step
+    done: jax.Array           # [B] bool
+    keys: jax.Array           # [B] per-row keys
+    eos_ids: jax.Array        # [E] int32 (E may be 0)
+    tokens: jax.Array         # [B, N]
+    mask: jax.Array           # [B, N]
+    logprobs: jax.Array       # [B, N]
+    logprobs_full: jax.Array  # [B, N]
+    topk_ids: jax.Array       # [B, N, K] (K = 0 when not requested)
+    topk_logprobs: jax.Array  # [B, N, K]
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeSettings:
+    """Everything the compiled program depends on besides array shapes (hashable: the ``jit``
+    static argument)."""
+
+    config: ModelConfig
+    sampling: Sampling
+    max_new_tokens: int
+    return_topk: int
+    pad_id: int
+    mesh: Mesh | None
+    rules: tuple
+    layer_loop: str = "unroll"
+
+
+def _mesh_context(st: DecodeSettings):
+    if st.mesh is None:
+        return contextlib.nullcontext()
+    return use_mesh_rules(st.mesh, dict(st.rules))
+
+
+# ----------------------------------------------------------------------------------------------
+# the jitted program
+# ----------------------------------------------------------------------------------------------
+
+
+def _emit(st: DecodeSettings, state: DecodeState, logits_BxV: jax.Array) -> DecodeState:
+    """Draw token ``state.step`` for every row and record it."""
+    step = state.step
+    step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(state.keys, step)
+    d = draw(logits_BxV, uniforms(step_keys), st.sampling)
+    live = ~state.done
+    token = jnp.where(live, d.token, st.pad_id)
+    put = lambda buf, x: jax.lax.dynamic_update_index_in_dim(buf, x.astype(buf.dtype), step, 1)
+    new = dict(
+        step=step + 1,
+        last_token=token,
+        tokens=put(state.tokens, token),
+        mask=put(state.mask, live),
+        logprobs=put(state.logprobs, jnp.where(live, d.logprob, 0.0)),
+        logprobs_full=put(state.logprobs_full, jnp.where(live, d.logprob_full, 0.0)),
+    )
+    if st.return_topk:
+        ids, lps = top_logprobs(logits_BxV, st.return_topk)
+        new["topk_ids"] = put(state.topk_ids, jnp.where(live[:, None], ids, 0))
+        new["topk_logprobs"] = put(state.topk_logprobs, jnp.where(live[:, None], lps, 0.0))
+    hit_eos = jnp.any(d.token[:, None] == state.eos_ids[None, :], axis=-1)
+    new["done"] = state.done | (live & hit_eos)
+    return state.replace(**new)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def prefill(st: DecodeSettings, params: Params, lora: Lora | None, tokens_BxP: jax.Array,
+             valid_BxP: jax.Array, keys_B: jax.Array, active_B: jax.Array, eos_E: jax.Array
+             ) -> DecodeState:
+    TRACE_COUNTS["prefill"] += 1
+    c, N, K = st.config, st.max_new_tokens, st.return_topk
+    B, P = tokens_BxP.shape
+    with _mesh_context(st):
+        dtype = params["embed"].dtype
+        cache = init_cache(c, B, P + N - 1, dtype)
+        kv_axes = ("layers", "batch", "kv_heads", "length", "head_dim")
+        cache = cache.replace(k=constrain(cache.k, kv_axes), v=constrain(cache.v, kv_axes))
+        hidden_BxPxD, cache = hidden_states(params, c, tokens_BxP, valid_BxP, lora=lora,
+                                            cache=cache)
+        logits_BxV = next_token_logits(params, c, hidden_BxPxD[:, -1])
+        if st.layer_loop == "unroll":
+            cache = LayerCaches.from_stacked(cache)
+        def zeros(shape, dt):
+            return constrain(jnp.zeros(shape, dt), ("batch",) + (None,) * (len(shape) - 1))
+
+        state = DecodeState(
+            cache=cache, step=jnp.zeros((), jnp.int32), last_token=jnp.zeros((B,), jnp.int32),
+            done=~active_B.astype(bool), keys=keys_B, eos_ids=eos_E.astype(jnp.int32),
+            tokens=zeros((B, N), jnp.int32), mask=zeros((B, N), bool),
+            logprobs=zeros((B, N), jnp.float32), logprobs_full=zeros((B, N), jnp.float32),
+            topk_ids=zeros((B, N, K), jnp.int32), topk_logprobs=zeros((B, N, K), jnp.float32))
+        return _emit(st, state, logits_BxV)
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=1)
+def decode(st: DecodeSettings, state: DecodeState, params: Params, lora: Lora | None) -> DecodeState:
+    TRACE_COUNTS["decode"] += 1
+    c, N = st.config, st.max_new_tokens
+
+    def cond(s: DecodeState):
+        return (s.step < N) & ~jnp.all(s.done)
+
+    with _mesh_context(st):
+        if st.layer_loop == "unroll":
+            layers = _split_layers(params, lora, c.n_layers)
+
+            def step(s: DecodeState):
+                return _unrolled_step(c, params, layers, lora, s.last_token, s.cache)
+        else:
+            def step(s: DecodeState):
+                B = s.last_token.shape[0]
+                hidden_Bx1xD, cache = hidden_states(params, c, s.last_token[:, None],
+                                                    jnp.ones((B, 1), bool), lora=lora,
+                                                    cache=s.cache)
+                return hidden_Bx1xD[:, 0], cache
+
+        def body(s: DecodeState):
+            hidden_BxD, cache = step(s)
+            s = s.replace(cache=cache)
+            return _emit(st, s, next_token_logits(params, c, hidden_BxD))
+
+        return jax.lax.while_loop(cond, body, state)
+
+
+def _split_layers(params: Params, lora: Lora | None, n_layers: int) -> list[dict]:
+    """Per-layer weight trees (``{"p": ..., "lora": ...}``), sliced once outside the loop."""
+    out = []
+    for i in range(n_layers):
+        layer = {"p": jax.tree.map(lambda x: x[i], params["layers"])}
+        if lora is not None:
+            layer["lora"] = jax.tree.map(lambda x: x[i], lora.weights)
+        out.append(layer)
+    return out
+
+
+def _unrolled_step(c: ModelConfig, params: Params, layers: list[dict], lora: Lora | None,
+                   token_B: jax.Array, cache: LayerCaches) -> tuple[jax.Array, LayerCaches]:
+    """One decode step through the decoder's layer function, layer by layer (per-layer caches
+    updated in place). Same math as ``decoder.forward(..., cache=...)`` for one real token."""
+    B = token_B.shape[0]
+    S = cache.valid.shape[1]
+    x = constrain(params["embed"][token_B[:, None]], ("batch", "length", "embed"))
+    valid_BxS = jax.lax.dynamic_update_slice(cache.valid, jnp.ones((B, 1), bool),
+                                             (0, cache.index))
+    mask_Bx1xS = (jnp.arange(S)[None, None, :] <= cache.index) & valid_BxS[:, None, :]
+    positions_Bx1 = cache.next_pos[:, None]
+    inv_freq = rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling)
+    scale = lora.scale if lora is not None else 0.0
+    ks, vs = [], []
+    for layer, k, v in zip(layers, cache.k, cache.v):
+        x, (k, v) = decoder._layer(c, inv_freq, scale, x, layer, positions_Bx1, mask_Bx1xS,
+                                   (k, v), cache.index)
+        ks.append(k)
+        vs.append(v)
+    hidden_BxD = rms_norm(x, params["final_norm"], c.rms_eps)[:, 0]
+    return hidden_BxD, LayerCaches(k=tuple(ks), v=tuple(vs), valid=valid_BxS,
+                                   index=cache.index + 1, next_pos=cache.next_pos + 1)
