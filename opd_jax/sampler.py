@@ -1,13 +1,14 @@
 """Autoregressive sampling: one jitted prefill, then a ``lax.while_loop`` decode over a KV cache.
 
-Two layers:
+Two layers (three files):
 
-* :func:`generate` -- the user API: token-id lists in, a :class:`GenerateOutput` (completion lists
+* :func:`opd_jax.generation.generate` (``opd_jax.generate``) -- the user API: token-id lists in, a :class:`GenerateOutput` (completion lists
   plus the full arrays) out. Validates inputs, repeats each prompt ``n_samples`` times, derives
   one key per row from ``(seed, prompt index, sample index)``.
-* :class:`Sampler` -- the jitted sampler a trainer calls in its loop:
+* :class:`Sampler` (this module) -- the jitted sampler a trainer calls in its loop:
   ``Sampler(config, sampling, max_new_tokens, ...)(params, prompt_tokens_BxP, prompt_valid_BxP,
-  key) -> SampleOutput`` (device arrays).
+  key) -> SampleOutput`` (device arrays). Its compiled program lives in
+  :mod:`opd_jax.decode_loop`.
 
 How a call runs (the gemma-sampler pattern):
 
@@ -17,7 +18,7 @@ How a call runs (the gemma-sampler pattern):
    mesh's batch shards) with dummy rows that are dropped afterwards. Calls whose shapes fall in
    the same buckets reuse one compiled program (module-level ``jax.jit`` objects with the static
    settings as a hashable argument).
-2. ``prefill`` (:mod:`opd_jax.decode_loop`, one jitted call) runs the prompt through the decoder, filling a cache of
+2. ``prefill`` (one jitted call) runs the prompt through the decoder, filling a cache of
    ``P + max_new_tokens - 1`` slots, unembeds the **last position only** and draws token 0.
 3. ``decode`` (one jitted call, the state donated) steps a :class:`DecodeState` in a
    ``lax.while_loop`` until every row is done (EOS drawn, or ``max_new_tokens`` reached).
