@@ -3,8 +3,9 @@
 Two layers (three files):
 
 * :func:`opd_jax.generation.generate` (``opd_jax.generate``) -- the user API: token-id lists in,
-  a ``GenerateOutput`` (completion lists plus the full arrays) out. Validates inputs, repeats each prompt ``n_samples`` times, derives
-  one key per row from ``(seed, prompt index, sample index)``.
+  a ``GenerateOutput`` (completion lists plus the full arrays) out. Validates inputs, repeats
+  each prompt ``n_samples`` times, derives one key per row from ``(seed, prompt index, sample
+  index)``.
 * :class:`Sampler` (this module) -- the jitted sampler a trainer calls in its loop:
   ``Sampler(config, sampling, max_new_tokens, ...)(params, prompt_tokens_BxP, prompt_valid_BxP,
   key) -> SampleOutput`` (device arrays). Its compiled program lives in
