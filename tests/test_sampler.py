@@ -18,8 +18,9 @@ import pytest
 from opd_jax import sampling as S
 from opd_jax.model import decoder
 from opd_jax.model.config import ModelConfig
+from opd_jax.decode_loop import TRACE_COUNTS
 from opd_jax.generation import generate
-from opd_jax.sampler import TRACE_COUNTS, Sampler, bucket_batch, bucket_length, row_keys
+from opd_jax.sampler import Sampler, bucket_batch, bucket_length, row_keys
 from opd_jax.sampling import Greedy, MinP, Sampling, Temperature, TopK, TopP
 
 CFG = ModelConfig(max_position=64)

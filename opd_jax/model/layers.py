@@ -50,21 +50,28 @@ def apply_rope(x_BxTxNxE: jax.Array, positions_BxT: jax.Array, inv_freq: np.ndar
     return out.astype(x_BxTxNxE.dtype)
 
 
+def _gqa_attention(q_BxTxHxE: jax.Array, k: jax.Array, v: jax.Array, mask_BxTxS: jax.Array,
+                   kv_spec: str) -> jax.Array:
+    """Masked grouped-query attention with keys/values laid out as ``kv_spec`` (``"bsge"`` or
+    ``"bgse"``): the einsums read that layout directly, so no transpose of ``k`` / ``v``."""
+    B, T, H, E = q_BxTxHxE.shape
+    G = k.shape[kv_spec.index("g")]
+    q_BxTxGxRxE = q_BxTxHxE.reshape(B, T, G, H // G, E)
+    scores = jnp.einsum(f"btgre,{kv_spec}->bgrts", q_BxTxGxRxE, k,
+                        preferred_element_type=jnp.float32) / math.sqrt(E)
+    scores = jnp.where(mask_BxTxS[:, None, None, :, :], scores, MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum(f"bgrts,{kv_spec}->btgre", probs, v, preferred_element_type=jnp.float32)
+    return out.reshape(B, T, H, E).astype(q_BxTxHxE.dtype)
+
+
 def attention(q_BxTxHxE: jax.Array, k_BxSxGxE: jax.Array, v_BxSxGxE: jax.Array,
               mask_BxTxS: jax.Array) -> jax.Array:
     """Grouped-query softmax attention with a boolean mask (True = may attend); float32 softmax.
 
     .. math:: o_t = \\sum_s \\mathrm{softmax}_s(q_t \\cdot k_s / \\sqrt{E} + m_{ts})\\, v_s
     """
-    B, T, H, E = q_BxTxHxE.shape
-    G = k_BxSxGxE.shape[2]
-    q_BxTxGxRxE = q_BxTxHxE.reshape(B, T, G, H // G, E)
-    scores = jnp.einsum("btgre,bsge->bgrts", q_BxTxGxRxE, k_BxSxGxE,
-                        preferred_element_type=jnp.float32) / math.sqrt(E)
-    scores = jnp.where(mask_BxTxS[:, None, None, :, :], scores, MASK_VALUE)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v_BxSxGxE.dtype)
-    out = jnp.einsum("bgrts,bsge->btgre", probs, v_BxSxGxE, preferred_element_type=jnp.float32)
-    return out.reshape(B, T, H, E).astype(q_BxTxHxE.dtype)
+    return _gqa_attention(q_BxTxHxE, k_BxSxGxE, v_BxSxGxE, mask_BxTxS, "bsge")
 
 
 def attention_over_cache(q_BxTxHxE: jax.Array, k_BxGxSxE: jax.Array, v_BxGxSxE: jax.Array,
@@ -72,15 +79,7 @@ def attention_over_cache(q_BxTxHxE: jax.Array, k_BxGxSxE: jax.Array, v_BxGxSxE: 
     """:func:`attention` with keys/values in the KV cache's ``[B, G, S, E]`` layout (heads before
     slots), so a decode step reads each (row, head) block in place instead of transposing the
     whole cache first. Same math: ``o_t = sum_s softmax_s(q_t . k_s / sqrt(E) + m_ts) v_s``."""
-    B, T, H, E = q_BxTxHxE.shape
-    G = k_BxGxSxE.shape[1]
-    q_BxTxGxRxE = q_BxTxHxE.reshape(B, T, G, H // G, E)
-    scores = jnp.einsum("btgre,bgse->bgrts", q_BxTxGxRxE, k_BxGxSxE,
-                        preferred_element_type=jnp.float32) / math.sqrt(E)
-    scores = jnp.where(mask_BxTxS[:, None, None, :, :], scores, MASK_VALUE)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v_BxGxSxE.dtype)
-    out = jnp.einsum("bgrts,bgse->btgre", probs, v_BxGxSxE, preferred_element_type=jnp.float32)
-    return out.reshape(B, T, H, E).astype(q_BxTxHxE.dtype)
+    return _gqa_attention(q_BxTxHxE, k_BxGxSxE, v_BxGxSxE, mask_BxTxS, "bgse")
 
 
 # --- blocked (flash-style) attention ----------------------------------------------------------
