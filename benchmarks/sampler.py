@@ -1,4 +1,4 @@
-"""Sampler throughput: new tokens/s of ``opd_jax.sampler`` vs transformers ``generate`` vs tunix.
+"""Sampler throughput: new tokens/s of ``opd_jax.sampling.sampler`` vs transformers ``generate`` vs tunix.
 
 Models: SmolLM2-135M-Instruct (``default_teacher()``) and the derived student (layers 10, 15 and
 20 dropped: 27 layers), float32, on identical weights for every framework (``to_hf_state_dict``).
@@ -44,8 +44,8 @@ from _common import RESULTS_DIR, fmt_bytes, load_report, machine_info, print_tab
 import jax  # noqa: E402
 
 from opd_jax.model.config import ModelConfig  # noqa: E402
-from opd_jax.sampler import Sampler  # noqa: E402
-from opd_jax.sampling import Greedy, Sampling  # noqa: E402
+from opd_jax.sampling.sampler import Sampler  # noqa: E402
+from opd_jax.sampling.strategies import Greedy, Sampling  # noqa: E402
 
 QUESTION = "What is 7 times 8? Think step by step, then give the answer on the last line."
 MODES = {"greedy": Greedy(), "sample": Sampling(temperature=1.0)}

@@ -68,7 +68,7 @@ def bench_mesh(shape, rules, cs, ct, batch_np, repeats):
     import jax
 
     from opd_jax import losses, sharding as shd
-    from opd_jax.config_schema import LossSpec, OptimSpec
+    from opd_jax.config.schema import LossSpec, OptimSpec
     from opd_jax.model import decoder as dec
     from opd_jax.train.mesh import TrainMesh
     from opd_jax.train.objectives import make_chunk_fn
@@ -123,7 +123,7 @@ def main(argv=None) -> int:
     load = load_report()
     import jax
 
-    from opd_jax.train.step import RolloutBatch
+    from opd_jax.train.batch import RolloutBatch
 
     if jax.device_count() < 8:
         raise SystemExit(f"needs 8 devices, found {jax.device_count()} (XLA_FLAGS set too late?)")

@@ -75,10 +75,10 @@ def bench_opd_jax(teacher, student, ids, args) -> dict:
     import jax
 
     from opd_jax import losses
-    from opd_jax.config_schema import LossSpec, OptimSpec
-    from opd_jax.sampler import Sampler, bucket_length
-    from opd_jax.sampling import Sampling
-    from opd_jax.scoring import pad_left
+    from opd_jax.config.schema import LossSpec, OptimSpec
+    from opd_jax.sampling.sampler import Sampler, bucket_length
+    from opd_jax.sampling.strategies import Sampling
+    from opd_jax.data.padding import pad_left
     from opd_jax.train.objectives import make_chunk_fn
     from opd_jax.train.rollout import Prompts, assemble
     from opd_jax.train.state import StudentSpec, init_state, make_optimizer

@@ -32,7 +32,7 @@ _LAZY = {
     "load_model": "opd_jax.model.loading",
     "load_tokenizer": "opd_jax.model.tokenizer",
     "default_teacher": "opd_jax.model.assets",
-    "generate": "opd_jax.generation",
+    "generate": "opd_jax.sampling.generation",
     "losses": "opd_jax.losses",
     "metrics": "opd_jax.metrics",
 }

@@ -62,7 +62,7 @@ def cmd_eval(args) -> int:
 
 def cmd_sample(args) -> int:
     from opd_jax.data import PromptTemplate
-    from opd_jax.generation import generate
+    from opd_jax.sampling.generation import generate
     from opd_jax.train.models import build_models
 
     cfg = _load(args)

@@ -157,6 +157,38 @@ def use_mesh_rules(mesh: Mesh, rules: str | Mapping[str, Any]):
         _ACTIVE.pop()
 
 
+def active_mesh_rules() -> tuple[Mesh, dict[str, Any]] | None:
+    """The innermost ``use_mesh_rules`` context's ``(mesh, rules)``, or ``None`` outside one."""
+    return _ACTIVE[-1] if _ACTIVE else None
+
+
+def batch_axes(mesh: Mesh, rules: Mapping[str, Any]) -> tuple[str, ...]:
+    """The mesh axes the logical ``batch`` axis is split over under ``rules`` (may be empty).
+
+    >>> import numpy as np
+    >>> batch_axes(Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("data", "fsdp")), get_rules("fsdp"))
+    ('data', 'fsdp')
+    """
+    target = rules.get("batch")
+    axes = () if target is None else ((target,) if isinstance(target, str) else tuple(target))
+    return tuple(a for a in axes if a in mesh.shape)
+
+
+def batch_shards(mesh: Mesh | None, rules: Mapping[str, Any]) -> int:
+    """How many ways the batch axis is split (1 without a mesh)."""
+    if mesh is None:
+        return 1
+    n = 1
+    for a in batch_axes(mesh, rules):
+        n *= mesh.shape[a]
+    return n
+
+
+def rules_key(rules: Mapping[str, Any]) -> tuple:
+    """A hashable form of a rules table (for static dataclass fields and jit static arguments)."""
+    return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in rules.items()))
+
+
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     """``with_sharding_constraint`` by logical axes; a no-op outside ``use_mesh_rules``."""
     if not _ACTIVE:

@@ -179,9 +179,9 @@ def test_config_selects_blocked_and_validates():
 
 
 def test_prefill_into_cache_and_greedy_sampling_match_dense():
-    from opd_jax.sampler import Sampler
-    from opd_jax.sampling import Sampling
-    from opd_jax.scoring import pad_left
+    from opd_jax.sampling.sampler import Sampler
+    from opd_jax.sampling.strategies import Sampling
+    from opd_jax.data.padding import pad_left
 
     params = dec.init_params(CFG, jax.random.key(0))
     blocked_cfg = CFG.replace(attention="blocked")

@@ -10,8 +10,8 @@ import pytest
 
 from opd_jax.config import (ConfigError, FieldError, apply_overrides, dump_config, from_dict,
                             load_config, save_config, to_dict, validate_tree)
-from opd_jax.config_run import RunConfig, StageSpec
-from opd_jax.config_schema import LossSpec, OptimSpec
+from opd_jax.config.run import RunConfig, StageSpec
+from opd_jax.config.schema import LossSpec, OptimSpec
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 MIN = {"stages": [{"kind": "opd", "steps": 2}]}

@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 
 from opd_jax.config import ConfigError
-from opd_jax.config_sections import split_sections
+from opd_jax.config.sections import split_sections
 
 
 @dataclasses.dataclass(frozen=True)

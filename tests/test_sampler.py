@@ -15,13 +15,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from opd_jax import sampling as S
+from opd_jax.sampling import strategies as S
 from opd_jax.model import decoder
 from opd_jax.model.config import ModelConfig
-from opd_jax.decode_loop import TRACE_COUNTS
-from opd_jax.generation import generate
-from opd_jax.sampler import Sampler, bucket_batch, bucket_length, row_keys
-from opd_jax.sampling import Greedy, MinP, Sampling, Temperature, TopK, TopP
+from opd_jax.sampling.loop import TRACE_COUNTS
+from opd_jax.sampling.generation import generate
+from opd_jax.sampling.sampler import Sampler, bucket_batch, bucket_length, row_keys
+from opd_jax.sampling.strategies import Greedy, MinP, Sampling, Temperature, TopK, TopP
 
 CFG = ModelConfig(max_position=64)
 
@@ -315,7 +315,7 @@ EIGHT_DEVICES = textwrap.dedent("""
     sys_path = {path!r}
     import sys; sys.path.insert(0, sys_path)
     from tests.test_sampler import CFG, PARAMS, PROMPTS
-    from opd_jax.generation import generate
+    from opd_jax.sampling.generation import generate
     from opd_jax.sharding import make_mesh
     assert len(jax.devices()) == 8
     m = types.SimpleNamespace(config=CFG, params=PARAMS)

@@ -12,7 +12,7 @@ transformers = pytest.importorskip("transformers")
 
 from opd_jax.model.hf_loader import to_hf_config, to_hf_state_dict  # noqa: E402
 from opd_jax.model.loading import load_model  # noqa: E402
-from opd_jax.generation import generate  # noqa: E402
+from opd_jax.sampling.generation import generate  # noqa: E402
 
 pytestmark = pytest.mark.torch
 

@@ -165,13 +165,14 @@ def test_meshes_match_one_device_and_state_shrinks_with_fsdp(tmp_path):
 COMPILED = """
 import functools, re
 from opd_jax import losses, sharding as shd
-from opd_jax.config_schema import LossSpec, OptimSpec
+from opd_jax.config.schema import LossSpec, OptimSpec
 from opd_jax.model import decoder as dec
 from opd_jax.model.config import ModelConfig, param_shapes
 from opd_jax.train.mesh import TrainMesh
 from opd_jax.train.objectives import make_chunk_fn
 from opd_jax.train.state import StudentSpec, init_state, make_optimizer
-from opd_jax.train.step import RolloutBatch, TeacherSpec, make_train_step
+from opd_jax.train.batch import RolloutBatch
+from opd_jax.train.step import TeacherSpec, make_train_step
 
 c = ModelConfig(vocab_size=256, n_layers=3, d_model=128, ffn_dim=256, n_heads=4, n_kv_heads=2,
                 head_dim=32)

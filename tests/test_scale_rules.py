@@ -137,9 +137,9 @@ jax.distributed.initialize(coordinator_address=f"localhost:{port}", num_processe
 from opd_jax import sharding as shd
 from opd_jax.model import decoder as dec
 from opd_jax.model.config import ModelConfig, param_axes
-from opd_jax.sampler import Sampler
-from opd_jax.sampling import Sampling
-from opd_jax.scoring import pad_left
+from opd_jax.sampling.sampler import Sampler
+from opd_jax.sampling.strategies import Sampling
+from opd_jax.data.padding import pad_left
 from opd_jax.train import mesh as M
 
 c = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,

@@ -13,8 +13,9 @@ import pytest
 
 from opd_jax.model import decoder
 from opd_jax.model.config import ModelConfig
-from opd_jax.generation import generate
-from opd_jax.scoring import pad_left, score
+from opd_jax.sampling.generation import generate
+from opd_jax.data.padding import pad_left
+from opd_jax.teacher.scoring import score
 
 CFG = ModelConfig(max_position=64, tie_embeddings=True)
 PARAMS = decoder.init_params(CFG, jax.random.PRNGKey(3))

@@ -18,7 +18,8 @@ from opd_jax.select_prompts import (SIGNALS, DedupSpec, RuleSpec, apply_rule, ex
                                     load_select_config, make_batch_scorer, near_duplicates,
                                     normalize_text, select_prompts, split_config)
 from opd_jax.train.state import StudentSpec
-from opd_jax.train.step import RolloutBatch, TeacherSpec
+from opd_jax.train.batch import RolloutBatch
+from opd_jax.train.step import TeacherSpec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny_test.yaml")

@@ -15,6 +15,7 @@ Typical use::
     toks = data.tokenize_prompts(batch, tokenizer, data.PromptTemplate().student, 256)
 """
 
+from opd_jax.data.padding import pad_left
 from opd_jax.data.pipeline import (
     default_shard_options,
     make_prompt_dataset,

@@ -15,7 +15,7 @@ piece that needs it raises an ``ImportError`` naming the extra.
 ``OPDStrategy`` takes the same three callables as tunix's ``LogitStrategy`` (forward functions
 returning ``[B, T, V]`` logits, a ``labels_fn`` returning tunix's masked one-hot labels or
 :func:`next_token_labels`' int ids) and any objective of the opd_jax trainer, with the trainer's
-config vocabulary (:class:`opd_jax.config_schema.LossSpec`): ``"reverse_kl"``, ``"forward_kl"``,
+config vocabulary (:class:`opd_jax.config.schema.LossSpec`): ``"reverse_kl"``, ``"forward_kl"``,
 ``"generalized_jsd"`` (``beta``), ``"skew_forward_kl"`` / ``"skew_reverse_kl"`` (``alpha`` of the
 skew is ``skew_alpha`` here), the OPD top-k shared support (``top_k=16, support="union", tail=
 "bucket"``), ``"topk_reward"`` (the OPD paper's policy-gradient surrogate) and
@@ -66,7 +66,7 @@ import jax
 import jax.numpy as jnp
 
 from opd_jax import losses
-from opd_jax.config_schema import LossSpec
+from opd_jax.config.schema import LossSpec
 from opd_jax.model.config import ModelConfig
 
 __all__ = [
@@ -123,7 +123,7 @@ class HiddenAndUnembed(NamedTuple):
 
 def make_loss_spec(objective: str = "reverse_kl", *, top_k: int | None = None,
                    skew_alpha: float = 0.1, **fields: Any) -> LossSpec:
-    """A validated :class:`~opd_jax.config_schema.LossSpec` (the trainer's ``loss:`` section).
+    """A validated :class:`~opd_jax.config.schema.LossSpec` (the trainer's ``loss:`` section).
 
     Unlike the config default, ``top_k`` defaults to ``None`` (full vocabulary). ``skew_alpha``
     is ``LossSpec.alpha`` (renamed here: ``alpha`` is the distillation/task weight of tunix's

@@ -254,3 +254,24 @@ def logits(params: Params, config: ModelConfig, hidden_BxTxD: jax.Array) -> jax.
     """``hidden @ unembed`` in float32: ``[B, T, V]``. Only for small inputs; losses chunk this."""
     return jnp.einsum("btd,dv->btv", hidden_BxTxD, unembed_matrix(params, config),
                       preferred_element_type=jnp.float32)
+
+
+def hidden_states(params: Params, config: ModelConfig, tokens_BxT: jax.Array, valid_BxT: jax.Array,
+                  *, lora: Lora | None = None, cache: KVCache | None = None
+                  ) -> tuple[jax.Array, KVCache | None]:
+    """Final-norm hidden states ``[B, T, D]`` of (left-padded) sequences, and the filled cache.
+
+    The one forward both the sampler's prefill and :func:`score` use: padding tokens are masked
+    out of attention and RoPE positions count real tokens only (position 0 is each row's first
+    real token), so a row's values do not depend on how much padding it got.
+    """
+    return forward(params, config, tokens_BxT, None, valid_BxT=valid_BxT, cache=cache, lora=lora)
+
+
+def next_token_logits(params: Params, config: ModelConfig, hidden_BxD: jax.Array) -> jax.Array:
+    """``[B, V]`` float32 logits of one position per row (the unembedding of the decode step)."""
+    if config.tie_embeddings:
+        return jnp.einsum("bd,vd->bv", hidden_BxD, params["embed"],
+                          preferred_element_type=jnp.float32)
+    return jnp.einsum("bd,dv->bv", hidden_BxD, params["unembed"],
+                      preferred_element_type=jnp.float32)

@@ -24,8 +24,10 @@ from typing import Any
 import numpy as np
 
 from opd_jax.model.config import ModelConfig, RopeScaling, param_shapes
-from opd_jax.model.hf_loader import (_hf_shape, check_tensor_names, place_params, stacked_leaf_fn)
+from opd_jax.model.gguf_reader import field, numpy_shape, open_gguf
+from opd_jax.model.hf_loader import check_tensor_names, hf_shape, place_params, stacked_leaf_fn
 from opd_jax.model.layers import rope_inv_freq
+from opd_jax.model.tokenizer import tokenizer_from_gguf
 
 ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
 PERMUTED_QK = ("llama",)
@@ -49,48 +51,6 @@ LAYER_NAMES = {
 TOP_NAMES = {"embed": "token_embd.weight", "final_norm": "output_norm.weight",
              "unembed": "output.weight"}
 ROPE_FREQS = "rope_freqs.weight"
-
-
-def field(reader, key: str, default: Any = None) -> Any:
-    """A metadata value (``default`` when absent)."""
-    f = reader.fields.get(key)
-    if f is None:
-        return default
-    if hasattr(f, "contents"):
-        return f.contents()
-    return _contents(f)
-
-
-def _contents(f) -> Any:
-    """``ReaderField.contents()`` for gguf releases that predate it."""
-    import gguf
-
-    text = lambda x: bytes(x).decode("utf-8")  # noqa: E731
-    main = f.types[0]
-    if main == gguf.GGUFValueType.ARRAY:
-        if f.types[-1] == gguf.GGUFValueType.STRING:
-            return [text(f.parts[i]) for i in f.data]
-        return [v for i in f.data for v in f.parts[i].tolist()]
-    if main == gguf.GGUFValueType.STRING:
-        return text(f.parts[-1])
-    return f.parts[-1].tolist()[0]
-
-
-def open_gguf(path: str | os.PathLike):
-    import gguf
-
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"GGUF file {path} does not exist")
-    try:
-        return gguf.GGUFReader(str(path), "r")
-    except Exception as e:  # truncated / not a GGUF file
-        raise ValueError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e})") from e
-
-
-def _numpy_shape(tensor) -> tuple[int, ...]:
-    """Numpy (HF) order of a GGUF tensor's dims: ``ne`` reversed."""
-    return tuple(int(d) for d in reversed(list(tensor.shape)))
 
 
 def expected_gguf_names(config: ModelConfig) -> dict[str, tuple[str, ...]]:
@@ -149,7 +109,7 @@ def config_from_gguf(reader) -> ModelConfig:
                          "is not supported")
     if "token_embd.weight" not in tensors:
         raise ValueError("GGUF file has no token_embd.weight tensor")
-    embd_shape = _numpy_shape(tensors["token_embd.weight"])
+    embd_shape = numpy_shape(tensors["token_embd.weight"])
     vocab = int(field(reader, f"{arch}.vocab_size", embd_shape[0]))
     theta = float(field(reader, f"{arch}.rope.freq_base", 10000.0))
     return ModelConfig(
@@ -190,8 +150,8 @@ def load_gguf(path: str | os.PathLike, dtype: str = "float32", *, mesh=None, rul
     tensors = {t.name: t for t in reader.tensors}
     expected = expected_gguf_names(config)
     check_tensor_names(
-        config, {n: _numpy_shape(t) for n, t in tensors.items()}, expected=expected,
-        shape_fn=lambda leaf, _n: _hf_shape(config, leaf.split("/")[-1]), source=str(path),
+        config, {n: numpy_shape(t) for n, t in tensors.items()}, expected=expected,
+        shape_fn=lambda leaf, _n: hf_shape(config, leaf.split("/")[-1]), source=str(path),
         ignore=lambda n: n == ROPE_FREQS)
     permuted = field(reader, "general.architecture") in PERMUTED_QK
     q_names = set(expected["layers/q"])
@@ -204,7 +164,7 @@ def load_gguf(path: str | os.PathLike, dtype: str = "float32", *, mesh=None, rul
         except NotImplementedError as e:
             raise ValueError(f"tensor {name!r}: GGUF type {t.tensor_type.name} cannot be "
                              f"dequantized by the installed gguf package ({e})") from e
-        w = np.asarray(w).reshape(_numpy_shape(t))
+        w = np.asarray(w).reshape(numpy_shape(t))
         if permuted and name in q_names:
             w = unpermute_qk(w, config.n_heads)
         elif permuted and name in k_names:
@@ -215,7 +175,5 @@ def load_gguf(path: str | os.PathLike, dtype: str = "float32", *, mesh=None, rul
                           mesh=mesh, rules=rules)
     tokenizer = None
     if with_tokenizer and "tokenizer.ggml.tokens" in reader.fields:
-        from opd_jax.model.tokenizer import tokenizer_from_gguf
-
         tokenizer = tokenizer_from_gguf(reader)
     return config, params, tokenizer

@@ -162,7 +162,7 @@ def to_hf_config(config: ModelConfig) -> dict:
 
 # --- HF layout <-> contract layout ---------------------------------------------------------------
 
-def _hf_shape(config: ModelConfig, leaf: str) -> tuple[int, ...]:
+def hf_shape(config: ModelConfig, leaf: str) -> tuple[int, ...]:
     c = config
     D, H, G, E, F, V = c.d_model, c.n_heads, c.n_kv_heads, c.head_dim, c.ffn_dim, c.vocab_size
     return {
@@ -380,7 +380,7 @@ def check_tensor_names(config: ModelConfig, found: Mapping[str, tuple[int, ...]]
                        ) -> None:
     """Refuse missing, unexpected or wrongly shaped tensors with a message naming each one."""
     expected = expected_hf_names(config) if expected is None else expected
-    shape_fn = shape_fn or (lambda leaf, _name: _hf_shape(config, leaf.split("/")[-1]))
+    shape_fn = shape_fn or (lambda leaf, _name: hf_shape(config, leaf.split("/")[-1]))
     wanted = {n: leaf for leaf, names in expected.items() for n in names}
     missing = sorted(set(wanted) - set(found))
     if missing:

@@ -25,6 +25,8 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Protocol, Sequence, runtime_checkable
 
+from opd_jax.model.gguf_reader import field, open_gguf
+
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
@@ -252,8 +254,6 @@ def tokenizer_from_gguf(reader_or_path) -> HFTokenizer:
     """Byte-level BPE tokenizer (``tokenizer.ggml.model == "gpt2"``) built from a GGUF's
     ``tokenizer.ggml.tokens`` / ``merges`` / ``token_type``, its special ids and chat template."""
     from tokenizers import AddedToken, Tokenizer as _Backend, decoders, models
-
-    from opd_jax.model.gguf_loader import field, open_gguf
 
     reader = reader_or_path if hasattr(reader_or_path, "fields") else open_gguf(reader_or_path)
     kind = field(reader, "tokenizer.ggml.model")

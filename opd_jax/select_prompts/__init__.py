@@ -33,7 +33,7 @@ Modules: :mod:`.config` (the ``select:`` section), :mod:`.dedup` (exact / near d
 command), :mod:`.report` (outputs and markdown).
 """
 
-from opd_jax.config_sections import split_sections
+from opd_jax.config.sections import split_sections
 from opd_jax.select_prompts.config import (SIGNALS, STATUSES, DedupSpec, RuleSpec, SelectConfig,
                                            load_select_config, split_config)
 from opd_jax.select_prompts.dedup import (embed_records, exact_duplicates, mean_pooled_hidden,

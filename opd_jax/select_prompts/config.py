@@ -6,10 +6,10 @@ import dataclasses
 from pathlib import Path
 from typing import Literal, Optional, Sequence
 
-from opd_jax.config import load_yaml
-from opd_jax.config_run import RunConfig
-from opd_jax.config_sections import split_sections
-from opd_jax.config_schema import need
+from opd_jax.config.core import load_yaml
+from opd_jax.config.run import RunConfig
+from opd_jax.config.sections import split_sections
+from opd_jax.config.schema import need
 
 SIGNALS = {
     "reverse_kl": "KL(S||T), full vocabulary, on the student's samples",

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from opd_jax.config_run import RunConfig
+from opd_jax.config.run import RunConfig
 from opd_jax.data import load_jsonl
 from opd_jax.select_prompts.config import SIGNALS, STATUSES, SelectConfig
 from opd_jax.select_prompts.dedup import exact_duplicates, near_duplicates

@@ -7,9 +7,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from opd_jax.config import from_dict, to_dict
-from opd_jax.config_run import RunConfig
-from opd_jax.config_schema import ModelSpec, need
+from opd_jax.config.core import from_dict, to_dict
+from opd_jax.config.run import RunConfig
+from opd_jax.config.schema import ModelSpec, need
 from opd_jax.study.config import StudyConfig
 from opd_jax.train.metrics_log import MetricsLog
 

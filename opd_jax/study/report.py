@@ -8,8 +8,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from opd_jax.config import to_dict
-from opd_jax.config_run import RunConfig
+from opd_jax.config.core import to_dict
+from opd_jax.config.run import RunConfig
 from opd_jax.study.arms import HELDOUT, TRAIN
 from opd_jax.study.findings import all_finite
 

@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from opd_jax.config import to_dict
-from opd_jax.config_run import RunConfig
+from opd_jax.config.core import to_dict
+from opd_jax.config.run import RunConfig
 from opd_jax.data import read_jsonl
 from opd_jax.select_prompts import SelectConfig, select_prompts
 from opd_jax.study.arms import arm_config, arm_series, arm_stages, run_arm, with_student

@@ -15,7 +15,7 @@ from typing import Any, Callable, Sequence
 import jax
 
 from opd_jax import losses
-from opd_jax.config_schema import LossSpec
+from opd_jax.config.schema import LossSpec
 from opd_jax.eval import evaluate
 from opd_jax.train import rollout
 from opd_jax.train.objectives import make_chunk_fn

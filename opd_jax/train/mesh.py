@@ -42,6 +42,7 @@ from opd_jax import sharding as shd
 from opd_jax.model.config import param_axes
 from opd_jax.model.decoder import Lora
 from opd_jax.model.lora import lora_axes
+from opd_jax.train.batch import RolloutBatch
 
 __all__ = ["TrainMesh", "build_mesh", "init_distributed", "is_primary", "barrier", "to_host",
            "gather_records", "per_process_batch", "make_log", "place_models", "teacher_scope",
@@ -86,7 +87,6 @@ class TrainMesh:
 
     def batch_shardings(self):
         """A ``RolloutBatch`` of row shardings (every field is ``[B, ...]`` 2-D)."""
-        from opd_jax.train.step import RolloutBatch  # step.py imports this module
 
         s = self.rows(2)
         return RolloutBatch(*([s] * len(dataclasses.fields(RolloutBatch))))

@@ -8,7 +8,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from opd_jax.config_schema import ModelSpec
+from opd_jax.config.schema import ModelSpec
 from opd_jax.model import decoder
 from opd_jax.model.byte_tokenizer import ByteTokenizer
 from opd_jax.model.config import ModelConfig

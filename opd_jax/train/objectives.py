@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from opd_jax import losses
-from opd_jax.config_schema import LossSpec
+from opd_jax.config.schema import LossSpec
 from opd_jax.metrics import mechanism_metrics_from_logits
 
 DIVERGENCE_OBJECTIVES = ("reverse_kl", "forward_kl", "generalized_jsd", "skew_forward_kl",

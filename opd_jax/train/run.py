@@ -12,8 +12,8 @@ import json
 from typing import Any
 
 from opd_jax.checkpoint import StageCheckpointer, stage_dir
-from opd_jax.config import save_config
-from opd_jax.config_run import RunConfig
+from opd_jax.config.core import save_config
+from opd_jax.config.run import RunConfig
 from opd_jax.data import PromptTemplate, dedupe_records, load_records, split_records
 from opd_jax.data.templates import DEFAULT_TEACHER_TEMPLATE
 from opd_jax.train import mesh as mesh_lib

@@ -22,8 +22,8 @@ from tqdm.auto import tqdm
 from opd_jax import losses
 from opd_jax.checkpoint import StageCheckpointer, graceful_stop, stage_dir
 from opd_jax.data import PromptTemplate, make_prompt_dataset, make_prompt_iterator
-from opd_jax.sampler import Sampler
-from opd_jax.sampling import Sampling
+from opd_jax.sampling.sampler import Sampler
+from opd_jax.sampling.strategies import Sampling
 from opd_jax.train import mesh as mesh_lib
 from opd_jax.train import rollout
 from opd_jax.train.evaluate import evaluate_student

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from opd_jax.config_schema import OptimSpec
+from opd_jax.config.schema import OptimSpec
 from opd_jax.model import decoder
 from opd_jax.model.config import ModelConfig
 

@@ -25,25 +25,11 @@ from opd_jax.losses.chunked import chunked_student_logits_map
 from opd_jax.metrics import per_position
 from opd_jax.model import decoder
 from opd_jax.model.config import ModelConfig
+from opd_jax.train.batch import RolloutBatch
 from opd_jax.train.mesh import map_rows_per_device, replicate_embedding, teacher_scope
 from opd_jax.train.state import StudentSpec, TrainState
 
 CURVE_KEYS = ("overlap", "token_reverse_kl", "student_entropy", "teacher_entropy")
-
-
-@flax.struct.dataclass
-class RolloutBatch:
-    """One step's sequences. ``student_tokens``/``student_valid``: ``[B, Ps + N]``;
-    ``teacher_tokens``/``teacher_valid``: ``[B, Pt + N]`` (same completion, the teacher's own
-    prompt); ``completion``/``mask``/``sampler_logprobs``: ``[B, N]``."""
-
-    student_tokens: jax.Array
-    student_valid: jax.Array
-    teacher_tokens: jax.Array
-    teacher_valid: jax.Array
-    completion: jax.Array
-    mask: jax.Array
-    sampler_logprobs: jax.Array
 
 
 @dataclasses.dataclass(frozen=True)

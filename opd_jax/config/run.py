@@ -12,13 +12,14 @@ from __future__ import annotations
 import dataclasses
 import re
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal, Optional, Sequence
 
-from opd_jax.config_schema import (DataSpec, FilterSpec, LossSpec, ModelSpec, OptimSpec,
+from opd_jax.config.core import load_typed
+from opd_jax.config.schema import (DataSpec, FilterSpec, LossSpec, ModelSpec, OptimSpec,
                                    SamplerSpec, placeholders, need)
 
 __all__ = ["STAGE_KINDS", "TRAIN_KINDS", "StageSpec", "CheckpointSpec", "MeshShape",
-           "DistributedSpec", "MeshSpec", "LogSpec", "RunConfig"]
+           "DistributedSpec", "MeshSpec", "LogSpec", "RunConfig", "load_config"]
 
 STAGE_KINDS = ("cold_start", "opd", "opsd", "eval")
 TRAIN_KINDS = ("cold_start", "opd", "opsd")
@@ -259,3 +260,13 @@ class RunConfig:
              f"opsd stage {stage.name!r}: data source {data.source}:{data.name or data.path} has "
              "no solutions; set solution_key to the field holding reference solutions, or drop "
              "{solution} from teacher_template")
+
+
+def load_config(path: str | Path | None, overrides: Sequence[str] = (), cls: type = RunConfig):
+    """Load a :class:`RunConfig` (or ``cls``) from YAML plus ``key=value`` overrides.
+
+    ``path=None`` starts from the schema defaults. Errors name the file and the dotted key::
+
+        cfg = load_config("configs/demo.yaml", ["optim.lr=1e-5", "stages.1.steps=10"])
+    """
+    return load_typed(cls, path, overrides)

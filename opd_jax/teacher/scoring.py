@@ -17,60 +17,15 @@ To line the log-probs up with the tokens they score, use ``logprobs[:, :-1]`` ag
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple, Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from opd_jax.model.config import ModelConfig
-from opd_jax.model.decoder import KVCache, Lora, Params, forward, unembed_matrix
+from opd_jax.model.decoder import Lora, Params, hidden_states, unembed_matrix
 
-__all__ = ["ScoreOutput", "score", "hidden_states", "next_token_logits", "pad_left"]
-
-
-def pad_left(seqs: Sequence[Sequence[int]], length: int | None = None, pad_id: int = 0
-             ) -> tuple[np.ndarray, np.ndarray]:
-    """Left-pad token lists to ``[B, length]``: ``(tokens int32, valid bool)``.
-
-    ``length`` defaults to the longest sequence; a sequence longer than ``length`` is an error.
-
-    >>> tokens, valid = pad_left([[5, 6], [7]])
-    >>> tokens.tolist(), valid.tolist()
-    ([[5, 6], [0, 7]], [[True, True], [False, True]])
-    """
-    longest = max((len(s) for s in seqs), default=0)
-    length = longest if length is None else length
-    if longest > length:
-        raise ValueError(f"a sequence has {longest} tokens but the padded length is {length}")
-    tokens = np.full((len(seqs), length), pad_id, np.int32)
-    valid = np.zeros((len(seqs), length), bool)
-    for i, s in enumerate(seqs):
-        if len(s):
-            tokens[i, length - len(s):] = np.asarray(s, np.int32)
-            valid[i, length - len(s):] = True
-    return tokens, valid
-
-
-def hidden_states(params: Params, config: ModelConfig, tokens_BxT: jax.Array, valid_BxT: jax.Array,
-                  *, lora: Lora | None = None, cache: KVCache | None = None
-                  ) -> tuple[jax.Array, KVCache | None]:
-    """Final-norm hidden states ``[B, T, D]`` of (left-padded) sequences, and the filled cache.
-
-    The one forward both the sampler's prefill and :func:`score` use: padding tokens are masked
-    out of attention and RoPE positions count real tokens only (position 0 is each row's first
-    real token), so a row's values do not depend on how much padding it got.
-    """
-    return forward(params, config, tokens_BxT, None, valid_BxT=valid_BxT, cache=cache, lora=lora)
-
-
-def next_token_logits(params: Params, config: ModelConfig, hidden_BxD: jax.Array) -> jax.Array:
-    """``[B, V]`` float32 logits of one position per row (the unembedding of the decode step)."""
-    if config.tie_embeddings:
-        return jnp.einsum("bd,vd->bv", hidden_BxD, params["embed"],
-                          preferred_element_type=jnp.float32)
-    return jnp.einsum("bd,dv->bv", hidden_BxD, params["unembed"],
-                      preferred_element_type=jnp.float32)
+__all__ = ["ScoreOutput", "score"]
 
 
 class ScoreOutput(NamedTuple):
@@ -112,7 +67,7 @@ def score(params: Params, config: ModelConfig, tokens_BxT: jax.Array, *, valid_B
       :class:`ScoreOutput`; ``logprobs[:, t]`` scores ``tokens[:, t+1]``.
     """
     from opd_jax.losses.chunked import chunked_logits_map
-    from opd_jax.sampling import _top_k
+    from opd_jax.sampling.strategies import _top_k
 
     if temperature <= 0:
         raise ValueError(f"temperature={temperature}; it must be > 0")

@@ -7,8 +7,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Sequence
 
-from opd_jax.config import ConfigError, apply_overrides, from_dict
-from opd_jax.config_run import RunConfig
+from opd_jax.config.core import ConfigError, apply_overrides, from_dict
+from opd_jax.config.run import RunConfig
 
 
 def split_sections(raw: dict, overrides: Sequence[str], sections: dict[str, type], *,

@@ -1,7 +1,7 @@
 """Run schema, part 1: model, data, sampler, loss, optimizer and filter specs.
 
 Frozen dataclasses of plain values, read once at the entry point; stages and the whole run are in
-:mod:`opd_jax.config_run`. Load with :func:`opd_jax.config.load_config`; the generic parsing and
+:mod:`opd_jax.config.run`. Load with :func:`opd_jax.config.load_config`; the generic parsing and
 error messages live in :mod:`opd_jax.config`.
 """
 
@@ -12,7 +12,7 @@ import re
 import string
 from typing import Any, Literal, Optional
 
-from opd_jax.config import FieldError
+from opd_jax.config.core import FieldError
 
 __all__ = [
     "DeriveSpec", "LoraSpec", "ModelSpec", "DataSpec", "SamplerSpec", "LossSpec", "OptimSpec",

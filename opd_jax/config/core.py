@@ -1,8 +1,8 @@
 """Typed configs from YAML: nested frozen dataclasses, checked, with command-line overrides.
 
 The mechanism is generic (works for any tree of dataclasses); the run schema lives in
-:mod:`opd_jax.config_schema` and :mod:`opd_jax.config_run`, re-exported here
-(``from opd_jax.config import RunConfig``).
+:mod:`opd_jax.config.schema` and :mod:`opd_jax.config.run`; the package re-exports all three
+(``from opd_jax.config import RunConfig, load_config``). This module imports nothing of opd_jax.
 
 Field types: ``bool int float str Any``, ``Optional[X]`` and other unions (first member that
 accepts wins), ``Literal``, ``tuple[X, ...]``, ``tuple[X, Y]``, ``list[X]``, ``dict[str, X]``, nested
@@ -12,7 +12,7 @@ Hooks on a dataclass: ``validate(self)`` raises :class:`FieldError` (field relat
 dataclass) and the message names the full dotted key; classmethod ``preprocess(cls, data) -> dict``
 rewrites the raw mapping before parsing. At an entry point (read config there, pass plain values)::
 
-    cfg = load_config("configs/demo.yaml", ["optim.lr=1e-5", "stages.1.steps=10"])
+    cfg = load_typed(RunConfig, "configs/demo.yaml", ["optim.lr=1e-5", "stages.1.steps=10"])
     save_config(cfg, run_dir / "config.yaml")
 """
 
@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
-import importlib
 import math
 import types
 import typing
@@ -33,7 +32,7 @@ import yaml
 T = TypeVar("T")
 
 __all__ = [
-    "ConfigError", "FieldError", "from_dict", "to_dict", "apply_overrides", "load_config",
+    "ConfigError", "FieldError", "from_dict", "to_dict", "apply_overrides", "load_typed",
     "load_yaml", "save_config", "dump_config", "validate_tree",
 ]
 
@@ -368,13 +367,11 @@ def load_yaml(path: str | Path) -> dict:
     return data
 
 
-def load_config(path: str | Path | None, overrides: Sequence[str] = (), cls: Any = None):
-    """Load a :class:`~opd_jax.config_run.RunConfig` (or ``cls``) from YAML plus overrides.
+def load_typed(cls: type[T], path: str | Path | None, overrides: Sequence[str] = ()) -> T:
+    """Load a ``cls`` tree of dataclasses from YAML plus ``key=value`` overrides.
 
     ``path=None`` starts from the schema defaults. Errors name the file and the dotted key.
     """
-    if cls is None:
-        from opd_jax.config_run import RunConfig as cls
     data = load_yaml(path) if path is not None else {}
     data = apply_overrides(data, list(overrides), schema=cls)
     try:
@@ -382,14 +379,3 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = (), cls: Any
     except ConfigError as e:
         where = f"{path}" if path is not None else "config"
         raise ConfigError(f"{where}: {e}") from None
-
-
-def __getattr__(name: str):
-    """Re-export the run schema lazily (``from opd_jax.config import RunConfig``)."""
-    if name.startswith("__"):  # import machinery probes (__path__, ...) must not import the schema
-        raise AttributeError(name)
-    for module_name in ("opd_jax.config_run", "opd_jax.config_schema"):
-        module = importlib.import_module(module_name)
-        if name in getattr(module, "__all__", ()):
-            return getattr(module, name)
-    raise AttributeError(f"module 'opd_jax.config' has no attribute {name!r}")

@@ -4,7 +4,7 @@
 ``P + max_new_tokens - 1`` slots, unembeds the last position only and draws token 0;
 :func:`decode` (state donated) steps a :class:`DecodeState` until every row is done. Both are
 module-level ``jax.jit`` objects keyed on a hashable :class:`DecodeSettings`, so calls in one shape bucket
-reuse one compiled program. :class:`opd_jax.sampler.Sampler` is the public face; see its module
+reuse one compiled program. :class:`opd_jax.sampling.sampler.Sampler` is the public face; see its module
 docstring for the design (layer loop, cache layout, keys).
 """
 
@@ -24,8 +24,8 @@ from opd_jax.model import decoder
 from opd_jax.model.config import ModelConfig
 from opd_jax.model.decoder import KVCache, Lora, Params, init_cache
 from opd_jax.model.layers import rms_norm, rope_inv_freq
-from opd_jax.sampling import Sampling, draw, top_logprobs, uniforms
-from opd_jax.scoring import hidden_states, next_token_logits
+from opd_jax.sampling.strategies import Sampling, draw, top_logprobs, uniforms
+from opd_jax.model.decoder import hidden_states, next_token_logits
 from opd_jax.sharding import constrain, use_mesh_rules
 
 __all__ = ["DecodeSettings", "DecodeState", "LayerCaches", "TRACE_COUNTS", "prefill", "decode"]

@@ -1,6 +1,6 @@
 """``opd_jax.generate``: token-id prompts in, completions (and every array the losses need) out.
 
-A thin user layer over :class:`opd_jax.sampler.Sampler`: validates the prompts, repeats each one
+A thin user layer over :class:`opd_jax.sampling.sampler.Sampler`: validates the prompts, repeats each one
 ``n_samples`` times, derives one key per row from ``(seed, prompt index, sample index)`` (so a
 completion does not depend on the rest of the batch), left-pads, runs the sampler and returns
 Python lists plus the full numpy arrays.
@@ -15,9 +15,9 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from opd_jax.sampler import SampleOutput, Sampler, row_keys
-from opd_jax.sampling import Sampling
-from opd_jax.scoring import pad_left
+from opd_jax.sampling.sampler import SampleOutput, Sampler, row_keys
+from opd_jax.sampling.strategies import Sampling
+from opd_jax.data.padding import pad_left
 
 __all__ = ["generate", "GenerateOutput"]
 
