@@ -39,9 +39,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import RESULTS_DIR, fmt_bytes, load_report, machine_info, print_table, write_json  # noqa: E402
-
 import jax  # noqa: E402
+from _common import RESULTS_DIR, load_report, machine_info, print_table, write_json  # noqa: E402
 
 from opd_jax.model.config import ModelConfig  # noqa: E402
 from opd_jax.sampling.sampler import Sampler  # noqa: E402

@@ -38,8 +38,7 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import (RESULTS_DIR, fmt_bytes, load_report, machine_info, print_table,  # noqa: E402
-                     time_calls, write_json)
+from _common import RESULTS_DIR, fmt_bytes, load_report, machine_info, print_table, time_calls, write_json  # noqa: E402
 
 MESHES = [((1, 1, 1), "fsdp"), ((8, 1, 1), "fsdp"), ((1, 8, 1), "fsdp"), ((2, 4, 1), "fsdp"),
           ((2, 2, 2), "fsdp_tp")]
@@ -67,7 +66,8 @@ def per_device_bytes(tree) -> int:
 def bench_mesh(shape, rules, cs, ct, batch_np, repeats):
     import jax
 
-    from opd_jax import losses, sharding as shd
+    from opd_jax import losses
+    from opd_jax import sharding as shd
     from opd_jax.config.schema import LossSpec, OptimSpec
     from opd_jax.model import decoder as dec
     from opd_jax.train.mesh import TrainMesh

@@ -32,8 +32,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import (F32_MATMUL_PEAK_GFLOPS, RESULTS_DIR, load_report, machine_info,  # noqa: E402
-                     print_table, write_json)
+from _common import F32_MATMUL_PEAK_GFLOPS, RESULTS_DIR, load_report, machine_info, print_table, write_json  # noqa: E402
 
 
 def build(small: bool):
@@ -76,9 +75,9 @@ def bench_opd_jax(teacher, student, ids, args) -> dict:
 
     from opd_jax import losses
     from opd_jax.config.schema import LossSpec, OptimSpec
+    from opd_jax.data.padding import pad_left
     from opd_jax.sampling.sampler import Sampler, bucket_length
     from opd_jax.sampling.strategies import Sampling
-    from opd_jax.data.padding import pad_left
     from opd_jax.train.objectives import make_chunk_fn
     from opd_jax.train.rollout import Prompts, assemble
     from opd_jax.train.state import StudentSpec, init_state, make_optimizer
@@ -138,10 +137,9 @@ def _summary(name, times, gen_tok, trained, student, teacher, extra=None) -> dic
 def bench_trl(teacher, student, ids, texts, args) -> dict:
     import torch
     from datasets import Dataset
+    from forward import _torch_twin
     from transformers import PreTrainedTokenizerFast
     from trl import DistillationConfig, DistillationTrainer
-
-    from forward import _torch_twin
 
     torch.set_num_threads(max(1, __import__("os").cpu_count() or 1))
     tok = teacher.tokenizer

@@ -25,9 +25,8 @@ def _load(args):
 
 def cmd_train(args) -> int:
     from opd_jax.analyze import write_report
-    from opd_jax.train.run import format_summary, run
-
     from opd_jax.train import mesh as mesh_lib
+    from opd_jax.train.run import format_summary, run
 
     cfg = _load(args)
     # multi-process: initialise first (run() would do it too) so that only process 0 deletes or

@@ -7,7 +7,6 @@ position) is padding: dense returns the mean of all values there, blocked return
 compared at the queries that attend to something and gradients of losses that ignore the others.
 """
 
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -179,9 +178,9 @@ def test_config_selects_blocked_and_validates():
 
 
 def test_prefill_into_cache_and_greedy_sampling_match_dense():
+    from opd_jax.data.padding import pad_left
     from opd_jax.sampling.sampler import Sampler
     from opd_jax.sampling.strategies import Sampling
-    from opd_jax.data.padding import pad_left
 
     params = dec.init_params(CFG, jax.random.key(0))
     blocked_cfg = CFG.replace(attention="blocked")

@@ -12,8 +12,13 @@ import numpy as np
 import optax
 import pytest
 
-from opd_jax.checkpoint import (CheckpointStructureError, StageCheckpointer, first_incomplete_stage,
-                                graceful_stop, stage_dir)
+from opd_jax.checkpoint import (
+    CheckpointStructureError,
+    StageCheckpointer,
+    first_incomplete_stage,
+    graceful_stop,
+    stage_dir,
+)
 
 
 def _state(seed: int = 0):

@@ -8,8 +8,17 @@ from typing import Literal, Optional
 
 import pytest
 
-from opd_jax.config import (ConfigError, FieldError, apply_overrides, dump_config, from_dict,
-                            load_config, save_config, to_dict, validate_tree)
+from opd_jax.config import (
+    ConfigError,
+    FieldError,
+    apply_overrides,
+    dump_config,
+    from_dict,
+    load_config,
+    save_config,
+    to_dict,
+    validate_tree,
+)
 from opd_jax.config.run import RunConfig, StageSpec
 from opd_jax.config.schema import LossSpec, OptimSpec
 

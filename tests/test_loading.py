@@ -17,15 +17,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _gpt2_bytes import bytes_to_unicode
 
 from opd_jax.model import decoder
 from opd_jax.model.config import ModelConfig, RopeScaling, param_shapes
 from opd_jax.model.derive import derive_student, random_student
 from opd_jax.model.gguf_loader import load_gguf, unpermute_qk
-from opd_jax.model.hf_loader import (config_from_hf, load_hf, to_hf_config, to_hf_state_dict)
+from opd_jax.model.hf_loader import config_from_hf, load_hf, to_hf_config, to_hf_state_dict
 from opd_jax.model.layers import rope_inv_freq
 from opd_jax.model.loading import Model, check_same_vocab, load_model
-from _gpt2_bytes import bytes_to_unicode
 
 REPO = Path(__file__).resolve().parents[1]
 

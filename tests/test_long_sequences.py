@@ -8,7 +8,6 @@
   default (dense, no remat) run.
 """
 
-import functools
 import json
 
 import jax
@@ -21,10 +20,10 @@ from opd_jax.config import ConfigError, load_config
 from opd_jax.config.schema import LossSpec, OptimSpec
 from opd_jax.model import decoder as dec
 from opd_jax.model.config import ModelConfig
+from opd_jax.train.batch import RolloutBatch
 from opd_jax.train.models import build_models
 from opd_jax.train.objectives import make_chunk_fn
 from opd_jax.train.state import StudentSpec, init_state, make_optimizer
-from opd_jax.train.batch import RolloutBatch
 from opd_jax.train.step import TeacherSpec, make_train_step
 
 TINY = "configs/tiny_test.yaml"

@@ -9,7 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from opd_jax.losses import _chunk_engine as engine
 from opd_jax.losses import chunked
+from opd_jax.losses import topk as topk_lib
 from opd_jax.losses.chunked import (
     TeacherTopK,
     chunked_divergence,
@@ -18,10 +20,8 @@ from opd_jax.losses.chunked import (
     chunked_teacher_topk,
     chunked_token_logprobs,
     chunked_token_logprobs_and_entropy,
+    chunked_topk_policy_gradient_loss,
 )
-from opd_jax.losses import _chunk_engine as engine
-from opd_jax.losses import topk as topk_lib
-from opd_jax.losses.chunked import chunked_topk_policy_gradient_loss
 from opd_jax.losses.divergences import DIVERGENCES, LOGPROB_DIVERGENCES, normalized_logprobs
 
 B, T, D, DT, V = 2, 13, 8, 6, 37  # B*T = 26 is not a multiple of the chunk sizes used

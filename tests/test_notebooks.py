@@ -9,7 +9,6 @@ the full-size run.
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 

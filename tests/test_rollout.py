@@ -13,9 +13,9 @@ from opd_jax.data import make_record
 from opd_jax.model import decoder as dec
 from opd_jax.model.config import ModelConfig
 from opd_jax.train import rollout
+from opd_jax.train.batch import RolloutBatch
 from opd_jax.train.evaluate import SUMMARY_KEYS, full_vocab_scorer, score_rollouts
 from opd_jax.train.state import StudentSpec
-from opd_jax.train.batch import RolloutBatch
 from opd_jax.train.step import TeacherSpec
 
 TINY = "configs/tiny_test.yaml"

@@ -1,7 +1,6 @@
 """Small direct tests: metrics_log (truncate/read), analyze (plots + report), byte_tokenizer,
 losses.elementwise terms against numpy."""
 
-import json
 
 import jax.numpy as jnp
 import numpy as np

@@ -15,11 +15,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from opd_jax.sampling import strategies as S
 from opd_jax.model import decoder
 from opd_jax.model.config import ModelConfig
-from opd_jax.sampling.loop import TRACE_COUNTS
+from opd_jax.sampling import strategies as S
 from opd_jax.sampling.generation import generate
+from opd_jax.sampling.loop import TRACE_COUNTS
 from opd_jax.sampling.sampler import Sampler, bucket_batch, bucket_length, row_keys
 from opd_jax.sampling.strategies import Greedy, MinP, Sampling, Temperature, TopK, TopP
 

@@ -4,7 +4,6 @@ tiny random Llama / Qwen2 / Qwen3 models (saved with ``save_pretrained``, loaded
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")

@@ -11,16 +11,14 @@ a mesh, and the sampler on a two-process mesh (CPU fake devices in subprocesses;
 """
 
 import json
-import os
 import subprocess
 import sys
-import textwrap
 
 import numpy as np
 import pytest
+from test_scale import ROOT, TINY, _free_port, _last_json, _python
 
 from opd_jax.config import ConfigError, load_config
-from test_scale import ROOT, TINY, _free_port, _last_json, _python
 
 MESH_RUNS = """
 from opd_jax import sharding as shd

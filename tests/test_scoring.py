@@ -11,10 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from opd_jax.data.padding import pad_left
 from opd_jax.model import decoder
 from opd_jax.model.config import ModelConfig
 from opd_jax.sampling.generation import generate
-from opd_jax.data.padding import pad_left
 from opd_jax.teacher.scoring import score
 
 CFG = ModelConfig(max_position=64, tie_embeddings=True)

@@ -14,11 +14,21 @@ from opd_jax.config import ConfigError, load_yaml
 from opd_jax.data import make_record
 from opd_jax.model import decoder as dec
 from opd_jax.model.config import ModelConfig
-from opd_jax.select_prompts import (SIGNALS, DedupSpec, RuleSpec, apply_rule, exact_duplicates,
-                                    load_select_config, make_batch_scorer, near_duplicates,
-                                    normalize_text, select_prompts, split_config)
-from opd_jax.train.state import StudentSpec
+from opd_jax.select_prompts import (
+    SIGNALS,
+    DedupSpec,
+    RuleSpec,
+    apply_rule,
+    exact_duplicates,
+    load_select_config,
+    make_batch_scorer,
+    near_duplicates,
+    normalize_text,
+    select_prompts,
+    split_config,
+)
 from opd_jax.train.batch import RolloutBatch
+from opd_jax.train.state import StudentSpec
 from opd_jax.train.step import TeacherSpec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -170,7 +180,7 @@ def test_select_end_to_end_on_tiny_models(tmp_path):
                  "## Signals: pool vs selected (means)", "| exact (normalised text",
                  "| near duplicate", "| **selected** | **3** |"):
         assert part in report, part
-    assert f"| reverse_kl (" in report
+    assert "| reverse_kl (" in report
     means = summary["means"]
     assert means["selected"]["reverse_kl"] == pytest.approx(np.mean(rkl))
 

@@ -7,8 +7,20 @@ import os
 import pytest
 
 from opd_jax.config import ConfigError, to_dict
-from opd_jax.study import (ARMS, HELDOUT, TRAIN, FindingRules, StudyConfig, arm_series, arm_stages,
-                           judge, load_study_config, plot_study, run_study, write_study_report)
+from opd_jax.study import (
+    ARMS,
+    HELDOUT,
+    TRAIN,
+    FindingRules,
+    StudyConfig,
+    arm_series,
+    arm_stages,
+    judge,
+    load_study_config,
+    plot_study,
+    run_study,
+    write_study_report,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(ROOT, "configs", "study_demo.yaml")

@@ -9,10 +9,17 @@ import json
 from pathlib import Path
 
 import pytest
-
-from opd_jax.model.tokenizer import (CHATML_TEMPLATE, HFTokenizer, SentencePieceTokenizer, Tokenizer,
-                                     load_tokenizer, render_chat_template, tokenizer_from_gguf)
 from _gpt2_bytes import bytes_to_unicode
+
+from opd_jax.model.tokenizer import (
+    CHATML_TEMPLATE,
+    HFTokenizer,
+    SentencePieceTokenizer,
+    Tokenizer,
+    load_tokenizer,
+    render_chat_template,
+    tokenizer_from_gguf,
+)
 
 TEXTS = ["Hello world!", "hello world, this is hell", "What is 2+3? The year 2024 had 366 days.",
          "  leading spaces\n\n\ttabs and émojis 🤗 ", "def f(x):\n    return x**2  # comment",

@@ -15,8 +15,16 @@ from pathlib import Path
 from typing import Literal, Optional, Sequence
 
 from opd_jax.config.core import load_typed
-from opd_jax.config.schema import (DataSpec, FilterSpec, LossSpec, ModelSpec, OptimSpec,
-                                   SamplerSpec, placeholders, need)
+from opd_jax.config.schema import (
+    DataSpec,
+    FilterSpec,
+    LossSpec,
+    ModelSpec,
+    OptimSpec,
+    SamplerSpec,
+    need,
+    placeholders,
+)
 
 __all__ = ["STAGE_KINDS", "TRAIN_KINDS", "StageSpec", "CheckpointSpec", "MeshShape",
            "DistributedSpec", "MeshSpec", "LogSpec", "RunConfig", "load_config"]

@@ -8,7 +8,6 @@ error messages live in :mod:`opd_jax.config`.
 from __future__ import annotations
 
 import dataclasses
-import re
 import string
 from typing import Any, Literal, Optional
 

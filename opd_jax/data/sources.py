@@ -113,7 +113,6 @@ def load_parquet(path: str | os.PathLike, *, source: str | None = None, prompt_k
 def make_reasoning_gym_dataset(name: str, *, seed: int, size: int, config: Mapping[str, Any]):
     """``reasoning_gym.create_dataset`` with its errors turned into clear ``ValueError``s."""
     import reasoning_gym  # optional dependency: the ``data`` extra
-
     from reasoning_gym.factory import DATASETS
 
     if name not in DATASETS:

@@ -16,8 +16,14 @@ import jax
 import jax.numpy as jnp
 
 from opd_jax.model.config import ModelConfig, param_shapes
-from opd_jax.model.layers import (apply_rope, attention, attention_blocked, attention_over_cache,
-                                  rms_norm, rope_inv_freq)
+from opd_jax.model.layers import (
+    apply_rope,
+    attention,
+    attention_blocked,
+    attention_over_cache,
+    rms_norm,
+    rope_inv_freq,
+)
 from opd_jax.sharding import constrain
 
 Params = dict[str, Any]

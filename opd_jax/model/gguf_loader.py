@@ -18,7 +18,6 @@ GGUFs use NEOX RoPE and are stored unpermuted.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 import numpy as np

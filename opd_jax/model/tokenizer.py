@@ -234,7 +234,8 @@ _DIGITS_THEN_GPT2 = ("smollm", "starcoder", "refact", "codeshell", "command-r", 
 
 
 def _gguf_pre_tokenizer(pre: str | None):
-    from tokenizers import Regex, pre_tokenizers as pt
+    from tokenizers import Regex
+    from tokenizers import pre_tokenizers as pt
 
     if pre in (None, "default", "gpt-2", "gpt2"):
         return pt.ByteLevel(add_prefix_space=False, use_regex=True)
@@ -253,7 +254,8 @@ def _gguf_pre_tokenizer(pre: str | None):
 def tokenizer_from_gguf(reader_or_path) -> HFTokenizer:
     """Byte-level BPE tokenizer (``tokenizer.ggml.model == "gpt2"``) built from a GGUF's
     ``tokenizer.ggml.tokens`` / ``merges`` / ``token_type``, its special ids and chat template."""
-    from tokenizers import AddedToken, Tokenizer as _Backend, decoders, models
+    from tokenizers import AddedToken, decoders, models
+    from tokenizers import Tokenizer as _Backend
 
     reader = reader_or_path if hasattr(reader_or_path, "fields") else open_gguf(reader_or_path)
     kind = field(reader, "tokenizer.ggml.model")

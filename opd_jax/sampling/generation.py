@@ -15,9 +15,9 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
+from opd_jax.data.padding import pad_left
 from opd_jax.sampling.sampler import SampleOutput, Sampler, row_keys
 from opd_jax.sampling.strategies import Sampling
-from opd_jax.data.padding import pad_left
 
 __all__ = ["generate", "GenerateOutput"]
 

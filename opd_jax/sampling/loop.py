@@ -22,10 +22,9 @@ from jax.sharding import Mesh
 
 from opd_jax.model import decoder
 from opd_jax.model.config import ModelConfig
-from opd_jax.model.decoder import KVCache, Lora, Params, init_cache
+from opd_jax.model.decoder import KVCache, Lora, Params, hidden_states, init_cache, next_token_logits
 from opd_jax.model.layers import rms_norm, rope_inv_freq
 from opd_jax.sampling.strategies import Sampling, draw, top_logprobs, uniforms
-from opd_jax.model.decoder import hidden_states, next_token_logits
 from opd_jax.sharding import constrain, use_mesh_rules
 
 __all__ = ["DecodeSettings", "DecodeState", "LayerCaches", "TRACE_COUNTS", "prefill", "decode"]

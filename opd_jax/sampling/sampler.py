@@ -51,10 +51,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from opd_jax.sampling.loop import (TRACE_COUNTS, DecodeSettings, DecodeState, LayerCaches, decode,
-                                 prefill)
 from opd_jax.model.config import ModelConfig, param_axes
 from opd_jax.model.decoder import Lora, Params
+from opd_jax.sampling.loop import TRACE_COUNTS, DecodeSettings, DecodeState, LayerCaches, decode, prefill
 from opd_jax.sampling.strategies import Sampling
 from opd_jax.sharding import get_rules, named_sharding, tree_shardings
 

@@ -34,10 +34,22 @@ command), :mod:`.report` (outputs and markdown).
 """
 
 from opd_jax.config.sections import split_sections
-from opd_jax.select_prompts.config import (SIGNALS, STATUSES, DedupSpec, RuleSpec, SelectConfig,
-                                           load_select_config, split_config)
-from opd_jax.select_prompts.dedup import (embed_records, exact_duplicates, mean_pooled_hidden,
-                                          near_duplicates, normalize_text)
+from opd_jax.select_prompts.config import (
+                                           SIGNALS,
+                                           STATUSES,
+                                           DedupSpec,
+                                           RuleSpec,
+                                           SelectConfig,
+                                           load_select_config,
+                                           split_config,
+)
+from opd_jax.select_prompts.dedup import (
+                                           embed_records,
+                                           exact_duplicates,
+                                           mean_pooled_hidden,
+                                           near_duplicates,
+                                           normalize_text,
+)
 from opd_jax.select_prompts.pipeline import load_heldout, select_prompts
 from opd_jax.select_prompts.report import format_report, write_outputs
 from opd_jax.select_prompts.rule import apply_rule

@@ -8,8 +8,8 @@ from typing import Literal, Optional, Sequence
 
 from opd_jax.config.core import load_yaml
 from opd_jax.config.run import RunConfig
-from opd_jax.config.sections import split_sections
 from opd_jax.config.schema import need
+from opd_jax.config.sections import split_sections
 
 SIGNALS = {
     "reverse_kl": "KL(S||T), full vocabulary, on the student's samples",

@@ -12,9 +12,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from opd_jax.sampling.sampler import bucket_length
 from opd_jax.data.padding import pad_left
 from opd_jax.model.decoder import hidden_states
+from opd_jax.sampling.sampler import bucket_length
 from opd_jax.select_prompts.config import DedupSpec
 
 

@@ -16,6 +16,7 @@ from opd_jax.train.evaluate import SUMMARY_KEYS, full_vocab_scorer
 from opd_jax.train.state import StudentSpec
 from opd_jax.train.step import TeacherSpec
 
+
 @functools.lru_cache(maxsize=8)
 def make_batch_scorer(student: StudentSpec, teacher: TeacherSpec, n_samples: int,
                       chunk_size: int, metrics_k: int):

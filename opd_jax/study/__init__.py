@@ -27,12 +27,17 @@ series), :mod:`.run` (the whole study), :mod:`.findings` (the verdicts), :mod:`.
 markdown).
 """
 
-from opd_jax.study.arms import (HELDOUT, TRAIN, arm_config, arm_series, arm_stages, run_arm,
-                                with_student)
+from opd_jax.study.arms import HELDOUT, TRAIN, arm_config, arm_series, arm_stages, run_arm, with_student
 from opd_jax.study.config import ARMS, SMALL, FindingRules, StudyConfig, load_study_config
 from opd_jax.study.findings import judge
-from opd_jax.study.report import (ARM_TITLES, LOG_SCALE, describe_model, format_study_report,
-                                  plot_study, write_study_report)
+from opd_jax.study.report import (
+                                ARM_TITLES,
+                                LOG_SCALE,
+                                describe_model,
+                                format_study_report,
+                                plot_study,
+                                write_study_report,
+)
 from opd_jax.study.run import compilation_cache, run_study
 
 __all__ = ["ARMS", "SMALL", "FindingRules", "StudyConfig", "load_study_config", "HELDOUT",

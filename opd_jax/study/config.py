@@ -10,8 +10,8 @@ from typing import Any, Literal, Optional, Sequence
 
 from opd_jax.config.core import load_yaml
 from opd_jax.config.run import RunConfig
-from opd_jax.config.sections import split_sections
 from opd_jax.config.schema import DeriveSpec, FilterSpec, ModelSpec, need
+from opd_jax.config.sections import split_sections
 from opd_jax.select_prompts.config import SelectConfig
 
 ARMS = ("compatible", "incompatible", "cold_start", "aligned", "random")

@@ -19,8 +19,8 @@ from opd_jax.config.schema import LossSpec
 from opd_jax.eval import evaluate
 from opd_jax.train import rollout
 from opd_jax.train.objectives import make_chunk_fn
-from opd_jax.train.step import TeacherSpec, loss_and_metrics
 from opd_jax.train.state import StudentSpec
+from opd_jax.train.step import TeacherSpec, loss_and_metrics
 
 SUMMARY_KEYS = ("overlap", "student_shared_mass", "teacher_shared_mass", "student_entropy",
                 "teacher_entropy")

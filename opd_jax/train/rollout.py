@@ -16,10 +16,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from opd_jax.data import PromptTemplate, tokenize_prompts
+from opd_jax.data.padding import pad_left
 from opd_jax.eval.filters import FilterConfig, filter_completions
 from opd_jax.model.decoder import Lora
 from opd_jax.sampling.sampler import Sampler, bucket_length
-from opd_jax.data.padding import pad_left
 from opd_jax.train.batch import RolloutBatch
 
 

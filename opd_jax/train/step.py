@@ -15,7 +15,6 @@ import dataclasses
 import functools
 from typing import Any, Callable
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
