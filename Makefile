@@ -14,6 +14,8 @@ TORCH_WHEELS ?= /opt/wheels
 # these packages on top of .[test] (pinned to what the full install resolves; all wheels). The
 # import check fails the build if one is missing; make test sets OPD_JAX_REQUIRE_TUNIX=1 so the
 # tunix tests error instead of skipping. See BUILD_NOTES.md "Test suite and CI".
+# lint of make test (ruff config in pyproject.toml); a test-only tool, so not in .installed (demo)
+RUFF = ruff==0.17.6
 TUNIX_LEAN = google-tunix==0.1.7 jaxtyping==0.3.11 wadler-lindig==0.1.8 google-metrax==0.2.4 \
              clu==0.0.12 tensorboardX==2.6.5 perfetto==0.59.1 wrapt==2.5.2 pandas==3.1.1
 
@@ -36,12 +38,17 @@ $(VENV)/.tunix: $(VENV)/.installed Makefile
 	JAX_PLATFORMS=cpu $(PY) -c "import tunix.distillation.distillation_trainer, tunix.distillation.strategies, tunix.models.qwen3.model"
 	touch $@
 
+$(VENV)/.lint: $(VENV)/.installed Makefile
+	$(PIP) install -q "$(RUFF)"
+	touch $@
+
 install: $(VENV)/.installed
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/opd-jax demo
 
-test: $(VENV)/.parity $(VENV)/.tunix
+test: $(VENV)/.parity $(VENV)/.tunix $(VENV)/.lint
+	$(VENV)/bin/ruff check .
 	OPD_JAX_REQUIRE_TUNIX=1 $(PY) -m pytest -q --durations=25
 
 test-fast: $(VENV)/.installed

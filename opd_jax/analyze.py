@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from opd_jax.train.metrics_log import MetricsLog
+from opd_jax.train.run import format_summary
 
 PANELS = [
     ("loss", "loss"),
@@ -33,6 +34,13 @@ def plot_run(run_dir: str | Path) -> list[Path]:
                          "`opd-jax train` first")
     stages = list(dict.fromkeys(r["stage"] for r in rows))
     out = []
+
+    def save(fig, name: str) -> Path:
+        fig.tight_layout()
+        fig.savefig(run_dir / name, dpi=80)
+        plt.close(fig)
+        return run_dir / name
+
     fig, axes = plt.subplots(2, 4, figsize=(18, 8))
     offset = 0
     for stage in stages:
@@ -48,11 +56,7 @@ def plot_run(run_dir: str | Path) -> list[Path]:
         ax.set_xlabel("step (all stages)")
         if ax.get_legend_handles_labels()[0]:  # panels with no data for any stage stay empty
             ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = run_dir / "mechanism_metrics.png"
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    out.append(path)
+    out.append(save(fig, "mechanism_metrics.png"))
 
     last = next((r for r in reversed(rows) if r.get("curves")), None)
     if last is not None:
@@ -62,18 +66,12 @@ def plot_run(run_dir: str | Path) -> list[Path]:
             ax.plot([float("nan") if y is None else y for y in ys])
             ax.set_title(f"{key} by position ({last['stage']} step {last['step']})", fontsize=9)
             ax.set_xlabel("completion position")
-        fig.tight_layout()
-        path = run_dir / "per_position.png"
-        fig.savefig(path, dpi=80)
-        plt.close(fig)
-        out.append(path)
+        out.append(save(fig, "per_position.png"))
     return out
 
 
 def write_report(run_dir: str | Path) -> Path:
     """``summary.md``: the run summary table and links to the plots."""
-    from opd_jax.train.run import format_summary
-
     run_dir = Path(run_dir)
     plots = plot_run(run_dir)
     summary_path = run_dir / "summary.json"

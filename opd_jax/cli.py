@@ -9,9 +9,13 @@
     opd-jax study --config configs/study_demo.yaml [--small] [--fresh]
 """
 
+# The subcommand handlers import what they run inside their bodies (not at the top) only so that
+# `opd-jax --help` and argument errors answer without importing JAX; no import cycle is involved.
+
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shutil
 import sys
 from pathlib import Path
@@ -25,7 +29,7 @@ def _load(args):
 
 def cmd_train(args) -> int:
     from opd_jax.analyze import write_report
-    from opd_jax.train import mesh as mesh_lib
+    from opd_jax.train import distributed as mesh_lib
     from opd_jax.train.run import format_summary, run
 
     cfg = _load(args)
@@ -45,8 +49,6 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    import dataclasses
-
     from opd_jax.train.run import format_summary, run
 
     cfg = _load(args)
@@ -125,10 +127,14 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
 
-    def with_config(name, help_):
+    def with_config(name, help_, default=None, overrides="key.sub=value overrides"):
+        # the config is positional, or a --config option when it has a default
         sp = sub.add_parser(name, help=help_)
-        sp.add_argument("config")
-        sp.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+        if default is None:
+            sp.add_argument("config")
+        else:
+            sp.add_argument("--config", default=default)
+        sp.add_argument("overrides", nargs="*", help=overrides)
         sp.add_argument("--no-progress", action="store_true")
         return sp
 
@@ -146,23 +152,16 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("analyze", help="plots and markdown summary of a run directory")
     a.add_argument("run_dir")
     a.set_defaults(fn=cmd_analyze)
-    sp = sub.add_parser("select-prompts", help="score, dedupe and select OPD prompts")
-    sp.add_argument("--config", default="configs/select_demo.yaml")
-    sp.add_argument("overrides", nargs="*", help="key.sub=value (select.* for the select section)")
-    sp.add_argument("--no-progress", action="store_true")
-    sp.set_defaults(fn=cmd_select_prompts)
-    st = sub.add_parser("study", help="the OPD paper's comparisons on the default teacher")
-    st.add_argument("--config", default="configs/study_demo.yaml")
-    st.add_argument("overrides", nargs="*", help="key.sub=value (study.*, select.* sections)")
+    with_config("select-prompts", "score, dedupe and select OPD prompts", "configs/select_demo.yaml",
+                "key.sub=value (select.* for the select section)").set_defaults(fn=cmd_select_prompts)
+    st = with_config("study", "the OPD paper's comparisons on the default teacher",
+                     "configs/study_demo.yaml", "key.sub=value (study.*, select.* sections)")
     st.add_argument("--small", action="store_true", help="tiny random models, a few steps")
     st.add_argument("--fresh", action="store_true", help="delete the study directory first")
-    st.add_argument("--no-progress", action="store_true")
     st.set_defaults(fn=cmd_study)
-    d = sub.add_parser("demo", help="distil the embedded default teacher (configs/demo.yaml)")
-    d.add_argument("--config", default="configs/demo.yaml")
-    d.add_argument("overrides", nargs="*")
+    d = with_config("demo", "distil the embedded default teacher (configs/demo.yaml)",
+                    "configs/demo.yaml")
     d.add_argument("--fresh", action="store_true", default=True)
-    d.add_argument("--no-progress", action="store_true")
     d.set_defaults(fn=cmd_demo)
     return p
 

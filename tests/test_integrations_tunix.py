@@ -14,7 +14,10 @@ from __future__ import annotations
 import functools
 import importlib
 import os
+import re
+import subprocess
 import sys
+import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -58,11 +61,40 @@ def test_missing_tunix_names_the_extra(monkeypatch):
     # hide tunix even where it is installed (a None entry in sys.modules makes the import fail)
     for name in ("tunix", "tunix.distillation", "tunix.distillation.strategies"):
         monkeypatch.setitem(sys.modules, name, None)
-    monkeypatch.setattr(integ, "_STRATEGY_CLASS", None)
     with pytest.raises(ImportError, match=r'opd_jax\[tunix\].*google-tunix==0\.1\.7'):
-        integ.OPDStrategy  # noqa: B018
+        integ.require_tunix("tunix.distillation.strategies")
     with pytest.raises(AttributeError):
         integ.NoSuchThing  # noqa: B018
+
+
+def test_imports_without_tunix_and_strategy_names_the_extra():
+    # a fresh interpreter with tunix hidden: the module imports, its pure-JAX part works and
+    # constructing OPDStrategy raises the ImportError naming the extra
+    code = textwrap.dedent("""
+        import sys
+        for name in ("tunix", "tunix.distillation", "tunix.distillation.strategies"):
+            sys.modules[name] = None
+        import jax.numpy as jnp
+        from opd_jax.integrations.tunix import TUNIX_MISSING, OPDStrategy, labels_to_tokens
+        assert TUNIX_MISSING
+        tokens, mask = labels_to_tokens(jnp.array([[1, -1]]))
+        assert tokens.tolist() == [[1, 0]] and mask.tolist() == [[True, False]]
+        try:
+            OPDStrategy(None, None, None)
+        except ImportError as e:
+            print("ImportError:", e)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert re.search(r"ImportError:.*opd_jax\[tunix\].*google-tunix==0\.1\.7", out.stdout), out.stdout
+
+
+def test_strategy_subclasses_tunix_base(tunix):
+    from tunix.distillation import strategies
+
+    assert not integ.TUNIX_MISSING
+    assert issubclass(integ.OPDStrategy, strategies.BaseStrategy)
 
 
 def test_labels_one_hot_and_ids_agree():

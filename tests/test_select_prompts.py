@@ -198,8 +198,9 @@ def test_select_end_to_end_on_tiny_models(tmp_path):
 
 def test_batch_scorer_memory_is_bounded_by_a_chunk_not_the_batch():
     """The per-batch scorer's compiled temporaries stay below one batch of logits and grow with the
-    batch by activations only, not logits (chunked: a few [chunk, V] buffers); it returns per-prompt scalars only, so the
-    pool streams through it batch by batch with nothing else accumulating."""
+    batch by activations only, not logits (chunked: a few [chunk, V] buffers); it returns
+    per-prompt scalars only, so the pool streams through it batch by batch with nothing else
+    accumulating."""
     V, N, n, chunk = 8192, 32, 2, 16
     cs = ModelConfig(vocab_size=V, n_layers=1, d_model=32, ffn_dim=64, n_heads=2, n_kv_heads=1,
                      head_dim=16)

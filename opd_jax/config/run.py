@@ -23,6 +23,7 @@ from opd_jax.config.schema import (
     OptimSpec,
     SamplerSpec,
     need,
+    need_positive,
     placeholders,
 )
 
@@ -82,18 +83,16 @@ class StageSpec:
             need(self.steps >= 1, "steps", self.steps, f"an integer >= 1 for a {self.kind} stage")
         else:
             need(self.steps == 0, "steps", self.steps, "0 for an eval stage (use n_prompts)")
-        need(self.batch_prompts >= 1, "batch_prompts", self.batch_prompts, "an integer >= 1")
+        need_positive(self, "batch_prompts")
         defaults = StageSpec(kind=self.kind)
         for field, kind in _KIND_FIELDS.items():
             value = getattr(self, field)
             need(kind == self.kind or value == getattr(defaults, field), field,
                  value, f"leave unset: it applies to {kind} stages, this one is {self.kind}")
-        need(self.num_teacher_samples >= 1, "num_teacher_samples", self.num_teacher_samples,
-             "an integer >= 1")
+        need_positive(self, "num_teacher_samples", "n_prompts")
         need(0 < self.ema_decay < 1, "ema_decay", self.ema_decay, "a number in (0, 1)")
         need(len(self.ks) > 0 and min(self.ks) >= 1, "ks", list(self.ks),
              "a non-empty list of integers >= 1")
-        need(self.n_prompts >= 1, "n_prompts", self.n_prompts, "an integer >= 1")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,7 +107,7 @@ class CheckpointSpec:
     def validate(self) -> None:
         need(self.every_n_steps >= 0, "every_n_steps", self.every_n_steps,
              "an integer >= 0 (0 = only at stage end)")
-        need(self.keep_last_n >= 1, "keep_last_n", self.keep_last_n, "an integer >= 1")
+        need_positive(self, "keep_last_n")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,7 +187,7 @@ class LogSpec:
     tensorboard: bool = False
 
     def validate(self) -> None:
-        need(self.every >= 1, "every", self.every, "an integer >= 1")
+        need_positive(self, "every")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,7 +15,8 @@ from opd_jax.config.core import FieldError
 
 __all__ = [
     "DeriveSpec", "LoraSpec", "ModelSpec", "DataSpec", "SamplerSpec", "LossSpec", "OptimSpec",
-    "FilterSpec", "OBJECTIVES", "PROJECTIONS", "ATTENTION", "REMAT", "need", "placeholders",
+    "FilterSpec", "OBJECTIVES", "PROJECTIONS", "ATTENTION", "REMAT", "need", "need_positive",
+    "placeholders",
 ]
 
 OBJECTIVES = ("sampled_token_rkl", "topk_reward", "reverse_kl", "forward_kl", "generalized_jsd",
@@ -33,6 +34,16 @@ def need(ok: bool, field: str, value: Any, expected: str) -> None:
     """Raise :class:`~opd_jax.config.FieldError` (``field`` had ``value``; ``expected``) unless ok."""
     if not ok:
         raise FieldError(field, value, expected)
+
+
+def need_positive(spec: Any, *names: str, optional: bool = False) -> None:
+    """:func:`need` ``value >= 1`` for each field ``name`` of ``spec`` (``optional``: or null)."""
+    for name in names:
+        value = getattr(spec, name)
+        if optional:
+            need(value is None or value >= 1, name, value, "null or an integer >= 1")
+        else:
+            need(value >= 1, name, value, "an integer >= 1")
 
 
 def placeholders(template: str) -> set[str]:
@@ -164,9 +175,8 @@ class DataSpec:
                   "basic_arithmetic")
         else:
             need(bool(self.path), "path", self.path, f"a {self.source} file path")
-        need(self.size >= 1, "size", self.size, "an integer >= 1")
+        need_positive(self, "size", "max_prompt_len")
         need(self.heldout_size >= 0, "heldout_size", self.heldout_size, "an integer >= 0")
-        need(self.max_prompt_len >= 1, "max_prompt_len", self.max_prompt_len, "an integer >= 1")
         need("problem" in placeholders(self.instruction) and
               placeholders(self.instruction) <= {"problem"}, "instruction", self.instruction,
               "a template with {problem} and no other placeholder")
@@ -193,12 +203,11 @@ class SamplerSpec:
     extra_eos_ids: tuple[int, ...] = ()
 
     def validate(self) -> None:
-        need(self.max_new_tokens >= 1, "max_new_tokens", self.max_new_tokens, "an integer >= 1")
+        need_positive(self, "max_new_tokens", "n_samples")
         need(self.temperature >= 0, "temperature", self.temperature, "a number >= 0 (0 = greedy)")
         need(self.top_k >= 0, "top_k", self.top_k, "an integer >= 0 (0 = off)")
         need(0 < self.top_p <= 1, "top_p", self.top_p, "a number in (0, 1]")
         need(0 <= self.min_p < 1, "min_p", self.min_p, "a number in [0, 1)")
-        need(self.n_samples >= 1, "n_samples", self.n_samples, "an integer >= 1")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -268,7 +277,7 @@ class LossSpec:
               else "clip_high", min(self.clip_low, self.clip_high), "a positive number")
         need(0 <= self.lambda_on_policy <= 1, "lambda_on_policy", self.lambda_on_policy,
               "a fraction in [0, 1] (1 = always on-policy)")
-        need(self.chunk_size >= 1, "chunk_size", self.chunk_size, "an integer >= 1")
+        need_positive(self, "chunk_size")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -302,8 +311,7 @@ class OptimSpec:
         need(self.eps > 0, "eps", self.eps, "a positive number")
         need(self.grad_clip_norm is None or self.grad_clip_norm > 0, "grad_clip_norm",
               self.grad_clip_norm, "null or a positive number")
-        need(self.grad_accum_steps >= 1, "grad_accum_steps", self.grad_accum_steps,
-              "an integer >= 1")
+        need_positive(self, "grad_accum_steps")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -321,8 +329,6 @@ class FilterSpec:
     ngram_max_repeats: int = 3
 
     def validate(self) -> None:
-        need(self.ngram_n is None or self.ngram_n >= 1, "ngram_n", self.ngram_n,
-              "null or an integer >= 1")
-        need(self.ngram_max_repeats >= 1, "ngram_max_repeats", self.ngram_max_repeats,
-              "an integer >= 1")
+        need_positive(self, "ngram_n", optional=True)
+        need_positive(self, "ngram_max_repeats")
 

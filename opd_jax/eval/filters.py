@@ -12,6 +12,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any, Generic, TypeVar
 
+from opd_jax.checks import positive_int
 from opd_jax.eval.extract import extract_answer
 
 NO_FINAL_ANSWER = "no_final_answer"
@@ -46,8 +47,8 @@ class FilterConfig:
     max_ngram_repeats: int = 4
 
     def __post_init__(self):
-        if self.ngram_n < 1 or self.max_ngram_repeats < 1 or self.max_line_repeats < 1:
-            raise ValueError(f"FilterConfig thresholds must be >= 1, got {self}.")
+        for name in ("ngram_n", "max_ngram_repeats", "max_line_repeats"):
+            positive_int(f"FilterConfig.{name}", getattr(self, name))
 
 
 def max_line_count(text: str, min_line_chars: int = 1) -> int:

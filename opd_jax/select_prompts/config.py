@@ -8,7 +8,7 @@ from typing import Literal, Optional, Sequence
 
 from opd_jax.config.core import load_yaml
 from opd_jax.config.run import RunConfig
-from opd_jax.config.schema import need
+from opd_jax.config.schema import need, need_positive
 from opd_jax.config.sections import split_sections
 
 SIGNALS = {
@@ -77,7 +77,7 @@ class RuleSpec:
         need(not bad, "weights", dict(self.weights), f"signal names only (unknown: {bad})")
         need(self.rank_by != "score" or bool(self.weights), "weights", dict(self.weights),
              "a non-empty {signal: weight} mapping for rank_by: score")
-        need(self.top_n is None or self.top_n >= 1, "top_n", self.top_n, "null or an integer >= 1")
+        need_positive(self, "top_n", optional=True)
         need(self.fraction is None or 0 < self.fraction <= 1, "fraction", self.fraction,
              "null or a number in (0, 1]")
         need(self.top_n is None or self.fraction is None, "fraction", self.fraction,
@@ -100,11 +100,8 @@ class SelectConfig:
     rule: RuleSpec = RuleSpec()
 
     def validate(self) -> None:
-        need(self.pool_size is None or self.pool_size >= 1, "pool_size", self.pool_size,
-             "null or an integer >= 1")
-        need(self.batch_prompts >= 1, "batch_prompts", self.batch_prompts, "an integer >= 1")
-        need(self.chunk_size >= 1, "chunk_size", self.chunk_size, "an integer >= 1")
-        need(self.metrics_k >= 1, "metrics_k", self.metrics_k, "an integer >= 1")
+        need_positive(self, "pool_size", optional=True)
+        need_positive(self, "batch_prompts", "chunk_size", "metrics_k")
 
 
 def split_config(raw: dict, overrides: Sequence[str] = (), *, where: str = "config"

@@ -18,7 +18,9 @@ from opd_jax.select_prompts.dedup import exact_duplicates, near_duplicates
 from opd_jax.select_prompts.report import write_outputs
 from opd_jax.select_prompts.rule import apply_rule
 from opd_jax.select_prompts.signals import score_pool
+from opd_jax.train.models import build_models
 from opd_jax.train.rollout import pad_id_of
+from opd_jax.train.run import load_data, make_template
 
 
 def _means(rows: list[dict]) -> dict[str, float | None]:
@@ -44,9 +46,6 @@ def select_prompts(cfg: RunConfig, sel: SelectConfig, *, models=None, pool=None,
     """Score, de-duplicate and select; writes the outputs and returns the summary (with the
     selected records under ``"selected"``). ``models`` / ``pool`` / ``heldout`` default to what
     ``cfg`` builds and loads (``heldout`` then also gets ``dedup.heldout_path``)."""
-    from opd_jax.train.models import build_models
-    from opd_jax.train.run import load_data, make_template
-
     t0 = time.perf_counter()
     if pool is None or heldout is None:
         train, run_heldout = load_data(cfg)

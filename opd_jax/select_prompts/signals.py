@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from opd_jax.eval import is_correct, is_reasoning_gym
 from opd_jax.train import rollout
 from opd_jax.train.evaluate import SUMMARY_KEYS, full_vocab_scorer
+from opd_jax.train.stages import make_sampler
 from opd_jax.train.state import StudentSpec
 from opd_jax.train.step import TeacherSpec
 
@@ -60,8 +61,6 @@ def score_pool(records, models, template, *, sampler_spec, max_prompt_len: int, 
                ) -> list[dict]:
     """Per-prompt signals of ``records`` (streamed in batches); one dict per record, plus the
     teacher's greedy completion under ``"teacher_completion"``."""
-    from opd_jax.train.stages import make_sampler
-
     tok, m = models.tokenizer, models
     n = sampler_spec.n_samples
     s_sampler = make_sampler(m.student.config, sampler_spec, tok)

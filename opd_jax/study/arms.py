@@ -7,11 +7,16 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from opd_jax.checkpoint import stage_dir
 from opd_jax.config.core import from_dict, to_dict
 from opd_jax.config.run import RunConfig
 from opd_jax.config.schema import ModelSpec, need
+from opd_jax.model.loading import check_same_vocab
 from opd_jax.study.config import StudyConfig
 from opd_jax.train.metrics_log import MetricsLog
+from opd_jax.train.models import Models, derive, load_source
+from opd_jax.train.run import run
+from opd_jax.train.state import StudentSpec
 
 HELDOUT = [("onpolicy_reverse_kl", "on-policy reverse KL"),
            ("teacher_samples_forward_kl", "forward KL on teacher samples"),
@@ -26,10 +31,6 @@ TRAIN = [("loss", "reverse KL on rollouts (loss)"), ("overlap", "top-k overlap")
 
 def with_student(base, teacher_spec: ModelSpec, spec: ModelSpec, seed: int):
     """``base`` Models (same teacher and tokenizer) with the student ``spec`` describes."""
-    from opd_jax.model.loading import check_same_vocab
-    from opd_jax.train.models import Models, derive, load_source
-    from opd_jax.train.state import StudentSpec
-
     need(not spec.lora.enabled, "incompatible_student.lora.rank", spec.lora.rank,
          "0: study students are fully fine-tuned")
     same = (spec.source == teacher_spec.source and spec.source != "random"
@@ -82,9 +83,6 @@ def run_arm(cfg: RunConfig, models, train: list, heldout: list, *, keep_checkpoi
     ``{eval stage name: result}``. Without ``keep_checkpoints`` the train stages' checkpoints
     (student + optimizer state, ~1.4 GB each for the 27-layer student) are deleted once the arm
     is done (the eval results stay: they are small JSON checkpoints)."""
-    from opd_jax.checkpoint import stage_dir
-    from opd_jax.train.run import run
-
     evals = run(cfg, progress=progress, models=models, data=(train, heldout))["evals"]
     if not keep_checkpoints:
         for stage in cfg.stages:

@@ -10,7 +10,7 @@ from typing import Any, Literal, Optional, Sequence
 
 from opd_jax.config.core import load_yaml
 from opd_jax.config.run import RunConfig
-from opd_jax.config.schema import DeriveSpec, FilterSpec, ModelSpec, need
+from opd_jax.config.schema import DeriveSpec, FilterSpec, ModelSpec, need, need_positive
 from opd_jax.config.sections import split_sections
 from opd_jax.select_prompts.config import SelectConfig
 
@@ -57,9 +57,8 @@ class StudyConfig:
     def validate(self) -> None:
         bad = [a for a in self.arms if a not in ARMS]
         need(not bad and len(self.arms) > 0, "arms", list(self.arms), f"a subset of {list(ARMS)}")
-        for name in ("opd_steps", "eval_every", "eval_prompts", "batch_prompts", "aligned_prompts"):
-            need(getattr(self, name) >= 1, name, getattr(self, name), "an integer >= 1")
-        need(self.cold_start_steps >= 1, "cold_start_steps", self.cold_start_steps, "an integer >= 1")
+        need_positive(self, "opd_steps", "eval_every", "eval_prompts", "batch_prompts",
+                      "aligned_prompts", "cold_start_steps")
 
 
 SMALL = {  # --small: tiny random models, a few steps; the whole pipeline in seconds

@@ -11,7 +11,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
+from jax.experimental.compilation_cache import compilation_cache as cc
 
 from opd_jax.config.core import to_dict
 from opd_jax.config.run import RunConfig
@@ -21,6 +23,8 @@ from opd_jax.study.arms import arm_config, arm_series, arm_stages, run_arm, with
 from opd_jax.study.config import ARMS, StudyConfig
 from opd_jax.study.findings import judge
 from opd_jax.study.report import write_study_report
+from opd_jax.train.models import build_models
+from opd_jax.train.run import load_data
 
 
 @contextlib.contextmanager
@@ -33,9 +37,6 @@ def compilation_cache(path: str | None, min_compile_secs: float = 0.5):
     if not path:
         yield
         return
-    import jax
-    from jax.experimental.compilation_cache import compilation_cache as cc
-
     keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
     old = {k: getattr(jax.config, k) for k in keys}
     jax.config.update(keys[0], str(Path(path).expanduser()))
@@ -90,9 +91,6 @@ def run_study(cfg: RunConfig, study: StudyConfig, sel: SelectConfig, *, progress
 
 
 def _run_arms(cfg, study, sel, out: Path, *, progress: bool, fresh: bool) -> dict[str, Any]:
-    from opd_jax.train.models import build_models
-    from opd_jax.train.run import load_data
-
     t_start = time.perf_counter()
     train, heldout = load_data(cfg)
     if len(heldout) < study.eval_prompts:
