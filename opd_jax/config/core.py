@@ -18,6 +18,7 @@ rewrites the raw mapping before parsing. At an entry point (read config there, p
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import functools
@@ -320,8 +321,6 @@ def apply_overrides(data: dict, overrides: Sequence[str], schema: Any = None) ->
     will build) keys are checked against its fields and absent sections are created; without it
     every key on the path must already exist. Unknown keys and bad indices raise ConfigError.
     """
-    import copy
-
     data = copy.deepcopy(data) if data is not None else {}
     for text in overrides:
         parts, value = parse_override(text)

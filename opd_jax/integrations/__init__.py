@@ -4,6 +4,6 @@
   ``DistillationTrainer`` strategy, tunix Qwen3 models as opd_jax teachers / students and back,
   and a hidden-state forward for memory-bounded (chunked) losses on any tunix decoder.
 
-Nothing here is imported by ``import opd_jax``; each submodule imports its library lazily and
-names the extra to install when it is missing.
+Nothing here is imported by ``import opd_jax``; each integration imports without its library
+(the pure-JAX parts keep working) and names the extra to install when a part needs it.
 """
