@@ -56,12 +56,8 @@ from _common import (  # noqa: E402
     write_json,
 )
 
-from opd_jax.losses.chunked import (  # noqa: E402
-    TeacherTopK,
-    chunked_divergence,
-    chunked_divergence_loss,
-    chunked_teacher_topk,
-)
+from opd_jax.losses.chunked_divergences import chunked_divergence, chunked_divergence_loss  # noqa: E402
+from opd_jax.losses.chunked_scoring import TeacherTopK, chunked_teacher_topk  # noqa: E402
 from opd_jax.losses.divergences import normalized_logprobs, reverse_kl  # noqa: E402
 from opd_jax.losses.topk import gather_logprobs, support_divergence  # noqa: E402
 

@@ -9,18 +9,21 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from opd_jax.losses import _chunk_engine as engine
-from opd_jax.losses import chunked
+from opd_jax.losses import chunk_engine as engine
 from opd_jax.losses import topk as topk_lib
-from opd_jax.losses.chunked import (
-    TeacherTopK,
+from opd_jax.losses.chunk_map import chunked_logits_map, chunked_student_logits_map
+from opd_jax.losses.chunked_divergences import (
     chunked_divergence,
     chunked_divergence_loss,
+    chunked_topk_policy_gradient_loss,
+)
+from opd_jax.losses.chunked_scoring import (
+    TeacherTopK,
     chunked_logprobs_at_ids,
     chunked_teacher_topk,
     chunked_token_logprobs,
     chunked_token_logprobs_and_entropy,
-    chunked_topk_policy_gradient_loss,
+    logprob_and_entropy,
 )
 from opd_jax.losses.divergences import DIVERGENCES, LOGPROB_DIVERGENCES, normalized_logprobs
 
@@ -354,8 +357,6 @@ def test_frozen_unembedding_and_traced_temperature():
 
 def test_student_logits_map_matches_checkpoint_map():
     """The lean map equals chunked_logits_map (values, student gradients) on a loss+metrics fn."""
-    from opd_jax.losses.chunked import chunked_logits_map, chunked_student_logits_map
-
     hs, ws, ht, wt, where, cot = _inputs(seed=14)
     tokens = jnp.asarray(np.random.default_rng(14).integers(0, V, (B, T)), jnp.int32)
 
@@ -451,7 +452,7 @@ def test_entropy_finite_with_minus_inf_logits():
     tokens = jnp.full((6,), 7)
 
     def ent(z):
-        return chunked._logprob_and_entropy(z, tokens, 1.0)
+        return logprob_and_entropy(z, tokens, 1.0)
 
     (lp, h), (g,) = _value_and_vjp(ent, (jnp.ones(6), jnp.ones(6)), logits)
     assert np.all(np.isfinite(lp)) and np.all(np.isfinite(h))

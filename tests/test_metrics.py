@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from opd_jax import metrics
+from opd_jax.losses.chunked_scoring import chunked_teacher_topk
 
 B, T, D, V, K = 3, 11, 8, 41, 5
 
@@ -183,8 +184,6 @@ def test_metrics_carry_no_gradient():
 
 
 def test_teacher_topk_metrics_match_dense_subset():
-    from opd_jax.losses.chunked import chunked_teacher_topk
-
     hs, ws, ht, wt, tokens, where, sampler = _inputs(seed=5)
     temp = 0.9
     top = chunked_teacher_topk(ht, wt, k=K, chunk_size=8, temperature=temp, where=where)

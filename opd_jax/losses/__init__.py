@@ -20,151 +20,41 @@ Modules:
 * :mod:`~opd_jax.losses.estimators` -- sampled-token KL estimators (k1, k2, k3), the OPD
   advantage, policy-gradient / importance-sampling / PPO-clip surrogates, token log-probs.
 * :mod:`~opd_jax.losses.reductions` -- verl ``loss_agg_mode`` reductions.
-* :mod:`~opd_jax.losses.chunked` -- memory-bounded forms over hidden states and the
-  unembedding that call the functions above per chunk of tokens.
+* :mod:`~opd_jax.losses.chunk_map` -- memory-bounded maps of per-token functions over hidden
+  states and the unembedding, one chunk of tokens at a time (engine:
+  :mod:`~opd_jax.losses.chunk_engine`); the chunked forms below build on it.
+* :mod:`~opd_jax.losses.chunked_divergences` -- the divergences above and the OPD top-k objective
+  from hidden states (dense teacher or precomputed teacher top-k).
+* :mod:`~opd_jax.losses.chunked_scoring` -- top-k ids / log-probs, log-probs of given ids and
+  entropy from hidden states (a scoring job's outputs).
+* :mod:`~opd_jax.losses.checks` -- the input checks shared by all of the above.
+
+The package namespace re-exports every module's ``__all__``.
 """
 
-from opd_jax.losses.chunked import (
-    TeacherTopK,
-    chunked_divergence,
-    chunked_divergence_loss,
-    chunked_logits_map,
-    chunked_logprobs_at_ids,
-    chunked_teacher_topk,
-    chunked_token_logprobs,
-    chunked_token_logprobs_and_entropy,
-    chunked_topk_policy_gradient_loss,
+from opd_jax.losses import (
+    chunk_map,
+    chunked_divergences,
+    chunked_scoring,
+    divergences,
+    estimators,
+    reductions,
+    topk,
 )
-from opd_jax.losses.divergences import (
-    DIVERGENCES,
-    LOGPROB_DIVERGENCES,
-    forward_kl,
-    forward_kl_from_logprobs,
-    forward_kl_terms,
-    generalized_jsd,
-    generalized_jsd_from_logprobs,
-    generalized_jsd_terms,
-    kl_terms,
-    mask_tokens,
-    mixture_logprobs,
-    normalized_logprobs,
-    reverse_kl,
-    reverse_kl_from_logprobs,
-    reverse_kl_terms,
-    skew_forward_kl,
-    skew_forward_kl_from_logprobs,
-    skew_forward_kl_terms,
-    skew_reverse_kl,
-    skew_reverse_kl_from_logprobs,
-    skew_reverse_kl_terms,
-    sum_terms,
-)
-from opd_jax.losses.estimators import (
-    KL_ESTIMATORS,
-    importance_sampled_pg_loss,
-    opd_advantage,
-    policy_gradient_loss,
-    ppo_clip_loss,
-    reverse_kl_k1,
-    reverse_kl_k2,
-    reverse_kl_k3,
-    token_logprobs,
-)
-from opd_jax.losses.reductions import (
-    REDUCTIONS,
-    sequence_mean,
-    sequence_sum_mean,
-    sequence_sum_norm,
-    sequence_sum_token_mean,
-    token_mean,
-)
-from opd_jax.losses.topk import (
-    SUPPORTS,
-    TAILS,
-    WEIGHTS,
-    TopKReward,
-    TopKSupport,
-    gather_logprobs,
-    renormalized_logprobs,
-    support_advantages,
-    support_divergence,
-    support_from_ids,
-    support_policy_gradient_loss,
-    tail_bucket_logprobs,
-    tail_logprob,
-    topk_divergence,
-    topk_policy_gradient_loss,
-    topk_reward,
-    topk_support,
-)
+from opd_jax.losses.chunk_map import *  # noqa: F403
+from opd_jax.losses.chunked_divergences import *  # noqa: F403
+from opd_jax.losses.chunked_scoring import *  # noqa: F403
+from opd_jax.losses.divergences import *  # noqa: F403
+from opd_jax.losses.estimators import *  # noqa: F403
+from opd_jax.losses.reductions import *  # noqa: F403
+from opd_jax.losses.topk import *  # noqa: F403
 
 __all__ = [
-    # chunked (memory-bounded forms over hidden states + unembedding)
-    "TeacherTopK",
-    "chunked_divergence",
-    "chunked_divergence_loss",
-    "chunked_logits_map",
-    "chunked_logprobs_at_ids",
-    "chunked_teacher_topk",
-    "chunked_token_logprobs",
-    "chunked_token_logprobs_and_entropy",
-    "chunked_topk_policy_gradient_loss",
-    # divergences
-    "DIVERGENCES",
-    "LOGPROB_DIVERGENCES",
-    "forward_kl",
-    "forward_kl_from_logprobs",
-    "forward_kl_terms",
-    "generalized_jsd",
-    "generalized_jsd_from_logprobs",
-    "generalized_jsd_terms",
-    "kl_terms",
-    "mask_tokens",
-    "mixture_logprobs",
-    "normalized_logprobs",
-    "reverse_kl",
-    "reverse_kl_from_logprobs",
-    "reverse_kl_terms",
-    "skew_forward_kl",
-    "skew_forward_kl_from_logprobs",
-    "skew_forward_kl_terms",
-    "skew_reverse_kl",
-    "skew_reverse_kl_from_logprobs",
-    "skew_reverse_kl_terms",
-    "sum_terms",
-    # estimators
-    "KL_ESTIMATORS",
-    "importance_sampled_pg_loss",
-    "opd_advantage",
-    "policy_gradient_loss",
-    "ppo_clip_loss",
-    "reverse_kl_k1",
-    "reverse_kl_k2",
-    "reverse_kl_k3",
-    "token_logprobs",
-    # reductions
-    "REDUCTIONS",
-    "sequence_mean",
-    "sequence_sum_mean",
-    "sequence_sum_norm",
-    "sequence_sum_token_mean",
-    "token_mean",
-    # top-k
-    "SUPPORTS",
-    "TAILS",
-    "WEIGHTS",
-    "TopKReward",
-    "TopKSupport",
-    "gather_logprobs",
-    "renormalized_logprobs",
-    "support_advantages",
-    "support_divergence",
-    "support_from_ids",
-    "support_policy_gradient_loss",
-    "tail_bucket_logprobs",
-    "tail_logprob",
-    "topk_divergence",
-    "topk_policy_gradient_loss",
-    "topk_reward",
-    "topk_support",
+    *chunk_map.__all__,
+    *chunked_divergences.__all__,
+    *chunked_scoring.__all__,
+    *divergences.__all__,
+    *estimators.__all__,
+    *reductions.__all__,
+    *topk.__all__,
 ]

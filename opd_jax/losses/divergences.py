@@ -25,7 +25,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from opd_jax.losses import _checks
+from opd_jax.losses import checks
 from opd_jax.losses.elementwise import (  # re-exported: one import site for chunked / top-k
     forward_kl_terms,
     generalized_jsd_terms,
@@ -108,12 +108,22 @@ def skew_reverse_kl_from_logprobs(
 # ------------------------------------------------------------------------------------------
 
 
-def _from_logits(fn: Callable, student_logits, teacher_logits, where, temperature, **kw):
-    _checks.check_logit_pair(student_logits, teacher_logits)
-    _checks.check_where(where, jnp.shape(student_logits)[:-1])
-    _checks.check_positive("temperature", temperature)
+def pair_logprobs(student_logits, teacher_logits, *, where, temperature) -> tuple[Array, Array]:
+    """Check a student / teacher logit pair ``[..., V]`` and return both normalised log-probs.
+
+    The shared front of every logit-level loss: :func:`~opd_jax.losses.checks.check_logit_pair`,
+    ``where`` and ``temperature`` checks, then :func:`normalized_logprobs` of each side.
+    """
+    checks.check_logit_pair(student_logits, teacher_logits)
+    checks.check_where(where, jnp.shape(student_logits)[:-1])
+    checks.check_positive("temperature", temperature)
     s = normalized_logprobs(student_logits, temperature=temperature, where=where)
     t = normalized_logprobs(teacher_logits, temperature=temperature, where=where)
+    return s, t
+
+
+def _from_logits(fn: Callable, student_logits, teacher_logits, where, temperature, **kw):
+    s, t = pair_logprobs(student_logits, teacher_logits, where=where, temperature=temperature)
     return mask_tokens(fn(s, t, **kw), where)
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from opd_jax.losses import _checks
+from opd_jax.losses import checks
 
 Array = jax.Array
 
@@ -44,7 +44,7 @@ __all__ = [
 def _wide(x: Array) -> Array:
     """float32 for bf16 / f16 inputs (no-op for float32 / float64)."""
     x = jnp.asarray(x)
-    return x.astype(_checks.compute_dtype(x))
+    return x.astype(checks.compute_dtype(x))
 
 
 def normalized_logprobs(
@@ -68,7 +68,7 @@ def normalized_logprobs(
     [0.25 0.75]
     """
     x = jnp.asarray(logits)
-    x = x.astype(_checks.compute_dtype(x))
+    x = x.astype(checks.compute_dtype(x))
     if where is not None:
         x = jnp.where(jnp.asarray(where)[..., None], x, 0.0)
     return jax.nn.log_softmax(x / temperature, axis=-1)
@@ -164,9 +164,9 @@ def generalized_jsd_terms(
     :math:`\beta=1` exactly :math:`\mathrm{KL}(S\|T)`. A Python ``beta`` picks the branch at
     trace time; a traced ``beta`` computes all three and selects (3x the work).
     """
-    b = _checks.static_float(beta)
+    b = checks.static_float(beta)
     if b is not None:
-        _checks.check_unit_interval("beta", b)
+        checks.check_unit_interval("beta", b)
         if b == 0.0:
             return forward_kl_terms(student_logp, teacher_logp)
         if b == 1.0:
@@ -180,27 +180,26 @@ def generalized_jsd_terms(
     return jnp.where(beta == 0.0, fkl, jnp.where(beta == 1.0, rkl, interior))
 
 
+def _skew_kl_terms(logp: Array, logq: Array, alpha: float | Array) -> Array:
+    r"""Element terms of :math:`\mathrm{KL}(P \| \alpha P + (1-\alpha) Q)`; a static
+    :math:`\alpha = 0` is exactly :math:`\mathrm{KL}(P\|Q)`."""
+    a = checks.static_float(alpha)
+    if a is not None:
+        checks.check_unit_interval("alpha", a)
+        if a == 0.0:
+            return kl_terms(logp, logq)
+    return kl_terms(logp, mixture_logprobs(logp, logq, alpha))
+
+
 def skew_forward_kl_terms(
     student_logp: Array, teacher_logp: Array, alpha: float | Array = 0.1
 ) -> Array:
     r"""Element terms of :math:`\mathrm{KL}(T \| \alpha T + (1-\alpha) S)` (DistiLLM)."""
-    a = _checks.static_float(alpha)
-    if a is not None:
-        _checks.check_unit_interval("alpha", a)
-        if a == 0.0:
-            return forward_kl_terms(student_logp, teacher_logp)
-    mix = mixture_logprobs(teacher_logp, student_logp, alpha)
-    return kl_terms(teacher_logp, mix)
+    return _skew_kl_terms(teacher_logp, student_logp, alpha)
 
 
 def skew_reverse_kl_terms(
     student_logp: Array, teacher_logp: Array, alpha: float | Array = 0.1
 ) -> Array:
     r"""Element terms of :math:`\mathrm{KL}(S \| \alpha S + (1-\alpha) T)` (DistiLLM)."""
-    a = _checks.static_float(alpha)
-    if a is not None:
-        _checks.check_unit_interval("alpha", a)
-        if a == 0.0:
-            return reverse_kl_terms(student_logp, teacher_logp)
-    mix = mixture_logprobs(student_logp, teacher_logp, alpha)
-    return kl_terms(student_logp, mix)
+    return _skew_kl_terms(student_logp, teacher_logp, alpha)

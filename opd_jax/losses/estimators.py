@@ -22,7 +22,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from opd_jax.losses import _checks
+from opd_jax.losses import checks
 from opd_jax.losses.divergences import mask_tokens, normalized_logprobs
 
 Array = jax.Array
@@ -42,13 +42,13 @@ __all__ = [
 
 def _prep(where: Array | None, **arrays: Array) -> list[Array]:
     """Check shapes, cast to float32 (f64 stays), zero masked entries (double-where)."""
-    _checks.check_same_shape(**arrays)
+    checks.check_same_shape(**arrays)
     shape = jnp.shape(next(iter(arrays.values())))
-    _checks.check_where(where, shape)
+    checks.check_where(where, shape)
     out = []
     for a in arrays.values():
         a = jnp.asarray(a)
-        a = a.astype(_checks.compute_dtype(a))
+        a = a.astype(checks.compute_dtype(a))
         out.append(a if where is None else jnp.where(where, a, 0.0))
     return out
 
@@ -72,10 +72,10 @@ def token_logprobs(
     >>> print(token_logprobs(jnp.log(jnp.array([[0.25, 0.75]])), jnp.array([1])).round(4))
     [-0.2877]
     """
-    _checks.check_logits("logits", logits)
-    _checks.check_token_ids(logits, tokens)
-    _checks.check_where(where, jnp.shape(tokens))
-    _checks.check_positive("temperature", temperature)
+    checks.check_logits("logits", logits)
+    checks.check_token_ids(logits, tokens)
+    checks.check_where(where, jnp.shape(tokens))
+    checks.check_positive("temperature", temperature)
     logp = normalized_logprobs(logits, temperature=temperature, where=where)
     if where is not None:
         tokens = jnp.where(where, tokens, 0)
@@ -163,7 +163,8 @@ def importance_sampled_pg_loss(
     r"""Importance-sampled surrogate (Tinker ``importance_sampling``).
 
     .. math::
-       \ell = -\frac{\pi_\theta(x)}{q(x)} A = -\exp\big(\log\pi_\theta(x) - \mathrm{sg}(\log q(x))\big)\,\mathrm{sg}(A)
+       \ell = -\frac{\pi_\theta(x)}{q(x)} A
+            = -\exp\big(\log\pi_\theta(x) - \mathrm{sg}(\log q(x))\big)\,\mathrm{sg}(A)
 
     with :math:`q` the sampler's policy (its log-probs recorded at sampling time), correcting
     for sampler/learner mismatch. Its gradient at :math:`\pi_\theta = q` equals

@@ -19,7 +19,7 @@ gives NaN for them); ``seq-mean-token-sum-norm`` divides by the number of rows `
 the horizon ``H`` (verl divides a micro-batch's sum by ``H`` only and relies on its
 gradient-accumulation scaling for the ``1/B``). Every reduction of an all-masked input is 0.
 Masked entries are dropped with ``jnp.where``, so NaN/inf there never reaches the result.
-"""
+"""  # noqa: E501 (the table's formulas)
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from opd_jax.losses import _checks
+from opd_jax.losses import checks
 
 Array = jax.Array
 
@@ -48,10 +48,10 @@ def _masked(x: Array, where: Array | None) -> tuple[Array, Array]:
     x = jnp.asarray(x)
     if jnp.ndim(x) < 1:
         raise ValueError("x is a scalar; pass the unreduced per-token loss, shape [..., T]")
-    x = x.astype(_checks.compute_dtype(x))
+    x = x.astype(checks.compute_dtype(x))
     if where is None:
         return x, jnp.ones(x.shape, x.dtype)
-    _checks.check_where(where, x.shape)
+    checks.check_where(where, x.shape)
     m = jnp.broadcast_to(jnp.asarray(where), x.shape)
     return jnp.where(m, x, 0.0), m.astype(x.dtype)
 

@@ -29,7 +29,7 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from opd_jax.losses import _checks
+from opd_jax.losses import checks
 from opd_jax.losses.divergences import LOGPROB_DIVERGENCES
 
 Array = jax.Array
@@ -39,11 +39,13 @@ __all__ = [
     "TAILS",
     "TopKSupport",
     "gather_logprobs",
+    "member",
     "renormalized_logprobs",
     "support_divergence",
     "support_from_ids",
     "tail_bucket_logprobs",
     "tail_logprob",
+    "top_k",
     "topk_support",
 ]
 
@@ -60,8 +62,25 @@ class TopKSupport(NamedTuple):
 # ------------------------------------------------------------------------------------------
 
 
-def _member(ids_a_xA: Array, ids_b_xB: Array) -> Array:
-    """``[..., A]`` bool: is ``ids_a[..., i]`` among ``ids_b[..., :]`` (O(A*B), A, B = K)."""
+def top_k(x_xV: Array, k: int) -> tuple[Array, Array]:
+    """``jax.lax.top_k(x, k)`` -- ``(values [..., k], ids [..., k])`` -- behind an optimization barrier.
+
+    The one top-k of the package (losses, metrics, teacher scoring, the sampler).  Without the
+    barrier XLA CPU folds the slice of the decomposed top-k's sorted output into later gathers
+    and fusions, no longer recognises sort + slice as a top-k, and runs a full ``O(V log V)``
+    sort of the vocabulary (about 100x slower at V = 152k); see openxla/xla#25487 ("XLA sorts
+    the entire array for ``chlo.top_k``").  The barrier changes no value.
+    """
+    return jax.lax.optimization_barrier(jax.lax.top_k(x_xV, k))
+
+
+def member(ids_a_xA: Array, ids_b_xB: Array) -> Array:
+    """``[..., A]`` bool: is ``ids_a[..., i]`` among ``ids_b[..., :]`` (O(A*B), A, B = K).
+
+    >>> import jax.numpy as jnp
+    >>> print(member(jnp.array([1, 2, 3]), jnp.array([3, 9, 1])))
+    [ True False  True]
+    """
     return jnp.any(ids_a_xA[..., :, None] == ids_b_xB[..., None, :], axis=-1)
 
 
@@ -73,11 +92,11 @@ _SUPPORT_BUILDERS: dict[str, Callable[[Array, Array], TopKSupport]] = {
     "student": lambda s, t: TopKSupport(s, _all(s)),
     "teacher": lambda s, t: TopKSupport(t, _all(t)),
     "union": lambda s, t: TopKSupport(
-        jnp.concatenate([s, t], -1), jnp.concatenate([_all(s), ~_member(t, s)], -1)
+        jnp.concatenate([s, t], -1), jnp.concatenate([_all(s), ~member(t, s)], -1)
     ),
-    "intersection": lambda s, t: TopKSupport(s, _member(s, t)),
+    "intersection": lambda s, t: TopKSupport(s, member(s, t)),
     "symmetric_difference": lambda s, t: TopKSupport(
-        jnp.concatenate([s, t], -1), jnp.concatenate([~_member(s, t), ~_member(t, s)], -1)
+        jnp.concatenate([s, t], -1), jnp.concatenate([~member(s, t), ~member(t, s)], -1)
     ),
 }
 #: Support names accepted by :func:`topk_support` / :func:`support_from_ids`.
@@ -92,7 +111,7 @@ def support_from_ids(student_ids_xK: Array, teacher_ids_xK: Array, support: str)
     >>> print(sup.ids, sup.valid)
     [3 1 1 2] [ True  True False  True]
     """
-    _checks.check_choice("support", support, SUPPORTS)
+    checks.check_choice("support", support, SUPPORTS)
     return _SUPPORT_BUILDERS[support](student_ids_xK, teacher_ids_xK)
 
 
@@ -101,9 +120,9 @@ def topk_support(student_scores: Array, teacher_scores: Array, *, k: int, suppor
 
     Ties are broken as :func:`jax.lax.top_k` does (lower id first). Returns ids ``[..., M]``.
     """
-    _checks.check_top_k(k, jnp.shape(student_scores)[-1])
-    _, s_ids = jax.lax.top_k(jax.lax.stop_gradient(student_scores), k)
-    _, t_ids = jax.lax.top_k(jax.lax.stop_gradient(teacher_scores), k)
+    checks.check_top_k(k, jnp.shape(student_scores)[-1])
+    _, s_ids = top_k(jax.lax.stop_gradient(student_scores), k)
+    _, t_ids = top_k(jax.lax.stop_gradient(teacher_scores), k)
     return support_from_ids(s_ids.astype(jnp.int32), t_ids.astype(jnp.int32), support)
 
 
@@ -236,17 +255,17 @@ def support_divergence(
     >>> float(support_divergence(s, t, jnp.array([True, True]))) < 1e-6  # same shape on K
     True
     """
-    _checks.check_same_shape(
+    checks.check_same_shape(
         student_logp_xM=student_logp_xM, teacher_logp_xM=teacher_logp_xM, valid_xM=valid_xM
     )
-    _checks.check_choice("tail", tail, TAILS)
+    checks.check_choice("tail", tail, TAILS)
     if isinstance(divergence, str):
-        _checks.check_choice("divergence", divergence, LOGPROB_DIVERGENCES)
+        checks.check_choice("divergence", divergence, LOGPROB_DIVERGENCES)
         divergence = LOGPROB_DIVERGENCES[divergence]
     s = jnp.asarray(student_logp_xM)
-    s = s.astype(_checks.compute_dtype(s))
+    s = s.astype(checks.compute_dtype(s))
     t = jnp.asarray(teacher_logp_xM)
-    t = t.astype(_checks.compute_dtype(t))
+    t = t.astype(checks.compute_dtype(t))
     if tail == "bucket":
         s = tail_bucket_logprobs(s, valid_xM, student_tail_logp)
         t = tail_bucket_logprobs(t, valid_xM, teacher_tail_logp)

@@ -19,8 +19,8 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from opd_jax.losses import _checks
-from opd_jax.losses.divergences import mask_tokens, normalized_logprobs
+from opd_jax.losses import checks
+from opd_jax.losses.divergences import mask_tokens, normalized_logprobs, pair_logprobs
 from opd_jax.losses.support import (  # re-exported
     SUPPORTS,
     TAILS,
@@ -106,13 +106,9 @@ def topk_divergence(
     >>> bool(jnp.allclose(topk_divergence(s, t, k=3), reverse_kl(s, t)))
     True
     """
-    _checks.check_logit_pair(student_logits, teacher_logits)
-    _checks.check_where(where, jnp.shape(student_logits)[:-1])
-    _checks.check_positive("temperature", temperature)
-    s_logp = normalized_logprobs(student_logits, temperature=temperature, where=where)
-    t_logp = normalized_logprobs(teacher_logits, temperature=temperature, where=where)
+    s_logp, t_logp = pair_logprobs(student_logits, teacher_logits, where=where, temperature=temperature)
     sup = topk_support(s_logp, t_logp, k=k, support=support)
-    _checks.check_choice("tail", tail, TAILS)
+    checks.check_choice("tail", tail, TAILS)
     exact = tail == "bucket"  # the full vocabulary is at hand: exact tails, not 1 - sum
     out = support_divergence(
         gather_logprobs(s_logp, sup.ids),
@@ -154,10 +150,10 @@ def support_advantages(
     >>> print(support_advantages(s, t, jnp.array([True, True]), weights="none").round(4))
     [-0.6931  0.    ]
     """
-    _checks.check_choice("weights", weights, WEIGHTS)
+    checks.check_choice("weights", weights, WEIGHTS)
     s = jax.lax.stop_gradient(jnp.asarray(student_logp_xM))
     t = jax.lax.stop_gradient(jnp.asarray(teacher_logp_xM))
-    s, t = s.astype(_checks.compute_dtype(s)), t.astype(_checks.compute_dtype(t))
+    s, t = s.astype(checks.compute_dtype(s)), t.astype(checks.compute_dtype(t))
     w = _WEIGHTS[weights](s, t, valid_xM)
     live = valid_xM & (s > -jnp.inf) & (t > -jnp.inf)
     adv = (jnp.where(live, t, 0.0) - jnp.where(live, s, 0.0)) * w  # -(log S - log T) w
@@ -199,11 +195,9 @@ def topk_reward(
     >>> print(topk_reward(s, t, k=2).advantages)
     [[0. 0.]]
     """
-    _checks.check_logit_pair(student_logits, teacher_logits)
-    _checks.check_where(where, jnp.shape(student_logits)[:-1])
-    _checks.check_positive("temperature", temperature)
-    s_logp = jax.lax.stop_gradient(normalized_logprobs(student_logits, temperature=temperature, where=where))
-    t_logp = jax.lax.stop_gradient(normalized_logprobs(teacher_logits, temperature=temperature, where=where))
+    s_logp, t_logp = jax.lax.stop_gradient(
+        pair_logprobs(student_logits, teacher_logits, where=where, temperature=temperature)
+    )
     sup = topk_support(s_logp, t_logp, k=k, support=support)
     valid = sup.valid
     if where is not None:
@@ -222,7 +216,7 @@ def support_policy_gradient_loss(
     ``[..., M]`` -> ``[...]``; invalid slots and ``-inf`` log-probs contribute exactly 0.
     """
     lp = jnp.asarray(student_logp_xM)
-    lp = lp.astype(_checks.compute_dtype(lp))
+    lp = lp.astype(checks.compute_dtype(lp))
     live = valid_xM & (lp > -jnp.inf)
     adv = jax.lax.stop_gradient(advantages_xM)
     terms = -jnp.where(live, adv, 0.0) * jnp.where(live, lp, 0.0)
@@ -256,9 +250,9 @@ def topk_policy_gradient_loss(
     >>> bool(g[0, 2] > 0)  # descent lowers the logit the teacher dislikes
     True
     """
-    _checks.check_logits("student_logits", student_logits)
-    _checks.check_where(where, jnp.shape(student_logits)[:-1])
-    _checks.check_positive("temperature", temperature)
+    checks.check_logits("student_logits", student_logits)
+    checks.check_where(where, jnp.shape(student_logits)[:-1])
+    checks.check_positive("temperature", temperature)
     if jnp.shape(reward.ids)[:-1] != jnp.shape(student_logits)[:-1]:
         raise ValueError(
             f"reward.ids has shape {jnp.shape(reward.ids)}, student_logits has shape "

@@ -4,7 +4,8 @@ The teacher's job in OPD (and the student's re-scoring): run the decoder over wh
 ``[prompt; completion]`` and keep, per position, what the losses need -- never the ``[B, T, V]``
 logits. The forward pass is the sampler's prefill (:func:`hidden_states`, same left-padding,
 ``valid`` and RoPE-position construction), and the unembedding runs chunk by chunk through
-:mod:`opd_jax.losses.chunked`.
+:func:`opd_jax.losses.chunk_map.chunked_logits_map` (top-k and logsumexp per chunk by
+:func:`opd_jax.losses.chunked_scoring.topk_logprobs`, as in the losses' own scoring).
 
 **Shift.** Everything is aligned with the *predicting* position: the logits at position ``t``
 score token ``t + 1``. So ``logprobs[:, t] = log p(tokens[:, t+1] | tokens[:, :t+1])``,
@@ -22,6 +23,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from opd_jax.losses import checks
+from opd_jax.losses.chunk_map import chunked_logits_map
+from opd_jax.losses.chunked_scoring import topk_logprobs
 from opd_jax.model.config import ModelConfig
 from opd_jax.model.decoder import Lora, Params, hidden_states, unembed_matrix
 
@@ -66,13 +70,9 @@ def score(params: Params, config: ModelConfig, tokens_BxT: jax.Array, *, valid_B
     Returns:
       :class:`ScoreOutput`; ``logprobs[:, t]`` scores ``tokens[:, t+1]``.
     """
-    from opd_jax.losses.chunked import chunked_logits_map
-    from opd_jax.sampling.strategies import _top_k
-
-    if temperature <= 0:
-        raise ValueError(f"temperature={temperature}; it must be > 0")
-    if k is not None and not 1 <= k <= config.vocab_size:
-        raise ValueError(f"k={k}; it must satisfy 1 <= k <= V={config.vocab_size}")
+    checks.check_positive("temperature", temperature)
+    if k is not None:
+        checks.check_top_k(k, config.vocab_size)
     valid_BxT = valid_BxT.astype(bool)
     hidden_BxTxD, _ = hidden_states(params, config, tokens_BxT, valid_BxT, lora=lora)
     next_BxT = jnp.concatenate([tokens_BxT[:, 1:], jnp.zeros_like(tokens_BxT[:, :1])], axis=1)
@@ -87,15 +87,12 @@ def score(params: Params, config: ModelConfig, tokens_BxT: jax.Array, *, valid_B
         lp_C = jnp.take_along_axis(z_CxV, next_C[:, None], axis=-1)[:, 0] - lse_C
         out = {"logprobs": jnp.where(mask_C, lp_C, 0.0)}
         if k is not None:
-            vals_CxK, ids_CxK = _top_k(z_CxV, k)
-            keep = valid_C[:, None]
-            out["lse"] = jnp.where(valid_C, lse_C, 0.0)
-            out["ids"] = jnp.where(keep, ids_CxK, 0).astype(jnp.int32)
-            out["topk"] = jnp.where(keep, vals_CxK - lse_C[:, None], 0.0)
+            out["topk"] = topk_logprobs(z_CxV, k, valid_C, lse_C)
         return out
 
     out = chunked_logits_map(per_chunk, (hidden_BxTxD,), (unembed_matrix(params, config),),
                              (next_BxT.astype(jnp.int32), mask_BxT, valid_BxT), chunk_size=chunk_size)
     if k is None:
         return ScoreOutput(out["logprobs"], mask_BxT)
-    return ScoreOutput(out["logprobs"], mask_BxT, out["ids"], out["topk"], out["lse"])
+    top = out["topk"]
+    return ScoreOutput(out["logprobs"], mask_BxT, top.ids, top.logprobs, top.logsumexp)

@@ -1,4 +1,4 @@
-"""The machinery behind :mod:`opd_jax.losses.chunked`: token chunks, LM-head gradients.
+"""The engine behind :mod:`opd_jax.losses.chunk_map`: token chunks, LM-head gradients.
 
 A chunked loss is ``y_t = fn(features(h_t W), extras_t)`` evaluated one chunk of ``C`` token
 rows at a time under :func:`jax.lax.scan`.  Two *heads* turn a chunk's logits
@@ -22,8 +22,9 @@ Two drivers differentiate w.r.t. the student hidden states ``h`` and unembedding
 
 Per chunk, with ``G = dL/dz``: ``dL/dh = G W^T`` and ``dL/dW += h^T G``, both computed one
 vocabulary block at a time, the latter written in place into the ``[D, V]`` float32
-accumulator (a plain ``dW + h^T G`` would need a second ``[D, V]`` temporary).  Inputs that are not differentiated
-(``perturbed`` False, e.g. a frozen unembedding under LoRA) skip their matmul (symbolic zeros).
+accumulator (a plain ``dW + h^T G`` would need a second ``[D, V]`` temporary).  Inputs that are
+not differentiated (``perturbed`` False, e.g. a frozen unembedding under LoRA) skip their
+matmul (symbolic zeros).
 """
 
 from __future__ import annotations

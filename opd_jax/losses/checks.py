@@ -1,8 +1,9 @@
-"""Input checks for :mod:`opd_jax.losses`.
+"""Input checks for :mod:`opd_jax.losses` (dense, top-k and chunked forms alike).
 
 Each helper raises :class:`ValueError` with a message that names the problem and the fix.
 They only look at static information (shapes, dtypes, Python numbers), so they cost nothing
-under :func:`jax.jit`; a value that is a tracer is left unchecked.
+under :func:`jax.jit`; a value that is a tracer is left unchecked.  Positive ints (chunk sizes)
+go through the package-wide :func:`opd_jax.checks.positive_int`.
 """
 
 from __future__ import annotations
@@ -12,6 +13,25 @@ from typing import Any, Collection
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from opd_jax.checks import positive_int
+
+__all__ = [
+    "check_choice",
+    "check_head",
+    "check_logit_pair",
+    "check_logits",
+    "check_positive",
+    "check_same_shape",
+    "check_token_ids",
+    "check_top_k",
+    "check_unit_interval",
+    "check_where",
+    "compute_dtype",
+    "positive_int",
+    "static_float",
+    "valid_mask",
+]
 
 
 def static_float(value: Any) -> float | None:
@@ -125,3 +145,29 @@ def check_token_ids(logits: jax.Array, tokens: jax.Array) -> None:
             f"tokens has shape {jnp.shape(tokens)}, logits has shape {jnp.shape(logits)}; "
             "tokens must have the logits' shape without the vocabulary axis"
         )
+
+
+# --------------------------------------------------------------------------------------------
+# chunked forms: hidden states [B, T, D] and an unembedding [D, V]
+# --------------------------------------------------------------------------------------------
+
+
+def check_head(hidden: jax.Array, unembed: jax.Array, who: str) -> None:
+    """``hidden [B, T, D]`` and ``unembed [D, V]`` of one model (``who`` names it)."""
+    if hidden.ndim != 3:
+        raise ValueError(f"{who} hidden must be [B, T, D], got shape {hidden.shape}")
+    if unembed.ndim != 2:
+        raise ValueError(f"{who} unembed must be [D, V], got shape {unembed.shape}")
+    if hidden.shape[-1] != unembed.shape[0]:
+        raise ValueError(
+            f"{who} hidden width {hidden.shape[-1]} does not match unembed rows {unembed.shape[0]}"
+        )
+
+
+def valid_mask(where: jax.Array | None, batch: int, time: int) -> jax.Array:
+    """``where`` as a ``[B, T]`` bool mask (all True when ``None``)."""
+    if where is None:
+        return jnp.ones((batch, time), dtype=bool)
+    if where.shape != (batch, time):
+        raise ValueError(f"where must be [B, T] = {(batch, time)}, got shape {where.shape}")
+    return where.astype(bool)
