@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from opd_jax.model.config import ModelConfig, param_shapes
 from opd_jax.model.layers import (
@@ -132,9 +133,93 @@ def _project(name: str, x: jax.Array, w: jax.Array, lora_l: dict | None, scale: 
     return y
 
 
-def _layer(config: ModelConfig, inv_freq, scale: float, x_BxTxD, layer, positions_BxT, mask_BxTxS,
-           cache_kv, write_index):
-    p, lora_l = layer["p"], layer.get("lora")
+class StepInputs(NamedTuple):
+    """What every layer of one decoder call shares; built once per call by :func:`step_inputs`."""
+
+    positions_BxT: jax.Array              # int32 RoPE positions of the new tokens
+    mask_BxTxS: jax.Array | BlockedMask   # which keys each new token attends to
+    inv_freq: Any                         # RoPE inverse frequencies (a host constant)
+    lora_scale: float
+    write_index: jax.Array | int          # first cache slot the new keys/values go to (0: no cache)
+    kv_valid_BxS: jax.Array | None        # the cache's ``valid`` after the call (None: no cache)
+    next_pos_B: jax.Array | None          # the cache's ``next_pos`` after the call (None: no cache)
+
+
+def step_inputs(config: ModelConfig, tokens_BxT: jax.Array, *, valid_BxT: jax.Array | None = None,
+                positions_BxT: jax.Array | None = None, cache: Any = None, lora: Lora | None = None,
+                blocked: bool = False) -> StepInputs:
+    """Positions, attention mask and cache bookkeeping for ``T`` new tokens per row.
+
+    ``valid_BxT=None`` means every new token is real. ``cache``: a :class:`KVCache` or any object
+    with its ``valid`` / ``index`` / ``next_pos`` fields (the sampler's per-layer caches); the new
+    tokens take slots ``[cache.index, cache.index + T)`` and attend causally over the cache.
+    ``blocked``: the mask as a :class:`BlockedMask` (blocked attention) instead of ``[B, T, S]``.
+    """
+    B, T = tokens_BxT.shape
+    all_real = valid_BxT is None
+    valid_BxT = jnp.ones((B, T), bool) if all_real else valid_BxT.astype(bool)
+    offset_B = cache.next_pos if cache is not None else jnp.zeros((B,), jnp.int32)
+    if positions_BxT is None:
+        if all_real:
+            positions_BxT = offset_B[:, None] + np.arange(T, dtype=np.int32)[None, :]
+        else:
+            positions_BxT = offset_B[:, None] + jnp.maximum(jnp.cumsum(valid_BxT, axis=1) - 1, 0)
+            positions_BxT = jnp.where(valid_BxT, positions_BxT, 0)
+    positions_BxT = positions_BxT.astype(jnp.int32)
+
+    kv_valid_BxS = next_pos_B = None
+    if cache is not None:
+        slots_S = jnp.arange(cache.valid.shape[1])
+        kv_valid_BxS = jax.lax.dynamic_update_slice(cache.valid, valid_BxT, (0, cache.index))
+        query_slot_T = cache.index + jnp.arange(T)
+        if blocked:
+            mask_BxTxS = BlockedMask(query_slot_T, kv_valid_BxS, config.attention_block)
+        else:
+            mask_BxTxS = ((slots_S[None, None, :] <= query_slot_T[None, :, None])
+                          & kv_valid_BxS[:, None, :])
+        n_new_B = T if all_real else valid_BxT.sum(axis=1).astype(jnp.int32)
+        next_pos_B = cache.next_pos + n_new_B
+    elif blocked:
+        mask_BxTxS = BlockedMask(jnp.arange(T), valid_BxT, config.attention_block)
+    else:
+        causal_TxT = jnp.tril(jnp.ones((T, T), bool))
+        mask_BxTxS = causal_TxT[None] & valid_BxT[:, None, :]
+    return StepInputs(
+        positions_BxT=positions_BxT, mask_BxTxS=mask_BxTxS,
+        inv_freq=rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling),
+        lora_scale=lora.scale if lora is not None else 0.0,
+        write_index=cache.index if cache is not None else 0,
+        kv_valid_BxS=kv_valid_BxS, next_pos_B=next_pos_B)
+
+
+def layer_weights(params: Params, lora: Lora | None) -> dict:
+    """The stacked per-layer weights :func:`layer` takes: ``{"p": params["layers"], "lora": ...}``
+    (every leaf has the layer axis first; index it for one layer)."""
+    layers = {"p": params["layers"]}
+    if lora is not None:
+        layers["lora"] = lora.weights
+    return layers
+
+
+def embed(params: Params, tokens_BxT: jax.Array) -> jax.Array:
+    """The input embeddings ``[B, T, D]``."""
+    return constrain(params["embed"][tokens_BxT], ("batch", "length", "embed"))
+
+
+def final_norm(params: Params, config: ModelConfig, x_BxTxD: jax.Array) -> jax.Array:
+    """The final RMS norm: the decoder's output hidden states."""
+    return rms_norm(x_BxTxD, params["final_norm"], config.rms_eps)
+
+
+def layer(config: ModelConfig, inputs: StepInputs, x_BxTxD: jax.Array, weights: dict,
+          cache_kv: tuple[jax.Array, jax.Array] | None = None
+          ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+    """One transformer block: ``x`` ``[B, T, D]`` -> ``x``, plus the layer's cache ``(k, v)``
+    (``[B, G, S, E]`` each) with the new keys/values written at ``inputs.write_index`` (``None``
+    without a cache). ``weights``: one layer of :func:`layer_weights`."""
+    inv_freq, scale, mask_BxTxS = inputs.inv_freq, inputs.lora_scale, inputs.mask_BxTxS
+    positions_BxT, write_index = inputs.positions_BxT, inputs.write_index
+    p, lora_l = weights["p"], weights.get("lora")
     h = rms_norm(x_BxTxD, p["attn_norm"], config.rms_eps)
     q = _project("q", h, p["q"], lora_l, scale)
     k = _project("k", h, p["k"], lora_l, scale)
@@ -204,55 +289,25 @@ def forward(params: Params, config: ModelConfig, tokens_BxT: jax.Array,
     attention = config.attention if attention is None else attention
     if attention not in ("dense", "blocked"):
         raise ValueError(f"unknown attention {attention!r}; expected 'dense' or 'blocked'")
-    B, T = tokens_BxT.shape
-    blocked = attention == "blocked" and T > 1
-    valid_BxT = jnp.ones((B, T), bool) if valid_BxT is None else valid_BxT.astype(bool)
-    offset_B = cache.next_pos if cache is not None else jnp.zeros((B,), jnp.int32)
-    if positions_BxT is None:
-        positions_BxT = offset_B[:, None] + jnp.maximum(jnp.cumsum(valid_BxT, axis=1) - 1, 0)
-        positions_BxT = jnp.where(valid_BxT, positions_BxT, 0)
-    positions_BxT = positions_BxT.astype(jnp.int32)
-
-    if cache is not None:
-        slots_S = jnp.arange(cache.size)
-        kv_valid_BxS = jax.lax.dynamic_update_slice(cache.valid, valid_BxT, (0, cache.index))
-        query_slot_T = cache.index + jnp.arange(T)
-        if blocked:
-            mask_BxTxS = BlockedMask(query_slot_T, kv_valid_BxS, config.attention_block)
-        else:
-            mask_BxTxS = ((slots_S[None, None, :] <= query_slot_T[None, :, None])
-                          & kv_valid_BxS[:, None, :])
-    elif blocked:
-        mask_BxTxS = BlockedMask(jnp.arange(T), valid_BxT, config.attention_block)
-    else:
-        causal_TxT = jnp.tril(jnp.ones((T, T), bool))
-        mask_BxTxS = causal_TxT[None] & valid_BxT[:, None, :]
-
-    x = params["embed"][tokens_BxT]
-    x = constrain(x, ("batch", "length", "embed"))
-    inv_freq = rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling)
-    scale = lora.scale if lora is not None else 0.0
-    layers = {"p": params["layers"]}
-    if lora is not None:
-        layers["lora"] = lora.weights
-    write_index = cache.index if cache is not None else 0
+    T = tokens_BxT.shape[1]
+    inputs = step_inputs(config, tokens_BxT, valid_BxT=valid_BxT, positions_BxT=positions_BxT,
+                         cache=cache, lora=lora, blocked=attention == "blocked" and T > 1)
 
     def step(x, xs):
-        layer, kv = xs
-        return _layer(config, inv_freq, scale, x, layer, positions_BxT, mask_BxTxS, kv, write_index)
+        weights, kv = xs
+        return layer(config, inputs, x, weights, kv)
 
     policy = REMAT_POLICIES[remat]
     if remat != "none":
         step = jax.checkpoint(step, policy=policy, prevent_cse=False)
     kv_xs = (cache.k, cache.v) if cache is not None else None
-    x, new_kv = jax.lax.scan(step, x, (layers, kv_xs))
-    hidden = rms_norm(x, params["final_norm"], config.rms_eps)
+    x, new_kv = jax.lax.scan(step, embed(params, tokens_BxT), (layer_weights(params, lora), kv_xs))
+    hidden = final_norm(params, config, x)
 
     new_cache = None
     if cache is not None:
-        new_cache = KVCache(k=new_kv[0], v=new_kv[1], valid=kv_valid_BxS,
-                            index=cache.index + T,
-                            next_pos=cache.next_pos + valid_BxT.sum(axis=1).astype(jnp.int32))
+        new_cache = KVCache(k=new_kv[0], v=new_kv[1], valid=inputs.kv_valid_BxS,
+                            index=cache.index + T, next_pos=inputs.next_pos_B)
     return hidden, new_cache
 
 

@@ -20,10 +20,20 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from opd_jax.model import decoder
 from opd_jax.model.config import ModelConfig
-from opd_jax.model.decoder import KVCache, Lora, Params, hidden_states, init_cache, next_token_logits
-from opd_jax.model.layers import rms_norm, rope_inv_freq
+from opd_jax.model.decoder import (
+    KVCache,
+    Lora,
+    Params,
+    embed,
+    final_norm,
+    hidden_states,
+    init_cache,
+    layer,
+    layer_weights,
+    next_token_logits,
+    step_inputs,
+)
 from opd_jax.sampling.strategies import Sampling, draw, top_logprobs, uniforms
 from opd_jax.sharding import constrain, use_mesh_rules
 
@@ -181,35 +191,25 @@ def decode(st: DecodeSettings, state: DecodeState, params: Params, lora: Lora | 
 
 
 def _split_layers(params: Params, lora: Lora | None, n_layers: int) -> list[dict]:
-    """Per-layer weight trees (``{"p": ..., "lora": ...}``), sliced once outside the loop."""
-    out = []
-    for i in range(n_layers):
-        layer = {"p": jax.tree.map(lambda x: x[i], params["layers"])}
-        if lora is not None:
-            layer["lora"] = jax.tree.map(lambda x: x[i], lora.weights)
-        out.append(layer)
-    return out
+    """Per-layer weight trees (:func:`opd_jax.model.decoder.layer_weights` of one layer), sliced
+    once outside the loop."""
+    stacked = layer_weights(params, lora)
+    return [jax.tree.map(lambda x: x[i], stacked) for i in range(n_layers)]
 
 
 def _unrolled_step(c: ModelConfig, params: Params, layers: list[dict], lora: Lora | None,
                    token_B: jax.Array, cache: LayerCaches) -> tuple[jax.Array, LayerCaches]:
-    """One decode step through the decoder's layer function, layer by layer (per-layer caches
-    updated in place). Same math as ``decoder.forward(..., cache=...)`` for one real token."""
-    B = token_B.shape[0]
-    S = cache.valid.shape[1]
-    x = constrain(params["embed"][token_B[:, None]], ("batch", "length", "embed"))
-    valid_BxS = jax.lax.dynamic_update_slice(cache.valid, jnp.ones((B, 1), bool),
-                                             (0, cache.index))
-    mask_Bx1xS = (jnp.arange(S)[None, None, :] <= cache.index) & valid_BxS[:, None, :]
-    positions_Bx1 = cache.next_pos[:, None]
-    inv_freq = rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling)
-    scale = lora.scale if lora is not None else 0.0
+    """One decode step through the decoder's :func:`~opd_jax.model.decoder.layer`, layer by
+    layer (per-layer caches updated in place). Same math as ``decoder.forward(..., cache=...)``
+    for one real token."""
+    tokens_Bx1 = token_B[:, None]
+    inputs = step_inputs(c, tokens_Bx1, cache=cache, lora=lora)
+    x = embed(params, tokens_Bx1)
     ks, vs = [], []
-    for layer, k, v in zip(layers, cache.k, cache.v):
-        x, (k, v) = decoder._layer(c, inv_freq, scale, x, layer, positions_Bx1, mask_Bx1xS,
-                                   (k, v), cache.index)
+    for weights, k, v in zip(layers, cache.k, cache.v):
+        x, (k, v) = layer(c, inputs, x, weights, (k, v))
         ks.append(k)
         vs.append(v)
-    hidden_BxD = rms_norm(x, params["final_norm"], c.rms_eps)[:, 0]
-    return hidden_BxD, LayerCaches(k=tuple(ks), v=tuple(vs), valid=valid_BxS,
-                                   index=cache.index + 1, next_pos=cache.next_pos + 1)
+    hidden_BxD = final_norm(params, c, x)[:, 0]
+    return hidden_BxD, LayerCaches(k=tuple(ks), v=tuple(vs), valid=inputs.kv_valid_BxS,
+                                   index=cache.index + 1, next_pos=inputs.next_pos_B)
