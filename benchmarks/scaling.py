@@ -1,7 +1,7 @@
 """Benchmark: the train step on device meshes (8 fake CPU devices): per-device memory and step time.
 
 For each mesh ``(data, fsdp, tensor)`` in (1,1,1), (8,1,1), (1,8,1), (2,4,1), (2,2,2) the train
-step is built exactly as the trainer builds it (``opd_jax.train.mesh.TrainMesh``: params and AdamW
+step is built exactly as the trainer builds it (``opd_jax.train.placement.TrainMesh``: params and AdamW
 state by the rules table, teacher by its rules, batch over ``("data", "fsdp")``, explicit
 in/out shardings, donated state) for a mid-size random student + teacher, and reported:
 
@@ -70,8 +70,8 @@ def bench_mesh(shape, rules, cs, ct, batch_np, repeats):
     from opd_jax import sharding as shd
     from opd_jax.config.schema import LossSpec, OptimSpec
     from opd_jax.model import decoder as dec
-    from opd_jax.train.mesh import TrainMesh
     from opd_jax.train.objectives import make_chunk_fn
+    from opd_jax.train.placement import TrainMesh
     from opd_jax.train.state import StudentSpec, init_state, make_optimizer
     from opd_jax.train.step import TeacherSpec, make_train_step
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -206,8 +207,6 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
     run give all three (or set ``OPD_JAX_COORDINATOR``, ``OPD_JAX_NUM_PROCESSES``,
     ``OPD_JAX_PROCESS_ID``). Safe to call once per process before any other JAX call.
     """
-    import os
-
     coordinator_address = coordinator_address or os.environ.get("OPD_JAX_COORDINATOR")
     if num_processes is None and "OPD_JAX_NUM_PROCESSES" in os.environ:
         num_processes = int(os.environ["OPD_JAX_NUM_PROCESSES"])

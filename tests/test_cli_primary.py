@@ -10,7 +10,7 @@ TINY = "configs/tiny_test.yaml"
 def test_train_writes_report_and_deletes_run_dir_only_on_process_0(monkeypatch, tmp_path, capsys,
                                                                    primary):
     from opd_jax import analyze, cli
-    from opd_jax.train import mesh as mesh_lib
+    from opd_jax.train import distributed as mesh_lib
     from opd_jax.train import run as run_mod
 
     ran, reports = [], []

@@ -44,7 +44,8 @@ def test_byte_tokenizer_round_trip_and_chat_template():
 
 
 def test_elementwise_kl_terms_match_numpy_and_handle_zero_mass():
-    p = np.array([0.5, 0.5, 0.0]); q = np.array([0.25, 0.25, 0.5])
+    p = np.array([0.5, 0.5, 0.0])
+    q = np.array([0.25, 0.25, 0.5])
     with np.errstate(divide="ignore"):
         logp, logq = np.log(p), np.log(q)
     terms = np.asarray(elementwise.kl_terms(jnp.asarray(logp), jnp.asarray(logq)))

@@ -26,7 +26,8 @@ import jax
 import numpy as np
 import pytest
 
-from opd_jax.train import mesh as mesh_lib
+from opd_jax.train import distributed as mesh_lib
+from opd_jax.train.placement import single_device_mesh
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny_test.yaml")
@@ -73,7 +74,7 @@ def test_single_process_helpers_and_row_check():
     x = jax.numpy.ones(3)
     assert mesh_lib.to_host(x) is x
     assert mesh_lib.per_process_batch(6) == 6
-    tm = mesh_lib.single_device_mesh()
+    tm = single_device_mesh()
     assert tm.batch_shards == 1
     tm.check_rows(3, 1)  # anything splits over one shard
     # optimizer state mirrors parameter shardings by tree path (scalars replicated)
@@ -91,7 +92,7 @@ MESH_RUNS = """
 import dataclasses, functools
 from opd_jax.checkpoint import StageCheckpointer, stage_dir
 from opd_jax.config import load_config
-from opd_jax.train import mesh as M
+from opd_jax.train import placement as M
 from opd_jax.train.models import build_models
 from opd_jax.train.run import run
 from opd_jax.train.state import init_state, make_optimizer
@@ -168,7 +169,7 @@ from opd_jax import losses, sharding as shd
 from opd_jax.config.schema import LossSpec, OptimSpec
 from opd_jax.model import decoder as dec
 from opd_jax.model.config import ModelConfig, param_shapes
-from opd_jax.train.mesh import TrainMesh
+from opd_jax.train.placement import TrainMesh
 from opd_jax.train.objectives import make_chunk_fn
 from opd_jax.train.state import StudentSpec, init_state, make_optimizer
 from opd_jax.train.batch import RolloutBatch
@@ -260,6 +261,16 @@ sys.path.insert(0, sys.argv[4])
 import json
 from opd_jax.config import load_config
 from opd_jax.train.run import run
+if len(sys.argv) > 6:  # the fault: SIGKILL right after the checkpointer's save at step argv[6]
+    import signal
+    from opd_jax import checkpoint
+    save, after = checkpoint.StageCheckpointer.save, int(sys.argv[6])
+    def save_then_die(self, step, *args, **kwargs):
+        out = save(self, step, *args, **kwargs)
+        if step == after:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return out
+    checkpoint.StageCheckpointer.save = save_then_die
 cfg = load_config(sys.argv[5], [
     f"out_dir={out}", "stages=[{kind: opd, steps: 4, batch_prompts: 8}]",
     "checkpoint.every_n_steps=2", "checkpoint.async_save=true",
@@ -269,7 +280,7 @@ cfg = load_config(sys.argv[5], [
 summary = run(cfg, progress=False)
 import jax
 from opd_jax.data import make_prompt_dataset, make_prompt_iterator
-from opd_jax.train import mesh as M
+from opd_jax.train import distributed as M
 from opd_jax.train.run import load_data
 # grain shards the prompts by process; the trainer joins the shards into the global batch
 batch = next(make_prompt_iterator(make_prompt_dataset(load_data(cfg)[0], batch_size=4, seed=0,
@@ -287,10 +298,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _two_processes(out_dir, env=None, timeout=600):
+def _two_processes(out_dir, env=None, timeout=600, kill_after_step=None):
     port = _free_port()
+    fault = [] if kill_after_step is None else [str(kill_after_step)]
     procs = [subprocess.Popen([sys.executable, "-c", DRIVER, str(i), str(port), str(out_dir), ROOT,
-                               TINY], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               TINY, *fault], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               cwd=ROOT, env={**os.environ, **(env or {})}) for i in range(2)]
     deadline = time.time() + timeout
     first_exit = None
@@ -324,7 +336,7 @@ def test_two_processes_train_checkpoint_kill_and_resume(tmp_path):
     assert len(a) == len(b) == 4 and not set(a) & set(b)  # disjoint prompt shards
     assert results[0]["global_ids"] == results[1]["global_ids"] == a + b
 
-    codes, outs = _two_processes(tmp_path / "res", {**cache, "OPD_JAX_FAULT_KILL_AFTER_STEP": "3"})
+    codes, outs = _two_processes(tmp_path / "res", cache, kill_after_step=3)
     assert codes == [-signal.SIGKILL, -signal.SIGKILL], [o[1][-3000:] for o in outs]
     assert (tmp_path / "res" / "checkpoints" / "opd" / "2").is_dir()
     codes, outs = _two_processes(tmp_path / "res", cache)

@@ -24,7 +24,7 @@ MESH_RUNS = """
 from opd_jax import sharding as shd
 from opd_jax.config import load_config
 from opd_jax.model.config import param_axes
-from opd_jax.train import mesh as M
+from opd_jax.train import placement as M
 from opd_jax.train.models import build_models
 from opd_jax.train.run import run
 
@@ -138,7 +138,8 @@ from opd_jax.model.config import ModelConfig, param_axes
 from opd_jax.sampling.sampler import Sampler
 from opd_jax.sampling.strategies import Sampling
 from opd_jax.data.padding import pad_left
-from opd_jax.train import mesh as M
+from opd_jax.train import placement as M
+from opd_jax.train.distributed import to_host
 
 c = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
                 ffn_dim=64)
@@ -152,7 +153,7 @@ for name, key in [("one_key", jax.random.key(7)),
                   ("row_keys", jax.random.split(jax.random.key(8), 3))]:
     sampling = Sampling(temperature=1.0)
     ref = Sampler(c, sampling, 6)(params, tok, val, key)          # this process, no mesh
-    got = M.to_host(Sampler(c, sampling, 6, mesh=mesh, rules="fsdp")(placed, tok, val, key))
+    got = to_host(Sampler(c, sampling, 6, mesh=mesh, rules="fsdp")(placed, tok, val, key))
     out[name] = {"tokens": np.asarray(got.tokens).tolist(),
                  "ref_tokens": np.asarray(ref.tokens).tolist(),
                  "logprobs_diff": float(np.max(np.abs(np.asarray(got.logprobs_full)

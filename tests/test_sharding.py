@@ -13,9 +13,11 @@ from opd_jax import sharding
 
 def test_logical_to_spec_tables():
     assert sharding.logical_to_spec(("layers", "embed", "mlp"), sharding.RULES_FSDP) == P(None, "fsdp", None)
-    assert sharding.logical_to_spec(("layers", "embed", "mlp"), sharding.RULES_FSDP_TP) == P(None, "fsdp", "tensor")
+    assert (sharding.logical_to_spec(("layers", "embed", "mlp"), sharding.RULES_FSDP_TP)
+            == P(None, "fsdp", "tensor"))
     # batch uses fsdp, so a second fsdp use in the same spec falls back to replication
-    assert sharding.logical_to_spec(("batch", "length", "embed"), sharding.RULES_FSDP) == P(("data", "fsdp"), None, None)
+    assert (sharding.logical_to_spec(("batch", "length", "embed"), sharding.RULES_FSDP)
+            == P(("data", "fsdp"), None, None))
     with pytest.raises(ValueError, match="no entry in the rules table"):
         sharding.logical_to_spec(("nonsense",), sharding.RULES_FSDP)
     with pytest.raises(ValueError, match="unknown sharding rules"):

@@ -171,9 +171,29 @@ def test_lora_student_and_seq_kd(tmp_path):
     assert {r["on_policy"] for r in rows} == {True, False}  # seed 0 draws both kinds
 
 
-def _cli(args, env=None):
-    return subprocess.run([sys.executable, "-m", "opd_jax.cli", *args], capture_output=True,
-                          text=True, cwd=ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})},
+# ``opd-jax`` in a subprocess that dies (SIGKILL, no clean-up) right after the checkpointer's
+# ``save`` call at step ``argv[1]``: the fault is injected here by wrapping ``StageCheckpointer.save``,
+# the trainer carries no test hook.
+KILLED_CLI = """
+import os, signal, sys
+from opd_jax import checkpoint, cli
+after = int(sys.argv[1])
+save = checkpoint.StageCheckpointer.save
+def save_then_die(self, step, *args, **kwargs):
+    out = save(self, step, *args, **kwargs)
+    if step == after:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return out
+checkpoint.StageCheckpointer.save = save_then_die
+sys.exit(cli.main(sys.argv[2:]))
+"""
+
+
+def _cli(args, kill_after_step=None):
+    head = (["-m", "opd_jax.cli"] if kill_after_step is None else
+            ["-c", KILLED_CLI, str(kill_after_step)])
+    return subprocess.run([sys.executable, *head, *args], capture_output=True,
+                          text=True, cwd=ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu"},
                           timeout=600)
 
 
@@ -183,8 +203,7 @@ def test_resume_after_kill_reproduces_uninterrupted_run(tmp_path):
               "--no-progress"]
     ref = _cli(["train", *common, f"out_dir={tmp_path}/ref"])
     assert ref.returncode == 0, ref.stderr[-2000:]
-    killed = _cli(["train", *common, f"out_dir={tmp_path}/res"],
-                  env={"OPD_JAX_FAULT_KILL_AFTER_STEP": "3"})
+    killed = _cli(["train", *common, f"out_dir={tmp_path}/res"], kill_after_step=3)
     assert killed.returncode == -9
     resumed = _cli(["train", *common, f"out_dir={tmp_path}/res"])
     assert resumed.returncode == 0, resumed.stderr[-2000:]

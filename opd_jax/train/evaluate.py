@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Callable, Sequence
 
@@ -16,6 +17,7 @@ import jax
 
 from opd_jax import losses
 from opd_jax.config.schema import LossSpec
+from opd_jax.data import PromptTemplate
 from opd_jax.eval import evaluate
 from opd_jax.train import rollout
 from opd_jax.train.objectives import make_chunk_fn
@@ -58,19 +60,51 @@ def _weighted(parts: list[dict]) -> dict[str, float]:
     return {k: sum(p[k] * p["tokens"] for p in parts) / total for k in keys}
 
 
-def evaluate_student(*, records: Sequence[dict], tokenizer, template, max_prompt_len: int,
-                     student: StudentSpec, teacher: TeacherSpec, trainable, frozen, teacher_args,
-                     student_sampler, teacher_sampler=None, ks: Sequence[int] = (1,),
-                     batch_prompts: int = 8, key: jax.Array, chunk_size: int = 512,
-                     privileged_teacher: bool = False, teacher_params_for_sampling=None,
-                     pad_id: int = 0, sample: Callable = rollout.sample,
-                     place: Callable = lambda x: x) -> dict[str, Any]:
-    """Accuracy of the student on ``records`` and its held-out KLs to the teacher.
+@dataclasses.dataclass(frozen=True, eq=False)
+class EvalSettings:
+    """How held-out evaluation encodes, batches and scores prompts (built once per eval stage).
 
-    With ``teacher_sampler`` the teacher's greedy answers are also graded (``teacher_*`` keys) and
-    the forward KL on them is reported. ``sample`` runs a sampler (``rollout.sample``, or
-    ``TrainMesh.sample`` on a mesh), ``place`` puts a scoring batch on the mesh.
+    ``place`` puts a scoring batch on the mesh (``TrainMesh.place_rows``; identity on one
+    device)."""
+
+    tokenizer: Any
+    template: PromptTemplate
+    max_prompt_len: int
+    ks: tuple[int, ...] = (1,)
+    batch_prompts: int = 8
+    chunk_size: int = 512
+    privileged_teacher: bool = False
+    pad_id: int = 0
+    place: Callable = lambda x: x
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class EvalModels:
+    """The student and teacher evaluation samples from and scores with (``teacher_args``: the
+    teacher's weights as the scorer takes them; ``teacher_params``: as the teacher sampler takes
+    them). Without ``teacher_sampler`` the teacher only scores the student's samples."""
+
+    student: StudentSpec
+    teacher: TeacherSpec
+    frozen: Any
+    teacher_args: Any
+    student_sampler: Any
+    teacher_sampler: Any = None
+    teacher_params: Any = None
+
+
+def evaluate_student(records: Sequence[dict], trainable, key: jax.Array, settings: EvalSettings,
+                     models: EvalModels) -> dict[str, Any]:
+    """Accuracy of the student (its ``trainable`` tree) on ``records`` and its held-out KLs to
+    the teacher.
+
+    With ``models.teacher_sampler`` the teacher's greedy answers are also graded (``teacher_*``
+    keys) and the forward KL on them is reported.
     """
+    st, m = settings, models
+    ks, batch_prompts, chunk_size, place = st.ks, st.batch_prompts, st.chunk_size, st.place
+    student, teacher, frozen, teacher_args = m.student, m.teacher, m.frozen, m.teacher_args
+    teacher_sampler = m.teacher_sampler
     n = max(ks)
     s_params, s_lora = student.params_and_lora(trainable, frozen)
     completions: list[list[str]] = []
@@ -79,11 +113,11 @@ def evaluate_student(*, records: Sequence[dict], tokenizer, template, max_prompt
     for start in range(0, len(records), batch_prompts):
         recs = list(records[start:start + batch_prompts])
         ro = rollout.sample_student_and_teacher(
-            recs, tokenizer, template, max_prompt_len=max_prompt_len, n_samples=n,
-            key=jax.random.fold_in(key, start), student_sampler=student_sampler,
+            recs, st.tokenizer, st.template, max_prompt_len=st.max_prompt_len, n_samples=n,
+            key=jax.random.fold_in(key, start), student_sampler=m.student_sampler,
             student_params=s_params, student_lora=s_lora, teacher_sampler=teacher_sampler,
-            teacher_params=teacher_params_for_sampling, privileged_teacher=privileged_teacher,
-            pad_id=pad_id, sample_fn=sample)
+            teacher_params=m.teacher_params, privileged_teacher=st.privileged_teacher,
+            pad_id=st.pad_id)
         completions += [ro.student_texts[i * n:(i + 1) * n] for i in range(len(recs))]
         rkl_parts.append(score_rollouts(student, teacher, trainable, frozen, teacher_args,
                                         place(ro.student), "reverse_kl", chunk_size))

@@ -1,4 +1,7 @@
-"""Metrics to ``<run_dir>/metrics.jsonl`` (one record per step) and optionally TensorBoard."""
+"""Metrics to ``<run_dir>/metrics.jsonl`` (one record per step) and optionally TensorBoard.
+
+Only process 0 writes the file (:func:`make_log`); the other processes of a multi-process run
+log to a :class:`MemoryLog` with the same interface."""
 
 from __future__ import annotations
 
@@ -8,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from opd_jax.train.distributed import is_primary
 
 
 def to_python(x: Any) -> Any:
@@ -60,3 +65,25 @@ class MetricsLog:
                 if isinstance(v, (int, float)) and not isinstance(v, bool):
                     self._tb.add_scalar(f"{record['stage']}/{k}", v, record.get("step", 0))
             self._tb.flush()
+
+
+class MemoryLog:
+    """The ``MetricsLog`` interface kept in memory: what non-primary processes log to."""
+
+    def __init__(self):
+        self.rows: list[dict] = []
+
+    def read(self, stage: str | None = None) -> list[dict]:
+        return [r for r in self.rows if stage is None or r.get("stage") == stage]
+
+    def truncate(self, stage: str, step: int) -> None:
+        self.rows = [r for r in self.rows
+                     if not (r.get("stage") == stage and r.get("step", 0) > step)]
+
+    def write(self, record: dict) -> None:
+        self.rows.append(to_python(record))
+
+
+def make_log(run_dir: str | Path, tensorboard: bool = False) -> MetricsLog | MemoryLog:
+    """``MetricsLog`` on process 0, an in-memory log elsewhere (one writer per file)."""
+    return MetricsLog(run_dir, tensorboard) if is_primary() else MemoryLog()

@@ -10,11 +10,13 @@ import jax.numpy as jnp
 
 from opd_jax.config.schema import ModelSpec
 from opd_jax.model import decoder
+from opd_jax.model.assets import default_teacher
 from opd_jax.model.byte_tokenizer import ByteTokenizer
 from opd_jax.model.config import ModelConfig
 from opd_jax.model.derive import derive_student, random_student
-from opd_jax.model.loading import Model, check_same_vocab
+from opd_jax.model.loading import Model, check_same_vocab, load_model
 from opd_jax.model.lora import init_lora
+from opd_jax.model.tokenizer import load_tokenizer
 from opd_jax.train.state import StudentSpec
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -39,8 +41,6 @@ def load_source(spec: ModelSpec, seed: int) -> Model:
     """``"default"`` (embedded SmolLM2-135M-Instruct), ``"random"`` (tiny random model with a byte
     tokenizer, sized by ``derive``), or a path to a Hugging Face folder / ``.gguf`` file."""
     if spec.source == "default":
-        from opd_jax.model.assets import default_teacher
-
         return default_teacher(spec.dtype)
     if spec.source == "random":
         tok = ByteTokenizer()
@@ -51,12 +51,8 @@ def load_source(spec: ModelSpec, seed: int) -> Model:
         config = ModelConfig(vocab_size=tok.vocab_size, max_position=4096, **sizes)
         params = decoder.init_params(config, jax.random.key(seed), _DTYPES[spec.dtype])
         return Model(config, params, tok)
-    from opd_jax.model.loading import load_model
-
     model = load_model(spec.source, spec.dtype)
     if spec.tokenizer:
-        from opd_jax.model.tokenizer import load_tokenizer
-
         model = model.replace(tokenizer=load_tokenizer(spec.tokenizer))
     return model
 

@@ -88,7 +88,7 @@ _OBJECTIVES = {
 
 
 def make_chunk_fn(spec: LossSpec, *, metrics_k: int = 16, with_metrics: bool = True) -> ChunkFn:
-    """The per-chunk function for ``opd_jax.losses.chunked.chunked_student_logits_map``.
+    """The per-chunk function for ``opd_jax.losses.chunk_map.chunked_student_logits_map``.
 
     Returns ``fn(student_logits_CxV, teacher_logits_CxV, extras) -> {"loss": [C], ...metrics}``
     where extras holds ``tokens`` [C] (the token each position predicted), ``mask`` [C] bool and

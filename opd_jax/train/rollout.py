@@ -9,7 +9,7 @@ the same rollouts as an uninterrupted one.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +21,7 @@ from opd_jax.eval.filters import FilterConfig, filter_completions
 from opd_jax.model.decoder import Lora
 from opd_jax.sampling.sampler import Sampler, bucket_length
 from opd_jax.train.batch import RolloutBatch
+from opd_jax.train.distributed import to_host
 
 
 @dataclasses.dataclass
@@ -55,10 +56,14 @@ def rollout_key(seed: int, stage_index: int, step: int) -> jax.Array:
 
 def sample(sampler: Sampler, params, prompts: Prompts, key: jax.Array, *, lora: Lora | None = None,
            from_teacher_prompt: bool = False):
-    """Run the sampler on the student's (or the teacher's) prompts."""
+    """Run the sampler on the student's (or the teacher's) prompts.
+
+    The sampler places its rows (and its per-row keys, as key data) as global arrays on its mesh
+    itself; in a multi-process run the outputs that span other processes are fetched to every
+    host (:func:`~opd_jax.train.distributed.to_host`, the identity in one process)."""
     tok, val = ((prompts.teacher_tokens, prompts.teacher_valid) if from_teacher_prompt
                 else (prompts.student_tokens, prompts.student_valid))
-    return sampler(params, tok, val, key, lora=lora)
+    return to_host(sampler(params, tok, val, key, lora=lora))
 
 
 def assemble(prompts: Prompts, completion: Any, mask: Any, sampler_logprobs: Any,
@@ -99,23 +104,21 @@ def sample_student_and_teacher(records: Sequence[dict], tokenizer, template: Pro
                                student_sampler: Sampler, student_params,
                                student_lora: Lora | None = None,
                                teacher_sampler: Sampler | None = None, teacher_params=None,
-                               privileged_teacher: bool = False, pad_id: int = 0,
-                               sample_fn: Callable | None = None) -> StudentAndTeacherRollouts:
+                               privileged_teacher: bool = False,
+                               pad_id: int = 0) -> StudentAndTeacherRollouts:
     """``n_samples`` student rollouts per record drawn with ``key`` and, with ``teacher_sampler``,
     one teacher rollout per record (on the teacher's prompt) drawn with ``fold_in(key, 1)``: the
-    batches held-out evaluation and prompt selection score. ``sample_fn`` runs a sampler
-    (default :func:`sample`; ``TrainMesh.sample`` on a mesh)."""
-    sample_fn = sample_fn or sample
+    batches held-out evaluation and prompt selection score."""
     enc = dict(max_prompt_len=max_prompt_len, privileged_teacher=privileged_teacher, pad_id=pad_id)
     prompts = encode_prompts(records, tokenizer, template, n_samples=n_samples, **enc)
-    out = sample_fn(student_sampler, student_params, prompts, key, lora=student_lora)
+    out = sample(student_sampler, student_params, prompts, key, lora=student_lora)
     student = assemble(prompts, out.tokens, out.mask, out.logprobs_full)
     texts = decode_rows(tokenizer, out.tokens, out.mask)
     if teacher_sampler is None:
         return StudentAndTeacherRollouts(student, texts)
     single = encode_prompts(records, tokenizer, template, **enc)
-    t_out = sample_fn(teacher_sampler, teacher_params, single, jax.random.fold_in(key, 1),
-                      from_teacher_prompt=True)
+    t_out = sample(teacher_sampler, teacher_params, single, jax.random.fold_in(key, 1),
+                    from_teacher_prompt=True)
     return StudentAndTeacherRollouts(
         student, texts, assemble(single, t_out.tokens, t_out.mask, t_out.logprobs_full),
         decode_rows(tokenizer, t_out.tokens, t_out.mask))
@@ -150,5 +153,3 @@ def eos_ids(tokenizer, extra: Sequence[int] = ()) -> tuple[int, ...]:
     base = tuple(getattr(tokenizer, "eos_ids", ()) or ()) if tokenizer is not None else ()
     return tuple(sorted(set(base) | set(int(e) for e in extra)))
 
-
-SampleFn = Callable[..., Any]

@@ -16,8 +16,10 @@ from opd_jax.config.core import save_config
 from opd_jax.config.run import RunConfig
 from opd_jax.data import PromptTemplate, dedupe_records, load_records, split_records
 from opd_jax.data.templates import DEFAULT_TEACHER_TEMPLATE
-from opd_jax.train import mesh as mesh_lib
+from opd_jax.train import distributed
+from opd_jax.train.metrics_log import make_log
 from opd_jax.train.models import build_models
+from opd_jax.train.placement import build_mesh, place_models
 from opd_jax.train.stages import RunContext, run_eval_stage, run_train_stage
 
 INITIAL_EVAL = "eval_initial"
@@ -63,21 +65,21 @@ def run(cfg: RunConfig, *, progress: bool = True, models=None, mesh=None,
 
     Runs on the mesh ``cfg.mesh`` (multi-process: ``cfg.mesh.distributed`` initialises
     ``jax.distributed`` first; only process 0 writes the run directory's files). ``mesh``: a
-    ``opd_jax.train.mesh.TrainMesh`` to use instead of building one from ``cfg.mesh``.
+    ``opd_jax.train.placement.TrainMesh`` to use instead of building one from ``cfg.mesh``.
     ``data``: ``(train, heldout)`` prompt records to use instead of :func:`load_data` (the
     study's arms train on selected prompts against one held-out set)."""
-    mesh_lib.init_distributed(cfg.mesh.distributed)
+    distributed.init_distributed(cfg.mesh.distributed)
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
-    if mesh_lib.is_primary():
+    if distributed.is_primary():
         save_config(cfg, run_dir / "config.yaml")
     train, heldout = data if data is not None else load_data(cfg)
-    tm = mesh or mesh_lib.build_mesh(cfg.mesh)
+    tm = mesh or build_mesh(cfg.mesh)
     # student.remat / attention and teacher.attention come from the specs (build_models)
     models = models or build_models(cfg.teacher, cfg.student, seed=cfg.seed)
-    models = mesh_lib.place_models(models, tm)
+    models = place_models(models, tm)
     ctx = RunContext(cfg, models, train, heldout, make_template(cfg),
-                     mesh_lib.make_log(run_dir, cfg.log.tensorboard), progress, mesh=tm)
+                     make_log(run_dir, cfg.log.tensorboard), progress, mesh=tm)
     trainable = models.trainable
     evals: dict[str, dict] = {}
     first_eval = next((i for i, s in enumerate(cfg.stages) if s.kind == "eval"), None)
@@ -90,7 +92,7 @@ def run(cfg: RunConfig, *, progress: bool = True, models=None, mesh=None,
         else:
             evals[stage.name] = run_eval_stage(ctx, i, trainable)
     summary = summarize(cfg, ctx.log, evals)
-    if mesh_lib.is_primary():
+    if distributed.is_primary():
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 

@@ -4,16 +4,20 @@ Each stage has its own Orbax checkpoint directory ``<run_dir>/checkpoints/<stage
 state plus the grain iterator state every ``checkpoint.every_n_steps`` steps and at the end (marked
 done). A stage restarts from its latest readable checkpoint; rollout keys depend only on
 ``(seed, stage, step)``, so a resumed run reproduces an uninterrupted one step for step.
+
+The train-stage kinds differ only in data: :data:`STAGE_KINDS` says, per kind, which teacher
+scores the batch, how many samples a prompt gets, which objective trains on it, what is sampled
+off-policy and which rows are kept; OPSD's teacher modes are the :data:`SELF_TEACHERS` table.
+One loop (:func:`run_train_stage`) runs every kind.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 import signal
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -24,17 +28,15 @@ from opd_jax.checkpoint import StageCheckpointer, graceful_stop, stage_dir
 from opd_jax.data import PromptTemplate, make_prompt_dataset, make_prompt_iterator
 from opd_jax.sampling.sampler import Sampler
 from opd_jax.sampling.strategies import Sampling
-from opd_jax.train import mesh as mesh_lib
-from opd_jax.train import rollout
-from opd_jax.train.evaluate import evaluate_student
-from opd_jax.train.metrics_log import MetricsLog, to_python
+from opd_jax.sharding import rules_key
+from opd_jax.train import distributed, rollout
+from opd_jax.train.evaluate import EvalModels, EvalSettings, evaluate_student
+from opd_jax.train.metrics_log import MemoryLog, MetricsLog, to_python
 from opd_jax.train.models import Models
 from opd_jax.train.objectives import make_chunk_fn, sft_chunk_fn
+from opd_jax.train.placement import TrainMesh, single_device_mesh
 from opd_jax.train.state import init_state, make_optimizer
 from opd_jax.train.step import TeacherSpec, make_train_step
-
-FAULT_ENV = "OPD_JAX_FAULT_KILL_AFTER_STEP"  # test hook: SIGKILL self after this global step
-_TEACHER_MODES = {"fixed": "student_fixed", "ema": "student_ema", "live": "student_live"}
 
 
 @dataclasses.dataclass
@@ -47,9 +49,9 @@ class RunContext:
     train_records: list
     heldout_records: list
     template: PromptTemplate
-    log: MetricsLog
+    log: MetricsLog | MemoryLog
     progress: bool = True
-    mesh: mesh_lib.TrainMesh | None = None
+    mesh: TrainMesh | None = None
 
 
 def make_sampler(config, spec, tokenizer, *, greedy: bool = False, return_topk=None, mesh=None,
@@ -63,46 +65,187 @@ def make_sampler(config, spec, tokenizer, *, greedy: bool = False, return_topk=N
                    mesh=mesh, rules=rules)
 
 
-def _mesh(ctx: RunContext) -> mesh_lib.TrainMesh:
-    return ctx.mesh if ctx.mesh is not None else mesh_lib.single_device_mesh()
+def _mesh(ctx: RunContext) -> TrainMesh:
+    return ctx.mesh if ctx.mesh is not None else single_device_mesh()
 
 
 def _separate_teacher(ctx: RunContext) -> TeacherSpec:
     tm = _mesh(ctx)
-    rules = mesh_lib.rules_key(tm.teacher_rules) if tm.teacher_rules != tm.rules else None
+    rules = rules_key(tm.teacher_rules) if tm.teacher_rules != tm.rules else None
     return TeacherSpec("separate", ctx.models.teacher.config, rules=rules)
 
 
-def _teacher_for(ctx: RunContext, kind: str, teacher_mode: str, trainable):
-    if kind == "cold_start":
-        return TeacherSpec("none"), None
-    if kind == "opd":
-        return _separate_teacher(ctx), ctx.models.teacher.params
-    mode = _TEACHER_MODES[teacher_mode]
-    return TeacherSpec(mode), (jax.tree.map(lambda x: x.copy(), trainable)
-                               if mode == "student_fixed" else None)
+# --- OPSD's teacher modes ---------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class SelfTeacher:
+    """OPSD's teacher (the student's own weights on the privileged prompt) in one mode:
+    ``mode`` is the ``TeacherSpec`` mode, ``weights(state, teacher_args)`` the trainable tree
+    that samples the seq-KD (off-policy) rollouts, ``fixed_copy`` whether the step's
+    ``teacher_args`` is a copy of the stage's initial trainable tree."""
+
+    mode: str
+    weights: Callable[[Any, Any], Any]
+    fixed_copy: bool = False
+
+
+SELF_TEACHERS = {
+    "fixed": SelfTeacher("student_fixed", lambda state, args: args, fixed_copy=True),
+    "ema": SelfTeacher("student_ema", lambda state, args: state.ema),
+    "live": SelfTeacher("student_live", lambda state, args: state.trainable),
+}
+
+
+# --- the stage kinds --------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class StageRun:
+    """One train stage's fixed parts: its spec, mesh, teacher and samplers."""
+
+    ctx: RunContext
+    index: int
+    stage: Any
+    kind: StageKind
+    tm: TrainMesh
+    teacher: TeacherSpec
+    teacher_args: Any
+    n_samples: int
+    batch_shardings: Any
+    student_sampler: Sampler
+    teacher_sampler: Sampler
+
+    def batch(self, state, records: list[dict], step: int):
+        """Step ``step``'s ``(batch on the mesh, sampler output, extra metrics)`` from the global
+        batch of prompt ``records``."""
+        cfg, m, stage, kind = self.ctx.cfg, self.ctx.models, self.stage, self.kind
+        lspec, tok = stage.loss, m.tokenizer
+        key = rollout.rollout_key(cfg.seed, self.index, step)
+        prompts = rollout.encode_prompts(records, tok, self.ctx.template,
+                                         max_prompt_len=stage.data.max_prompt_len,
+                                         n_samples=self.n_samples,
+                                         privileged_teacher=kind.privileged_teacher,
+                                         pad_id=rollout.pad_id_of(tok))
+        on_policy = kind.on_policy and (
+            lspec.lambda_on_policy >= 1.0 or
+            float(jax.random.uniform(jax.random.fold_in(key, 1))) < lspec.lambda_on_policy)
+        extra: dict[str, Any] = {"on_policy": on_policy}
+        if on_policy:
+            s_params, s_lora = m.student.params_and_lora(state.trainable, m.frozen)
+            out = rollout.sample(self.student_sampler, s_params, prompts, key, lora=s_lora)
+        else:
+            out = kind.off_policy(self, state, prompts, key)
+        keep, counts = kind.keep_rows(self, out)
+        extra.update({f"filter_{k}": v for k, v in counts.items()})
+        batch = self.tm.place(rollout.assemble(prompts, out.tokens, out.mask, out.logprobs_full,
+                                               keep), self.batch_shardings)
+        return batch, out, extra
+
+
+def _separate(ctx: RunContext, stage, trainable) -> tuple[TeacherSpec, Any]:
+    return _separate_teacher(ctx), ctx.models.teacher.params
+
+
+def _no_teacher(ctx: RunContext, stage, trainable) -> tuple[TeacherSpec, Any]:
+    return TeacherSpec("none"), None
+
+
+def _self_teacher(ctx: RunContext, stage, trainable) -> tuple[TeacherSpec, Any]:
+    mode = SELF_TEACHERS[stage.teacher_mode]
+    return TeacherSpec(mode.mode), (jax.tree.map(lambda x: x.copy(), trainable)
+                                    if mode.fixed_copy else None)
+
+
+def _sample_teacher(run: StageRun, state, prompts, key):
+    """Rollouts of the separate teacher on the student's prompt (cold start, seq-KD)."""
+    return rollout.sample(run.teacher_sampler, run.ctx.models.teacher.params, prompts, key)
+
+
+def _sample_self_teacher(run: StageRun, state, prompts, key):
+    """Seq-KD from the privileged teacher: the student's weights of the teacher mode on the
+    teacher's prompt."""
+    m = run.ctx.models
+    weights = SELF_TEACHERS[run.stage.teacher_mode].weights(state, run.teacher_args)
+    tp, tl = m.student.params_and_lora(weights, m.frozen)
+    return rollout.sample(run.teacher_sampler, tp, prompts, key, lora=tl, from_teacher_prompt=True)
+
+
+def _keep_all(run: StageRun, out) -> tuple[None, dict]:
+    return None, {}
+
+
+def _filter_rows(run: StageRun, out):
+    """Cold start's rejection filters on the decoded samples."""
+    texts = rollout.decode_rows(run.ctx.models.tokenizer, out.tokens, out.mask)
+    return rollout.filter_rows(texts, run.stage.filters)
+
+
+def _teacher_sampler(ctx: RunContext, tm: TrainMesh, sspec, student_sampler: Sampler) -> Sampler:
+    return make_sampler(ctx.models.teacher.config, sspec, ctx.models.tokenizer, mesh=tm.mesh,
+                        rules=tm.teacher_rules)
+
+
+def _student_sampler(ctx: RunContext, tm: TrainMesh, sspec, student_sampler: Sampler) -> Sampler:
+    return student_sampler
+
+
+@dataclasses.dataclass(frozen=True)
+class StageKind:
+    """How one train-stage kind builds its batches and what it trains on them.
+
+    ``teacher(ctx, stage, trainable)`` -> the step's ``(TeacherSpec, teacher_args)``;
+    ``n_samples(stage)`` rollouts per prompt; ``chunk_fn(loss_spec)`` the objective;
+    ``on_policy``: whether it samples the student (with probability ``lambda_on_policy``);
+    otherwise ``off_policy(run, state, prompts, key)`` samples; ``keep_rows(run, out)`` ->
+    ``(row keep mask or None, counts)``; ``privileged_teacher``: the teacher reads its own
+    prompt; ``teacher_sampler(...)`` what samples off-policy rollouts."""
+
+    teacher: Callable[..., tuple[TeacherSpec, Any]]
+    n_samples: Callable[[Any], int]
+    chunk_fn: Callable[[Any], Callable]
+    on_policy: bool
+    off_policy: Callable[..., Any]
+    keep_rows: Callable[..., tuple[Any, dict]]
+    privileged_teacher: bool
+    teacher_sampler: Callable[..., Sampler]
+
+
+STAGE_KINDS = {
+    "cold_start": StageKind(_no_teacher, lambda stage: stage.num_teacher_samples,
+                            lambda lspec: sft_chunk_fn, on_policy=False,
+                            off_policy=_sample_teacher, keep_rows=_filter_rows,
+                            privileged_teacher=False, teacher_sampler=_teacher_sampler),
+    "opd": StageKind(_separate, lambda stage: stage.sampler.n_samples, make_chunk_fn,
+                     on_policy=True, off_policy=_sample_teacher, keep_rows=_keep_all,
+                     privileged_teacher=False, teacher_sampler=_teacher_sampler),
+    "opsd": StageKind(_self_teacher, lambda stage: stage.sampler.n_samples, make_chunk_fn,
+                      on_policy=True, off_policy=_sample_self_teacher, keep_rows=_keep_all,
+                      privileged_teacher=True, teacher_sampler=_student_sampler),
+}
 
 
 def run_train_stage(ctx: RunContext, index: int, trainable) -> Any:
     """Run (or resume) train stage ``index``; returns the student's trainable tree at its end."""
     cfg, m = ctx.cfg, ctx.models
     stage = cfg.resolve_stage(index)
-    kind, lspec, sspec, dspec = stage.kind, stage.loss, stage.sampler, stage.data
-    teacher, teacher_args = _teacher_for(ctx, kind, stage.teacher_mode, trainable)
+    kind = STAGE_KINDS[stage.kind]
+    lspec = stage.loss
+    teacher, teacher_args = kind.teacher(ctx, stage, trainable)
+    with_ema = teacher.mode == "student_ema"
     optimizer = make_optimizer(stage.optim, stage.steps)
     tm = _mesh(ctx)
-    n_samples = stage.num_teacher_samples if kind == "cold_start" else sspec.n_samples
+    n_samples = kind.n_samples(stage)
     tm.check_rows(stage.batch_prompts * n_samples, stage.optim.grad_accum_steps,
                   f"stage {stage.name!r}'s batch (batch_prompts x n_samples)")
     init_fn = functools.partial(init_state, optimizer=optimizer, seed=cfg.seed + index,
-                                with_ema=(kind == "opsd" and stage.teacher_mode == "ema"))
+                                with_ema=with_ema)
     abstract, shardings = tm.train_shardings(m.student, trainable, m.frozen, teacher,
                                              teacher_args, init_fn)
-    it = make_prompt_iterator(make_prompt_dataset(ctx.train_records,
-                                                  batch_size=mesh_lib.per_process_batch(
-                                                      stage.batch_prompts),
+    batch_size = distributed.per_process_batch(stage.batch_prompts)
+    it = make_prompt_iterator(make_prompt_dataset(ctx.train_records, batch_size=batch_size,
                                                   seed=cfg.seed + index, num_epochs=None,
-                                                  source=dspec.name or dspec.path))
+                                                  source=stage.data.name or stage.data.path))
     ck = StageCheckpointer(stage_dir(cfg.run_dir, stage.name), keep_last_n=cfg.checkpoint.keep_last_n,
                            every_n_steps=cfg.checkpoint.every_n_steps,
                            async_save=cfg.checkpoint.async_save)
@@ -118,62 +261,35 @@ def run_train_stage(ctx: RunContext, index: int, trainable) -> Any:
         state = tm.init_state(init_fn, trainable, shardings["state"])
     ctx.log.truncate(stage.name, start)
 
-    chunk_fn = sft_chunk_fn if kind == "cold_start" else make_chunk_fn(lspec)
     step_fn = make_train_step(student=m.student, teacher=teacher, optimizer=optimizer,
-                              chunk_fn=chunk_fn, reduction=getattr(losses, lspec.reduction),
+                              chunk_fn=kind.chunk_fn(lspec),
+                              reduction=getattr(losses, lspec.reduction),
                               chunk_size=lspec.chunk_size,
                               grad_accum=stage.optim.grad_accum_steps,
-                              ema_decay=stage.ema_decay if stage.teacher_mode == "ema" else None,
+                              ema_decay=stage.ema_decay if with_ema else None,
                               shardings=shardings)
-    tok = m.tokenizer
-    student_sampler = make_sampler(m.student.config, sspec, tok, mesh=tm.mesh, rules=tm.rules)
-    teacher_sampler = (make_sampler(m.teacher.config, sspec, tok, mesh=tm.mesh,
-                                    rules=tm.teacher_rules) if kind != "opsd" else student_sampler)
-    fault = int(os.environ.get(FAULT_ENV, "-1"))
+    student_sampler = make_sampler(m.student.config, stage.sampler, m.tokenizer, mesh=tm.mesh,
+                                   rules=tm.rules)
+    run = StageRun(ctx, index, stage, kind, tm, teacher, teacher_args, n_samples,
+                   shardings["batch"], student_sampler,
+                   kind.teacher_sampler(ctx, tm, stage.sampler, student_sampler))
     bar = tqdm(total=stage.steps, initial=start, desc=f"{stage.name}",
-               disable=not ctx.progress or not mesh_lib.is_primary(), dynamic_ncols=True)
+               disable=not ctx.progress or not distributed.is_primary(), dynamic_ncols=True)
     with graceful_stop() as stop:
         for step in range(start, stage.steps):
             t0 = time.perf_counter()
-            records = mesh_lib.gather_records(next(it))  # the global batch on every process
-            key = rollout.rollout_key(cfg.seed, index, step)
-            prompts = rollout.encode_prompts(records, tok, ctx.template,
-                                             max_prompt_len=dspec.max_prompt_len,
-                                             n_samples=n_samples,
-                                             privileged_teacher=(kind == "opsd"),
-                                             pad_id=rollout.pad_id_of(tok))
-            on_policy = kind != "cold_start" and (
-                lspec.lambda_on_policy >= 1.0 or
-                float(jax.random.uniform(jax.random.fold_in(key, 1))) < lspec.lambda_on_policy)
-            extra_metrics: dict[str, Any] = {"on_policy": on_policy}
-            s_params, s_lora = m.student.params_and_lora(state.trainable, m.frozen)
-            if on_policy:
-                out = tm.sample(student_sampler, s_params, prompts, key, lora=s_lora)
-            elif kind == "opsd":  # seq-KD from the privileged teacher (the student's weights)
-                tw = state.trainable if stage.teacher_mode == "live" else (
-                    state.ema if stage.teacher_mode == "ema" else teacher_args)
-                tp, tl = m.student.params_and_lora(tw, m.frozen)
-                out = tm.sample(teacher_sampler, tp, prompts, key, lora=tl,
-                                from_teacher_prompt=True)
-            else:
-                out = tm.sample(teacher_sampler, m.teacher.params, prompts, key)
-            keep = None
-            if kind == "cold_start":
-                texts = rollout.decode_rows(tok, out.tokens, out.mask)
-                keep, counts = rollout.filter_rows(texts, stage.filters)
-                extra_metrics.update({f"filter_{k}": v for k, v in counts.items()})
-            batch = tm.place(rollout.assemble(prompts, out.tokens, out.mask, out.logprobs_full,
-                                              keep), shardings["batch"])
+            # the global batch on every process
+            batch, out, extra = run.batch(state, distributed.gather_records(next(it)), step)
             jax.block_until_ready(batch)
             t1 = time.perf_counter()
             with tm.scope():
                 state, metrics = step_fn(state, batch, m.frozen, teacher_args)
-            metrics = mesh_lib.to_host(metrics)
+            metrics = distributed.to_host(metrics)
             scalars = to_python(jax.device_get(metrics["scalars"]))
             t2 = time.perf_counter()
             gen_tokens = int(np.asarray(out.mask).sum())
-            record = {"stage": stage.name, "kind": kind, "step": step + 1, **scalars,
-                      **extra_metrics, "gen_tokens": gen_tokens, "gen_s": t1 - t0,
+            record = {"stage": stage.name, "kind": stage.kind, "step": step + 1, **scalars,
+                      **extra, "gen_tokens": gen_tokens, "gen_s": t1 - t0,
                       "train_s": t2 - t1, "tokens_per_s": gen_tokens / max(t2 - t0, 1e-9),
                       "curves": to_python(jax.device_get(metrics["curves"]))}
             ctx.log.write(record)
@@ -183,8 +299,6 @@ def run_train_stage(ctx: RunContext, index: int, trainable) -> Any:
                             tok_s=f"{record['tokens_per_s']:.0f}")
             done = step + 1 == stage.steps
             ck.save(step + 1, state, {"data": it.get_state()}, done=done)
-            if fault == step + 1 + sum(cfg.stages[j].steps for j in range(index)):
-                os.kill(os.getpid(), signal.SIGKILL)
             if stop.requested and not done:
                 ck.save(step + 1, state, {"data": it.get_state()}, force=True)
                 ck.wait()
@@ -220,15 +334,14 @@ def run_eval_stage(ctx: RunContext, index: int, trainable, *, name: str | None =
     t_sampler = make_sampler(m.teacher.config, sspec, tok, greedy=True, mesh=tm.mesh,
                              rules=tm.teacher_rules) if with_teacher else None
     with tm.scope():
-        result = evaluate_student(
-            records=records, tokenizer=tok, template=ctx.template,
-            max_prompt_len=stage.data.max_prompt_len, student=m.student,
-            teacher=_separate_teacher(ctx), trainable=trainable, frozen=m.frozen,
-            teacher_args=m.teacher.params, student_sampler=s_sampler, teacher_sampler=t_sampler,
-            ks=stage.ks, batch_prompts=stage.batch_prompts,
-            key=jax.random.fold_in(jax.random.key(cfg.seed), 10_000 + index),
-            chunk_size=stage.loss.chunk_size, teacher_params_for_sampling=m.teacher.params,
-            pad_id=rollout.pad_id_of(tok), sample=tm.sample, place=tm.place_rows)
+        settings = EvalSettings(tok, ctx.template, stage.data.max_prompt_len, ks=tuple(stage.ks),
+                                batch_prompts=stage.batch_prompts,
+                                chunk_size=stage.loss.chunk_size, pad_id=rollout.pad_id_of(tok),
+                                place=tm.place_rows)
+        models = EvalModels(m.student, _separate_teacher(ctx), m.frozen, m.teacher.params,
+                            s_sampler, t_sampler, teacher_params=m.teacher.params)
+        key = jax.random.fold_in(jax.random.key(cfg.seed), 10_000 + index)
+        result = evaluate_student(records, trainable, key, settings, models)
     ctx.log.write({"stage": name, "kind": "eval", "step": 0,
                    **{k: v for k, v in result.items() if k != "samples"}})
     ck.save(0, None, {"result": result}, done=True)

@@ -20,12 +20,12 @@ import jax.numpy as jnp
 import optax
 
 from opd_jax import losses
-from opd_jax.losses.chunked import chunked_student_logits_map
+from opd_jax.losses.chunk_map import chunked_student_logits_map
 from opd_jax.metrics import per_position
 from opd_jax.model import decoder
 from opd_jax.model.config import ModelConfig
 from opd_jax.train.batch import RolloutBatch
-from opd_jax.train.mesh import map_rows_per_device, replicate_embedding, teacher_scope
+from opd_jax.train.placement import map_rows_per_device, replicate_embedding, teacher_scope
 from opd_jax.train.state import StudentSpec, TrainState
 
 CURVE_KEYS = ("overlap", "token_reverse_kl", "student_entropy", "teacher_entropy")
@@ -37,7 +37,7 @@ class TeacherSpec:
     student's architecture with frozen trainable weights given as the teacher argument: OPSD's
     fixed teacher), "student_ema" (``state.ema``), "student_live" (the current student weights,
     stop-gradient) or "none" (no teacher: SFT objectives; the student's own outputs stand in).
-    ``rules``: the teacher's own rules table (``opd_jax.train.mesh.rules_key`` form) for the
+    ``rules``: the teacher's own rules table (``opd_jax.sharding.rules_key`` form) for the
     activation constraints of a separate teacher on the active mesh; ``None`` = the student's."""
 
     mode: str = "separate"

@@ -1,4 +1,4 @@
-"""The trainer on a device mesh: placement, explicit step shardings, multi-process glue.
+"""Placement on a device mesh: the train state, the models and the batch, by rules tables.
 
 One code path for one CPU, an 8-GPU node and a TPU pod: a single device is the mesh
 ``(1, 1, 1)``. :func:`build_mesh` reads ``cfg.mesh`` (shape, student ``rules``, ``teacher_rules``);
@@ -15,23 +15,16 @@ One code path for one CPU, an 8-GPU node and a TPU pod: a single device is the m
 * the abstract state (``ShapeDtypeStruct`` with ``sharding=``) that Orbax restores into, and the
   initial state built directly in its shardings (no full copy on one device).
 
-Multi-process (one process per host): :func:`init_distributed` calls ``jax.distributed.initialize``
-from ``cfg.mesh.distributed``; every process reads its own shard of prompts (grain's
-``ShardByJaxProcess``, ``batch_prompts / process_count`` each) and :func:`gather_records` joins them
-into the global batch on every host (prompts are small: one JSON all-gather a step), so host-side
-work (tokenising, bucketing, filters) is identical everywhere and host arrays become global arrays
-with :meth:`TrainMesh.place`. :func:`to_host` fetches global arrays (sampler outputs, metrics) back.
-Only process 0 writes ``metrics.jsonl`` / ``config.yaml`` / ``summary.json`` (:func:`make_log`);
-Orbax writes and reads the sharded state from every process itself.
+Inside a traced step on the active mesh (``TrainMesh.scope``), :func:`teacher_scope`,
+:func:`replicate_embedding` and :func:`map_rows_per_device` adjust activation placement.
+Host arrays become global arrays with :meth:`TrainMesh.place` (multi-process: see
+``opd_jax.train.distributed``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
-import math
-from pathlib import Path
 from typing import Sequence
 
 import jax
@@ -45,14 +38,8 @@ from opd_jax.model.decoder import Lora
 from opd_jax.model.lora import lora_axes
 from opd_jax.train.batch import RolloutBatch
 
-__all__ = ["TrainMesh", "build_mesh", "init_distributed", "is_primary", "barrier", "to_host",
-           "gather_records", "per_process_batch", "make_log", "place_models", "teacher_scope",
-           "map_rows_per_device", "replicate_embedding", "rules_key", "MemoryLog"]
-
-
-def rules_key(rules: dict) -> tuple:
-    """A hashable form of a rules table (for static dataclass fields)."""
-    return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in rules.items()))
+__all__ = ["TrainMesh", "build_mesh", "single_device_mesh", "place_models", "teacher_scope",
+           "map_rows_per_device", "replicate_embedding"]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -71,7 +58,7 @@ class TrainMesh:
     @property
     def batch_shards(self) -> int:
         """Ways the batch's leading axis is split (product of the ``batch`` rule's mesh axes)."""
-        return _shards(self.mesh, self.rules)
+        return shd.batch_shards(self.mesh, self.rules)
 
     def scope(self, teacher: bool = False):
         """``use_mesh_rules`` for activation constraints (student or teacher table)."""
@@ -188,18 +175,6 @@ class TrainMesh:
         rows that do not divide are replicated (eval batches of any size)."""
         return self.place(batch, jax.tree.map(lambda x: self.rows(np.ndim(x), np.shape(x)), batch))
 
-    def sample(self, sampler, params, prompts, key, *, lora=None,
-               from_teacher_prompt: bool = False):
-        """``rollout.sample`` on the mesh; the output is on the host in a multi-process run.
-
-        The sampler places its rows (and its per-row keys, as key data) as global arrays on the
-        mesh itself, so this only fetches the outputs that span other processes."""
-        from opd_jax.train import rollout
-
-        out = rollout.sample(sampler, params, prompts, key, lora=lora,
-                             from_teacher_prompt=from_teacher_prompt)
-        return to_host(out)
-
     def check_rows(self, rows: int, grad_accum: int = 1, what: str = "the batch") -> None:
         """``ValueError`` unless ``rows`` (and each grad-accum micro-batch) splits evenly over the
         batch shards."""
@@ -214,12 +189,6 @@ class TrainMesh:
                 f"splits rows {n} ways (rules batch -> {self.rules.get('batch')}); make "
                 f"batch_prompts x n_samples / grad_accum_steps a multiple of {n}, or use a mesh "
                 f"with fewer data/fsdp devices")
-
-
-def _shards(mesh: Mesh, rules: dict) -> int:
-    target = rules.get("batch")
-    axes = () if target is None else ((target,) if isinstance(target, str) else tuple(target))
-    return math.prod(mesh.shape[a] for a in axes)
 
 
 def _shapes(tree):
@@ -260,10 +229,11 @@ def place_models(models, tm: TrainMesh):
 def teacher_scope(rules: tuple | None):
     """Inside a traced step: switch activation constraints to the teacher's ``rules`` on the
     active mesh (no-op without an active mesh or rules)."""
-    if rules is None or not shd._ACTIVE:
+    active = shd.active_mesh_rules()
+    if rules is None or active is None:
         yield
         return
-    with shd.use_mesh_rules(shd._ACTIVE[-1][0], dict(rules)):
+    with shd.use_mesh_rules(active[0], dict(rules)):
         yield
 
 
@@ -274,7 +244,7 @@ def replicate_embedding(params):
     device's rows. Left FSDP-sharded, XLA instead gathers the ``[B, T, D]`` embeddings of every
     row (and, in the backward pass, their gradients) onto every device. Trees without ``embed``
     (LoRA adapters, ``None``) and calls without an active mesh pass through."""
-    if not shd._ACTIVE or not isinstance(params, dict) or "embed" not in params:
+    if shd.active_mesh_rules() is None or not isinstance(params, dict) or "embed" not in params:
         return params
     return {**params, "embed": shd.constrain(params["embed"], ("vocab", None))}
 
@@ -289,113 +259,15 @@ def map_rows_per_device(fn, rows, shared):
     chunk of every row onto every device and each device computes the whole batch's loss.
     Without an active mesh, with one batch shard, or when ``B`` does not split, ``fn`` runs as is.
     """
-    if not shd._ACTIVE:
+    active = shd.active_mesh_rules()
+    if active is None:
         return fn(rows, shared)
-    mesh, rules = shd._ACTIVE[-1]
-    target = rules.get("batch")
-    axes = () if target is None else ((target,) if isinstance(target, str) else tuple(target))
-    axes = tuple(a for a in axes if mesh.shape[a] > 1)
-    n = math.prod(mesh.shape[a] for a in axes)
+    mesh, rules = active
+    axes = tuple(a for a in shd.batch_axes(mesh, rules) if mesh.shape[a] > 1)
+    n = shd.batch_shards(mesh, rules)
     b = jax.tree.leaves(rows)[0].shape[0]
     if n == 1 or b % n:
         return fn(rows, shared)
     spec = P(axes if len(axes) > 1 else axes[0])
     return jax.shard_map(fn, mesh=mesh, in_specs=(spec, P()), out_specs=spec,
                          axis_names=frozenset(axes), check_vma=False)(rows, shared)
-
-
-# --- multi-process ----------------------------------------------------------------------------
-
-
-def init_distributed(spec) -> bool:
-    """``jax.distributed.initialize`` from a ``DistributedSpec`` (before any other JAX call);
-    returns whether it initialised. A second call in the same process is a no-op."""
-    if not spec.initialize:
-        return False
-    from jax._src import distributed as _dist
-
-    if _dist.global_state.client is not None:
-        return False
-    shd.initialize_distributed(spec.coordinator_address, spec.num_processes, spec.process_id)
-    return True
-
-
-def is_primary() -> bool:
-    return jax.process_index() == 0
-
-
-def barrier(name: str) -> None:
-    """Wait for every process (a no-op in a single process)."""
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
-
-
-def to_host(tree):
-    """Arrays that span other processes gathered to every host (numpy); others unchanged.
-    Identity in a single process."""
-    if jax.process_count() == 1:
-        return tree
-    from jax.experimental import multihost_utils
-
-    def one(x):
-        if isinstance(x, jax.Array) and not x.is_fully_addressable:
-            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-        return x
-
-    return jax.tree.map(one, tree)
-
-
-def gather_records(records: Sequence[dict]) -> list[dict]:
-    """Every process's prompt records, concatenated in process order, on every process
-    (the global batch). Identity in a single process."""
-    if jax.process_count() == 1:
-        return list(records)
-    from jax.experimental import multihost_utils
-
-    data = np.frombuffer(json.dumps(list(records)).encode(), np.uint8)
-    sizes = multihost_utils.process_allgather(np.array([data.size], np.int64))
-    sizes = np.asarray(sizes).reshape(-1)
-    padded = np.zeros(int(sizes.max()), np.uint8)
-    padded[:data.size] = data
-    every = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(sizes), -1)
-    out: list[dict] = []
-    for row, n in zip(every, sizes):
-        out.extend(json.loads(row[:int(n)].tobytes().decode()))
-    return out
-
-
-def per_process_batch(batch_prompts: int) -> int:
-    """Prompts each process reads per step (``batch_prompts`` is the global batch)."""
-    n = jax.process_count()
-    if batch_prompts % n:
-        raise ValueError(f"batch_prompts={batch_prompts} does not split over {n} processes; "
-                         f"make it a multiple of {n}")
-    return batch_prompts // n
-
-
-class MemoryLog:
-    """The ``MetricsLog`` interface kept in memory: what non-primary processes log to."""
-
-    def __init__(self):
-        self.rows: list[dict] = []
-
-    def read(self, stage: str | None = None) -> list[dict]:
-        return [r for r in self.rows if stage is None or r.get("stage") == stage]
-
-    def truncate(self, stage: str, step: int) -> None:
-        self.rows = [r for r in self.rows
-                     if not (r.get("stage") == stage and r.get("step", 0) > step)]
-
-    def write(self, record: dict) -> None:
-        from opd_jax.train.metrics_log import to_python
-
-        self.rows.append(to_python(record))
-
-
-def make_log(run_dir: str | Path, tensorboard: bool = False):
-    """``MetricsLog`` on process 0, an in-memory log elsewhere (one writer per file)."""
-    from opd_jax.train.metrics_log import MetricsLog
-
-    return MetricsLog(run_dir, tensorboard) if is_primary() else MemoryLog()
