@@ -11,13 +11,14 @@ from pathlib import Path
 import pytest
 from _gpt2_bytes import bytes_to_unicode
 
+from opd_jax.model.chat_template import CHATML_TEMPLATE, render_chat_template
 from opd_jax.model.tokenizer import (
-    CHATML_TEMPLATE,
     HFTokenizer,
     SentencePieceTokenizer,
     Tokenizer,
+    eos_ids_of,
     load_tokenizer,
-    render_chat_template,
+    pad_id_of,
     tokenizer_from_gguf,
 )
 
@@ -117,7 +118,7 @@ def test_gguf_tiny_vocab_matches_transformers(tiny_gguf):
 
 def smollm2_vocab():
     from opd_jax.model.assets import default_teacher_path
-    from opd_jax.model.gguf_loader import field, open_gguf
+    from opd_jax.model.gguf_reader import field, open_gguf
 
     reader = open_gguf(default_teacher_path())
     return reader, [field(reader, k) for k in
@@ -250,3 +251,19 @@ def test_chat_templates():
                              msgs)
     with pytest.raises(ValueError, match="role"):
         render_chat_template(None, [{"content": "x"}])
+
+
+def test_eos_and_pad_id_helpers():
+    class Tok:
+        eos_ids = (5, 2)
+        pad_id = None
+
+    class OneEos:
+        eos_id = 9
+        pad_id = 3
+
+    assert eos_ids_of(Tok()) == (2, 5)
+    assert eos_ids_of(Tok(), extra=[7, 5]) == (2, 5, 7)
+    assert eos_ids_of(OneEos()) == (9,)
+    assert eos_ids_of(None) == () and eos_ids_of(None, extra=(4,)) == (4,)
+    assert pad_id_of(Tok()) == 0 and pad_id_of(OneEos()) == 3 and pad_id_of(None) == 0

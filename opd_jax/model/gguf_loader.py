@@ -2,7 +2,7 @@
 
 Tensors are dequantized with ``gguf.quants.dequantize`` (F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1,
 Q8_0 and the k-quants the package implements) into the Hugging Face layout, then go through the same
-contract mapping and per-leaf sharded placement as ``hf_loader``.
+contract mapping and per-leaf sharded placement as ``hf_loader`` (``opd_jax.model.placement``).
 
 GGUF stores dims in ``ne`` order (fastest first): a tensor listed as ``[576, 49152]`` is the numpy /
 HF ``[49152, 576]`` matrix. llama.cpp's converter also permutes the rows of ``attn_q`` / ``attn_k``
@@ -22,10 +22,10 @@ from typing import Any
 
 import numpy as np
 
-from opd_jax.model.config import ModelConfig, RopeScaling, param_shapes
+from opd_jax.model.config import ModelConfig, RopeScaling
 from opd_jax.model.gguf_reader import field, numpy_shape, open_gguf
-from opd_jax.model.hf_loader import check_tensor_names, hf_shape, place_params, stacked_leaf_fn
 from opd_jax.model.layers import rope_inv_freq
+from opd_jax.model.placement import place_checkpoint, tensor_names
 from opd_jax.model.tokenizer import tokenizer_from_gguf
 
 ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
@@ -53,11 +53,7 @@ ROPE_FREQS = "rope_freqs.weight"
 
 
 def expected_gguf_names(config: ModelConfig) -> dict[str, tuple[str, ...]]:
-    shapes = param_shapes(config)
-    out = {k: (TOP_NAMES[k],) for k in shapes if k != "layers"}
-    for leaf in shapes["layers"]:
-        out["layers/" + leaf] = tuple(LAYER_NAMES[leaf].format(i=i) for i in range(config.n_layers))
-    return out
+    return tensor_names(config, TOP_NAMES, LAYER_NAMES)
 
 
 def _rope_scaling(reader, arch: str, head_dim: int, theta: float, tensors: dict) -> RopeScaling | None:
@@ -67,7 +63,7 @@ def _rope_scaling(reader, arch: str, head_dim: int, theta: float, tensors: dict)
                          f"'{ROPE_FREQS}' factors are implemented)")
     if ROPE_FREQS not in tensors:
         return None
-    import gguf
+    import gguf  # third-party, optional: only GGUF files need it
 
     t = tensors[ROPE_FREQS]
     factors = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), np.float64).reshape(-1)
@@ -142,16 +138,12 @@ def load_gguf(path: str | os.PathLike, dtype: str = "float32", *, mesh=None, rul
               with_tokenizer: bool = True) -> tuple[ModelConfig, dict, Any]:
     """Load a ``.gguf`` as ``(config, params, tokenizer)``; the tokenizer is ``None`` when the file
     has no vocabulary or ``with_tokenizer`` is False."""
-    import gguf
+    import gguf  # third-party, optional: only GGUF files need it
 
     reader = open_gguf(path)
     config = config_from_gguf(reader)
     tensors = {t.name: t for t in reader.tensors}
     expected = expected_gguf_names(config)
-    check_tensor_names(
-        config, {n: numpy_shape(t) for n, t in tensors.items()}, expected=expected,
-        shape_fn=lambda leaf, _n: hf_shape(config, leaf.split("/")[-1]), source=str(path),
-        ignore=lambda n: n == ROPE_FREQS)
     permuted = field(reader, "general.architecture") in PERMUTED_QK
     q_names = set(expected["layers/q"])
     k_names = set(expected["layers/k"])
@@ -170,8 +162,9 @@ def load_gguf(path: str | os.PathLike, dtype: str = "float32", *, mesh=None, rul
             w = unpermute_qk(w, config.n_kv_heads)
         return w
 
-    params = place_params(config, stacked_leaf_fn(config, get, dtype, expected), dtype,
-                          mesh=mesh, rules=rules)
+    params = place_checkpoint(config, {n: numpy_shape(t) for n, t in tensors.items()}, get,
+                              expected, dtype, mesh=mesh, rules=rules, source=str(path),
+                              ignore=lambda n: n == ROPE_FREQS)
     tokenizer = None
     if with_tokenizer and "tokenizer.ggml.tokens" in reader.fields:
         tokenizer = tokenizer_from_gguf(reader)

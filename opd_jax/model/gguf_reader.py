@@ -25,7 +25,7 @@ def field(reader, key: str, default: Any = None) -> Any:
 
 def _contents(f) -> Any:
     """``ReaderField.contents()`` for gguf releases that predate it."""
-    import gguf
+    import gguf  # third-party, optional: only GGUF files need it (here and below)
 
     text = lambda x: bytes(x).decode("utf-8")  # noqa: E731
     main = f.types[0]

@@ -7,8 +7,9 @@ tied embeddings), ``Qwen2ForCausalLM`` (q/k/v biases), ``Qwen3ForCausalLM`` (per
 
 Weights are memory-mapped, transposed/reshaped onto the parameter-tree contract of
 ``opd_jax.model.config`` one leaf at a time, cast to the requested dtype, and placed straight into
-their sharding with ``jax.make_array_from_callback``: each device receives only its own shard and
-the whole model never sits on one device. The HF ⇄ contract mapping is::
+their sharding with ``jax.make_array_from_callback`` (``opd_jax.model.placement``, shared with
+``gguf_loader``): each device receives only its own shard and the whole model never sits on one
+device. The HF ⇄ contract mapping (``placement.hf_to_leaf``) is::
 
     q = q_proj.weight.T.reshape(D, H, E)      q_bias = q_proj.bias.reshape(H, E)
     k = k_proj.weight.T.reshape(D, G, E)      (same for v)
@@ -29,17 +30,17 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import jax
+import ml_dtypes
 import numpy as np
 
-from opd_jax.model.config import ModelConfig, RopeScaling, param_axes, param_shapes
-from opd_jax.sharding import get_rules, make_mesh, named_sharding
+from opd_jax.model.config import ModelConfig, RopeScaling
+from opd_jax.model.placement import leaf_to_hf, place_checkpoint, tensor_names
 
 ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
 }
-DTYPES = ("float32", "bfloat16")
 
 # Per-layer leaves: contract name -> HF tensor name (``{i}`` = layer index).
 LAYER_NAMES = {
@@ -160,66 +161,11 @@ def to_hf_config(config: ModelConfig) -> dict:
     return out
 
 
-# --- HF layout <-> contract layout ---------------------------------------------------------------
-
-def hf_shape(config: ModelConfig, leaf: str) -> tuple[int, ...]:
-    c = config
-    D, H, G, E, F, V = c.d_model, c.n_heads, c.n_kv_heads, c.head_dim, c.ffn_dim, c.vocab_size
-    return {
-        "embed": (V, D), "final_norm": (D,), "unembed": (V, D),
-        "attn_norm": (D,), "mlp_norm": (D,), "q_norm": (E,), "k_norm": (E,),
-        "q": (H * E, D), "k": (G * E, D), "v": (G * E, D), "o": (D, H * E),
-        "q_bias": (H * E,), "k_bias": (G * E,), "v_bias": (G * E,),
-        "gate": (F, D), "up": (F, D), "down": (D, F),
-    }[leaf]
-
-
-def hf_to_leaf(config: ModelConfig, leaf: str, w: np.ndarray) -> np.ndarray:
-    """One HF tensor (one layer) in the contract's layout (no leading layer axis)."""
-    c = config
-    D, H, G, E = c.d_model, c.n_heads, c.n_kv_heads, c.head_dim
-    if leaf == "q":
-        return w.T.reshape(D, H, E)
-    if leaf in ("k", "v"):
-        return w.T.reshape(D, G, E)
-    if leaf == "o":
-        return w.T.reshape(H, E, D)
-    if leaf in ("gate", "up", "down", "unembed"):
-        return w.T
-    if leaf == "q_bias":
-        return w.reshape(H, E)
-    if leaf in ("k_bias", "v_bias"):
-        return w.reshape(G, E)
-    return w
-
-
-def leaf_to_hf(config: ModelConfig, leaf: str, x: np.ndarray) -> np.ndarray:
-    """Inverse of ``hf_to_leaf``."""
-    c = config
-    D, H, G, E = c.d_model, c.n_heads, c.n_kv_heads, c.head_dim
-    if leaf == "q":
-        return x.reshape(D, H * E).T
-    if leaf in ("k", "v"):
-        return x.reshape(D, G * E).T
-    if leaf == "o":
-        return x.reshape(H * E, D).T
-    if leaf in ("gate", "up", "down", "unembed"):
-        return x.T
-    if leaf in ("q_bias", "k_bias", "v_bias"):
-        return x.reshape(-1)
-    return x
-
+# --- HF tensor names ----------------------------------------------------------------------------
 
 def expected_hf_names(config: ModelConfig) -> dict[str, tuple[str, ...]]:
     """Contract leaf -> the HF tensor names it is built from (one per layer for stacked leaves)."""
-    shapes = param_shapes(config)
-    out: dict[str, tuple[str, ...]] = {}
-    for leaf in shapes:
-        if leaf != "layers":
-            out[leaf] = (TOP_NAMES[leaf],)
-    for leaf in shapes["layers"]:
-        out["layers/" + leaf] = tuple(LAYER_NAMES[leaf].format(i=i) for i in range(config.n_layers))
-    return out
+    return tensor_names(config, TOP_NAMES, LAYER_NAMES)
 
 
 def to_hf_state_dict(config: ModelConfig, params: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -245,53 +191,6 @@ def to_hf_state_dict(config: ModelConfig, params: Mapping[str, Any]) -> dict[str
     return out
 
 
-# --- placement ------------------------------------------------------------------------------------
-
-def np_dtype(dtype: str | Any) -> np.dtype:
-    """Numpy dtype for ``"float32"`` / ``"bfloat16"`` (bf16 via ml_dtypes, as JAX uses)."""
-    name = dtype if isinstance(dtype, str) else np.dtype(dtype).name
-    if name not in DTYPES:
-        raise ValueError(f"unsupported dtype {dtype!r}; expected one of {DTYPES}")
-    return np.dtype(jax.numpy.bfloat16) if name == "bfloat16" else np.dtype(np.float32)
-
-
-def default_mesh():
-    """The single-device mesh ``(1, 1, 1)`` on the first local device."""
-    return make_mesh((1, 1, 1), devices=[jax.local_devices()[0]])
-
-
-def place_params(config: ModelConfig, leaf_fn: Callable[[str], np.ndarray], dtype="float32", *,
-                 mesh=None, rules="fsdp") -> dict:
-    """Build every contract leaf with ``leaf_fn(path)`` (``"embed"``, ``"layers/q"`` …, a host
-    array in contract layout) and put it straight into its sharding, one leaf at a time.
-
-    Each device's callback slices only its shard out of the host array, so no device ever holds
-    more than its share.
-    """
-    mesh = default_mesh() if mesh is None else mesh
-    rules = get_rules(rules)
-    target = np_dtype(dtype)
-    shapes, axes = param_shapes(config), param_axes(config)
-
-    def place(path: str, shape: tuple[int, ...], leaf_axes) -> jax.Array:
-        host = leaf_fn(path)
-        if tuple(host.shape) != tuple(shape):
-            raise ValueError(f"{path}: built shape {tuple(host.shape)} but the contract expects "
-                             f"{tuple(shape)}")
-        host = np.asarray(host).astype(target, copy=False)
-        sharding = named_sharding(mesh, leaf_axes, rules, shape)
-        return jax.make_array_from_callback(shape, sharding, lambda idx: host[idx])
-
-    params: dict[str, Any] = {}
-    for key, shape in shapes.items():
-        if key == "layers":
-            params["layers"] = {name: place("layers/" + name, s, axes["layers"][name])
-                                for name, s in shape.items()}
-        else:
-            params[key] = place(key, shape, axes[key])
-    return params
-
-
 # --- safetensors ----------------------------------------------------------------------------------
 
 _RAW_DTYPES = {"BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
@@ -305,7 +204,7 @@ class SafetensorsFolder:
     """
 
     def __init__(self, folder: str | os.PathLike):
-        from safetensors import safe_open
+        from safetensors import safe_open  # third-party: imported when a HF folder is read
 
         self.folder = Path(folder)
         index = self.folder / "model.safetensors.index.json"
@@ -357,8 +256,6 @@ class SafetensorsFolder:
                              f"({type(e).__name__}: {e})") from e
 
     def _raw(self, file: str, name: str, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
-        import ml_dtypes
-
         if file not in self._headers:
             with open(self.folder / file, "rb") as fh:
                 (n,) = struct.unpack("<Q", fh.read(8))
@@ -373,60 +270,12 @@ class SafetensorsFolder:
                          shape=shape)
 
 
-def check_tensor_names(config: ModelConfig, found: Mapping[str, tuple[int, ...]],
-                       expected: Mapping[str, tuple[str, ...]] | None = None,
-                       shape_fn: Callable[[str, str], tuple[int, ...]] | None = None,
-                       source: str = "checkpoint", ignore: Callable[[str], bool] = lambda n: False
-                       ) -> None:
-    """Refuse missing, unexpected or wrongly shaped tensors with a message naming each one."""
-    expected = expected_hf_names(config) if expected is None else expected
-    shape_fn = shape_fn or (lambda leaf, _name: hf_shape(config, leaf.split("/")[-1]))
-    wanted = {n: leaf for leaf, names in expected.items() for n in names}
-    missing = sorted(set(wanted) - set(found))
-    if missing:
-        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
-        raise ValueError(f"{source} is missing tensor(s) {missing[:5]}{more} required by {config}")
-    unexpected = sorted(n for n in set(found) - set(wanted) if not ignore(n))
-    if unexpected:
-        more = f" (and {len(unexpected) - 5} more)" if len(unexpected) > 5 else ""
-        raise ValueError(f"{source} has unexpected tensor(s) {unexpected[:5]}{more}: the "
-                         f"architecture {config.family!r} (as configured) has no such weights")
-    for name, leaf in wanted.items():
-        want = tuple(shape_fn(leaf, name))
-        if tuple(found[name]) != want:
-            raise ValueError(f"{source}: tensor {name!r} has shape {tuple(found[name])}, expected "
-                             f"{want} for {config}")
-
-
 def _hf_ignored(config: ModelConfig) -> Callable[[str], bool]:
     def ignore(name: str) -> bool:
         if name.endswith(IGNORED_SUFFIXES):
             return True
         return config.tie_embeddings and name == "lm_head.weight"
     return ignore
-
-
-def stacked_leaf_fn(config: ModelConfig, get: Callable[[str], np.ndarray], dtype="float32",
-                    expected: Mapping[str, tuple[str, ...]] | None = None
-                    ) -> Callable[[str], np.ndarray]:
-    """``leaf_fn`` for ``place_params`` reading HF-layout tensors by name with ``get``; layers are
-    stacked into one host buffer of the target dtype (one leaf in host memory at a time)."""
-    expected = expected_hf_names(config) if expected is None else expected
-    target = np_dtype(dtype)
-
-    def leaf_fn(path: str) -> np.ndarray:
-        leaf = path.split("/")[-1]
-        names = expected[path]
-        if path.startswith("layers/"):
-            first = hf_to_leaf(config, leaf, get(names[0]))
-            out = np.empty((len(names), *first.shape), target)
-            out[0] = first
-            for i, n in enumerate(names[1:], 1):
-                out[i] = hf_to_leaf(config, leaf, get(n))
-            return out
-        return np.asarray(hf_to_leaf(config, leaf, get(names[0]))).astype(target)
-
-    return leaf_fn
 
 
 def read_hf_config(folder: str | os.PathLike) -> ModelConfig:
@@ -442,6 +291,6 @@ def load_hf(folder: str | os.PathLike, dtype: str = "float32", *, mesh=None, rul
     config = read_hf_config(folder)
     st = SafetensorsFolder(folder)
     found = {n: st.shape(n) for n in st.names()}
-    check_tensor_names(config, found, source=str(folder), ignore=_hf_ignored(config))
-    params = place_params(config, stacked_leaf_fn(config, st.get, dtype), dtype, mesh=mesh, rules=rules)
+    params = place_checkpoint(config, found, st.get, expected_hf_names(config), dtype, mesh=mesh,
+                              rules=rules, source=str(folder), ignore=_hf_ignored(config))
     return config, params

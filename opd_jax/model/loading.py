@@ -19,7 +19,9 @@ import jax.numpy as jnp
 
 from opd_jax.model import decoder
 from opd_jax.model.config import ModelConfig
-from opd_jax.model.tokenizer import Tokenizer
+from opd_jax.model.gguf_loader import load_gguf
+from opd_jax.model.hf_loader import load_hf
+from opd_jax.model.tokenizer import Tokenizer, load_tokenizer
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
@@ -62,8 +64,6 @@ class Model:
 
 
 def _folder_tokenizer(folder: Path) -> Tokenizer | None:
-    from opd_jax.model.tokenizer import load_tokenizer
-
     if (folder / "tokenizer.json").exists() or list(folder.glob("*.model")):
         return load_tokenizer(folder)
     return None
@@ -80,9 +80,6 @@ def load_model(path: str | os.PathLike, dtype: str = "float32", *, mesh=None,
         into its sharding under ``rules``.
       rules: sharding rules table name (``"fsdp"``, ``"fsdp_tp"``) or mapping.
     """
-    from opd_jax.model.gguf_loader import load_gguf
-    from opd_jax.model.hf_loader import load_hf
-
     path = Path(path).expanduser()
     if not path.exists():
         raise ValueError(f"model path {path} does not exist")

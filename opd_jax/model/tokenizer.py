@@ -25,14 +25,8 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Protocol, Sequence, runtime_checkable
 
+from opd_jax.model.chat_template import render_chat_template
 from opd_jax.model.gguf_reader import field, open_gguf
-
-CHATML_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
 
 # End-of-turn tokens of common chat formats; each one present as a special token joins ``eos_ids``.
 CHAT_END_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|endoftext|>",
@@ -58,59 +52,23 @@ class Tokenizer(Protocol):
     def id_to_token(self, token_id: int) -> str | None: ...
 
 
-# --- chat templates -------------------------------------------------------------------------------
+def eos_ids_of(tokenizer: Any, extra: Iterable[int] = ()) -> tuple[int, ...]:
+    """The ids that end a completion: ``tokenizer.eos_ids`` (else its ``eos_id``; none for a
+    ``None`` tokenizer) together with ``extra``, deduplicated and sorted.
 
-_JINJA_CACHE: dict[str, Any] = {}
-
-
-def _compile(template: str):
-    if template in _JINJA_CACHE:
-        return _JINJA_CACHE[template]
-    try:
-        import jinja2
-        from jinja2.ext import Extension, loopcontrols
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-    except ImportError as e:  # pragma: no cover - jinja2 ships with every supported setup
-        raise ImportError("rendering chat templates needs jinja2: pip install jinja2") from e
-    import datetime
-
-    class _Generation(Extension):
-        """``{% generation %}…{% endgeneration %}`` (assistant-mask markers): render the body."""
-
-        tags = {"generation"}
-
-        def parse(self, parser):
-            next(parser.stream)
-            return parser.parse_statements(("name:endgeneration",), drop_needle=True)
-
-    def raise_exception(message):
-        raise jinja2.exceptions.TemplateError(message)
-
-    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
-                          sort_keys=sort_keys)
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[_Generation, loopcontrols])
-    env.filters["tojson"] = tojson
-    env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
-    compiled = env.from_string(template)
-    _JINJA_CACHE[template] = compiled
-    return compiled
+    >>> eos_ids_of(None, extra=[7, 3, 7])
+    (3, 7)
+    """
+    ids = getattr(tokenizer, "eos_ids", None) if tokenizer is not None else ()
+    if ids is None:
+        one = getattr(tokenizer, "eos_id", None)
+        ids = () if one is None else (one,)
+    return tuple(sorted({int(i) for i in (*ids, *extra)}))
 
 
-def render_chat_template(template: str | None, messages: Sequence[Mapping[str, Any]], *,
-                         add_generation_prompt: bool = True, **context: Any) -> str:
-    """Render a HF-style Jinja chat template (ChatML when ``template`` is None)."""
-    if not messages:
-        raise ValueError("apply_chat_template needs at least one message")
-    for m in messages:
-        if "role" not in m or "content" not in m:
-            raise ValueError(f"chat messages need 'role' and 'content' keys, got {dict(m)}")
-    compiled = _compile(template or CHATML_TEMPLATE)
-    return compiled.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
-                           **context)
+def pad_id_of(tokenizer: Any) -> int:
+    """The tokenizer's pad id (0 when it has none, or for a ``None`` tokenizer)."""
+    return int(getattr(tokenizer, "pad_id", 0) or 0)
 
 
 def _chat_end_ids(token_to_id, special: set[str]) -> list[int]:
@@ -212,7 +170,7 @@ def _folder_eos_ids(folder: Path) -> list[int]:
 def hf_tokenizer(folder: str | os.PathLike, *, pad_id: int | None = None) -> HFTokenizer:
     """``tokenizer.json`` with ``tokenizer_config.json`` / ``special_tokens_map.json`` specials and
     the chat template (``chat_template.jinja`` / ``chat_template.json`` / tokenizer_config)."""
-    from tokenizers import Tokenizer as _Backend
+    from tokenizers import Tokenizer as _Backend  # third-party (Rust); imported on use, as below
 
     folder = Path(folder)
     backend = _Backend.from_file(str(folder / "tokenizer.json"))
@@ -298,7 +256,7 @@ class SentencePieceTokenizer:
 
     def __init__(self, model_file: str | os.PathLike, *, chat_template: str | None = None,
                  pad_id: int | None = None):
-        import sentencepiece as spm
+        import sentencepiece as spm  # third-party, optional: only .model tokenizers
 
         self.sp = spm.SentencePieceProcessor(model_file=str(model_file))
         sp = self.sp
