@@ -84,7 +84,8 @@ def test_reasoning_gym_deterministic_per_seed_and_scorable():
     assert [r["prompt"] for r in a] != [r["prompt"] for r in c]
     json.dumps(a)  # records are JSON-able
     for name in ("basic_arithmetic", "chain_sum", "leg_counting"):
-        recs = data.load_reasoning_gym(name, size=4, seed=0, config=ARITH if name == "basic_arithmetic" else None)
+        recs = data.load_reasoning_gym(name, size=4, seed=0,
+                                       config=ARITH if name == "basic_arithmetic" else None)
         for r in recs:
             assert r["source"] == f"reasoning_gym:{name}"
             assert reasoning_gym_score(r, r["answer"]) == 1.0
@@ -215,7 +216,8 @@ def test_tokenize_prompts_raise_and_drop():
             data.make_record("long", "x" * 500, source="t", answer=1)]
     tpl = data.PromptTemplate()
     limit = len(tok.encode(tok.apply_chat_template(tpl.student(recs[0])))) + 10
-    with pytest.raises(ValueError, match=rf"'long' is \d+ tokens, over max_prompt_len={limit}.*on_too_long='drop'"):
+    with pytest.raises(ValueError,
+                       match=rf"'long' is \d+ tokens, over max_prompt_len={limit}.*on_too_long='drop'"):
         data.tokenize_prompts(recs, tok, tpl.student, limit)
     out = data.tokenize_prompts(recs, tok, tpl.student, limit, on_too_long="drop")
     assert [r["id"] for r in out.records] == ["short"] and list(out.dropped) == ["long"]

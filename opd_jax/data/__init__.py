@@ -56,5 +56,5 @@ __all__ = [
     "default_shard_options", "hash_unit", "load_jsonl", "load_parquet", "load_reasoning_gym",
     "load_records", "make_prompt_dataset", "make_prompt_iterator", "make_record", "read_jsonl",
     "read_parquet", "require_nonempty", "rows_to_records", "shard_records", "split_records",
-    "tokenize_prompts",
+    "pad_left", "tokenize_prompts",
 ]

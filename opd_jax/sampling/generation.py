@@ -15,7 +15,10 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
+from opd_jax.checks import positive_int
 from opd_jax.data.padding import pad_left
+from opd_jax.model.config import ModelConfig
+from opd_jax.model.tokenizer import eos_ids_of
 from opd_jax.sampling.sampler import SampleOutput, Sampler, row_keys
 from opd_jax.sampling.strategies import Sampling
 
@@ -56,17 +59,6 @@ class GenerateOutput:
     raw: SampleOutput | None = dataclasses.field(default=None, repr=False)
 
 
-def _default_eos(model: Any) -> tuple[int, ...]:
-    tok = getattr(model, "tokenizer", None)
-    if tok is None:
-        return ()
-    ids = getattr(tok, "eos_ids", None)
-    if ids is None:
-        one = getattr(tok, "eos_id", None)
-        ids = () if one is None else (one,)
-    return tuple(int(i) for i in ids)
-
-
 def generate(model: Any, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
              min_p: float | None = None, seed: int = 0, eos_ids: Sequence[int] | None = None,
@@ -99,15 +91,15 @@ def generate(model: Any, prompts: Sequence[Sequence[int]], *, max_new_tokens: in
     prompts = [list(map(int, p)) for p in prompts]
     if not prompts:
         raise ValueError("prompts is empty; pass at least one token-id list")
-    if isinstance(n_samples, bool) or not isinstance(n_samples, (int, np.integer)) or n_samples < 1:
-        raise ValueError(f"n_samples={n_samples!r}; it must be a positive int")
+    n_samples = positive_int("n_samples", n_samples)
     for i, p in enumerate(prompts):
         bad = [t for t in p if not 0 <= t < config.vocab_size]
         if bad:
             raise ValueError(f"prompt {i} has ids {bad[:5]} outside the vocabulary "
                              f"[0, {config.vocab_size})")
     sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
-    eos = _default_eos(model) if eos_ids is None else tuple(eos_ids)
+    tok = getattr(model, "tokenizer", None)
+    eos = eos_ids_of(tok) if eos_ids is None else tuple(eos_ids)
     sampler = Sampler(config, sampling, max_new_tokens, eos_ids=eos, return_topk=return_topk,
                       pad_id=pad_id, mesh=mesh, rules=rules)
     sampler.check_lengths([len(p) for p in prompts])
@@ -126,7 +118,6 @@ def generate(model: Any, prompts: Sequence[Sequence[int]], *, max_new_tokens: in
     lengths = mask.sum(1)
     token_lists = [completion[r, :lengths[r]].tolist() for r in range(len(rows))]
     texts = None
-    tok = getattr(model, "tokenizer", None)
     if tok is not None and hasattr(tok, "decode"):
         texts = [tok.decode(t) for t in token_lists]
     return GenerateOutput(

@@ -30,7 +30,8 @@ weight arrays (split once per call) and per-layer caches updated in place with
 ``dynamic_update_slice``. The decoder's ``lax.scan`` over stacked layers (``layer_loop="scan"``,
 the default elsewhere; faster to compile for deep models) makes XLA CPU copy each layer's weight
 slice before its matmul and rebuild the stacked cache every step -- about 2.5x the memory traffic
-of a step. Both run the decoder's own layer function, so they compute the same values. The cache
+of a step. Both run the decoder's public ``decoder.layer`` on the masks / positions of
+``decoder.step_inputs``, so they compute the same values. The cache
 is laid out ``[B, G, S, E]`` per layer (heads before slots, :class:`opd_jax.model.decoder.KVCache`)
 so the attention einsums read it in place; the earlier ``[B, S, G, E]`` layout made XLA transpose
 every layer's K and V once per step (≈1.7 ms per cache slot at B = 32, see BUILD_NOTES.md).
@@ -49,13 +50,15 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
+from opd_jax.checks import positive_int
 from opd_jax.model.config import ModelConfig, param_axes
 from opd_jax.model.decoder import Lora, Params
 from opd_jax.sampling.loop import TRACE_COUNTS, DecodeSettings, DecodeState, LayerCaches, decode, prefill
 from opd_jax.sampling.strategies import Sampling
-from opd_jax.sharding import get_rules, named_sharding, tree_shardings
+from opd_jax.sharding import batch_shards, get_rules, named_sharding, rules_key, tree_shardings
 
 __all__ = ["Sampler", "SampleOutput", "DecodeState", "LayerCaches",
            "row_keys", "bucket_length", "bucket_batch", "TRACE_COUNTS"]
@@ -166,23 +169,10 @@ def _host_copy(x):
     as key data, re-wrapped locally); anything else as is."""
     if not isinstance(x, jax.Array) or x.is_fully_addressable:
         return x
-    from jax.experimental import multihost_utils
-
     if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
         data = multihost_utils.process_allgather(jax.random.key_data(x), tiled=True)
         return jax.random.wrap_key_data(np.asarray(data), impl=jax.random.key_impl(x))
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
-def _batch_shards(mesh: Mesh | None, rules: dict) -> int:
-    if mesh is None:
-        return 1
-    target = rules.get("batch")
-    axes = () if target is None else ((target,) if isinstance(target, str) else tuple(target))
-    n = 1
-    for a in axes:
-        n *= mesh.shape[a]
-    return n
 
 
 # ----------------------------------------------------------------------------------------------
@@ -215,9 +205,7 @@ class Sampler:
                  eos_ids: Sequence[int] = (), return_topk: int | None = None, pad_id: int = 0,
                  mesh: Mesh | None = None, rules: str | dict = "fsdp",
                  layer_loop: str = "auto"):
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) \
-                or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens={max_new_tokens!r}; it must be a positive int")
+        max_new_tokens = positive_int("max_new_tokens", max_new_tokens)
         if not isinstance(sampling, Sampling):
             raise ValueError(f"sampling must be an opd_jax.sampling.Sampling, got {sampling!r}")
         sampling.check_vocab(config.vocab_size)
@@ -240,10 +228,9 @@ class Sampler:
         self.mesh = mesh
         self.rules = rules_d
         self._static = DecodeSettings(
-            config=config, sampling=sampling, max_new_tokens=int(max_new_tokens),
+            config=config, sampling=sampling, max_new_tokens=max_new_tokens,
             return_topk=int(return_topk or 0), pad_id=int(pad_id), mesh=mesh,
-            rules=tuple(sorted((k, tuple(v) if isinstance(v, list) else v)
-                               for k, v in rules_d.items())), layer_loop=layer_loop)
+            rules=rules_key(rules_d), layer_loop=layer_loop)
 
     @property
     def max_new_tokens(self) -> int:
@@ -309,7 +296,7 @@ class Sampler:
                                  "use opd_jax.data.padding.pad_left")
         keys = _as_row_keys(key, B)
         Pb = bucket_length(P)
-        Bb = bucket_batch(B, _batch_shards(self.mesh, self.rules))
+        Bb = bucket_batch(B, batch_shards(self.mesh, self.rules))
         tokens = jnp.pad(tokens, ((0, Bb - B), (Pb - P, 0)), constant_values=st.pad_id)
         # padding rows: one real token (so no row is all padding), inactive from the start
         valid = jnp.pad(valid, ((0, Bb - B), (Pb - P, 0)))

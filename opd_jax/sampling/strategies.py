@@ -43,6 +43,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from opd_jax.checks import positive_int
+from opd_jax.losses.support import top_k
+
 __all__ = ["Sampling", "Greedy", "Temperature", "TopK", "TopP", "MinP", "Draw", "draw",
            "top_logprobs"]
 
@@ -75,10 +78,8 @@ class Sampling:
             raise ValueError(f"temperature={t!r}; it must be a finite float >= 0 (0 is greedy)")
         object.__setattr__(self, "temperature", float(t))
         if self.top_k is not None:
-            k = self.top_k
-            if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-                raise ValueError(f"top_k={k!r}; it must be a positive int (or None for no top-k)")
-            object.__setattr__(self, "top_k", int(k))
+            object.__setattr__(self, "top_k",
+                               positive_int("top_k", self.top_k, "(or None for no top-k)"))
         if self.top_p is not None:
             p = self.top_p
             if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 < p <= 1.0:
@@ -89,8 +90,7 @@ class Sampling:
             if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
                 raise ValueError(f"min_p={p!r}; it must lie in [0, 1] (or None for no min-p)")
             object.__setattr__(self, "min_p", None if p == 0.0 else float(p))
-        if isinstance(self.top_p_cap, bool) or not isinstance(self.top_p_cap, int) or self.top_p_cap < 1:
-            raise ValueError(f"top_p_cap={self.top_p_cap!r}; it must be a positive int")
+        object.__setattr__(self, "top_p_cap", positive_int("top_p_cap", self.top_p_cap))
 
     @property
     def greedy(self) -> bool:
@@ -256,15 +256,6 @@ def _draw_full(z_BxV, keep_BxV, u_B):
     return token, _drawn_logprob(z_sel, zk)
 
 
-def _top_k(x_BxV: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
-    """``lax.top_k`` behind an optimization barrier.
-
-    Without the barrier XLA CPU folds the slice of the sorted output into later gathers, no longer
-    recognises the sort+slice as a top-k, and runs a full ``O(V log V)`` sort (100x slower).
-    """
-    return lax.optimization_barrier(lax.top_k(x_BxV, k))
-
-
 def draw(logits_BxV: jax.Array, u_B: jax.Array, sampling: Sampling) -> Draw:
     """Draw one token per row from ``logits`` with strategy ``sampling``, given one uniform per row.
 
@@ -294,7 +285,7 @@ def draw(logits_BxV: jax.Array, u_B: jax.Array, sampling: Sampling) -> Draw:
     z = logits / s.temperature if s.temperature != 1.0 else logits
     u_B = u_B.astype(jnp.float32)
     if s.top_k is not None:
-        zk, ids = _top_k(z, s.top_k)
+        zk, ids = top_k(z, s.top_k)
         keep = jnp.ones(zk.shape, bool)
         if s.top_p is not None:
             keep &= _nucleus_sorted(zk, s.top_p)
@@ -303,7 +294,7 @@ def draw(logits_BxV: jax.Array, u_B: jax.Array, sampling: Sampling) -> Draw:
         token, lp = _draw_candidates(zk, ids, keep, u_B)
     elif s.top_p is not None:
         cap = min(s.top_p_cap, z.shape[-1])
-        zk, ids = _top_k(z, cap)
+        zk, ids = top_k(z, cap)
         lse_B = jax.nn.logsumexp(z, axis=-1)
         fits = jnp.all(jnp.sum(jnp.exp(zk - lse_B[:, None]), axis=-1) >= s.top_p)
 
@@ -335,7 +326,7 @@ def draw(logits_BxV: jax.Array, u_B: jax.Array, sampling: Sampling) -> Draw:
 def top_logprobs(logits_BxV: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     """The ``k`` most probable ids and their temperature-1 log-probs: ``([B, k] int32, [B, k])``."""
     logits = logits_BxV.astype(jnp.float32)
-    vals, ids = _top_k(logits, k)
+    vals, ids = top_k(logits, k)
     return ids.astype(jnp.int32), vals - jax.nn.logsumexp(logits, axis=-1, keepdims=True)
 
 
