@@ -13,13 +13,13 @@ import numpy as np
 
 from opd_jax.config.run import RunConfig
 from opd_jax.data import load_jsonl
+from opd_jax.model.tokenizer import pad_id_of
 from opd_jax.select_prompts.config import SIGNALS, STATUSES, SelectConfig
 from opd_jax.select_prompts.dedup import exact_duplicates, near_duplicates
 from opd_jax.select_prompts.report import write_outputs
 from opd_jax.select_prompts.rule import apply_rule
 from opd_jax.select_prompts.signals import score_pool
 from opd_jax.train.models import build_models
-from opd_jax.train.rollout import pad_id_of
 from opd_jax.train.run import load_data, make_template
 
 

@@ -11,6 +11,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from opd_jax.eval import is_correct, is_reasoning_gym
+from opd_jax.model.tokenizer import pad_id_of
 from opd_jax.train import rollout
 from opd_jax.train.evaluate import SUMMARY_KEYS, full_vocab_scorer
 from opd_jax.train.stages import make_sampler
@@ -79,7 +80,7 @@ def score_pool(records, models, template, *, sampler_spec, max_prompt_len: int, 
             recs, tok, template, max_prompt_len=max_prompt_len, n_samples=n,
             key=jax.random.fold_in(key, 20_000 + b), student_sampler=s_sampler,
             student_params=s_params, student_lora=s_lora, teacher_sampler=t_sampler,
-            teacher_params=m.teacher.params, pad_id=rollout.pad_id_of(tok))
+            teacher_params=m.teacher.params, pad_id=pad_id_of(tok))
         vals = jax.device_get(fn(m.trainable, m.frozen, m.teacher.params, ro.student, ro.teacher))
         s_texts, t_texts = ro.student_texts, ro.teacher_texts
         for i, rec in enumerate(real):

@@ -144,12 +144,3 @@ def filter_rows(texts: Sequence[str], spec) -> tuple[np.ndarray, dict[str, int]]
     return keep, counts
 
 
-def pad_id_of(tokenizer) -> int:
-    """The tokenizer's pad id (0 when it has none)."""
-    return int(getattr(tokenizer, "pad_id", 0) or 0)
-
-
-def eos_ids(tokenizer, extra: Sequence[int] = ()) -> tuple[int, ...]:
-    base = tuple(getattr(tokenizer, "eos_ids", ()) or ()) if tokenizer is not None else ()
-    return tuple(sorted(set(base) | set(int(e) for e in extra)))
-

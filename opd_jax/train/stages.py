@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from opd_jax import losses
 from opd_jax.checkpoint import StageCheckpointer, graceful_stop, stage_dir
 from opd_jax.data import PromptTemplate, make_prompt_dataset, make_prompt_iterator
+from opd_jax.model.tokenizer import eos_ids_of, pad_id_of
 from opd_jax.sampling.sampler import Sampler
 from opd_jax.sampling.strategies import Sampling
 from opd_jax.sharding import rules_key
@@ -59,7 +60,7 @@ def make_sampler(config, spec, tokenizer, *, greedy: bool = False, return_topk=N
     sampling = Sampling(temperature=0.0 if greedy else spec.temperature, top_k=spec.top_k or None,
                         top_p=spec.top_p if spec.top_p < 1 else None,
                         min_p=spec.min_p or None)
-    eos = rollout.eos_ids(tokenizer, spec.extra_eos_ids) if spec.stop_at_eos else ()
+    eos = eos_ids_of(tokenizer, spec.extra_eos_ids) if spec.stop_at_eos else ()
     return Sampler(config, sampling, spec.max_new_tokens, eos_ids=eos,
                    pad_id=getattr(tokenizer, "pad_id", 0) or 0, return_topk=return_topk,
                    mesh=mesh, rules=rules)
@@ -126,7 +127,7 @@ class StageRun:
                                          max_prompt_len=stage.data.max_prompt_len,
                                          n_samples=self.n_samples,
                                          privileged_teacher=kind.privileged_teacher,
-                                         pad_id=rollout.pad_id_of(tok))
+                                         pad_id=pad_id_of(tok))
         on_policy = kind.on_policy and (
             lspec.lambda_on_policy >= 1.0 or
             float(jax.random.uniform(jax.random.fold_in(key, 1))) < lspec.lambda_on_policy)
@@ -336,7 +337,7 @@ def run_eval_stage(ctx: RunContext, index: int, trainable, *, name: str | None =
     with tm.scope():
         settings = EvalSettings(tok, ctx.template, stage.data.max_prompt_len, ks=tuple(stage.ks),
                                 batch_prompts=stage.batch_prompts,
-                                chunk_size=stage.loss.chunk_size, pad_id=rollout.pad_id_of(tok),
+                                chunk_size=stage.loss.chunk_size, pad_id=pad_id_of(tok),
                                 place=tm.place_rows)
         models = EvalModels(m.student, _separate_teacher(ctx), m.frozen, m.teacher.params,
                             s_sampler, t_sampler, teacher_params=m.teacher.params)
