@@ -89,11 +89,11 @@ def bench_opd_jax(teacher, student, ids, args) -> dict:
     sampler = Sampler(student.config, Sampling(temperature=1.0), args.new_tokens,
                       eos_ids=tok.eos_ids, pad_id=tok.pad_id)
     opt = make_optimizer(OptimSpec(lr=5e-5, grad_clip_norm=None), 100)
-    step = make_train_step(student=StudentSpec(student.config),
-                           teacher=TeacherSpec("separate", teacher.config), optimizer=opt,
-                           chunk_fn=make_chunk_fn(LossSpec(objective="reverse_kl", top_k=None),
-                                                  with_metrics=not args.no_metrics),
-                           reduction=losses.token_mean, chunk_size=512)
+    loss_kw = dict(student=StudentSpec(student.config), teacher=TeacherSpec("separate", teacher.config),
+                   chunk_fn=make_chunk_fn(LossSpec(objective="reverse_kl", top_k=None),
+                                          with_metrics=not args.no_metrics),
+                   reduction=losses.token_mean, chunk_size=512)
+    step = make_train_step(optimizer=opt, **loss_kw)
     state = init_state(student.params, opt, 0)
     times, gen_tok, trained, compile_s = [], [], [], None
     for i in range(args.warmup + args.repeats):
@@ -112,9 +112,68 @@ def bench_opd_jax(teacher, student, ids, args) -> dict:
             times.append((t2 - t0, t1 - t0, t2 - t1))
             gen_tok.append(int(np.asarray(out.mask).sum()))
             trained.append(int(np.asarray(batch.student_valid).sum()))
-    return _summary("opd_jax", times, gen_tok, trained, student, teacher,
-                    extra={"first_iteration_s (incl. compile)": compile_s,
-                           "loss_last": float(m["scalars"]["loss"])})
+    extra = {"first_iteration_s (incl. compile)": compile_s, "loss_last": float(m["scalars"]["loss"])}
+    if args.phases:
+        extra.update(phases(teacher, student, (sampler, args.new_tokens, tok), prompts_, tokens,
+                            valid, batch, state, (step, loss_kw), args.repeats))
+    return _summary("opd_jax", times, gen_tok, trained, student, teacher, extra=extra)
+
+
+def _median_s(fn, repeats: int) -> float:
+    import jax
+
+    jax.block_until_ready(fn())  # compile / warm
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        ts.append(time.perf_counter() - t0)
+    return float(np.median(ts))
+
+
+def phases(teacher, student, sampler_spec, prompts_, tokens, valid, batch, state, step_spec,
+           repeats) -> dict:
+    """Where one iteration's time goes, each part jitted and timed on its own (medians):
+    prefill (a 1-token sampler call), decode (the rest of generation), host assembly of the
+    batch, teacher forward, student forward + backward + loss (the loss's gradient minus the
+    teacher forward inside it), optimizer and step bookkeeping (the step minus the gradient); and
+    real vs computed tokens (the padding ratio of the update's rows)."""
+    import jax
+
+    from opd_jax.model import decoder
+    from opd_jax.sampling.sampler import Sampler
+    from opd_jax.sampling.strategies import Sampling
+    from opd_jax.train.rollout import assemble
+    from opd_jax.train.step import loss_and_metrics
+
+    sampler, _, tok = sampler_spec
+    step, loss_kw = step_spec
+
+    key = jax.random.key(0)
+    params = state.trainable
+    gen = _median_s(lambda: sampler(params, tokens, valid, key).tokens, repeats)
+    one = Sampler(student.config, Sampling(temperature=1.0), 1, eos_ids=tok.eos_ids, pad_id=tok.pad_id)
+    prefill = _median_s(lambda: one(params, tokens, valid, key).tokens, repeats)
+    out = sampler(params, tokens, valid, key)
+    host = _median_s(lambda: assemble(prompts_, out.tokens, out.mask, out.logprobs_full), repeats)
+    t_fwd = jax.jit(lambda p, b: decoder.forward(p, teacher.config, b.teacher_tokens,
+                                                 valid_BxT=b.teacher_valid)[0])
+    teacher_s = _median_s(lambda: t_fwd(teacher.params, batch), repeats)
+    grad = jax.jit(jax.grad(lambda p, t, b: loss_and_metrics(p, None, t, b, **loss_kw)[0]))
+    grad_s = _median_s(lambda: grad(params, teacher.params, batch), repeats)
+    holder = {"state": jax.tree.map(lambda x: x.copy(), state)}
+
+    def run_step():
+        holder["state"], m = step(holder["state"], batch, None, teacher.params)
+        return m
+    step_s = _median_s(run_step, repeats)
+    real = int(np.asarray(batch.student_valid).sum())
+    computed = int(np.prod(batch.student_tokens.shape))
+    return {"phase_prefill_s": prefill, "phase_decode_s": gen - prefill, "phase_host_s": host,
+            "phase_teacher_forward_s": teacher_s,
+            "phase_student_fwd_bwd_loss_s": grad_s - teacher_s,
+            "phase_optimizer_s": step_s - grad_s, "real_tokens": real, "computed_tokens": computed,
+            "padding_ratio": computed / real}
 
 
 def _params(state):
@@ -184,6 +243,9 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--no-trl", action="store_true")
+    p.add_argument("--phases", action="store_true",
+                   help="also time each part of an iteration on its own (prefill, decode, host, "
+                        "teacher forward, student fwd+bwd+loss, optimizer) and the padding ratio")
     p.add_argument("--no-metrics", action="store_true",
                    help="opd_jax step without the in-step mechanism metrics (loss only)")
     args = p.parse_args()
@@ -205,6 +267,12 @@ def main() -> None:
                        ("update_s", "update s"), ("gen_tok_per_s", "gen tok/s"),
                        ("trained_tok_per_s", "trained tok/s"), ("update_gflop_per_s", "GFLOP/s"),
                        ("update_pct_peak", "% peak"), ("speedup_vs_trl", "x TRL")])
+    if args.phases:
+        ph = {k[len("phase_"):]: v for k, v in rows[0].items() if k.startswith("phase_")}
+        print_table([{"part": k, "s": v, "share": v / sum(ph.values())} for k, v in ph.items()],
+                    [("part", "opd_jax part"), ("s", "s"), ("share", "share")])
+        print(f"update rows: {rows[0]['computed_tokens']} computed tokens for {rows[0]['real_tokens']} "
+              f"real (padding ratio {rows[0]['padding_ratio']:.2f})")
     name = "train_step_small.json" if args.small else "train_step.json"
     write_json(RESULTS_DIR / name, {"load": load, "machine": machine_info(), "args": vars(args),
                                     "rows": rows})
