@@ -12,6 +12,7 @@ from opd_jax.config import load_config
 from opd_jax.data import make_record
 from opd_jax.model import decoder as dec
 from opd_jax.model.config import ModelConfig
+from opd_jax.model.tokenizer import pad_id_of
 from opd_jax.train import rollout
 from opd_jax.train.batch import RolloutBatch
 from opd_jax.train.evaluate import SUMMARY_KEYS, full_vocab_scorer, score_rollouts
@@ -22,9 +23,9 @@ TINY = "configs/tiny_test.yaml"
 
 
 def test_pad_id_of():
-    assert rollout.pad_id_of(types.SimpleNamespace(pad_id=5)) == 5
-    assert rollout.pad_id_of(types.SimpleNamespace(pad_id=None)) == 0
-    assert rollout.pad_id_of(object()) == 0
+    assert pad_id_of(types.SimpleNamespace(pad_id=5)) == 5
+    assert pad_id_of(types.SimpleNamespace(pad_id=None)) == 0
+    assert pad_id_of(object()) == 0
 
 
 def _same(a: RolloutBatch, b: RolloutBatch):
@@ -44,7 +45,7 @@ def test_sample_student_and_teacher_equals_the_steps_it_replaces():
     s_sampler = make_sampler(m.student.config, cfg.sampler, tok)
     t_sampler = make_sampler(m.teacher.config, cfg.sampler, tok, greedy=True)
     s_params, s_lora = m.student.params_and_lora(m.trainable, m.frozen)
-    key, pad, n = jax.random.key(3), rollout.pad_id_of(tok), 2
+    key, pad, n = jax.random.key(3), pad_id_of(tok), 2
     ro = rollout.sample_student_and_teacher(
         recs, tok, template, max_prompt_len=192, n_samples=n, key=key, student_sampler=s_sampler,
         student_params=s_params, student_lora=s_lora, teacher_sampler=t_sampler,
@@ -93,3 +94,23 @@ def test_full_vocab_scorer_is_zero_against_itself_and_matches_score_rollouts():
     loss, _ = jax.jit(full_vocab_scorer(student, teacher, "reverse_kl", 4))(ps, None, pt, batch)
     ref = score_rollouts(student, teacher, ps, None, pt, batch, "reverse_kl", 4)
     assert float(loss) > 0 and float(loss) == pytest.approx(ref["reverse_kl"], rel=1e-6)
+
+
+def test_assemble_trims_completion_to_longest_real_bucket():
+    """Columns after every row's EOS are dropped (to a length bucket); values are unchanged."""
+    B, P, N = 3, 4, 64
+    tok = np.arange(B * P, dtype=np.int32).reshape(B, P) + 1
+    prompts = rollout.Prompts([{}] * B, tok, np.ones((B, P), bool), tok, np.ones((B, P), bool))
+    rng = np.random.default_rng(0)
+    completion = rng.integers(1, 50, (B, N)).astype(np.int32)
+    lengths = np.array([3, 20, 7])
+    mask = np.arange(N)[None, :] < lengths[:, None]
+    logp = -rng.random((B, N)).astype(np.float32)
+    batch = rollout.assemble(prompts, completion, mask, logp)
+    assert batch.completion.shape == (B, 32) and batch.student_tokens.shape == (B, P + 32)
+    np.testing.assert_array_equal(np.asarray(batch.completion), completion[:, :32])
+    np.testing.assert_array_equal(np.asarray(batch.mask), mask[:, :32])
+    np.testing.assert_array_equal(np.asarray(batch.sampler_logprobs), logp[:, :32])
+    assert int(np.asarray(batch.mask).sum()) == int(mask.sum())  # no real token dropped
+    full = rollout.assemble(prompts, completion, np.ones((B, N), bool), logp)
+    assert full.completion.shape == (B, N)  # never longer than what was sampled

@@ -232,8 +232,14 @@ def test_no_recompile_within_buckets():
 
 
 def test_buckets():
-    assert [bucket_length(n) for n in (1, 16, 17, 100, 128, 129, 300)] == [16, 16, 32, 128, 128,
-                                                                          256, 384]
+    assert [bucket_length(n) for n in (1, 16, 17, 100, 128, 129, 300)] == [16, 16, 32, 112, 128,
+                                                                          144, 320]
+    # tight (padding < max(16, n / 8)) and bounded (8 buckets per doubling)
+    for n in range(1, 5000):
+        b = bucket_length(n)
+        assert n <= b < n + max(16, n / 8)
+    assert len({bucket_length(n) for n in range(129, 257)}) == 8
+    assert len({bucket_length(n) for n in range(1025, 2049)}) == 8
     assert [bucket_batch(n) for n in (1, 3, 8, 9, 17)] == [1, 4, 8, 16, 24]
     assert bucket_batch(3, multiple_of=8) == 8 and bucket_batch(12, multiple_of=8) == 16
 

@@ -66,15 +66,38 @@ def sample(sampler: Sampler, params, prompts: Prompts, key: jax.Array, *, lora: 
     return to_host(sampler(params, tok, val, key, lora=lora))
 
 
+def completion_length(mask_BxN: np.ndarray) -> int:
+    """Completion columns a batch needs: its longest real completion, rounded up to a
+    :func:`~opd_jax.sampling.sampler.bucket_length` bucket (so few step shapes compile), at most
+    ``N``.
+
+    >>> completion_length(np.array([[1, 1, 0, 0] + [0] * 28, [1] * 20 + [0] * 12], bool))
+    32
+    >>> completion_length(np.zeros((2, 64), bool))
+    16
+    """
+    n_max = mask_BxN.shape[1]
+    longest = int(mask_BxN.sum(axis=1).max()) if mask_BxN.size else 0
+    return min(n_max, bucket_length(longest))
+
+
 def assemble(prompts: Prompts, completion: Any, mask: Any, sampler_logprobs: Any,
              keep_rows: np.ndarray | None = None) -> RolloutBatch:
     """``[prompt | completion]`` for the student and for the teacher (same completion).
 
+    The completion columns are trimmed to :func:`completion_length` (the longest real completion
+    rounded up to a length bucket): columns after every row's EOS are padding the update would
+    otherwise compute.
+
     ``keep_rows`` (bool ``[B]``) masks whole rows out of the loss (e.g. cold-start samples
     rejected by a filter) while keeping shapes static.
     """
-    completion = jnp.asarray(completion, jnp.int32)
-    mask = jnp.asarray(mask, bool)
+    completion = np.asarray(completion)
+    mask = np.asarray(mask, bool)
+    n = completion_length(mask)
+    completion = jnp.asarray(completion[:, :n], jnp.int32)
+    sampler_logprobs = np.asarray(sampler_logprobs)[:, :n]
+    mask = jnp.asarray(mask[:, :n])
     if keep_rows is not None:
         mask = mask & jnp.asarray(keep_rows, bool)[:, None]
     cat = lambda a, b: jnp.concatenate([jnp.asarray(a), b], axis=1)
