@@ -164,7 +164,7 @@ def test_meshes_match_one_device_and_state_shrinks_with_fsdp(tmp_path):
 # --- compiled train step: memory per device and no full gathers -------------------------------
 
 COMPILED = """
-import functools, re
+import functools, math, re
 from opd_jax import losses, sharding as shd
 from opd_jax.config.schema import LossSpec, OptimSpec
 from opd_jax.model import decoder as dec
@@ -189,6 +189,11 @@ init_fn = functools.partial(init_state, optimizer=opt, seed=0)
 stacked = {tuple(s) for s in jax.tree.leaves(param_shapes(c)["layers"],
                                              is_leaf=lambda x: isinstance(x, tuple))}
 per_layer = {s[1:] for s in stacked}
+# the projections' dots run on 2-D [K, N] views of their weights (decoder._project), so a layer's
+# q/k/v/o weight may be gathered in that form too
+layer_shapes = param_shapes(c)["layers"]
+per_layer |= {(math.prod(layer_shapes[n][1:1 + len(w_in)]), math.prod(layer_shapes[n][1 + len(w_in):]))
+              for n, (_, w_in, _) in dec.PROJECTIONS.items()}
 whole = {(c.vocab_size, c.d_model), (c.d_model, c.vocab_size), (c.d_model,)}  # embed, unembed, norm
 out = {}
 for shape in SHAPES:

@@ -124,7 +124,11 @@ def unembed_matrix(params: Params, config: ModelConfig) -> jax.Array:
 def _project(name: str, x: jax.Array, w: jax.Array, lora_l: dict | None, scale: float) -> jax.Array:
     x_sub, w_in, w_out = PROJECTIONS[name]
     out_sub = x_sub[:2] + w_out
-    y = jnp.einsum(f"{x_sub},{w_in}{w_out}->{out_sub}", x, w)
+    # one 2-D [B*T, K] @ [K, N] dot: XLA CPU's dot emitter runs it ~15% faster forward (~9%
+    # forward + backward) than the 3-/4-D einsum, whose backward adds a transposing copy fusion
+    # (benchmarks: BUILD_NOTES "2-D projections"); the reshapes are free (row-major, contiguous)
+    k = math.prod(w.shape[:len(w_in)])
+    y = jnp.dot(x.reshape(-1, k), w.reshape(k, -1)).reshape(*x.shape[:2], *w.shape[len(w_in):])
     if lora_l is not None and name in lora_l:
         a, b = lora_l[name]["a"], lora_l[name]["b"]
         xa = jnp.einsum(f"{x_sub},{w_in}r->{x_sub[:2]}r", x, a.astype(x.dtype))
