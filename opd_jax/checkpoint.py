@@ -39,10 +39,14 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-__all__ = ["StageCheckpointer", "Restored", "CheckpointStructureError", "stage_dir",
+__all__ = ["StageCheckpointer", "Restored", "RUNNING_MARKER", "CheckpointStructureError", "stage_dir",
            "first_incomplete_stage", "graceful_stop", "StopFlag"]
 
 _BYTES = "__bytes_b64__"
+# ``<run_dir>/.running``: written by ``opd_jax.train.run.run`` while a trainer writes the run
+# (``{"pid", "host", "started"}``), removed when it exits; readers (``opd-jax export``) refuse a run
+# whose trainer is alive
+RUNNING_MARKER = ".running"
 
 
 class CheckpointStructureError(ValueError):
@@ -220,6 +224,21 @@ class StageCheckpointer:
         restored = self._mgr.restore(step, args=ocp.args.Composite(**items))
         state = restored.state if abstract_state is not None else None
         return Restored(step, state, _decode(restored.data or {}))
+
+    def restore_as_saved(self, step: int) -> Any:
+        """The state tree saved at ``step`` as written (nested dicts of arrays on the default
+        device), without knowing its structure in advance (export reads a run this way)."""
+        self._mgr.wait_until_finished()
+        metadata = self._mgr.item_metadata(step)["state"]
+        if metadata is None:
+            raise FileNotFoundError(f"{self.directory / str(step) / 'state'}: tree metadata "
+                                    "missing or unreadable")
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                                metadata.tree)
+        restored = self._mgr.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract)))
+        return restored.state
 
     def restore_latest(self, abstract_state: Any) -> Restored | None:
         """Restore the newest readable step, or None when the stage has no checkpoint.

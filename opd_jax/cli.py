@@ -7,6 +7,9 @@
     opd-jax demo                                     # train configs/demo.yaml, then analyze
     opd-jax select-prompts --config configs/select_demo.yaml [select.rule.top_n=16]
     opd-jax study --config configs/study_demo.yaml [--small] [--fresh]
+    opd-jax export runs/demo --to hf exported/demo   # HF folder (or --to gguf file.gguf)
+
+Every command that takes a config accepts it positionally or as ``--config FILE``.
 """
 
 # The subcommand handlers import what they run inside their bodies (not at the top) only so that
@@ -44,7 +47,8 @@ def cmd_train(args) -> int:
     if mesh_lib.is_primary():
         print(format_summary(summary))
         report = write_report(cfg.run_dir)
-        print(f"\nreport: {report}")
+        print(f"\nreport: {report} (plots beside it)")
+        print(f"export the student: opd-jax export {cfg.run_dir} --to hf exported/{cfg.name}")
     return 0
 
 
@@ -113,6 +117,25 @@ def cmd_study(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from opd_jax.export import export_run
+
+    s = export_run(args.run_dir, args.out, to=args.to, stage=args.stage, step=args.step,
+                   lora_only=args.lora_only, force=args.force, dtype=args.dtype,
+                   gguf_type=args.gguf_type, max_shard_bytes=int(args.max_shard_gb * 1024**3))
+    done = "finished" if s["stage_done"] else "interrupted, last saved step"
+    print(f"exported stage {s['stage']!r} step {s['step']} ({done}) of {s['run_dir']} "
+          f"to {s['out']} ({s['to']}): {', '.join(s['files'])}")
+    if s["to"] == "hf" and s.get("tokenizer") is None:
+        print("note: the student's tokenizer has no Hugging Face form (byte tokenizer of a random "
+              "test model); no tokenizer files were written")
+    if s["to"] == "hf" and not args.lora_only:
+        print("load it with:\n  from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+              f"  model = AutoModelForCausalLM.from_pretrained({s['out']!r})\n"
+              f"  tok = AutoTokenizer.from_pretrained({s['out']!r})")
+    return 0
+
+
 def cmd_demo(args) -> int:
     config = Path(args.config)
     if not config.exists():
@@ -125,17 +148,19 @@ def cmd_demo(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="opd-jax", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"opd-jax {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
 
     def with_config(name, help_, default=None, overrides="key.sub=value overrides"):
-        # the config is positional, or a --config option when it has a default
+        # the config file, positionally or as --config FILE (either spelling, every command)
         sp = sub.add_parser(name, help=help_)
-        if default is None:
-            sp.add_argument("config")
-        else:
-            sp.add_argument("--config", default=default)
+        sp.add_argument("config", nargs="?", default=None,
+                        help="config YAML" + (f" (default {default})" if default else ""))
+        sp.add_argument("--config", dest="config_flag", metavar="FILE", default=None,
+                        help="the config YAML, as an option")
         sp.add_argument("overrides", nargs="*", help=overrides)
         sp.add_argument("--no-progress", action="store_true")
+        sp.set_defaults(config_default=default)
         return sp
 
     t = with_config("train", "run every stage of a config (resumes an interrupted run)")
@@ -163,10 +188,50 @@ def build_parser() -> argparse.ArgumentParser:
                     "configs/demo.yaml")
     d.add_argument("--fresh", action="store_true", default=True)
     d.set_defaults(fn=cmd_demo)
+    e = sub.add_parser("export", help="write a run's student as a Hugging Face folder or a GGUF")
+    e.add_argument("run_dir", help="the run directory `opd-jax train` wrote (e.g. runs/demo)")
+    e.add_argument("out", help="output folder (--to hf) or .gguf file (--to gguf)")
+    e.add_argument("--to", choices=("hf", "gguf"), default="hf")
+    e.add_argument("--stage", default=None, help="train stage (default: the last with a checkpoint)")
+    e.add_argument("--step", type=int, default=None, help="saved step (default: the stage's latest)")
+    e.add_argument("--lora-only", action="store_true",
+                   help="PEFT adapters (+ the base as a HF folder when it is not one already)")
+    e.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                   help="HF weight dtype (default: the student's training dtype)")
+    e.add_argument("--gguf-type", choices=("f32", "f16", "q8_0"), default="f16")
+    e.add_argument("--max-shard-gb", type=float, default=2.0,
+                   help="split model.safetensors above this size (GB)")
+    e.add_argument("--force", action="store_true", help="replace an existing output")
+    e.set_defaults(fn=cmd_export)
     return p
 
 
-def main(argv=None) -> int:
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("opd_jax")
+    except Exception:  # noqa: BLE001 - a source checkout that was never installed
+        return "0.1.0 (not installed)"
+
+
+def _resolve_config(parser: argparse.ArgumentParser, args) -> None:
+    """``args.config`` from the positional or the ``--config`` spelling (or the command's
+    default); a positional that is really a ``key=value`` override goes back to the overrides."""
+    positional = args.config
+    if positional is not None and "=" in positional and not Path(positional).exists():
+        args.overrides = [positional, *args.overrides]
+        positional = None
+    if positional is not None and args.config_flag is not None and positional != args.config_flag:
+        parser.error(f"two configs given ({positional} and --config {args.config_flag}); pass one")
+    args.config = args.config_flag or positional or args.config_default
+    if args.config is None:
+        parser.error(f"{args.command} needs a config: opd-jax {args.command} configs/demo.yaml "
+                     "(or --config configs/demo.yaml)")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """The parsed command line: overrides may follow ``--flags``; ``args.config`` resolved."""
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)  # overrides may also follow --flags
     unknown = [a for a in extra if a.startswith("-") or "=" not in a]
@@ -174,9 +239,17 @@ def main(argv=None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown or extra)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
+    if hasattr(args, "config_flag"):
+        _resolve_config(parser, args)
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     try:
         return args.fn(args)
-    except ValueError as e:  # config / data / model errors: a clear message, no traceback
+    except (ValueError, FileExistsError, FileNotFoundError) as e:
+        # config / data / model / export errors: a clear message, no traceback
         print(f"opd-jax: error: {e}", file=sys.stderr)
         return 2
 

@@ -209,6 +209,24 @@ def _gguf_pre_tokenizer(pre: str | None):
                         pt.ByteLevel(add_prefix_space=False, use_regex=False)])
 
 
+def gguf_pre_name(backend) -> str | None:
+    """The ``tokenizer.ggml.pre`` name whose splitting (as this module builds it) equals the
+    ``tokenizers.Tokenizer`` ``backend``'s pre-tokenizer, or None (GGUF export writes it)."""
+    import json
+
+    from tokenizers import Tokenizer as _Backend
+    from tokenizers import models
+
+    def spec(pre_tokenizer) -> dict | None:
+        scratch = _Backend(models.BPE())
+        scratch.pre_tokenizer = pre_tokenizer
+        return json.loads(scratch.to_str())["pre_tokenizer"]
+
+    have = json.loads(backend.to_str())["pre_tokenizer"]
+    return next((name for name in ("gpt2", "smollm", "llama-bpe", "qwen2")
+                 if spec(_gguf_pre_tokenizer(name)) == have), None)
+
+
 def tokenizer_from_gguf(reader_or_path) -> HFTokenizer:
     """Byte-level BPE tokenizer (``tokenizer.ggml.model == "gpt2"``) built from a GGUF's
     ``tokenizer.ggml.tokens`` / ``merges`` / ``token_type``, its special ids and chat template."""

@@ -81,6 +81,25 @@ def with_execution(model: Model, spec: ModelSpec) -> Model:
                                                      attention_block=spec.attention_block))
 
 
+def student_base(teacher_spec: ModelSpec, student_spec: ModelSpec, *, seed: int,
+                 teacher: Model | None = None) -> Model:
+    """The student before training: its source (the teacher's, when both name the same one)
+    derived by ``student_spec.derive``, with the spec's execution settings; no LoRA.
+
+    ``teacher``: the already loaded (and derived) teacher, reused when the student shares its
+    source and the teacher was not derived; otherwise the source is loaded here (export loads
+    only the student this way)."""
+    same_source = (student_spec.source == teacher_spec.source and student_spec.dtype ==
+                   teacher_spec.dtype and student_spec.source != "random"
+                   and student_spec.tokenizer == teacher_spec.tokenizer)
+    if same_source:
+        base = (teacher if teacher is not None and not teacher_spec.derive
+                else load_source(teacher_spec, seed))
+    else:
+        base = load_source(student_spec, seed + 1)
+    return with_execution(derive(base, student_spec, seed + 1), student_spec)
+
+
 def build_models(teacher_spec: ModelSpec, student_spec: ModelSpec, *, seed: int,
                  remat: str | None = None) -> Models:
     """Load the teacher, load (or reuse) and derive the student, add LoRA, check the vocabulary.
@@ -89,12 +108,7 @@ def build_models(teacher_spec: ModelSpec, student_spec: ModelSpec, *, seed: int,
     with ``remat`` (default ``student_spec.remat``)."""
     remat = student_spec.remat if remat is None else remat
     teacher = derive(load_source(teacher_spec, seed), teacher_spec, seed)
-    same_source = (student_spec.source == teacher_spec.source and student_spec.dtype ==
-                   teacher_spec.dtype and student_spec.source != "random"
-                   and student_spec.tokenizer == teacher_spec.tokenizer)
-    base = (load_source(teacher_spec, seed) if teacher_spec.derive and same_source else
-            teacher if same_source else load_source(student_spec, seed + 1))
-    student = with_execution(derive(base, student_spec, seed + 1), student_spec)
+    student = student_base(teacher_spec, student_spec, seed=seed, teacher=teacher)
     teacher = with_execution(teacher, teacher_spec)
     check_same_vocab(teacher, student)
     tokenizer = student.tokenizer or teacher.tokenizer

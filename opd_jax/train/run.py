@@ -9,9 +9,12 @@ from its latest readable checkpoint.
 from __future__ import annotations
 
 import json
+import os
+import socket
+import time
 from typing import Any
 
-from opd_jax.checkpoint import StageCheckpointer, stage_dir
+from opd_jax.checkpoint import RUNNING_MARKER, StageCheckpointer, stage_dir
 from opd_jax.config.core import save_config
 from opd_jax.config.run import RunConfig
 from opd_jax.data import PromptTemplate, dedupe_records, load_records, split_records
@@ -71,8 +74,21 @@ def run(cfg: RunConfig, *, progress: bool = True, models=None, mesh=None,
     distributed.init_distributed(cfg.mesh.distributed)
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
+    marker = run_dir / RUNNING_MARKER
     if distributed.is_primary():
         save_config(cfg, run_dir / "config.yaml")
+        # "a trainer is writing this run" for readers such as `opd-jax export`; removed on exit
+        # (a killed run leaves it behind, and readers check whether its pid is still alive)
+        marker.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                      "started": time.strftime("%Y-%m-%dT%H:%M:%S")}))
+    try:
+        return _run_stages(cfg, run_dir, progress=progress, models=models, mesh=mesh, data=data)
+    finally:
+        if distributed.is_primary():
+            marker.unlink(missing_ok=True)
+
+
+def _run_stages(cfg: RunConfig, run_dir, *, progress: bool, models, mesh, data) -> dict[str, Any]:
     train, heldout = data if data is not None else load_data(cfg)
     tm = mesh or build_mesh(cfg.mesh)
     # student.remat / attention and teacher.attention come from the specs (build_models)

@@ -1,0 +1,42 @@
+"""The command line's conventions: a config positionally or as ``--config`` on every command that
+takes one, overrides anywhere after it, ``--version``; parsed without running anything."""
+
+from __future__ import annotations
+
+import pytest
+
+from opd_jax.cli import parse_args
+
+DEMO = "configs/demo.yaml"
+
+
+@pytest.mark.parametrize("command", ["train", "eval", "sample", "select-prompts", "study", "demo"])
+def test_config_positional_or_option(command):
+    extra = ["--prompt", "hi"] if command == "sample" else []
+    a = parse_args([command, DEMO, "seed=3", *extra])
+    b = parse_args([command, "--config", DEMO, "seed=3", *extra])
+    c = parse_args([command, "seed=3", "--config", DEMO, *extra])
+    assert a.config == b.config == c.config == DEMO
+    assert a.overrides == b.overrides == c.overrides == ["seed=3"]
+
+
+def test_defaults_and_errors(capsys):
+    assert parse_args(["study"]).config == "configs/study_demo.yaml"
+    assert parse_args(["select-prompts", "select.rule.top_n=4"]).overrides == ["select.rule.top_n=4"]
+    with pytest.raises(SystemExit) as e:
+        parse_args(["train"])
+    assert e.value.code == 2 and "train needs a config" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args(["train", DEMO, "--config", "configs/tiny_test.yaml"])
+    assert "two configs given" in capsys.readouterr().err
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as e:
+        parse_args(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.startswith("opd-jax ")
+
+
+def test_export_arguments():
+    a = parse_args(["export", "runs/demo", "--to", "hf", "out", "--stage", "opd", "--step", "4"])
+    assert (a.run_dir, a.out, a.to, a.stage, a.step) == ("runs/demo", "out", "hf", "opd", 4)
