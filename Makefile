@@ -21,24 +21,29 @@ TUNIX_LEAN = google-tunix==0.1.7 jaxtyping==0.3.11 wadler-lindig==0.1.8 google-m
 
 .PHONY: demo test test-fast bench install clean
 
+# the demo's environment: the package and what the shipped configs use (no test tooling)
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q -U pip
+	$(PIP) install -q -e ".[demo]"
+	touch $@
+
+$(VENV)/.testdeps: $(VENV)/.installed
 	$(PIP) install -q -e ".[test]"
 	touch $@
 
-$(VENV)/.parity: $(VENV)/.installed
+$(VENV)/.parity: $(VENV)/.testdeps
 	@if ls $(TORCH_WHEELS)/torch-2.13.0*.whl >/dev/null 2>&1; then \
 	  $(PIP) install -q "torch==2.13.0" "transformers>=4.45" || echo "parity deps failed to install: torch tests will skip"; \
 	else echo "no local torch wheel in $(TORCH_WHEELS): torch parity tests will skip"; fi
 	touch $@
 
-$(VENV)/.tunix: $(VENV)/.installed Makefile
+$(VENV)/.tunix: $(VENV)/.testdeps Makefile
 	$(PIP) install -q --no-deps $(TUNIX_LEAN)
 	JAX_PLATFORMS=cpu $(PY) -c "import tunix.distillation.distillation_trainer, tunix.distillation.strategies, tunix.models.qwen3.model"
 	touch $@
 
-$(VENV)/.lint: $(VENV)/.installed Makefile
+$(VENV)/.lint: $(VENV)/.testdeps Makefile
 	$(PIP) install -q "$(RUFF)"
 	touch $@
 
@@ -51,7 +56,7 @@ test: $(VENV)/.parity $(VENV)/.tunix $(VENV)/.lint
 	$(VENV)/bin/ruff check .
 	OPD_JAX_REQUIRE_TUNIX=1 $(PY) -m pytest -q --durations=25
 
-test-fast: $(VENV)/.installed
+test-fast: $(VENV)/.testdeps
 	$(PY) -m pytest -q -m "not slow and not torch"
 
 bench: $(VENV)/.installed

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from opd_jax.checks import agg_pyplot
 from opd_jax.train.metrics_log import MetricsLog
 from opd_jax.train.run import format_summary
 
@@ -22,11 +23,7 @@ PANELS = [
 
 def plot_run(run_dir: str | Path) -> list[Path]:
     """Per-step curves of each train stage and per-position curves of its last step."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = agg_pyplot("opd-jax analyze's plots")
     run_dir = Path(run_dir)
     rows = [r for r in MetricsLog(run_dir).read() if "loss" in r]
     if not rows:

@@ -2,10 +2,37 @@
 
 from __future__ import annotations
 
+import importlib
 import numbers
 from typing import Any
 
-__all__ = ["positive_int"]
+__all__ = ["positive_int", "MissingExtraError", "require", "agg_pyplot"]
+
+
+class MissingExtraError(ImportError):
+    """An optional dependency is not installed; the message names the extra that installs it
+    (the CLI prints it as one line, without a traceback)."""
+
+
+def require(module: str, extra: str, what: str) -> Any:
+    """``import module``, or :class:`MissingExtraError` saying which ``opd_jax[extra]`` to install.
+
+    >>> require("json", "none", "a test").__name__
+    'json'
+    """
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise MissingExtraError(
+            f"{what} needs the {module.split('.')[0]!r} package, which is not installed: "
+            f"pip install 'opd_jax[{extra}]' (from a checkout: pip install -e '.[{extra}]')") from e
+
+
+def agg_pyplot(what: str) -> Any:
+    """``matplotlib.pyplot`` on the file-only Agg backend (the ``plots`` extra)."""
+    matplotlib = require("matplotlib", "plots", what)
+    matplotlib.use("Agg")
+    return importlib.import_module("matplotlib.pyplot")
 
 
 def positive_int(name: str, value: Any, hint: str = "") -> int:

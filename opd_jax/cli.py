@@ -8,6 +8,7 @@
     opd-jax select-prompts --config configs/select_demo.yaml [select.rule.top_n=16]
     opd-jax study --config configs/study_demo.yaml [--small] [--fresh]
     opd-jax export runs/demo --to hf exported/demo   # HF folder (or --to gguf file.gguf)
+    opd-jax config show configs/demo.yaml [overrides] # the resolved config, every field
 
 Every command that takes a config accepts it positionally or as ``--config FILE``.
 """
@@ -61,7 +62,8 @@ def cmd_eval(args) -> int:
         raise SystemExit(f"{args.config} has no eval stage; add one, e.g. "
                          "stages: [{kind: eval, n_prompts: 40}]")
     cfg = dataclasses.replace(cfg, stages=evals)
-    print(format_summary(run(cfg, progress=not args.no_progress)))
+    # a partial config: it must neither be checked against nor replace the run's record
+    print(format_summary(run(cfg, progress=not args.no_progress, record=False)))
     return 0
 
 
@@ -117,6 +119,24 @@ def cmd_study(args) -> int:
     return 0
 
 
+def cmd_config(args) -> int:
+    from opd_jax.config import load_config
+    from opd_jax.config.core import dump_config
+
+    file = args.file
+    if file is not None and "=" in file and not Path(file).exists():
+        args.overrides, file = [file, *args.overrides], None
+    if file is None and not args.overrides:   # the schema's defaults (not a runnable config)
+        from opd_jax.config.run import RunConfig
+
+        print("# opd_jax config defaults; a run also needs stages, e.g. "
+              "stages: [{kind: opd, steps: 100}]")
+        print(dump_config(RunConfig()), end="")
+        return 0
+    print(dump_config(load_config(file, args.overrides)), end="")
+    return 0
+
+
 def cmd_export(args) -> int:
     from opd_jax.export import export_run
 
@@ -164,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
         return sp
 
     t = with_config("train", "run every stage of a config (resumes an interrupted run)")
+    t.epilog = ("every config field and its default: opd-jax config show [FILE] (the resolved "
+                "config, overrides applied)")
     t.add_argument("--fresh", action="store_true", help="delete the run directory first")
     t.set_defaults(fn=cmd_train)
     with_config("eval", "run only the eval stages").set_defaults(fn=cmd_eval)
@@ -188,6 +210,13 @@ def build_parser() -> argparse.ArgumentParser:
                     "configs/demo.yaml")
     d.add_argument("--fresh", action="store_true", default=True)
     d.set_defaults(fn=cmd_demo)
+    c = sub.add_parser("config", help="print a resolved config: every field, defaults included",
+                       description="opd-jax config show [FILE] [key.sub=value ...]: the config "
+                       "`opd-jax train FILE` would run (YAML), or the schema's defaults without FILE")
+    c.add_argument("action", choices=("show",))
+    c.add_argument("file", nargs="?", default=None)
+    c.add_argument("overrides", nargs="*")
+    c.set_defaults(fn=cmd_config)
     e = sub.add_parser("export", help="write a run's student as a Hugging Face folder or a GGUF")
     e.add_argument("run_dir", help="the run directory `opd-jax train` wrote (e.g. runs/demo)")
     e.add_argument("out", help="output folder (--to hf) or .gguf file (--to gguf)")
@@ -250,6 +279,11 @@ def main(argv=None) -> int:
         return args.fn(args)
     except (ValueError, FileExistsError, FileNotFoundError) as e:
         # config / data / model / export errors: a clear message, no traceback
+        print(f"opd-jax: error: {e}", file=sys.stderr)
+        return 2
+    except ImportError as e:
+        if type(e).__name__ != "MissingExtraError":   # opd_jax.checks (not imported here: light CLI)
+            raise
         print(f"opd-jax: error: {e}", file=sys.stderr)
         return 2
 

@@ -40,3 +40,30 @@ def test_version(capsys):
 def test_export_arguments():
     a = parse_args(["export", "runs/demo", "--to", "hf", "out", "--stage", "opd", "--step", "4"])
     assert (a.run_dir, a.out, a.to, a.stage, a.step) == ("runs/demo", "out", "hf", "opd", 4)
+
+
+def test_config_show_prints_the_resolved_config(capsys):
+    import yaml
+
+    from opd_jax.cli import main
+
+    assert main(["config", "show", DEMO, "optim.lr=0.125"]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert shown["optim"]["lr"] == 0.125 and shown["stages"][0]["kind"] == "cold_start"
+    assert main(["config", "show"]) == 0
+    defaults = yaml.safe_load(capsys.readouterr().out)
+    assert defaults["seed"] == 0 and defaults["stages"] == []
+    assert main(["config", "show", DEMO, "optim.lrr=1"]) == 2
+    assert "did you mean 'lr'" in capsys.readouterr().err
+
+
+def test_a_missing_extra_is_one_clear_line(monkeypatch, tmp_path, capsys):
+    from opd_jax.checks import MissingExtraError, require
+    from opd_jax.cli import main
+
+    monkeypatch.setitem(__import__("sys").modules, "reasoning_gym", None)   # import fails
+    with pytest.raises(MissingExtraError, match=r"pip install 'opd_jax\[data\]'"):
+        require("reasoning_gym", "data", "data.source=reasoning_gym")
+    assert main(["train", "configs/tiny_test.yaml", f"out_dir={tmp_path}/r", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "needs the 'reasoning_gym' package" in err and "Traceback" not in err

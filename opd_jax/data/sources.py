@@ -13,6 +13,7 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from opd_jax.checks import require
 from opd_jax.data.records import PromptRecord, make_record, require_nonempty, to_jsonable
 
 RG_KEY = "reasoning_gym"  # metadata key holding what is needed to re-score an entry
@@ -112,7 +113,7 @@ def load_parquet(path: str | os.PathLike, *, source: str | None = None, prompt_k
 
 def make_reasoning_gym_dataset(name: str, *, seed: int, size: int, config: Mapping[str, Any]):
     """``reasoning_gym.create_dataset`` with its errors turned into clear ``ValueError``s."""
-    import reasoning_gym  # optional dependency: the ``data`` extra
+    reasoning_gym = require("reasoning_gym", "data", f"data.source=reasoning_gym ({name!r})")
     from reasoning_gym.factory import DATASETS
 
     if name not in DATASETS:

@@ -8,6 +8,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from opd_jax.checks import agg_pyplot
 from opd_jax.config.core import to_dict
 from opd_jax.config.run import RunConfig
 from opd_jax.study.arms import HELDOUT, TRAIN
@@ -27,10 +28,7 @@ def _nan(x) -> float:
 def plot_study(out: Path, arms: dict[str, dict]) -> list[Path]:
     """``heldout.png`` (held-out metrics at each eval, by OPD step) and ``train_steps.png`` (the
     mechanism metrics of every OPD step; cold-start SFT loss in the last panel)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = agg_pyplot("the study's plots")
 
     ran = {a: r for a, r in arms.items() if "heldout" in r}
     paths = []

@@ -15,8 +15,8 @@ import time
 from typing import Any
 
 from opd_jax.checkpoint import RUNNING_MARKER, StageCheckpointer, stage_dir
-from opd_jax.config.core import save_config
-from opd_jax.config.run import RunConfig
+from opd_jax.config.core import save_config, to_dict
+from opd_jax.config.run import RunConfig, load_config
 from opd_jax.data import PromptTemplate, dedupe_records, load_records, split_records
 from opd_jax.data.templates import DEFAULT_TEACHER_TEMPLATE
 from opd_jax.train import distributed
@@ -63,20 +63,26 @@ def _stage_result(cfg: RunConfig, name: str) -> dict | None:
 
 
 def run(cfg: RunConfig, *, progress: bool = True, models=None, mesh=None,
-        data: tuple[list, list] | None = None) -> dict[str, Any]:
+        data: tuple[list, list] | None = None, record: bool = True) -> dict[str, Any]:
     """Run every stage of ``cfg`` (resuming where a previous run stopped); returns the summary.
 
     Runs on the mesh ``cfg.mesh`` (multi-process: ``cfg.mesh.distributed`` initialises
     ``jax.distributed`` first; only process 0 writes the run directory's files). ``mesh``: a
     ``opd_jax.train.placement.TrainMesh`` to use instead of building one from ``cfg.mesh``.
     ``data``: ``(train, heldout)`` prompt records to use instead of :func:`load_data` (the
-    study's arms train on selected prompts against one held-out set)."""
+    study's arms train on selected prompts against one held-out set). ``record=False``: neither
+    check nor write ``config.yaml`` (``opd-jax eval`` runs a partial config in a run directory).
+
+    Raises ``ValueError`` before any work when the run directory already records a run whose
+    config differs from ``cfg`` in anything that changes results (:func:`check_resumable`)."""
     distributed.init_distributed(cfg.mesh.distributed)
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     marker = run_dir / RUNNING_MARKER
+    fresh_record = check_resumable(cfg) if record else False
     if distributed.is_primary():
-        save_config(cfg, run_dir / "config.yaml")
+        if fresh_record:
+            save_config(cfg, run_dir / "config.yaml")
         # "a trainer is writing this run" for readers such as `opd-jax export`; removed on exit
         # (a killed run leaves it behind, and readers check whether its pid is still alive)
         marker.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
@@ -86,6 +92,64 @@ def run(cfg: RunConfig, *, progress: bool = True, models=None, mesh=None,
     finally:
         if distributed.is_primary():
             marker.unlink(missing_ok=True)
+
+
+# Config keys that change how a run executes or what it records, never what it computes: a
+# resumed run may change them (a preempted run resumed on another mesh, other logging).
+EXECUTION_KEYS = ("name", "out_dir", "log.", "checkpoint.", "mesh.", "teacher.attention",
+                  "student.attention", "student.remat")
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        items = tree.items()
+    elif isinstance(tree, list):
+        items = enumerate(tree)
+    else:
+        return {prefix: tree}
+    out: dict[str, Any] = {}
+    for k, v in items:
+        out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out if out or not prefix else {prefix: tree}
+
+
+def config_changes(recorded: dict, new: dict) -> list[tuple[str, Any, Any]]:
+    """``(dotted key, recorded, new)`` for every difference that can change results (missing
+    keys read as ``<absent>``); keys under :data:`EXECUTION_KEYS` are ignored."""
+    a, b = _flat(recorded), _flat(new)
+    absent = "<absent>"
+    return [(k, a.get(k, absent), b.get(k, absent)) for k in sorted(set(a) | set(b))
+            if a.get(k, absent) != b.get(k, absent) and not k.startswith(EXECUTION_KEYS)]
+
+
+def check_resumable(cfg: RunConfig) -> bool:
+    """Whether ``config.yaml`` should be written: True for a new run directory (or one that
+    recorded nothing yet); False to resume one whose recorded config computes the same thing.
+
+    Raises ``ValueError`` listing the differing keys when the directory holds a run of another
+    config: resuming it would mix two configs' checkpoints and metrics under one record."""
+    run_dir = cfg.run_dir
+    path = run_dir / "config.yaml"
+    if not path.exists() or not ((run_dir / "checkpoints").exists()
+                                 or (run_dir / "metrics.jsonl").exists()):
+        return True
+    try:   # through the current schema, so fields added since the run read as their defaults
+        recorded = to_dict(load_config(path))
+    except ValueError as e:
+        raise ValueError(f"{path} (the run's recorded config) does not load in this opd_jax "
+                         f"version ({e}); resume it with the version that wrote it, or start "
+                         "over with --fresh") from e
+    changes = config_changes(recorded, to_dict(cfg))
+    if not changes:
+        return False
+    shown = "\n".join(f"  {k}: {old!r} (recorded) -> {new!r}" for k, old, new in changes[:12])
+    more = f"\n  ... and {len(changes) - 12} more" if len(changes) > 12 else ""
+    raise ValueError(
+        f"{run_dir} holds a run of a different config ({path}); these keys differ:\n{shown}{more}\n"
+        f"Resuming would mix two configs' checkpoints and metrics. Either keep the recorded "
+        f"values, start over with --fresh (deletes {run_dir}), or write elsewhere with "
+        f"name=<new name> / out_dir=<dir>. Keys that only change execution or logging "
+        f"({', '.join(k.rstrip('.') for k in EXECUTION_KEYS)}) may differ.")
 
 
 def _run_stages(cfg: RunConfig, run_dir, *, progress: bool, models, mesh, data) -> dict[str, Any]:

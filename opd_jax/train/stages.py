@@ -295,9 +295,11 @@ def run_train_stage(ctx: RunContext, index: int, trainable) -> Any:
                       "curves": to_python(jax.device_get(metrics["curves"]))}
             ctx.log.write(record)
             bar.update(1)
-            bar.set_postfix(loss=f"{scalars['loss']:.4f}",
-                            overlap=f"{scalars.get('overlap', float('nan')):.3f}",
-                            tok_s=f"{record['tokens_per_s']:.0f}")
+            # only what the stage computes (a cold start has no teacher overlap)
+            shown = {"loss": f"{scalars['loss']:.4f}"}
+            if "overlap" in scalars:
+                shown["overlap"] = f"{scalars['overlap']:.3f}"
+            bar.set_postfix(**shown, tok_s=f"{record['tokens_per_s']:.0f}")
             done = step + 1 == stage.steps
             ck.save(step + 1, state, {"data": it.get_state()}, done=done)
             if stop.requested and not done:

@@ -1,0 +1,74 @@
+"""A run directory never lies: resuming refuses a config that would change what the run computes,
+and the recorded ``config.yaml`` is never overwritten by a resume."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+from opd_jax.checkpoint import stage_dir
+from opd_jax.config import load_config
+from opd_jax.train.run import config_changes, run
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, "configs", "tiny_test.yaml")
+BASE = ["checkpoint.every_n_steps=1", "stages=[{kind: opd, steps: 2, batch_prompts: 2}]"]
+
+
+def _cfg(run_dir, *overrides):
+    return load_config(TINY, [f"out_dir={run_dir}", *BASE, *overrides])
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("rec") / "run"
+    run(_cfg(run_dir), progress=False)
+    return run_dir
+
+
+@pytest.mark.parametrize("change,key", [
+    ("optim.lr=0.5", "optim.lr"),
+    ("stages=[{kind: opd, steps: 3, batch_prompts: 2}]", "stages.0.steps"),
+    ("teacher.derive.n_layers=3", "teacher.derive.n_layers"),
+])
+def test_a_finished_run_refuses_another_config(finished, change, key):
+    recorded = (finished / "config.yaml").read_bytes()
+    with pytest.raises(ValueError, match=rf"(?s){key}.*--fresh.*name=<new name>"):
+        run(_cfg(finished, change), progress=False)
+    assert (finished / "config.yaml").read_bytes() == recorded
+
+
+def test_execution_and_logging_changes_resume(finished):
+    recorded = (finished / "config.yaml").read_bytes()
+    lines = (finished / "metrics.jsonl").read_text()
+    summary = run(_cfg(finished, "checkpoint.keep_last_n=5", "log.tensorboard=false",
+                       "student.remat=full", "name=renamed"), progress=False)
+    assert summary["stages"]["opd"]["steps"] == 2
+    assert (finished / "config.yaml").read_bytes() == recorded
+    assert (finished / "metrics.jsonl").read_text() == lines   # nothing retrained
+
+
+def test_an_interrupted_run_refuses_too_and_resumes_unchanged(tmp_path):
+    run_dir = tmp_path / "run"
+    run(_cfg(run_dir), progress=False)
+    shutil.rmtree(stage_dir(run_dir, "opd") / "2")    # as if killed after step 1's save
+    with pytest.raises(ValueError, match="loss.top_k: 4 \\(recorded\\) -> 2"):
+        run(_cfg(run_dir, "loss.top_k=2"), progress=False)
+    summary = run(_cfg(run_dir), progress=False)
+    assert summary["stages"]["opd"]["steps"] == 2
+
+
+def test_cli_names_the_keys_and_exits_2(finished, capsys):
+    from opd_jax.cli import main
+
+    code = main(["train", TINY, f"out_dir={finished}", *BASE, "optim.lr=0.25", "--no-progress"])
+    assert code == 2 and "optim.lr: 0.001 (recorded) -> 0.25" in capsys.readouterr().err
+
+
+def test_config_changes_ignores_execution_keys():
+    a = {"name": "x", "mesh": {"shape": {"fsdp": 1}}, "optim": {"lr": 1.0}, "stages": [{"k": 1}]}
+    b = {"name": "y", "mesh": {"shape": {"fsdp": 8}}, "optim": {"lr": 2.0}, "stages": [{"k": 1},
+                                                                                     {"k": 2}]}
+    assert config_changes(a, b) == [("optim.lr", 1.0, 2.0), ("stages.1.k", "<absent>", 2)]
