@@ -70,7 +70,16 @@ def prompts(tok, n: int, seed: int = 0) -> tuple[list[list[int]], list[str]]:
     return [tok.encode(t) for t in texts], [r["prompt"] for r in recs]
 
 
-def bench_opd_jax(teacher, student, ids, args) -> dict:
+def _pack(batch, student, teacher, pack: bool):
+    from opd_jax.train.rollout import pack_batch
+
+    if not pack:
+        return batch
+    return pack_batch(batch, groups=1, student_config=student.config,
+                      teacher_config=teacher.config)
+
+
+def bench_opd_jax(teacher, student, ids, args, pack: bool = True) -> dict:
     import jax
 
     from opd_jax import losses
@@ -100,7 +109,8 @@ def bench_opd_jax(teacher, student, ids, args) -> dict:
         t0 = time.perf_counter()
         out = sampler(student.params if i == 0 else _params(state), tokens, valid,
                       jax.random.key(i))
-        batch = assemble(prompts_, out.tokens, out.mask, out.logprobs_full)
+        batch = _pack(assemble(prompts_, out.tokens, out.mask, out.logprobs_full), student,
+                      teacher, pack)
         jax.block_until_ready(batch)
         t1 = time.perf_counter()
         state, m = step(state, batch, None, teacher.params)
@@ -115,8 +125,9 @@ def bench_opd_jax(teacher, student, ids, args) -> dict:
     extra = {"first_iteration_s (incl. compile)": compile_s, "loss_last": float(m["scalars"]["loss"])}
     if args.phases:
         extra.update(phases(teacher, student, (sampler, args.new_tokens, tok), prompts_, tokens,
-                            valid, batch, state, (step, loss_kw), args.repeats))
-    return _summary("opd_jax", times, gen_tok, trained, student, teacher, extra=extra)
+                            valid, batch, state, (step, loss_kw), args.repeats, pack))
+    return _summary("opd_jax" if pack else "opd_jax unpacked", times, gen_tok, trained, student,
+                    teacher, extra=extra)
 
 
 def _median_s(fn, repeats: int) -> float:
@@ -132,7 +143,7 @@ def _median_s(fn, repeats: int) -> float:
 
 
 def phases(teacher, student, sampler_spec, prompts_, tokens, valid, batch, state, step_spec,
-           repeats) -> dict:
+           repeats, pack=True) -> dict:
     """Where one iteration's time goes, each part jitted and timed on its own (medians):
     prefill (a 1-token sampler call), decode (the rest of generation), host assembly of the
     batch, teacher forward, student forward + backward + loss (the loss's gradient minus the
@@ -144,7 +155,7 @@ def phases(teacher, student, sampler_spec, prompts_, tokens, valid, batch, state
     from opd_jax.sampling.sampler import Sampler
     from opd_jax.sampling.strategies import Sampling
     from opd_jax.train.rollout import assemble
-    from opd_jax.train.step import loss_and_metrics
+    from opd_jax.train.step import completion_hidden, loss_and_metrics
 
     sampler, _, tok = sampler_spec
     step, loss_kw = step_spec
@@ -155,9 +166,13 @@ def phases(teacher, student, sampler_spec, prompts_, tokens, valid, batch, state
     one = Sampler(student.config, Sampling(temperature=1.0), 1, eos_ids=tok.eos_ids, pad_id=tok.pad_id)
     prefill = _median_s(lambda: one(params, tokens, valid, key).tokens, repeats)
     out = sampler(params, tokens, valid, key)
-    host = _median_s(lambda: assemble(prompts_, out.tokens, out.mask, out.logprobs_full), repeats)
-    t_fwd = jax.jit(lambda p, b: decoder.forward(p, teacher.config, b.teacher_tokens,
-                                                 valid_BxT=b.teacher_valid)[0])
+    host = _median_s(lambda: _pack(assemble(prompts_, out.tokens, out.mask, out.logprobs_full),
+                                   student, teacher, pack), repeats)
+    n = batch.completion.shape[1]
+    run_teacher = lambda p: lambda t, v, pos, seg: decoder.forward(
+        p, teacher.config, t, pos, valid_BxT=v, segment_ids_BxT=seg)[0]
+    t_fwd = jax.jit(lambda p, b: completion_hidden(run_teacher(p), b.teacher_tokens,
+                                                   b.teacher_valid, b.teacher_packed, n))
     teacher_s = _median_s(lambda: t_fwd(teacher.params, batch), repeats)
     grad = jax.jit(jax.grad(lambda p, t, b: loss_and_metrics(p, None, t, b, **loss_kw)[0]))
     grad_s = _median_s(lambda: grad(params, teacher.params, batch), repeats)
@@ -168,7 +183,8 @@ def phases(teacher, student, sampler_spec, prompts_, tokens, valid, batch, state
         return m
     step_s = _median_s(run_step, repeats)
     real = int(np.asarray(batch.student_valid).sum())
-    computed = int(np.prod(batch.student_tokens.shape))
+    rows = batch.student_packed.tokens if batch.student_packed is not None else batch.student_tokens
+    computed = int(np.prod(rows.shape))
     return {"phase_prefill_s": prefill, "phase_decode_s": gen - prefill, "phase_host_s": host,
             "phase_teacher_forward_s": teacher_s,
             "phase_student_fwd_bwd_loss_s": grad_s - teacher_s,
@@ -246,6 +262,10 @@ def main() -> None:
     p.add_argument("--phases", action="store_true",
                    help="also time each part of an iteration on its own (prefill, decode, host, "
                         "teacher forward, student fwd+bwd+loss, optimizer) and the padding ratio")
+    p.add_argument("--no-pack", action="store_true",
+                   help="update on one padded row per sequence (optim.pack=false)")
+    p.add_argument("--pack-ab", action="store_true",
+                   help="also run the unpacked update in the same run (side by side)")
     p.add_argument("--no-metrics", action="store_true",
                    help="opd_jax step without the in-step mechanism metrics (loss only)")
     args = p.parse_args()
@@ -254,25 +274,30 @@ def main() -> None:
     load = load_report()
     teacher, student = build(args.small)
     ids, texts = prompts(teacher.tokenizer, args.batch)
-    rows = [bench_opd_jax(teacher, student, ids, args)]
+    rows = [bench_opd_jax(teacher, student, ids, args, pack=not args.no_pack)]
+    if args.pack_ab:
+        rows.append(bench_opd_jax(teacher, student, ids, args, pack=False))
     if not args.no_trl:
         try:
             rows.append(bench_trl(teacher, student, ids, texts, args))
         except Exception as e:  # noqa: BLE001 - a missing/changed TRL must not hide our numbers
             print(f"TRL side skipped: {type(e).__name__}: {e}")
-    if len(rows) == 2:
-        rows[1]["speedup_vs_trl"] = 1.0
-        rows[0]["speedup_vs_trl"] = rows[1]["iter_s"] / rows[0]["iter_s"]
+    trl = next((r for r in rows if r["impl"].startswith("trl")), None)
+    if trl is not None:
+        for r in rows:
+            r["speedup_vs_trl"] = trl["iter_s"] / r["iter_s"]
     print_table(rows, [("impl", "impl"), ("iter_s", "s/iter"), ("gen_s", "gen s"),
                        ("update_s", "update s"), ("gen_tok_per_s", "gen tok/s"),
                        ("trained_tok_per_s", "trained tok/s"), ("update_gflop_per_s", "GFLOP/s"),
                        ("update_pct_peak", "% peak"), ("speedup_vs_trl", "x TRL")])
-    if args.phases:
-        ph = {k[len("phase_"):]: v for k, v in rows[0].items() if k.startswith("phase_")}
+    for row in rows if args.phases else ():
+        if "computed_tokens" not in row:
+            continue
+        ph = {k[len("phase_"):]: v for k, v in row.items() if k.startswith("phase_")}
         print_table([{"part": k, "s": v, "share": v / sum(ph.values())} for k, v in ph.items()],
-                    [("part", "opd_jax part"), ("s", "s"), ("share", "share")])
-        print(f"update rows: {rows[0]['computed_tokens']} computed tokens for {rows[0]['real_tokens']} "
-              f"real (padding ratio {rows[0]['padding_ratio']:.2f})")
+                    [("part", f"{row['impl']} part"), ("s", "s"), ("share", "share")])
+        print(f"update rows: {row['computed_tokens']} computed tokens for {row['real_tokens']} "
+              f"real (padding ratio {row['padding_ratio']:.2f})")
     name = "train_step_small.json" if args.small else "train_step.json"
     write_json(RESULTS_DIR / name, {"load": load, "machine": machine_info(), "args": vars(args),
                                     "rows": rows})

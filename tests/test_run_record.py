@@ -72,3 +72,9 @@ def test_config_changes_ignores_execution_keys():
     b = {"name": "y", "mesh": {"shape": {"fsdp": 8}}, "optim": {"lr": 2.0}, "stages": [{"k": 1},
                                                                                      {"k": 2}]}
     assert config_changes(a, b) == [("optim.lr", 1.0, 2.0), ("stages.1.k", "<absent>", 2)]
+
+
+def test_stage_sections_and_packing_are_execution_keys():
+    a = {"optim": {"pack": True, "lr": 1.0}, "stages": [{"optim": {"pack": True, "lr": 1.0}}]}
+    b = {"optim": {"pack": False, "lr": 1.0}, "stages": [{"optim": {"pack": False, "lr": 3.0}}]}
+    assert config_changes(a, b) == [("stages.0.optim.lr", 1.0, 3.0)]

@@ -284,7 +284,9 @@ class LossSpec:
 class OptimSpec:
     """Optimizer. ``schedule`` decays from ``lr`` to ``lr * final_lr_ratio`` after
     ``warmup_steps`` of linear warm-up; ``grad_clip_norm`` null = no clipping; ``b1`` is SGD
-    momentum for "sgd"."""
+    momentum for "sgd". ``pack``: the update runs on packed rows (several sequences per row,
+    ``opd_jax.train.packing``; same loss and gradients to float32 rounding) of at most
+    ``pack_max_length`` tokens (or the longest sequence) instead of one padded row per sequence."""
 
     optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
     lr: float = 1e-5
@@ -297,9 +299,12 @@ class OptimSpec:
     eps: float = 1e-8
     grad_clip_norm: Optional[float] = 1.0
     grad_accum_steps: int = 1
+    pack: bool = True
+    pack_max_length: int = 4096
 
     def validate(self) -> None:
         need(self.lr > 0, "lr", self.lr, "a positive number")
+        need_positive(self, "pack_max_length")
         need(self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, "an integer >= 0")
         need(0 <= self.final_lr_ratio <= 1, "final_lr_ratio", self.final_lr_ratio,
               "a number in [0, 1]")

@@ -51,6 +51,8 @@ class BlockedMask(NamedTuple):
     q_slot: jax.Array    # [T] int32
     kv_valid: jax.Array  # [B, S] bool
     block: int
+    segments: jax.Array | None = None        # [B, S] int32: packed rows' segment ids (T == S)
+    segment_start: jax.Array | None = None   # [B, T] int32: first slot of each query's segment
 
 
 @flax.struct.dataclass
@@ -151,15 +153,19 @@ class StepInputs(NamedTuple):
 
 def step_inputs(config: ModelConfig, tokens_BxT: jax.Array, *, valid_BxT: jax.Array | None = None,
                 positions_BxT: jax.Array | None = None, cache: Any = None, lora: Lora | None = None,
-                blocked: bool = False) -> StepInputs:
+                blocked: bool = False, segment_ids_BxT: jax.Array | None = None) -> StepInputs:
     """Positions, attention mask and cache bookkeeping for ``T`` new tokens per row.
 
     ``valid_BxT=None`` means every new token is real. ``cache``: a :class:`KVCache` or any object
     with its ``valid`` / ``index`` / ``next_pos`` fields (the sampler's per-layer caches); the new
     tokens take slots ``[cache.index, cache.index + T)`` and attend causally over the cache.
     ``blocked``: the mask as a :class:`BlockedMask` (blocked attention) instead of ``[B, T, S]``.
+    ``segment_ids_BxT`` (packed rows, no cache): a token attends only to earlier tokens of its own
+    segment; pass ``positions_BxT`` restarting at 0 per segment.
     """
     B, T = tokens_BxT.shape
+    if segment_ids_BxT is not None and (cache is not None or positions_BxT is None):
+        raise ValueError("segment_ids_BxT (packed rows) needs positions_BxT and no cache")
     all_real = valid_BxT is None
     valid_BxT = jnp.ones((B, T), bool) if all_real else valid_BxT.astype(bool)
     offset_B = cache.next_pos if cache is not None else jnp.zeros((B,), jnp.int32)
@@ -184,10 +190,17 @@ def step_inputs(config: ModelConfig, tokens_BxT: jax.Array, *, valid_BxT: jax.Ar
         n_new_B = T if all_real else valid_BxT.sum(axis=1).astype(jnp.int32)
         next_pos_B = cache.next_pos + n_new_B
     elif blocked:
-        mask_BxTxS = BlockedMask(jnp.arange(T), valid_BxT, config.attention_block)
+        segments = start = None
+        if segment_ids_BxT is not None:
+            segments = segment_ids_BxT.astype(jnp.int32)
+            # a segment's tokens are contiguous and all real: its first slot is t - position
+            start = jnp.where(valid_BxT, jnp.arange(T)[None, :] - positions_BxT, T)
+        mask_BxTxS = BlockedMask(jnp.arange(T), valid_BxT, config.attention_block, segments, start)
     else:
         causal_TxT = jnp.tril(jnp.ones((T, T), bool))
         mask_BxTxS = causal_TxT[None] & valid_BxT[:, None, :]
+        if segment_ids_BxT is not None:
+            mask_BxTxS = mask_BxTxS & (segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :])
     return StepInputs(
         positions_BxT=positions_BxT, mask_BxTxS=mask_BxTxS,
         inv_freq=rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling),
@@ -250,7 +263,9 @@ def layer(config: ModelConfig, inputs: StepInputs, x_BxTxD: jax.Array, weights: 
             attn = attention_over_cache(q, k_all, v_all, mask_BxTxS)
     elif isinstance(mask_BxTxS, BlockedMask):
         attn = attention_blocked(q, k, v, mask_BxTxS.q_slot, mask_BxTxS.kv_valid,
-                                 block_q=mask_BxTxS.block, block_k=mask_BxTxS.block)
+                                 block_q=mask_BxTxS.block, block_k=mask_BxTxS.block,
+                                 segments_BxS=mask_BxTxS.segments,
+                                 segment_start_BxT=mask_BxTxS.segment_start)
         new_kv = None
     else:
         attn, new_kv = attention(q, k, v, mask_BxTxS), None
@@ -266,8 +281,8 @@ def layer(config: ModelConfig, inputs: StepInputs, x_BxTxD: jax.Array, weights: 
 def forward(params: Params, config: ModelConfig, tokens_BxT: jax.Array,
             positions_BxT: jax.Array | None = None, *, valid_BxT: jax.Array | None = None,
             cache: KVCache | None = None, lora: Lora | None = None,
-            remat: str = "none", attention: str | None = None
-            ) -> tuple[jax.Array, KVCache | None]:
+            remat: str = "none", attention: str | None = None,
+            segment_ids_BxT: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
     """Run the decoder.
 
     Args:
@@ -284,6 +299,8 @@ def forward(params: Params, config: ModelConfig, tokens_BxT: jax.Array,
       attention: ``"dense" | "blocked"``; ``None`` = ``config.attention``. Blocked attention
         (block ``config.attention_block``) never builds the ``[B, T, S]`` mask or scores; a
         one-token step (``T == 1``, decoding over a cache) always runs dense.
+      segment_ids_BxT: packed rows (several sequences per row, no cache): attention stays inside
+        each segment; ``positions_BxT`` must restart at 0 per segment (``train.packing``).
 
     Returns:
       ``(hidden_BxTxD, new_cache)``: final-norm hidden states and the updated cache (or ``None``).
@@ -295,7 +312,8 @@ def forward(params: Params, config: ModelConfig, tokens_BxT: jax.Array,
         raise ValueError(f"unknown attention {attention!r}; expected 'dense' or 'blocked'")
     T = tokens_BxT.shape[1]
     inputs = step_inputs(config, tokens_BxT, valid_BxT=valid_BxT, positions_BxT=positions_BxT,
-                         cache=cache, lora=lora, blocked=attention == "blocked" and T > 1)
+                         cache=cache, lora=lora, blocked=attention == "blocked" and T > 1,
+                         segment_ids_BxT=segment_ids_BxT)
 
     def step(x, xs):
         weights, kv = xs

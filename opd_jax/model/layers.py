@@ -126,31 +126,50 @@ def _block_hi(slot_q, bk, nk):
     return jnp.clip(jnp.floor_divide(jnp.max(slot_q), bk) + 1, 0, nk).astype(jnp.int32)
 
 
-def _block_scores(q_i, k_j, slot_q, valid_j, j, bk, scale):
+def _segment_layout(segments_BxS, segment_start_BxT, geo):
+    """Segment ids padded to whole blocks (queries and keys: ``T == S`` for packed rows; -1 in the
+    padding) and each query block's first needed key block ``[nq]`` (its earliest segment's)."""
+    B, T, H, E, G, bq, bk, nq, nk = geo
+    S = segments_BxS.shape[1]
+    seg_k = jnp.pad(segments_BxS, ((0, 0), (0, nk * bk - S)), constant_values=-1)
+    seg_q = jnp.pad(segments_BxS[:, :T] if S >= T else jnp.pad(segments_BxS, ((0, 0), (0, T - S))),
+                    ((0, 0), (0, nq * bq - T)), constant_values=-2)
+    start = jnp.pad(segment_start_BxT, ((0, 0), (0, nq * bq - T)), constant_values=nk * bk)
+    lo_q = (jnp.min(start.reshape(B, nq, bq), axis=(0, 2)) // bk).astype(jnp.int32)
+    return seg_q, seg_k, lo_q
+
+
+def _block_scores(q_i, k_j, slot_q, valid_j, j, bk, scale, seg_q=None, seg_j=None):
     """Scaled float32 scores ``[B, G, R, bq, bk]`` of one (query, key) block pair and its mask."""
     s = jnp.einsum("bqgre,bkge->bgrqk", q_i, k_j, preferred_element_type=jnp.float32) * scale
     slots_k = j * bk + jnp.arange(bk)
     mask = (slots_k[None, :] <= slot_q[:, None])[None, None, None] & valid_j[:, None, None, None, :]
+    if seg_q is not None:   # packed rows: only keys of the query's own segment
+        mask = mask & (seg_q[:, :, None] == seg_j[:, None, :])[:, None, None]
     return s, mask
 
 
-def _blocked_forward(q, k, v, q_slot_T, kv_valid_BxS, block_q, block_k):
+def _blocked_forward(q, k, v, q_slot_T, kv_valid_BxS, segments_BxS, segment_start_BxT, block_q,
+                     block_k):
     qp, kp, vp, slot, valid, lo, geo = _blocked_layout(q, k, v, q_slot_T, kv_valid_BxS,
                                                        block_q, block_k)
     B, T, H, E, G, bq, bk, nq, nk = geo
     R = H // G
     scale = 1.0 / math.sqrt(E)
+    seg_q, seg_k, lo_q = _segment_layout(segments_BxS, segment_start_BxT, geo)
 
     def q_block(_, i):
         q_i = jax.lax.dynamic_slice_in_dim(qp, i * bq, bq, axis=1)      # [B, bq, G, R, E]
         slot_q = jax.lax.dynamic_slice_in_dim(slot, i * bq, bq)          # [bq]
+        seg_qi = jax.lax.dynamic_slice_in_dim(seg_q, i * bq, bq, axis=1)  # [B, bq]
 
         def kv_block(j, carry):
             m, l, acc = carry
             k_j = jax.lax.dynamic_slice_in_dim(kp, j * bk, bk, axis=1)  # [B, bk, G, E]
             v_j = jax.lax.dynamic_slice_in_dim(vp, j * bk, bk, axis=1)
             valid_j = jax.lax.dynamic_slice_in_dim(valid, j * bk, bk, axis=1)
-            s, mask = _block_scores(q_i, k_j, slot_q, valid_j, j, bk, scale)
+            seg_j = jax.lax.dynamic_slice_in_dim(seg_k, j * bk, bk, axis=1)
+            s, mask = _block_scores(q_i, k_j, slot_q, valid_j, j, bk, scale, seg_qi, seg_j)
             m_new = jnp.maximum(m, jnp.max(jnp.where(mask, s, MASK_VALUE), axis=-1))
             p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
             alpha = jnp.exp(m - m_new)
@@ -161,7 +180,8 @@ def _blocked_forward(q, k, v, q_slot_T, kv_valid_BxS, block_q, block_k):
 
         init = (jnp.full((B, G, R, bq), MASK_VALUE, jnp.float32),
                 jnp.zeros((B, G, R, bq), jnp.float32), jnp.zeros((B, G, R, bq, E), jnp.float32))
-        m, l, acc = jax.lax.fori_loop(lo, _block_hi(slot_q, bk, nk), kv_block, init)
+        m, l, acc = jax.lax.fori_loop(jnp.maximum(lo, lo_q[i]), _block_hi(slot_q, bk, nk),
+                                      kv_block, init)
         seen = l > 0
         o_i = jnp.where(seen[..., None], acc / jnp.where(seen, l, 1.0)[..., None], 0.0)
         lse_i = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), 0.0)
@@ -172,10 +192,12 @@ def _blocked_forward(q, k, v, q_slot_T, kv_valid_BxS, block_q, block_k):
     return o.astype(q.dtype), lse                                  # lse: [nq, B, G, R, bq]
 
 
-def _blocked_backward(q, k, v, q_slot_T, kv_valid_BxS, o, lse, do, block_q, block_k):
+def _blocked_backward(q, k, v, q_slot_T, kv_valid_BxS, segments_BxS, segment_start_BxT, o, lse,
+                      do, block_q, block_k):
     qp, kp, vp, slot, valid, lo, geo = _blocked_layout(q, k, v, q_slot_T, kv_valid_BxS,
                                                        block_q, block_k)
     B, T, H, E, G, bq, bk, nq, nk = geo
+    seg_q, seg_k, lo_q = _segment_layout(segments_BxS, segment_start_BxT, geo)
     R = H // G
     scale = 1.0 / math.sqrt(E)
     pad_t = ((0, 0), (0, nq * bq - T), (0, 0), (0, 0))
@@ -189,6 +211,7 @@ def _blocked_backward(q, k, v, q_slot_T, kv_valid_BxS, o, lse, do, block_q, bloc
         q_i = jax.lax.dynamic_slice_in_dim(qp, i * bq, bq, axis=1)
         do_i = jax.lax.dynamic_slice_in_dim(dop, i * bq, bq, axis=1)     # [B, bq, G, R, E]
         slot_q = jax.lax.dynamic_slice_in_dim(slot, i * bq, bq)
+        seg_qi = jax.lax.dynamic_slice_in_dim(seg_q, i * bq, bq, axis=1)
         delta_i = jax.lax.dynamic_slice_in_dim(delta, i * bq, bq, axis=1).transpose(0, 2, 3, 1)
         lse_i = lse[i]                                                   # [B, G, R, bq]
 
@@ -197,7 +220,8 @@ def _blocked_backward(q, k, v, q_slot_T, kv_valid_BxS, o, lse, do, block_q, bloc
             k_j = jax.lax.dynamic_slice_in_dim(kp, j * bk, bk, axis=1)
             v_j = jax.lax.dynamic_slice_in_dim(vp, j * bk, bk, axis=1)
             valid_j = jax.lax.dynamic_slice_in_dim(valid, j * bk, bk, axis=1)
-            s, mask = _block_scores(q_i, k_j, slot_q, valid_j, j, bk, scale)
+            seg_j = jax.lax.dynamic_slice_in_dim(seg_k, j * bk, bk, axis=1)
+            s, mask = _block_scores(q_i, k_j, slot_q, valid_j, j, bk, scale, seg_qi, seg_j)
             p = jnp.where(mask, jnp.exp(s - lse_i[..., None]), 0.0)       # [B, G, R, bq, bk]
             dv_j = jnp.einsum("bgrqk,bqgre->bkge", p.astype(do_i.dtype), do_i,
                               preferred_element_type=jnp.float32)
@@ -214,7 +238,8 @@ def _blocked_backward(q, k, v, q_slot_T, kv_valid_BxS, o, lse, do, block_q, bloc
             return dq_i, dk, dv
 
         dq_i = jnp.zeros((B, bq, G, R, E), jnp.float32)
-        dq_i, dk, dv = jax.lax.fori_loop(lo, _block_hi(slot_q, bk, nk), kv_block, (dq_i, dk, dv))
+        dq_i, dk, dv = jax.lax.fori_loop(jnp.maximum(lo, lo_q[i]), _block_hi(slot_q, bk, nk),
+                                         kv_block, (dq_i, dk, dv))
         return (dk, dv), dq_i
 
     zeros_kv = jnp.zeros((B, nk * bk, G, E), jnp.float32)
@@ -224,20 +249,25 @@ def _blocked_backward(q, k, v, q_slot_T, kv_valid_BxS, o, lse, do, block_q, bloc
     return dq.astype(q.dtype), dk[:, :S].astype(k.dtype), dv[:, :S].astype(v.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _attention_blocked(q, k, v, q_slot_T, kv_valid_BxS, block_q, block_k):
-    return _blocked_forward(q, k, v, q_slot_T, kv_valid_BxS, block_q, block_k)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
+def _attention_blocked(q, k, v, q_slot_T, kv_valid_BxS, segments_BxS, segment_start_BxT,
+                       block_q, block_k):
+    return _blocked_forward(q, k, v, q_slot_T, kv_valid_BxS, segments_BxS, segment_start_BxT,
+                            block_q, block_k)[0]
 
 
-def _attention_blocked_fwd(q, k, v, q_slot_T, kv_valid_BxS, block_q, block_k):
-    o, lse = _blocked_forward(q, k, v, q_slot_T, kv_valid_BxS, block_q, block_k)
-    return o, (q, k, v, q_slot_T, kv_valid_BxS, o, lse)
+def _attention_blocked_fwd(q, k, v, q_slot_T, kv_valid_BxS, segments_BxS, segment_start_BxT,
+                           block_q, block_k):
+    o, lse = _blocked_forward(q, k, v, q_slot_T, kv_valid_BxS, segments_BxS, segment_start_BxT,
+                              block_q, block_k)
+    return o, (q, k, v, q_slot_T, kv_valid_BxS, segments_BxS, segment_start_BxT, o, lse)
 
 
 def _attention_blocked_bwd(block_q, block_k, res, do):
-    q, k, v, q_slot_T, kv_valid_BxS, o, lse = res
-    dq, dk, dv = _blocked_backward(q, k, v, q_slot_T, kv_valid_BxS, o, lse, do, block_q, block_k)
-    return dq, dk, dv, None, None
+    q, k, v, q_slot_T, kv_valid_BxS, segments_BxS, segment_start_BxT, o, lse = res
+    dq, dk, dv = _blocked_backward(q, k, v, q_slot_T, kv_valid_BxS, segments_BxS,
+                                   segment_start_BxT, o, lse, do, block_q, block_k)
+    return dq, dk, dv, None, None, None, None
 
 
 _attention_blocked.defvjp(_attention_blocked_fwd, _attention_blocked_bwd)
@@ -245,7 +275,8 @@ _attention_blocked.defvjp(_attention_blocked_fwd, _attention_blocked_bwd)
 
 def attention_blocked(q_BxTxHxE: jax.Array, k_BxSxGxE: jax.Array, v_BxSxGxE: jax.Array,
                       q_slot_T: jax.Array, kv_valid_BxS: jax.Array, *, block_q: int = 512,
-                      block_k: int = 512) -> jax.Array:
+                      block_k: int = 512, segments_BxS: jax.Array | None = None,
+                      segment_start_BxT: jax.Array | None = None) -> jax.Array:
     """Memory-efficient grouped-query attention (online softmax over key blocks; float32 math).
 
     Query ``t`` may attend to key slot ``s`` when ``s <= q_slot_T[t]`` and ``kv_valid_BxS[b, s]``
@@ -253,6 +284,17 @@ def attention_blocked(q_BxTxHxE: jax.Array, k_BxSxGxE: jax.Array, v_BxSxGxE: jax
     :func:`attention` with that mask wherever a query has a key to attend to; a query with none
     gets 0. ``T`` and ``S`` need not be multiples of the block sizes (blocks are clamped to
     ``T`` / ``S`` and the tail is padded). Differentiable (custom VJP, O(T) residuals).
+
+    Packed rows (no cache, ``T == S``): ``segments_BxS`` (int) also requires
+    ``segments[b, t] == segments[b, s]``, and ``segment_start_BxT`` (each query's segment's first
+    slot) lets a query block skip every key block before the earliest segment it holds (blocks
+    after it are skipped by causality), so a packed row costs about its segments' own blocks.
     """
+    B, T = q_BxTxHxE.shape[:2]
+    S = k_BxSxGxE.shape[1]
+    segments_BxS = (jnp.zeros((B, S), jnp.int32) if segments_BxS is None
+                    else segments_BxS.astype(jnp.int32))
+    segment_start_BxT = (jnp.zeros((B, T), jnp.int32) if segment_start_BxT is None
+                         else segment_start_BxT.astype(jnp.int32))
     return _attention_blocked(q_BxTxHxE, k_BxSxGxE, v_BxSxGxE, q_slot_T, kv_valid_BxS,
-                              int(block_q), int(block_k))
+                              segments_BxS, segment_start_BxT, int(block_q), int(block_k))

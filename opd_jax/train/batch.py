@@ -5,14 +5,31 @@ from __future__ import annotations
 import flax.struct
 import jax
 
-__all__ = ["RolloutBatch"]
+__all__ = ["RolloutBatch", "PackedRows"]
+
+
+@flax.struct.dataclass
+class PackedRows:
+    """One model's sequences packed several per row (``opd_jax.train.packing``), in ``G`` groups
+    of ``M`` rows of ``R`` tokens: ``tokens`` / ``valid`` / ``segments`` (1, 2, ... per sequence,
+    0 = padding) / ``positions`` (restarting per segment) ``[G, M, R]``; ``gather`` ``[G, B/G, N]``:
+    the index in the group's flattened ``[M * R]`` hidden states predicting each completion token
+    (0 where masked)."""
+
+    tokens: jax.Array
+    valid: jax.Array
+    segments: jax.Array
+    positions: jax.Array
+    gather: jax.Array
 
 
 @flax.struct.dataclass
 class RolloutBatch:
     """One step's sequences. ``student_tokens``/``student_valid``: ``[B, Ps + N]``;
     ``teacher_tokens``/``teacher_valid``: ``[B, Pt + N]`` (same completion, the teacher's own
-    prompt); ``completion``/``mask``/``sampler_logprobs``: ``[B, N]``."""
+    prompt); ``completion``/``mask``/``sampler_logprobs``: ``[B, N]``. ``student_packed`` /
+    ``teacher_packed``: the same sequences packed (the step then runs on those rows instead of
+    the padded ``[B, P + N]`` ones); ``None`` = unpacked."""
 
     student_tokens: jax.Array
     student_valid: jax.Array
@@ -21,3 +38,5 @@ class RolloutBatch:
     completion: jax.Array
     mask: jax.Array
     sampler_logprobs: jax.Array
+    student_packed: PackedRows | None = None
+    teacher_packed: PackedRows | None = None

@@ -36,7 +36,7 @@ from opd_jax import sharding as shd
 from opd_jax.model.config import param_axes
 from opd_jax.model.decoder import Lora
 from opd_jax.model.lora import lora_axes
-from opd_jax.train.batch import RolloutBatch
+from opd_jax.train.batch import PackedRows, RolloutBatch
 
 __all__ = ["TrainMesh", "build_mesh", "single_device_mesh", "place_models", "teacher_scope",
            "map_rows_per_device", "replicate_embedding"]
@@ -73,11 +73,16 @@ class TrainMesh:
         is given and its rows do not divide)."""
         return shd.named_sharding(self.mesh, ("batch",) + (None,) * (ndim - 1), self.rules, shape)
 
-    def batch_shardings(self):
-        """A ``RolloutBatch`` of row shardings (every field is ``[B, ...]`` 2-D)."""
-
+    def batch_shardings(self, packed: bool = False):
+        """A ``RolloutBatch`` of row shardings (every field ``[B, ...]`` 2-D; with ``packed``, the
+        ``PackedRows`` fields ``[G, ...]`` 3-D, split by group)."""
         s = self.rows(2)
-        return RolloutBatch(*([s] * len(dataclasses.fields(RolloutBatch))))
+        rows = RolloutBatch(*([s] * 7))
+        if not packed:
+            return rows
+        p = self.rows(3)
+        return rows.replace(student_packed=PackedRows(p, p, p, p, p),
+                            teacher_packed=PackedRows(p, p, p, p, p))
 
     def params_shardings(self, config, params, teacher: bool = False):
         """Shardings of a parameter tree of ``config`` by the student's (or teacher's) rules."""
@@ -132,7 +137,8 @@ class TrainMesh:
                                 shapes, shardings)
         return abstract, shardings
 
-    def train_shardings(self, student, trainable, frozen, teacher, teacher_args, init_fn):
+    def train_shardings(self, student, trainable, frozen, teacher, teacher_args, init_fn, *,
+                        packed: bool = False):
         """``(abstract_state, shardings)`` for a train stage: ``shardings`` is the
         ``{"state", "batch", "frozen", "teacher"}`` dict ``make_train_step(shardings=)`` takes.
         ``teacher`` is the step's ``TeacherSpec``: a separate teacher is placed by the teacher
@@ -143,7 +149,7 @@ class TrainMesh:
             teacher_sh = self.params_shardings(teacher.config, teacher_args, teacher=True)
         else:
             teacher_sh = trainable_sh if teacher_args is not None else None
-        return abstract, {"state": state_sh, "batch": self.batch_shardings(),
+        return abstract, {"state": state_sh, "batch": self.batch_shardings(packed),
                           "frozen": self.params_shardings(student.config, frozen),
                           "teacher": teacher_sh}
 

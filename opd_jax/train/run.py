@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import time
 from typing import Any
@@ -97,7 +98,7 @@ def run(cfg: RunConfig, *, progress: bool = True, models=None, mesh=None,
 # Config keys that change how a run executes or what it records, never what it computes: a
 # resumed run may change them (a preempted run resumed on another mesh, other logging).
 EXECUTION_KEYS = ("name", "out_dir", "log.", "checkpoint.", "mesh.", "teacher.attention",
-                  "student.attention", "student.remat")
+                  "student.attention", "student.remat", "optim.pack")
 
 
 def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -118,8 +119,10 @@ def config_changes(recorded: dict, new: dict) -> list[tuple[str, Any, Any]]:
     keys read as ``<absent>``); keys under :data:`EXECUTION_KEYS` are ignored."""
     a, b = _flat(recorded), _flat(new)
     absent = "<absent>"
+    # a stage's own sections ("stages.<i>.optim.pack") are matched like the run-level ones
+    section = lambda k: re.sub(r"^stages\.\d+\.", "", k)
     return [(k, a.get(k, absent), b.get(k, absent)) for k in sorted(set(a) | set(b))
-            if a.get(k, absent) != b.get(k, absent) and not k.startswith(EXECUTION_KEYS)]
+            if a.get(k, absent) != b.get(k, absent) and not section(k).startswith(EXECUTION_KEYS)]
 
 
 def check_resumable(cfg: RunConfig) -> bool:
@@ -130,9 +133,10 @@ def check_resumable(cfg: RunConfig) -> bool:
     config: resuming it would mix two configs' checkpoints and metrics under one record."""
     run_dir = cfg.run_dir
     path = run_dir / "config.yaml"
-    if not path.exists() or not ((run_dir / "checkpoints").exists()
-                                 or (run_dir / "metrics.jsonl").exists()):
-        return True
+    metrics = run_dir / "metrics.jsonl"
+    saved = any(p.name.isdigit() for p in (run_dir / "checkpoints").glob("*/*"))
+    if not path.exists() or not (saved or (metrics.exists() and metrics.stat().st_size > 0)):
+        return True   # nothing was computed under the recorded config (e.g. it failed early)
     try:   # through the current schema, so fields added since the run read as their defaults
         recorded = to_dict(load_config(path))
     except ValueError as e:

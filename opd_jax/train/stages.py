@@ -139,9 +139,19 @@ class StageRun:
             out = kind.off_policy(self, state, prompts, key)
         keep, counts = kind.keep_rows(self, out)
         extra.update({f"filter_{k}": v for k, v in counts.items()})
-        batch = self.tm.place(rollout.assemble(prompts, out.tokens, out.mask, out.logprobs_full,
-                                               keep), self.batch_shardings)
-        return batch, out, extra
+        batch = rollout.assemble(prompts, out.tokens, out.mask, out.logprobs_full, keep)
+        optim = stage.optim
+        if optim.pack:   # one packing group per (micro-batch, data-parallel shard)
+            teacher_config = self.teacher.config if self.teacher.mode == "separate" else None
+            batch = rollout.pack_batch(batch, groups=optim.grad_accum_steps * self.tm.batch_shards,
+                                       student_config=m.student.config,
+                                       teacher_config=teacher_config,
+                                       max_length=optim.pack_max_length)
+            packed = batch.student_packed.tokens.size + (
+                0 if batch.teacher_packed is batch.student_packed
+                else batch.teacher_packed.tokens.size)
+            extra["packed_tokens"] = int(packed)   # computed tokens (student + teacher rows)
+        return self.tm.place(batch, self.batch_shardings), out, extra
 
 
 def _separate(ctx: RunContext, stage, trainable) -> tuple[TeacherSpec, Any]:
@@ -242,7 +252,7 @@ def run_train_stage(ctx: RunContext, index: int, trainable) -> Any:
     init_fn = functools.partial(init_state, optimizer=optimizer, seed=cfg.seed + index,
                                 with_ema=with_ema)
     abstract, shardings = tm.train_shardings(m.student, trainable, m.frozen, teacher,
-                                             teacher_args, init_fn)
+                                             teacher_args, init_fn, packed=stage.optim.pack)
     batch_size = distributed.per_process_batch(stage.batch_prompts)
     it = make_prompt_iterator(make_prompt_dataset(ctx.train_records, batch_size=batch_size,
                                                   seed=cfg.seed + index, num_epochs=None,

@@ -49,10 +49,12 @@ class StudentSpec:
             return trainable, None
         return frozen, decoder.Lora(weights=trainable, scale=self.lora_scale)
 
-    def hidden(self, trainable, frozen, tokens_BxT, valid_BxT):
+    def hidden(self, trainable, frozen, tokens_BxT, valid_BxT, positions_BxT=None,
+               segment_ids_BxT=None):
+        """Final hidden states ``[B, T, D]``; packed rows pass their positions and segments."""
         params, lora = self.params_and_lora(trainable, frozen)
-        h, _ = decoder.forward(params, self.config, tokens_BxT, valid_BxT=valid_BxT, lora=lora,
-                               remat=self.remat)
+        h, _ = decoder.forward(params, self.config, tokens_BxT, positions_BxT, valid_BxT=valid_BxT,
+                               lora=lora, remat=self.remat, segment_ids_BxT=segment_ids_BxT)
         return h
 
     def unembed(self, trainable, frozen):

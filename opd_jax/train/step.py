@@ -1,6 +1,8 @@
 """The jitted training step: student + teacher forward, chunked loss, update, metrics.
 
-Alignment: a row is ``[left-padded prompt (P) | completion (N)]``. The logits at position ``t``
+Alignment: a row is ``[left-padded prompt (P) | completion (N)]`` (or, packed, several sequences
+per row: :func:`completion_hidden` gathers each completion token's predicting hidden state back
+into ``[B, N, D]`` and everything after is the same). The logits at position ``t``
 score token ``t + 1``, so completion token ``j`` is predicted by the hidden state at
 ``P - 1 + j``: the step slices ``hidden[:, P-1 : P-1+N]`` for the student (and likewise for the
 teacher with its own prompt length, which differs for OPSD's privileged context) and compares it
@@ -24,7 +26,7 @@ from opd_jax.losses.chunk_map import chunked_student_logits_map
 from opd_jax.metrics import per_position
 from opd_jax.model import decoder
 from opd_jax.model.config import ModelConfig
-from opd_jax.train.batch import RolloutBatch
+from opd_jax.train.batch import PackedRows, RolloutBatch
 from opd_jax.train.placement import map_rows_per_device, replicate_embedding, teacher_scope
 from opd_jax.train.state import StudentSpec, TrainState
 
@@ -55,6 +57,22 @@ def _completion_slice(hidden_BxTxD, n):
     return jax.lax.slice_in_dim(hidden_BxTxD, p - 1, p - 1 + n, axis=1)
 
 
+def completion_hidden(hidden_fn: Callable, tokens, valid, packed: PackedRows | None, n: int):
+    """Hidden states predicting the ``n`` completion tokens ``[B, N, D]``: the padded rows'
+    slice, or ``hidden[gather]`` of the packed rows (``hidden_fn(tokens, valid, positions,
+    segments)`` runs the model)."""
+    if packed is None:
+        return _completion_slice(hidden_fn(tokens, valid, None, None), n)
+    G, M, R = packed.tokens.shape
+    rows = lambda x: x.reshape(G * M, R)
+    h = hidden_fn(rows(packed.tokens), rows(packed.valid), rows(packed.positions),
+                  rows(packed.segments))
+    h = h.reshape(G, M * R, h.shape[-1])
+    idx = packed.gather.reshape(G, -1)                              # [G, B/G * N]
+    out = jnp.take_along_axis(h, idx[..., None], axis=1)            # [G, B/G * N, D]
+    return out.reshape(-1, n, out.shape[-1])
+
+
 def teacher_hidden_and_unembed(teacher: TeacherSpec, student: StudentSpec, teacher_args: Any,
                                trainable: Any, frozen: Any, batch: RolloutBatch):
     """Teacher hidden states at the completion positions ``[B, N, D']`` and its unembedding."""
@@ -62,16 +80,18 @@ def teacher_hidden_and_unembed(teacher: TeacherSpec, student: StudentSpec, teach
     if teacher.mode == "none":
         return None, None
     if teacher.mode == "separate":
-        with teacher_scope(teacher.rules):
-            h, _ = decoder.forward(teacher_args, teacher.config, batch.teacher_tokens,
-                                   valid_BxT=batch.teacher_valid)
+        def run(tokens, valid, positions, segments):
+            with teacher_scope(teacher.rules):
+                return decoder.forward(teacher_args, teacher.config, tokens, positions,
+                                       valid_BxT=valid, segment_ids_BxT=segments)[0]
         w = decoder.unembed_matrix(teacher_args, teacher.config)
     else:
         weights = trainable if teacher.mode == "student_live" else teacher_args
         weights = jax.lax.stop_gradient(weights)
-        h = student.hidden(weights, frozen, batch.teacher_tokens, batch.teacher_valid)
+        run = functools.partial(student.hidden, weights, frozen)
         w = student.unembed(weights, frozen)
-    return jax.lax.stop_gradient(_completion_slice(h, n)), jax.lax.stop_gradient(w)
+    h = completion_hidden(run, batch.teacher_tokens, batch.teacher_valid, batch.teacher_packed, n)
+    return jax.lax.stop_gradient(h), jax.lax.stop_gradient(w)
 
 
 def loss_and_metrics(trainable, frozen, teacher_args, batch: RolloutBatch, *,
@@ -81,8 +101,8 @@ def loss_and_metrics(trainable, frozen, teacher_args, batch: RolloutBatch, *,
     n = batch.completion.shape[1]
     # on a mesh: look tokens up in a gathered table (no [B, T, D] gathers across the batch)
     trainable, frozen, teacher_args = map(replicate_embedding, (trainable, frozen, teacher_args))
-    hs = _completion_slice(student.hidden(trainable, frozen, batch.student_tokens,
-                                          batch.student_valid), n)
+    hs = completion_hidden(functools.partial(student.hidden, trainable, frozen),
+                           batch.student_tokens, batch.student_valid, batch.student_packed, n)
     ws = student.unembed(trainable, frozen)
     ht, wt = teacher_hidden_and_unembed(teacher, student, teacher_args, trainable, frozen, batch)
     extras = {"tokens": batch.completion, "mask": batch.mask,
@@ -108,11 +128,6 @@ def _split(batch: RolloutBatch, parts: int) -> RolloutBatch:
                              "grad_accum_steps micro-batches; make batch rows a multiple")
         return x.reshape(parts, x.shape[0] // parts, *x.shape[1:])
     return jax.tree.map(split, batch)
-
-
-def _all_finite(tree) -> jax.Array:
-    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
-    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
 def train_step(state: TrainState, batch: RolloutBatch, frozen, teacher_args, *,
@@ -145,7 +160,10 @@ def train_step(state: TrainState, batch: RolloutBatch, frozen, teacher_args, *,
 
     updates, new_opt = optimizer.update(grads, state.opt_state, state.trainable)
     new_trainable = optax.apply_updates(state.trainable, updates)
-    ok = jnp.isfinite(loss) & _all_finite(grads)
+    # the global norm is finite iff every gradient entry is (or the squares overflow float32, a
+    # gradient no update should take): one pass over the gradients serves the check and the metric
+    grad_norm = optax.tree.norm(grads)
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
     new_trainable = keep(new_trainable, state.trainable)
     new_opt = keep(new_opt, state.opt_state)
@@ -159,7 +177,7 @@ def train_step(state: TrainState, batch: RolloutBatch, frozen, teacher_args, *,
     flat = lambda x: x.reshape(-1, *x.shape[2:])
     outs, mask = jax.tree.map(flat, outs), flat(masks)
     metrics = {k: losses.token_mean(v, mask) for k, v in outs.items() if k != "loss"}
-    metrics.update(loss=loss, grad_norm=optax.tree.norm(grads), skipped=new_state.skipped,
+    metrics.update(loss=loss, grad_norm=grad_norm, skipped=new_state.skipped,
                    update_ok=ok, completion_tokens=mask.sum(),
                    completion_len=mask.sum(axis=1).astype(jnp.float32).mean())
     curves = {k: per_position(outs[k], mask) for k in CURVE_KEYS if k in outs}

@@ -1,0 +1,141 @@
+"""Packed update rows: several ``[prompt | completion]`` sequences per row, computed on the host.
+
+A batch row ``b`` of the unpacked layout is ``[left-padded prompt (P) | completion (N)]``; its real
+tokens are ``L_b = p_b + c_b`` (prompt tokens, completion tokens up to EOS). Packing concatenates
+sequences into ``M`` rows of ``R`` tokens with
+
+* ``segments``: 1, 2, ... per sequence in a row, 0 for the row's padding tail; attention never
+  crosses a segment (``decoder.forward(segment_ids_BxT=...)``);
+* ``positions``: RoPE positions restarting at 0 per segment (the unpacked layout's positions count
+  real tokens too, so a sequence's hidden states are the same numbers either way);
+* ``gather [B, N]``: where the hidden state predicting completion token ``j`` of row ``b`` sits in
+  the flattened ``[M * R]`` rows (``offset_b + p_b + j - 1``); 0 where ``j >= c_b`` (masked).
+
+The step gathers ``hidden[gather]`` back into ``[B, N, D]``, so the chunked loss, the metrics and
+everything after them run unchanged. Rows with no completion token (rejected by a filter) are not
+packed at all.
+
+Groups: rows are packed within ``groups`` contiguous blocks of the batch (``B / groups`` sequences
+each, arrays ``[groups, ...]``), one per (grad-accumulation micro-batch x data-parallel shard), so
+each micro-batch and each device gathers from its own rows only.
+
+Row length: greedy first-fit-decreasing into rows of each candidate length ``R`` (the
+:func:`~opd_jax.sampling.sampler.bucket_length` buckets from the longest sequence up to
+``max_length``), keeping the cheapest by a FLOP count: ``M R (mm + 4 R H E)`` for dense attention
+(``mm``: the per-token matmul FLOPs; ``4 R H E``: scores and values over the whole row), ``M R mm``
+for blocked attention (it skips other segments' key blocks). ``R`` and the bucketed ``M`` come
+from small sets, so repeated steps reuse few compiled shapes.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from opd_jax.model.config import ModelConfig
+from opd_jax.sampling.sampler import bucket_length
+from opd_jax.train.batch import PackedRows
+
+__all__ = ["pack_rows", "first_fit", "row_count_bucket", "token_flops"]
+
+
+def row_count_bucket(m: int) -> int:
+    """Rows per group rounded to 1, 2, 3, 4, 6, 8, 12, 16, ... (two buckets per doubling).
+
+    >>> [row_count_bucket(m) for m in (1, 2, 3, 5, 7, 9, 13)]
+    [1, 2, 3, 6, 8, 12, 16]
+    """
+    return bucket_length(m, minimum=1, per_octave=2)
+
+
+def token_flops(config: ModelConfig) -> float:
+    """Forward matmul FLOPs per token and layer outside attention's scores (projections + MLP)."""
+    D, H, G, E, F = (config.d_model, config.n_heads, config.n_kv_heads, config.head_dim,
+                     config.ffn_dim)
+    return 2.0 * (D * H * E + 2 * D * G * E + H * E * D + 3 * D * F)
+
+
+def first_fit(lengths: Sequence[int], row_len: int) -> list[list[int]]:
+    """Greedy first-fit-decreasing: item indices per row (each row's lengths sum to <= row_len).
+
+    >>> first_fit([5, 3, 4, 2], 7)
+    [[0, 3], [2, 1]]
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in order:
+        n = lengths[i]
+        for r, free in enumerate(room):
+            if n <= free:
+                rows[r].append(i)
+                room[r] -= n
+                break
+        else:
+            rows.append([i])
+            room.append(row_len - n)
+    return rows
+
+
+def _choose(lengths_by_group: list[list[int]], config: ModelConfig, max_length: int,
+            blocked: bool) -> tuple[int, list[list[list[int]]]]:
+    longest = max((n for g in lengths_by_group for n in g), default=1)
+    cap = max(bucket_length(longest), bucket_length(min(max_length, max(
+        (sum(g) for g in lengths_by_group), default=1))))
+    mm, attn = token_flops(config), 4.0 * config.n_heads * config.head_dim
+    best = None
+    r = bucket_length(longest)
+    while r <= cap:
+        layout = [first_fit(g, r) for g in lengths_by_group]
+        m = row_count_bucket(max((len(rows) for rows in layout), default=1))
+        cost = m * r * (mm + (0.0 if blocked else attn * r))
+        if best is None or cost < best[0]:
+            best = (cost, r, layout)
+        r = bucket_length(r + 1)
+    return best[1], best[2]
+
+
+def pack_rows(tokens_BxT: np.ndarray, valid_BxT: np.ndarray, n_completion: int, *, groups: int,
+              config: ModelConfig, max_length: int = 4096, blocked: bool = False) -> PackedRows:
+    """Pack the ``[prompt | completion]`` rows ``tokens_BxT`` (``valid_BxT``: real tokens; the last
+    ``n_completion`` columns are the completion, real tokens a prefix of it) into a
+    :class:`~opd_jax.train.batch.PackedRows` of ``groups`` groups."""
+    tokens_BxT, valid_BxT = np.asarray(tokens_BxT), np.asarray(valid_BxT, bool)
+    B, T = tokens_BxT.shape
+    if B % groups:
+        raise ValueError(f"{B} rows do not split into {groups} packing groups (grad_accum_steps x "
+                         "data-parallel shards); make batch rows a multiple")
+    P, N = T - n_completion, n_completion
+    p_B = valid_BxT[:, :P].sum(axis=1)
+    c_B = valid_BxT[:, P:].sum(axis=1)
+    if np.any((c_B > 0) & (p_B == 0)):
+        raise ValueError("a row with a completion has no prompt token: nothing predicts its first "
+                         "completion token")
+    per = B // groups
+    lengths = [[int(p_B[b] + c_B[b]) if c_B[b] > 0 else 0 for b in range(g * per, (g + 1) * per)]
+               for g in range(groups)]
+    packed_idx = [[i for i, n in enumerate(g) if n > 0] for g in lengths]
+    R, layouts = _choose([[g[i] for i in idx] for g, idx in zip(lengths, packed_idx)], config,
+                         max_length, blocked)
+    M = row_count_bucket(max((len(rows) for rows in layouts), default=1))
+    tokens = np.zeros((groups, M, R), np.int32)
+    valid = np.zeros((groups, M, R), bool)
+    segments = np.zeros((groups, M, R), np.int32)
+    positions = np.zeros((groups, M, R), np.int32)
+    gather = np.zeros((groups, per, N), np.int32)
+    for g, (idx, rows) in enumerate(zip(packed_idx, layouts)):
+        for r, row in enumerate(rows):
+            offset = 0
+            for seg, k in enumerate(row, start=1):
+                b = g * per + idx[k]
+                seq = tokens_BxT[b][valid_BxT[b]]
+                n, p, c = len(seq), int(p_B[b]), int(c_B[b])
+                tokens[g, r, offset:offset + n] = seq
+                valid[g, r, offset:offset + n] = True
+                segments[g, r, offset:offset + n] = seg
+                positions[g, r, offset:offset + n] = np.arange(n)
+                gather[g, idx[k], :c] = r * R + offset + p - 1 + np.arange(c)
+                offset += n
+    return PackedRows(tokens=tokens, valid=valid, segments=segments, positions=positions,
+                      gather=gather)
