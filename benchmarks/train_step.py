@@ -122,7 +122,8 @@ def bench_opd_jax(teacher, student, ids, args, pack: bool = True) -> dict:
             times.append((t2 - t0, t1 - t0, t2 - t1))
             gen_tok.append(int(np.asarray(out.mask).sum()))
             trained.append(int(np.asarray(batch.student_valid).sum()))
-    extra = {"first_iteration_s (incl. compile)": compile_s, "loss_last": float(m["scalars"]["loss"])}
+    extra = {"first_iteration_s (incl. compile)": compile_s, "loss_last": float(m["scalars"]["loss"]),
+             "compiled_step_shapes": step._cache_size()}
     if args.phases:
         extra.update(phases(teacher, student, (sampler, args.new_tokens, tok), prompts_, tokens,
                             valid, batch, state, (step, loss_kw), args.repeats, pack))
@@ -289,7 +290,8 @@ def main() -> None:
     print_table(rows, [("impl", "impl"), ("iter_s", "s/iter"), ("gen_s", "gen s"),
                        ("update_s", "update s"), ("gen_tok_per_s", "gen tok/s"),
                        ("trained_tok_per_s", "trained tok/s"), ("update_gflop_per_s", "GFLOP/s"),
-                       ("update_pct_peak", "% peak"), ("speedup_vs_trl", "x TRL")])
+                       ("update_pct_peak", "% peak"), ("speedup_vs_trl", "x TRL"),
+                       ("compiled_step_shapes", "step shapes")])
     for row in rows if args.phases else ():
         if "computed_tokens" not in row:
             continue

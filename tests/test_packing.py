@@ -18,7 +18,7 @@ from opd_jax.model.config import ModelConfig
 from opd_jax.model.lora import init_lora
 from opd_jax.train.batch import RolloutBatch
 from opd_jax.train.objectives import make_chunk_fn, sft_chunk_fn
-from opd_jax.train.packing import first_fit, pack_rows, row_count_bucket
+from opd_jax.train.packing import first_fit, pack_rows, row_count_bucket, row_length_bucket
 from opd_jax.train.rollout import pack_batch
 from opd_jax.train.state import StudentSpec, init_state, make_optimizer
 from opd_jax.train.step import TeacherSpec, loss_and_metrics, make_train_step
@@ -107,12 +107,10 @@ def test_compiled_shapes_stay_few_over_many_batches():
         toks, valid, P, N = _ragged(seed, B=16, P=24, N=N)
         pk = pack_rows(toks, valid, N, groups=1, config=CS, max_length=512)
         shapes.add(pk.tokens.shape)
-    # rows and lengths come from the bucket sets only: 60 batches of ragged lengths (the unpacked
-    # layout alone would see ~8 completion buckets) compile at most a couple of dozen steps
-    from opd_jax.sampling.sampler import bucket_length
-
-    assert all(R == bucket_length(R) and M == row_count_bucket(M) for _, M, R in shapes)
-    assert len(shapes) <= 24, sorted(shapes)
+    # rows and lengths come from the bucket sets only: 60 batches of ragged lengths compile at
+    # most 16 step shapes (13 measured; the unpacked layout: 4 completion buckets x 1 prompt)
+    assert all(R == row_length_bucket(R) and M == row_count_bucket(M) for _, M, R in shapes)
+    assert len(shapes) <= 16, sorted(shapes)
 
 
 def test_bad_groups_and_missing_prompt_fail_clearly():
@@ -212,8 +210,6 @@ def test_packed_step_equals_unpacked(case):
     packed = pack_batch(batch, groups=1, student_config=cs,
                         teacher_config=ct if mode == "separate" else cs, max_length=64)
     assert packed.student_packed.tokens.size < batch.student_tokens.size   # real savings
-    if mode.startswith("student"):
-        assert packed.teacher_packed is not packed.student_packed
     kw = dict(student=student, teacher=teacher, trainable=trainable, frozen=frozen,
               teacher_args=teacher_args, chunk_fn=chunk_fn)
     l1, m1, g1 = _grads(batch, **kw)

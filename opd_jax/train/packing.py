@@ -20,11 +20,12 @@ each, arrays ``[groups, ...]``), one per (grad-accumulation micro-batch x data-p
 each micro-batch and each device gathers from its own rows only.
 
 Row length: greedy first-fit-decreasing into rows of each candidate length ``R`` (the
-:func:`~opd_jax.sampling.sampler.bucket_length` buckets from the longest sequence up to
-``max_length``), keeping the cheapest by a FLOP count: ``M R (mm + 4 R H E)`` for dense attention
-(``mm``: the per-token matmul FLOPs; ``4 R H E``: scores and values over the whole row), ``M R mm``
-for blocked attention (it skips other segments' key blocks). ``R`` and the bucketed ``M`` come
-from small sets, so repeated steps reuse few compiled shapes.
+:func:`row_length_bucket` lengths from the longest sequence up to ``max_length``), keeping the
+cheapest by a FLOP count: ``M R (mm + w 4 R H E)`` for dense attention (``mm``: the per-token
+matmul FLOPs; ``4 R H E``: scores and values over the whole row; ``w``: what an attention FLOP
+costs relative to a matmul FLOP, measured), ``M R mm`` for blocked attention (it skips other
+segments' key blocks). ``R`` and the bucketed ``M`` come from small sets, so repeated steps reuse
+few compiled shapes.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ from opd_jax.model.config import ModelConfig
 from opd_jax.sampling.sampler import bucket_length
 from opd_jax.train.batch import PackedRows
 
-__all__ = ["pack_rows", "first_fit", "row_count_bucket", "token_flops"]
+__all__ = ["pack_rows", "first_fit", "row_count_bucket", "row_length_bucket", "token_flops",
+           "TRAIN_ATTENTION_WEIGHT", "FORWARD_ATTENTION_WEIGHT"]
 
 
 def row_count_bucket(m: int) -> int:
@@ -78,29 +80,50 @@ def first_fit(lengths: Sequence[int], row_len: int) -> list[list[int]]:
     return rows
 
 
+def row_length_bucket(n: int) -> int:
+    """Packed row lengths: two per doubling (64, 96, 128, 192, 256, 384, ...; at least 16), so
+    steps whose total length drifts reuse one compiled shape.
+
+    >>> [row_length_bucket(n) for n in (10, 70, 100, 300, 600)]
+    [16, 96, 128, 384, 768]
+    """
+    return bucket_length(n, minimum=16, per_octave=2)
+
+
 def _choose(lengths_by_group: list[list[int]], config: ModelConfig, max_length: int,
-            blocked: bool) -> tuple[int, list[list[list[int]]]]:
+            blocked: bool, attention_weight: float) -> tuple[int, list[list[list[int]]]]:
     longest = max((n for g in lengths_by_group for n in g), default=1)
-    cap = max(bucket_length(longest), bucket_length(min(max_length, max(
+    cap = max(row_length_bucket(longest), row_length_bucket(min(max_length, max(
         (sum(g) for g in lengths_by_group), default=1))))
-    mm, attn = token_flops(config), 4.0 * config.n_heads * config.head_dim
+    mm, attn = token_flops(config), 4.0 * config.n_heads * config.head_dim * attention_weight
     best = None
-    r = bucket_length(longest)
+    r = row_length_bucket(longest)
     while r <= cap:
         layout = [first_fit(g, r) for g in lengths_by_group]
         m = row_count_bucket(max((len(rows) for rows in layout), default=1))
         cost = m * r * (mm + (0.0 if blocked else attn * r))
         if best is None or cost < best[0]:
             best = (cost, r, layout)
-        r = bucket_length(r + 1)
+        r = row_length_bucket(r + 1)
     return best[1], best[2]
 
 
+# Dense attention's FLOPs cost more time than matmul FLOPs (masking, softmax, exp are memory
+# bound): measured on the demo (2-core CPU, SmolLM2 sizes), ~2.4x in a forward + backward pass
+# (student, 640-token packed row vs 8 x 96 padded rows) and well under 1x in a forward pass (the
+# teacher's packed forward ran 1.7x faster on 17% fewer tokens). BUILD_NOTES "packed update".
+TRAIN_ATTENTION_WEIGHT = 3.0
+FORWARD_ATTENTION_WEIGHT = 0.5
+
+
 def pack_rows(tokens_BxT: np.ndarray, valid_BxT: np.ndarray, n_completion: int, *, groups: int,
-              config: ModelConfig, max_length: int = 4096, blocked: bool = False) -> PackedRows:
+              config: ModelConfig, max_length: int = 4096, blocked: bool = False,
+              attention_weight: float = TRAIN_ATTENTION_WEIGHT) -> PackedRows:
     """Pack the ``[prompt | completion]`` rows ``tokens_BxT`` (``valid_BxT``: real tokens; the last
     ``n_completion`` columns are the completion, real tokens a prefix of it) into a
-    :class:`~opd_jax.train.batch.PackedRows` of ``groups`` groups."""
+    :class:`~opd_jax.train.batch.PackedRows` of ``groups`` groups. ``attention_weight``: time of
+    a dense-attention FLOP relative to a matmul FLOP in the row-length choice (training vs a
+    forward-only teacher)."""
     tokens_BxT, valid_BxT = np.asarray(tokens_BxT), np.asarray(valid_BxT, bool)
     B, T = tokens_BxT.shape
     if B % groups:
@@ -117,7 +140,7 @@ def pack_rows(tokens_BxT: np.ndarray, valid_BxT: np.ndarray, n_completion: int, 
                for g in range(groups)]
     packed_idx = [[i for i, n in enumerate(g) if n > 0] for g in lengths]
     R, layouts = _choose([[g[i] for i in idx] for g, idx in zip(lengths, packed_idx)], config,
-                         max_length, blocked)
+                         max_length, blocked, attention_weight)
     M = row_count_bucket(max((len(rows) for rows in layouts), default=1))
     tokens = np.zeros((groups, M, R), np.int32)
     valid = np.zeros((groups, M, R), bool)

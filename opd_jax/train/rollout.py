@@ -23,7 +23,7 @@ from opd_jax.model.decoder import Lora
 from opd_jax.sampling.sampler import Sampler, bucket_length
 from opd_jax.train.batch import RolloutBatch
 from opd_jax.train.distributed import to_host
-from opd_jax.train.packing import pack_rows
+from opd_jax.train.packing import FORWARD_ATTENTION_WEIGHT, TRAIN_ATTENTION_WEIGHT, pack_rows
 
 
 @dataclasses.dataclass
@@ -116,18 +116,17 @@ def pack_batch(batch: RolloutBatch, *, groups: int, student_config: ModelConfig,
                teacher_config: ModelConfig | None = None, max_length: int = 4096) -> RolloutBatch:
     """``batch`` with its student (and teacher) sequences packed several per row
     (:func:`~opd_jax.train.packing.pack_rows`, ``groups`` = grad-accumulation micro-batches x
-    data-parallel shards). The teacher reuses the student's packing when it reads the same
-    sequences (OPD); OPSD's privileged prompts are packed on their own."""
+    data-parallel shards). The teacher's rows are packed on their own (forward-only cost model;
+    OPSD's privileged prompts differ anyway)."""
     n = batch.completion.shape[1]
-    pack = lambda tokens, valid, config: pack_rows(
+    pack = lambda tokens, valid, config, weight: pack_rows(
         np.asarray(tokens), np.asarray(valid), n, groups=groups, config=config,
-        max_length=max_length, blocked=config.attention == "blocked")
-    student = pack(batch.student_tokens, batch.student_valid, student_config)
-    same = (batch.teacher_tokens.shape == batch.student_tokens.shape
-            and np.array_equal(np.asarray(batch.teacher_tokens), np.asarray(batch.student_tokens))
-            and np.array_equal(np.asarray(batch.teacher_valid), np.asarray(batch.student_valid)))
-    teacher = student if same else pack(batch.teacher_tokens, batch.teacher_valid,
-                                        teacher_config or student_config)
+        max_length=max_length, blocked=config.attention == "blocked", attention_weight=weight)
+    student = pack(batch.student_tokens, batch.student_valid, student_config,
+                   TRAIN_ATTENTION_WEIGHT)
+    # the teacher only runs forward: its own layout (forward-pass attention is cheaper)
+    teacher = pack(batch.teacher_tokens, batch.teacher_valid, teacher_config or student_config,
+                   FORWARD_ATTENTION_WEIGHT)
     return batch.replace(student_packed=student, teacher_packed=teacher)
 
 

@@ -147,10 +147,7 @@ class StageRun:
                                        student_config=m.student.config,
                                        teacher_config=teacher_config,
                                        max_length=optim.pack_max_length)
-            packed = batch.student_packed.tokens.size + (
-                0 if batch.teacher_packed is batch.student_packed
-                else batch.teacher_packed.tokens.size)
-            extra["packed_tokens"] = int(packed)   # computed tokens (student + teacher rows)
+            extra["packed_tokens"] = int(batch.student_packed.tokens.size)   # student rows
         return self.tm.place(batch, self.batch_shardings), out, extra
 
 
