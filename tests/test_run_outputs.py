@@ -1,11 +1,12 @@
 """Small direct tests: metrics_log (truncate/read), analyze (plots + report), byte_tokenizer,
 losses.elementwise terms against numpy."""
 
+import json
 
 import jax.numpy as jnp
 import numpy as np
 
-from opd_jax.analyze import write_report
+from opd_jax.analyze import moving_average, write_report
 from opd_jax.losses import elementwise
 from opd_jax.model.byte_tokenizer import ByteTokenizer
 from opd_jax.train.metrics_log import MetricsLog, to_python
@@ -31,6 +32,23 @@ def test_analyze_writes_plots_and_report(tmp_path):
     assert (tmp_path / "mechanism_metrics.png").stat().st_size > 1000
     assert (tmp_path / "per_position.png").exists()
     assert "mechanism_metrics.png" in report.read_text()
+    assert not (tmp_path / "heldout.png").exists()   # no evaluation in this run
+    # with held-out evaluations: their plot, and the before / after table opens the report
+    evals = {"eval_initial": {"accuracy": 0.125, "onpolicy_reverse_kl": 2.3},
+             "eval": {"accuracy": 0.25, "onpolicy_reverse_kl": 0.58, "teacher_accuracy": 0.5}}
+    (tmp_path / "summary.json").write_text(json.dumps({"run_dir": str(tmp_path), "evals": evals,
+                                                       "stages": {}}))
+    text = write_report(tmp_path).read_text()
+    assert (tmp_path / "heldout.png").stat().st_size > 1000
+    lines = text.splitlines()
+    assert lines[2] == "## Held-out: before and after"
+    assert "| accuracy | 0.1250 | 0.2500 | 0.5000 |" in lines
+    assert "| reverse KL, own samples (nats) | 2.3000 | 0.5800 | - |" in lines
+    assert text.index("Held-out") < text.index("![mechanism_metrics]") < text.index("Run summary")
+
+
+def test_moving_average_skips_missing_values():
+    assert moving_average([1.0, float("nan"), 3.0, 5.0, 7.0], 3) == [1.0, 1.0, 2.0, 3.0, 5.0]
 
 
 def test_byte_tokenizer_round_trip_and_chat_template():
