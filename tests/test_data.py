@@ -233,3 +233,27 @@ def test_tokenize_checks_before_expensive_work():
     recs = _recs(5) + [data.make_record("huge", "y" * 1000, source="toy")]
     with pytest.raises(ValueError, match="1 of 6 prompts are too long"):
         data.tokenize_prompts(recs, tok, data.PromptTemplate().student, 200)
+
+
+def test_default_teacher_template_asks_for_the_students_answer_format():
+    # issue 14: with data.instruction set and no teacher_template, the privileged teacher used to
+    # get the default 'End with "Answer: <value>"' instruction instead of the student's
+    import dataclasses
+    import os
+
+    from opd_jax.config import load_config
+    from opd_jax.data.templates import DEFAULT_INSTRUCTION
+    from opd_jax.train.run import make_template
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cfg = load_config(os.path.join(root, "configs", "tiny_test.yaml"))
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(
+        cfg.data, instruction="{problem}\nPut the answer in \\boxed{{}}."))
+    rec = {"id": "0", "prompt": "2+3?", "answer": "5", "solution": "2+3=5"}
+    template = make_template(cfg)
+    student = template.student(rec)[-1]["content"]
+    teacher = template.teacher(rec)[-1]["content"]
+    assert student == "2+3?\nPut the answer in \\boxed{}."
+    assert teacher.startswith("2+3?\n\nHere is a reference solution:\n2+3=5\n\n")
+    assert teacher.endswith("in your own words.\nPut the answer in \\boxed{}.")
+    assert DEFAULT_INSTRUCTION not in teacher

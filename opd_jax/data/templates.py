@@ -18,11 +18,27 @@ Message = dict[str, str]
 
 DEFAULT_INSTRUCTION = 'End with "Answer: <value>" on the last line.'
 DEFAULT_STUDENT_TEMPLATE = "{problem}\n\n{instruction}"
-DEFAULT_TEACHER_TEMPLATE = (
+# what the privileged teacher reads in place of the bare problem
+REFERENCE_BLOCK = (
     "{problem}\n\nHere is a reference solution:\n{solution}\n\n"
-    "After reading the reference solution, solve the problem yourself in your own words.\n\n"
-    "{instruction}"
+    "After reading the reference solution, solve the problem yourself in your own words."
 )
+
+
+def teacher_template_for(student_template: str) -> str:
+    r"""The privileged teacher's template for a student template: the student's own prompt with
+    the reference solution after the problem, so both are asked for the same answer format.
+
+    >>> teacher_template_for("{problem}\nAnswer with a number.").endswith(
+    ...     "in your own words.\nAnswer with a number.")
+    True
+    """
+    if "{problem}" not in student_template:
+        raise ValueError(f"student template {student_template!r} has no {{problem}} placeholder")
+    return student_template.replace("{problem}", REFERENCE_BLOCK, 1)
+
+
+DEFAULT_TEACHER_TEMPLATE = teacher_template_for(DEFAULT_STUDENT_TEMPLATE)
 _FIELDS = {"problem", "solution", "answer", "instruction"}
 
 

@@ -19,7 +19,7 @@ from opd_jax.checkpoint import RUNNING_MARKER, StageCheckpointer, stage_dir
 from opd_jax.config.core import save_config, to_dict
 from opd_jax.config.run import RunConfig, load_config
 from opd_jax.data import PromptTemplate, dedupe_records, load_records, split_records
-from opd_jax.data.templates import DEFAULT_TEACHER_TEMPLATE
+from opd_jax.data.templates import teacher_template_for
 from opd_jax.train import distributed
 from opd_jax.train.metrics_log import make_log
 from opd_jax.train.models import build_models
@@ -50,7 +50,7 @@ def load_data(cfg: RunConfig) -> tuple[list, list]:
 def make_template(cfg: RunConfig) -> PromptTemplate:
     d = cfg.data
     return PromptTemplate(system=d.system_prompt, student_template=d.instruction,
-                          teacher_template=d.teacher_template or DEFAULT_TEACHER_TEMPLATE)
+                          teacher_template=d.teacher_template or teacher_template_for(d.instruction))
 
 
 def _stage_result(cfg: RunConfig, name: str) -> dict | None:
