@@ -126,17 +126,29 @@ def _block_hi(slot_q, bk, nk):
     return jnp.clip(jnp.floor_divide(jnp.max(slot_q), bk) + 1, 0, nk).astype(jnp.int32)
 
 
-def _segment_layout(segments_BxS, segment_start_BxT, geo):
-    """Segment ids padded to whole blocks (queries and keys: ``T == S`` for packed rows; -1 in the
-    padding) and each query block's first needed key block ``[nq]`` (its earliest segment's)."""
+def _segment_layout(segments_BxT, segment_start_BxT, geo):
+    """Packed rows (``T == S``): segment ids padded to whole query / key blocks (-2 / -1 in the
+    padding) and each query block's first needed key block ``[nq]`` (its earliest segment's);
+    ``(None, None, None)`` for unpacked rows, which pay nothing for segments."""
+    if segments_BxT is None:
+        return None, None, None
     B, T, H, E, G, bq, bk, nq, nk = geo
-    S = segments_BxS.shape[1]
-    seg_k = jnp.pad(segments_BxS, ((0, 0), (0, nk * bk - S)), constant_values=-1)
-    seg_q = jnp.pad(segments_BxS[:, :T] if S >= T else jnp.pad(segments_BxS, ((0, 0), (0, T - S))),
-                    ((0, 0), (0, nq * bq - T)), constant_values=-2)
+    seg_q = jnp.pad(segments_BxT, ((0, 0), (0, nq * bq - T)), constant_values=-2)
+    seg_k = jnp.pad(segments_BxT, ((0, 0), (0, nk * bk - T)), constant_values=-1)
     start = jnp.pad(segment_start_BxT, ((0, 0), (0, nq * bq - T)), constant_values=nk * bk)
     lo_q = (jnp.min(start.reshape(B, nq, bq), axis=(0, 2)) // bk).astype(jnp.int32)
     return seg_q, seg_k, lo_q
+
+
+def _segment_blocks(seg_q, seg_k, lo_q, lo, i, bq):
+    """One query block's segment ids (None unpacked) and its first key block."""
+    if seg_q is None:
+        return None, lo
+    return jax.lax.dynamic_slice_in_dim(seg_q, i * bq, bq, axis=1), jnp.maximum(lo, lo_q[i])
+
+
+def _key_segments(seg_k, j, bk):
+    return None if seg_k is None else jax.lax.dynamic_slice_in_dim(seg_k, j * bk, bk, axis=1)
 
 
 def _block_scores(q_i, k_j, slot_q, valid_j, j, bk, scale, seg_q=None, seg_j=None):
@@ -161,14 +173,14 @@ def _blocked_forward(q, k, v, q_slot_T, kv_valid_BxS, segments_BxS, segment_star
     def q_block(_, i):
         q_i = jax.lax.dynamic_slice_in_dim(qp, i * bq, bq, axis=1)      # [B, bq, G, R, E]
         slot_q = jax.lax.dynamic_slice_in_dim(slot, i * bq, bq)          # [bq]
-        seg_qi = jax.lax.dynamic_slice_in_dim(seg_q, i * bq, bq, axis=1)  # [B, bq]
+        seg_qi, lo_i = _segment_blocks(seg_q, seg_k, lo_q, lo, i, bq)     # [B, bq] or None
 
         def kv_block(j, carry):
             m, l, acc = carry
             k_j = jax.lax.dynamic_slice_in_dim(kp, j * bk, bk, axis=1)  # [B, bk, G, E]
             v_j = jax.lax.dynamic_slice_in_dim(vp, j * bk, bk, axis=1)
             valid_j = jax.lax.dynamic_slice_in_dim(valid, j * bk, bk, axis=1)
-            seg_j = jax.lax.dynamic_slice_in_dim(seg_k, j * bk, bk, axis=1)
+            seg_j = _key_segments(seg_k, j, bk)
             s, mask = _block_scores(q_i, k_j, slot_q, valid_j, j, bk, scale, seg_qi, seg_j)
             m_new = jnp.maximum(m, jnp.max(jnp.where(mask, s, MASK_VALUE), axis=-1))
             p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
@@ -180,8 +192,7 @@ def _blocked_forward(q, k, v, q_slot_T, kv_valid_BxS, segments_BxS, segment_star
 
         init = (jnp.full((B, G, R, bq), MASK_VALUE, jnp.float32),
                 jnp.zeros((B, G, R, bq), jnp.float32), jnp.zeros((B, G, R, bq, E), jnp.float32))
-        m, l, acc = jax.lax.fori_loop(jnp.maximum(lo, lo_q[i]), _block_hi(slot_q, bk, nk),
-                                      kv_block, init)
+        m, l, acc = jax.lax.fori_loop(lo_i, _block_hi(slot_q, bk, nk), kv_block, init)
         seen = l > 0
         o_i = jnp.where(seen[..., None], acc / jnp.where(seen, l, 1.0)[..., None], 0.0)
         lse_i = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), 0.0)
@@ -211,7 +222,7 @@ def _blocked_backward(q, k, v, q_slot_T, kv_valid_BxS, segments_BxS, segment_sta
         q_i = jax.lax.dynamic_slice_in_dim(qp, i * bq, bq, axis=1)
         do_i = jax.lax.dynamic_slice_in_dim(dop, i * bq, bq, axis=1)     # [B, bq, G, R, E]
         slot_q = jax.lax.dynamic_slice_in_dim(slot, i * bq, bq)
-        seg_qi = jax.lax.dynamic_slice_in_dim(seg_q, i * bq, bq, axis=1)
+        seg_qi, lo_i = _segment_blocks(seg_q, seg_k, lo_q, lo, i, bq)
         delta_i = jax.lax.dynamic_slice_in_dim(delta, i * bq, bq, axis=1).transpose(0, 2, 3, 1)
         lse_i = lse[i]                                                   # [B, G, R, bq]
 
@@ -220,7 +231,7 @@ def _blocked_backward(q, k, v, q_slot_T, kv_valid_BxS, segments_BxS, segment_sta
             k_j = jax.lax.dynamic_slice_in_dim(kp, j * bk, bk, axis=1)
             v_j = jax.lax.dynamic_slice_in_dim(vp, j * bk, bk, axis=1)
             valid_j = jax.lax.dynamic_slice_in_dim(valid, j * bk, bk, axis=1)
-            seg_j = jax.lax.dynamic_slice_in_dim(seg_k, j * bk, bk, axis=1)
+            seg_j = _key_segments(seg_k, j, bk)
             s, mask = _block_scores(q_i, k_j, slot_q, valid_j, j, bk, scale, seg_qi, seg_j)
             p = jnp.where(mask, jnp.exp(s - lse_i[..., None]), 0.0)       # [B, G, R, bq, bk]
             dv_j = jnp.einsum("bgrqk,bqgre->bkge", p.astype(do_i.dtype), do_i,
@@ -238,8 +249,8 @@ def _blocked_backward(q, k, v, q_slot_T, kv_valid_BxS, segments_BxS, segment_sta
             return dq_i, dk, dv
 
         dq_i = jnp.zeros((B, bq, G, R, E), jnp.float32)
-        dq_i, dk, dv = jax.lax.fori_loop(jnp.maximum(lo, lo_q[i]), _block_hi(slot_q, bk, nk),
-                                         kv_block, (dq_i, dk, dv))
+        dq_i, dk, dv = jax.lax.fori_loop(lo_i, _block_hi(slot_q, bk, nk), kv_block,
+                                         (dq_i, dk, dv))
         return (dk, dv), dq_i
 
     zeros_kv = jnp.zeros((B, nk * bk, G, E), jnp.float32)
@@ -290,11 +301,12 @@ def attention_blocked(q_BxTxHxE: jax.Array, k_BxSxGxE: jax.Array, v_BxSxGxE: jax
     slot) lets a query block skip every key block before the earliest segment it holds (blocks
     after it are skipped by causality), so a packed row costs about its segments' own blocks.
     """
-    B, T = q_BxTxHxE.shape[:2]
-    S = k_BxSxGxE.shape[1]
-    segments_BxS = (jnp.zeros((B, S), jnp.int32) if segments_BxS is None
-                    else segments_BxS.astype(jnp.int32))
-    segment_start_BxT = (jnp.zeros((B, T), jnp.int32) if segment_start_BxT is None
-                         else segment_start_BxT.astype(jnp.int32))
+    if segments_BxS is not None:
+        T, S = q_BxTxHxE.shape[1], k_BxSxGxE.shape[1]
+        if T != S or segment_start_BxT is None:
+            raise ValueError(f"segments are for packed rows: T == S (got {T}, {S}) and "
+                             "segment_start_BxT given")
+        segments_BxS = segments_BxS.astype(jnp.int32)
+        segment_start_BxT = segment_start_BxT.astype(jnp.int32)
     return _attention_blocked(q_BxTxHxE, k_BxSxGxE, v_BxSxGxE, q_slot_T, kv_valid_BxS,
                               segments_BxS, segment_start_BxT, int(block_q), int(block_k))
