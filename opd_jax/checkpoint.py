@@ -39,8 +39,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-__all__ = ["StageCheckpointer", "Restored", "RUNNING_MARKER", "CheckpointStructureError", "stage_dir",
-           "first_incomplete_stage", "graceful_stop", "StopFlag"]
+__all__ = ["StageCheckpointer", "Restored", "RUNNING_MARKER", "CheckpointStructureError",
+           "check_structure", "stage_dir", "first_incomplete_stage", "graceful_stop", "StopFlag"]
 
 _BYTES = "__bytes_b64__"
 # ``<run_dir>/.running``: written by ``opd_jax.train.run.run`` while a trainer writes the run
@@ -107,7 +107,9 @@ def _stored_shape(leaf: Any) -> tuple:
     return tuple(np.shape(leaf))
 
 
-def _check_structure(where: str, saved: Any, target: Any) -> None:
+def check_structure(where: str, saved: Any, target: Any) -> None:
+    """Raise :class:`CheckpointStructureError` naming every leaf path that is missing, extra or
+    of another shape between ``saved`` (leaves with ``.shape``) and ``target``."""
     saved_shapes = _flat_shapes(saved, lambda m: tuple(getattr(m, "shape", None) or ()))
     target_shapes = _flat_shapes(target, _stored_shape)
     missing = sorted(set(saved_shapes) - set(target_shapes))
@@ -219,7 +221,7 @@ class StageCheckpointer:
             metadata = self._mgr.item_metadata(step)["state"]
             if metadata is None:  # orbax returns None when _METADATA is missing or unreadable
                 raise FileNotFoundError(f"{where / 'state'}: tree metadata missing or unreadable")
-            _check_structure(str(where), metadata.tree, abstract_state)
+            check_structure(str(where), metadata.tree, abstract_state)
             items["state"] = ocp.args.StandardRestore(abstract_state)
         restored = self._mgr.restore(step, args=ocp.args.Composite(**items))
         state = restored.state if abstract_state is not None else None

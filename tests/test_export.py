@@ -221,3 +221,19 @@ def test_cli_export_and_its_errors(runs, tmp_path):
     assert main(["export", str(runs["full"]), str(out)]) == 2   # exists, no --force
     assert main(["export", str(runs["full"]), str(tmp_path / "g.gguf"), "--to", "gguf",
                  "--gguf-type", "q8_0"]) == 0
+
+
+def test_a_config_changed_after_training_is_refused(runs, tmp_path):
+    import shutil
+
+    from opd_jax.checkpoint import CheckpointStructureError
+    from opd_jax.export.run_source import running_owner
+
+    moved = tmp_path / "moved"
+    shutil.copytree(runs["full"], moved)
+    assert running_owner(moved) is None          # no marker: nobody is writing it
+    cfg = (moved / "config.yaml").read_text()
+    (moved / "config.yaml").write_text(cfg.replace("d_model: 32", "d_model: 48", 1))
+    with pytest.raises(CheckpointStructureError, match="do not match the student that"):
+        export_run(moved, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -57,6 +57,7 @@ def write_hf_folder(out_dir: str | Path, model: Model, *, dtype: str = "float32"
     if config.tie_embeddings:
         state.pop("lm_head.weight")  # transformers re-ties it (save_pretrained drops it too)
     state = {k: np.ascontiguousarray(v.astype(DTYPES[dtype])) for k, v in state.items()}
+    total = sum(v.nbytes for v in state.values())
     shards = _shard(state, max_shard_bytes)
     meta = {"format": "pt", **(metadata or {})}
     files = []
@@ -70,7 +71,6 @@ def write_hf_folder(out_dir: str | Path, model: Model, *, dtype: str = "float32"
             save_file(shard, out_dir / name, metadata=meta)
             weight_map.update({k: name for k in shard})
             files.append(name)
-        total = sum(v.nbytes for v in state.values())
         _write_json(out_dir / "model.safetensors.index.json",
                     {"metadata": {"total_size": total}, "weight_map": weight_map})
         files.append("model.safetensors.index.json")
@@ -84,7 +84,7 @@ def write_hf_folder(out_dir: str | Path, model: Model, *, dtype: str = "float32"
     if kind is not None:
         files += sorted(p.name for p in out_dir.iterdir() if p.name.startswith(("tokenizer",
                                                                                 "special_")))
-    return {"files": files, "tokenizer": kind, "bytes": sum(v.nbytes for v in state.values())}
+    return {"files": files, "tokenizer": kind, "bytes": total}
 
 
 def _shard(state: dict[str, np.ndarray], max_bytes: int) -> list[dict[str, np.ndarray]]:

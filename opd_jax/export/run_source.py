@@ -19,7 +19,13 @@ from typing import Any
 import jax
 import numpy as np
 
-from opd_jax.checkpoint import RUNNING_MARKER, StageCheckpointer, stage_dir
+from opd_jax.checkpoint import (
+    RUNNING_MARKER,
+    CheckpointStructureError,
+    StageCheckpointer,
+    check_structure,
+    stage_dir,
+)
 from opd_jax.config.run import RunConfig, load_config
 from opd_jax.model.decoder import PROJECTIONS, Lora
 from opd_jax.model.loading import Model
@@ -134,8 +140,9 @@ def load_student(source: ExportSource, *, merge: bool = True) -> tuple[Model, Lo
     expected = {}
     for name in lora_spec.targets:
         shape, n_in = base.params["layers"][name].shape, len(PROJECTIONS[name][1])
-        expected[name] = {"a": (*shape[:1 + n_in], lora_spec.rank),
-                          "b": (shape[0], lora_spec.rank, *shape[1 + n_in:])}
+        expected[name] = {
+            "a": jax.ShapeDtypeStruct((*shape[:1 + n_in], lora_spec.rank), np.float32),
+            "b": jax.ShapeDtypeStruct((shape[0], lora_spec.rank, *shape[1 + n_in:]), np.float32)}
     _check_same_tree("LoRA adapters", trainable, expected, source)
     if merge:
         return base.replace(params=merge_lora(base.params, adapters)), None
@@ -153,15 +160,10 @@ def _restore_trainable(source: ExportSource) -> Any:
 
 
 def _check_same_tree(what: str, got: Any, want: Any, source: ExportSource) -> None:
-    shape = lambda x: tuple(x) if isinstance(x, tuple) else tuple(np.shape(x))
-    is_leaf = lambda x: isinstance(x, tuple)
-    flat_got = {jax.tree_util.keystr(k): shape(v)
-                for k, v in jax.tree_util.tree_flatten_with_path(got, is_leaf=is_leaf)[0]}
-    flat_want = {jax.tree_util.keystr(k): shape(v)
-                 for k, v in jax.tree_util.tree_flatten_with_path(want, is_leaf=is_leaf)[0]}
-    if flat_got != flat_want:
-        diff = sorted(set(flat_got.items()) ^ set(flat_want.items()))[:6]
-        raise ValueError(
+    try:
+        check_structure(f"{source.stage}/{source.step}", got, want)
+    except CheckpointStructureError as e:
+        raise CheckpointStructureError(
             f"the {what} saved in {source.stage}/{source.step} do not match the student that "
-            f"{source.run_dir / 'config.yaml'} builds (first differences: {diff}); the config "
-            "was changed after training, or the checkpoint belongs to another run")
+            f"{source.run_dir / 'config.yaml'} builds ({e}); the config was changed after "
+            "training, or the checkpoint belongs to another run") from e

@@ -77,7 +77,8 @@ class TrainMesh:
         """A ``RolloutBatch`` of row shardings (every field ``[B, ...]`` 2-D; with ``packed``, the
         ``PackedRows`` fields ``[G, ...]`` 3-D, split by group)."""
         s = self.rows(2)
-        rows = RolloutBatch(*([s] * 7))
+        rows = RolloutBatch(**{f.name: s for f in dataclasses.fields(RolloutBatch)
+                               if f.default is dataclasses.MISSING})
         if not packed:
             return rows
         p = self.rows(3)
