@@ -68,7 +68,8 @@ def bench_mesh(shape, rules, cs, ct, batch_np, repeats):
 
     from opd_jax import losses
     from opd_jax import sharding as shd
-    from opd_jax.config.schema import LossSpec, OptimSpec
+    from opd_jax.config.loss import LossSpec
+    from opd_jax.config.schema import OptimSpec
     from opd_jax.model import decoder as dec
     from opd_jax.train.objectives import make_chunk_fn
     from opd_jax.train.placement import TrainMesh

@@ -83,7 +83,8 @@ def bench_opd_jax(teacher, student, ids, args, pack: bool = True) -> dict:
     import jax
 
     from opd_jax import losses
-    from opd_jax.config.schema import LossSpec, OptimSpec
+    from opd_jax.config.loss import LossSpec
+    from opd_jax.config.schema import OptimSpec
     from opd_jax.data.padding import pad_left
     from opd_jax.sampling.sampler import Sampler, bucket_length
     from opd_jax.sampling.strategies import Sampling

@@ -22,8 +22,10 @@ PANELS = [
     ("loss", "training loss", "loss (objective units)"),
     ("token_reverse_kl", "sampled-token reverse KL (log S - log T)", "nats / token"),
     ("overlap", "top-k overlap |S ∩ T| / k", "fraction"),
-    ("student_shared_mass", "student mass on shared top-k", "probability"),
-    ("teacher_shared_mass", "teacher mass on shared top-k", "probability"),
+    ("student_p_sum_intersection", "student mass on shared top-k (intersecting positions)",
+     "probability"),
+    ("teacher_p_sum_intersection", "teacher mass on shared top-k (intersecting positions)",
+     "probability"),
     ("student_entropy", "student entropy", "nats"),
     ("teacher_entropy", "teacher entropy", "nats"),
     ("completion_len", "completion length", "tokens"),
@@ -39,7 +41,7 @@ HELDOUT = [
 TABLE = [("accuracy", "accuracy"), ("onpolicy_reverse_kl", "reverse KL, own samples (nats)"),
          ("teacher_samples_forward_kl", "forward KL, teacher samples (nats)"),
          ("onpolicy_overlap", "top-k overlap, own samples"),
-         ("onpolicy_student_shared_mass", "student shared mass")]
+         ("onpolicy_student_p_sum_intersection", "student shared mass (intersecting)")]
 
 
 def moving_average(values: list[float], window: int) -> list[float]:

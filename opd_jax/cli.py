@@ -1,16 +1,20 @@
-"""``opd-jax``: train | eval | sample | analyze | demo | select-prompts | study.
+"""``opd-jax``: train | eval | sample | analyze | demo | rank-prompts | align-prompts | study |
+build-cold-start.
 
     opd-jax train configs/demo.yaml [key.sub=value ...] [--fresh]
     opd-jax eval  configs/demo.yaml [overrides]     # the config's eval stages on its student
     opd-jax sample configs/demo.yaml --prompt "What is 2+3?" [--teacher]
     opd-jax analyze runs/demo                        # PNG plots + summary.md
     opd-jax demo                                     # train configs/demo.yaml, then analyze
-    opd-jax select-prompts --config configs/select_demo.yaml [select.rule.top_n=16]
+    opd-jax rank-prompts configs/select_demo.yaml [select.rule.top_n=16]   # by teacher signals
+    opd-jax align-prompts configs/teacher_aligned_dapo_deepmath.yaml   # the paper's construct
     opd-jax study --config configs/study_demo.yaml [--small] [--fresh]
+    opd-jax build-cold-start configs/qwen3_cold_start.yaml [--force]  # teacher-rollout SFT data
     opd-jax export runs/demo --to hf exported/demo   # HF folder (or --to gguf file.gguf)
     opd-jax config show configs/demo.yaml [overrides] # the resolved config, every field
 
 Every command that takes a config accepts it positionally or as ``--config FILE``.
+``select-prompts`` is the former name of ``rank-prompts`` (still accepted, with a notice).
 """
 
 # The subcommand handlers import what they run inside their bodies (not at the top) only so that
@@ -69,15 +73,17 @@ def cmd_eval(args) -> int:
 
 def cmd_sample(args) -> int:
     from opd_jax.data import PromptTemplate
+    from opd_jax.data.templates import render_prompt
     from opd_jax.sampling.generation import generate
     from opd_jax.train.models import build_models
 
     cfg = _load(args)
     models = build_models(cfg.teacher, cfg.student, seed=cfg.seed)
     tok = models.tokenizer
-    prompt = tok.encode(tok.apply_chat_template(
-        PromptTemplate(student_template="{problem}").student({"prompt": args.prompt}),
-        add_generation_prompt=True))
+    template = PromptTemplate(student_template="{problem}",
+                              chat_template_kwargs=cfg.data.chat_template_kwargs)
+    prompt = tok.encode(render_prompt(tok, template.student({"prompt": args.prompt}),
+                                      template.chat_template_kwargs))
     if args.teacher:
         model = models.teacher
     else:
@@ -98,13 +104,39 @@ def cmd_analyze(args) -> int:
     return 0
 
 
-def cmd_select_prompts(args) -> int:
+def cmd_rank_prompts(args) -> int:
     from opd_jax.select_prompts import load_select_config, select_prompts
 
+    if args.command == "select-prompts":
+        print("opd-jax: note: select-prompts is now rank-prompts (it ranks a pool by teacher "
+              "signals); the paper's teacher-aligned selection is align-prompts", file=sys.stderr)
     cfg, sel = load_select_config(args.config, args.overrides)
     summary = select_prompts(cfg, sel, progress=not args.no_progress)
     print(f"selected {summary['selected_count']} of {summary['pool']} prompts; "
           f"report: {summary['out_dir']}/report.md")
+    return 0
+
+
+def cmd_build_cold_start(args) -> int:
+    from opd_jax.cold_start import build_cold_start, format_summary
+
+    summary = build_cold_start(_load(args), stage=args.stage, out=args.out, force=args.force,
+                               batch_rows=args.batch_rows, progress=not args.no_progress)
+    print(format_summary(summary))
+    return 0
+
+
+def cmd_align_prompts(args) -> int:
+    from opd_jax.align_prompts import align_prompts, format_table, load_align_config, write_texts
+
+    cfg = load_align_config(args.config, args.overrides)
+    if args.texts_only:
+        print("\n".join(f"wrote {p}" for p in write_texts(cfg)))
+        return 0
+    summary = align_prompts(cfg, progress=not args.no_progress)
+    print(format_table(summary))
+    print(f"\naligned.jsonl, control.jsonl, similarities.jsonl, summary.json, report.md in "
+          f"{summary['out_dir']}")
     return 0
 
 
@@ -199,13 +231,33 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("analyze", help="plots and markdown summary of a run directory")
     a.add_argument("run_dir")
     a.set_defaults(fn=cmd_analyze)
-    with_config("select-prompts", "score, dedupe and select OPD prompts", "configs/select_demo.yaml",
-                "key.sub=value (select.* for the select section)").set_defaults(fn=cmd_select_prompts)
+    for name, help_ in (("rank-prompts", "rank a prompt pool by teacher confidence / correctness "
+                         "and student-teacher divergence; dedupe against held-out prompts"),
+                        ("select-prompts", "former name of rank-prompts")):
+        with_config(name, help_, "configs/select_demo.yaml",
+                    "key.sub=value (select.* for the select section)").set_defaults(
+                        fn=cmd_rank_prompts)
+    al = with_config("align-prompts", "the OPD paper's teacher-aligned prompts: rank a pool by "
+                     "similarity to the teacher's post-training prompts, build the deduplicated "
+                     "control set", overrides="align.key=value overrides")
+    al.add_argument("--texts-only", action="store_true",
+                    help="only write both sets' matching texts (to embed elsewhere, e.g. mpnet)")
+    al.set_defaults(fn=cmd_align_prompts)
     st = with_config("study", "the OPD paper's comparisons on the default teacher",
                      "configs/study_demo.yaml", "key.sub=value (study.*, select.* sections)")
     st.add_argument("--small", action="store_true", help="tiny random models, a few steps")
     st.add_argument("--fresh", action="store_true", help="delete the study directory first")
     st.set_defaults(fn=cmd_study)
+    b = with_config("build-cold-start", "the OPD paper's off-policy cold start: teacher rollouts "
+                    "kept by the rejection filters (re-sampled up to max_attempts draws per slot), "
+                    "written as the JSONL a cold_start stage with dataset: trains on")
+    b.add_argument("--stage", default=None,
+                   help="the cold_start stage to build for (default: the first with dataset:)")
+    b.add_argument("--out", default=None, help="output JSONL (default: the stage's dataset)")
+    b.add_argument("--batch-rows", type=int, default=None,
+                   help="rollouts per sampler call (default: batch_prompts x num_teacher_samples)")
+    b.add_argument("--force", action="store_true", help="replace an existing dataset")
+    b.set_defaults(fn=cmd_build_cold_start)
     d = with_config("demo", "distil the embedded default teacher (configs/demo.yaml)",
                     "configs/demo.yaml")
     d.add_argument("--fresh", action="store_true", default=True)

@@ -1,4 +1,5 @@
-"""Tests for opd_jax.eval: extraction, grading, pass@k / Avg@k, evaluate, filters."""
+"""Tests for opd_jax.eval: extraction, grading, pass@k / Avg@k, evaluate (the filters:
+tests/test_cold_start_filters.py)."""
 
 from __future__ import annotations
 
@@ -147,43 +148,4 @@ def test_evaluate_reasoning_gym_records():
     assert not ev.is_correct(rec, completion)
 
 
-# ----------------------------------------------------------------------------- filters
-
-@pytest.mark.parametrize("text,reason", [
-    ("3 + 4 = 7\nAnswer: 7", None),
-    (r"We compute carefully. \boxed{7}", None),
-    ("3 + 4 = 7", ev.NO_FINAL_ANSWER),
-    ("Let me think.\nLet me think.\nLet me think.\nAnswer: 7", ev.REPEATED_LINES),
-    ("Let me think.\nLet me think.\nAnswer: 7", None),  # twice is allowed
-    ("}\n}\n}\n}\nAnswer: 7", None),  # short lines are not counted
-    ("I I I I I I I I I I Answer: 7", ev.REPEATED_NGRAMS),
-    ("the cat sat on the mat " * 5 + "Answer: 7", ev.REPEATED_NGRAMS),
-    ("the cat sat on the mat " * 2 + "Answer: 7", None),
-])
-def test_filter_completion(text, reason):
-    assert ev.filter_completion(text) == reason
-
-
-def test_filter_config_and_batch_counts():
-    loose = ev.FilterConfig(require_final_answer=False, max_line_repeats=5, ngram_n=2,
-                            max_ngram_repeats=1)
-    assert ev.filter_completion("3 + 4 = 7", loose) is None
-    assert ev.filter_completion("a b c a b", loose) == ev.REPEATED_NGRAMS
-    assert ev.max_ngram_count("a b a b a b", 2) == 3 and ev.max_line_count("x\nx\ny") == 2
-    items = [{"text": t} for t in ["Answer: 1", "no answer", "a\na\na\nAnswer: 1",
-                                   "go " * 20 + "Answer: 2", "ok\nAnswer: 3"]]
-    res = ev.filter_completions(items, ev.FilterConfig(min_line_chars=1), text_of=lambda x: x["text"])
-    assert res.kept == [items[0], items[4]]
-    assert res.counts == {"kept": 2, ev.NO_FINAL_ANSWER: 1, ev.REPEATED_LINES: 1,
-                          ev.REPEATED_NGRAMS: 1}
-    assert ev.filter_completions(["Answer: 1"]).counts["kept"] == 1
-    with pytest.raises(ValueError):
-        ev.FilterConfig(ngram_n=0)
-
-
-def test_bare_number_counts_as_answer_only_when_allowed():
-    from opd_jax.eval.filters import FilterConfig, filter_completion
-
-    assert filter_completion("2 + 3 = 5") == "no_final_answer"
-    assert filter_completion("2 + 3 = 5", FilterConfig(allow_bare_number=True)) is None
-    assert filter_completion("no digits here", FilterConfig(allow_bare_number=True)) == "no_final_answer"
+# filters (cold-start rejection sampling): tests/test_cold_start_filters.py

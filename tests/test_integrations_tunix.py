@@ -170,8 +170,13 @@ def test_chunked_path_equals_dense_values_and_gradients():
 
 
 def test_loss_spec_and_argument_errors():
+    with pytest.raises(ValueError, match="old_logprobs"):
+        integ.make_loss_spec("sampled_token_rkl", pg_loss="ppo_clip", old_logprobs="sampler")
+    # the learner's own old log-probs need nothing from the batch
+    assert integ.make_loss_spec("sampled_token_rkl", pg_loss="ppo_clip").resolved_clip == (
+        0.2, 0.2, 3.0)
     with pytest.raises(ValueError, match="pg_loss"):
-        integ.make_loss_spec("sampled_token_rkl", pg_loss="ppo_clip")
+        integ.make_loss_spec("reverse_kl", pg_loss="ppo_clip")
     with pytest.raises(ValueError, match="top_k"):
         integ.make_loss_spec("topk_reward")
     s = _logits(0)

@@ -160,14 +160,40 @@ def test_support_from_ids_precomputed():
 # ------------------------------------------------------------------------------------------
 
 
-def np_reward(s_row, t_row, k, support, weights, temperature):
-    ls, lt = np_log_softmax(s_row, temperature), np_log_softmax(t_row, temperature)
-    ids = [int(i) for i in np_support(s_row, t_row, k, support)]
-    if not ids:
-        return {}
-    S, T = np.exp(ls[ids]), np.exp(lt[ids])
-    w = {"student_p": S / S.sum(), "teacher_p": T / T.sum(), "none": np.ones(len(ids))}[weights]
-    return {i: -(ls[i] - lt[i]) * wi for i, wi in zip(ids, w)}
+def np_reward(s_row, t_row, k, support, weights, temperature, teacher_temperature=None,
+              normalize=None):
+    """thunlp/OPD ``compute_distillation_reward`` (verl/verl/workers/actor/dp_actor.py:451-624),
+    ported to float64 numpy for one token: ``{id: A}`` over the valid slots."""
+    tt = temperature if teacher_temperature is None else teacher_temperature
+    ls, lt = np_log_softmax(s_row, temperature), np_log_softmax(t_row, tt)
+    a, b = np_topk(s_row, k), np_topk(t_row, k)
+    # the reference's slot layout: only_stu -> S ids; only_tch -> T ids; intersection -> S ids
+    # masked by the overlap; union -> [S ids, T ids] with T ids already in S masked out;
+    # union-intersection -> [S ids, T ids] with the shared ones masked on both sides
+    if support == "student":
+        ids, valid = a, [True] * len(a)
+    elif support == "teacher":
+        ids, valid = b, [True] * len(b)
+    elif support == "intersection":
+        ids, valid = a, [i in b for i in a]
+    elif support == "union":
+        ids, valid = a + b, [True] * len(a) + [i not in a for i in b]
+    else:  # symmetric_difference (union-intersection)
+        ids, valid = a + b, [i not in b for i in a] + [i not in a for i in b]
+    ids, valid = np.asarray(ids), np.asarray(valid)
+    S_logp, T_logp = ls[ids], lt[ids]
+    log_w = {"student_p": S_logp, "teacher_p": T_logp, "none": np.zeros(len(ids))}[weights]
+    log_w = np.where(valid, log_w, -np.inf)
+    if normalize is None:
+        normalize = support != "symmetric_difference"  # dp_actor.py:615 normalize=False
+    if normalize:
+        if not valid.any():
+            return {}
+        w = np.exp(log_w - np.logaddexp.reduce(log_w))
+    else:
+        w = np.exp(log_w)
+    rm = -(S_logp - T_logp) * w
+    return {int(i): float(x) for i, x, v in zip(ids, rm, valid) if v}
 
 
 @pytest.mark.parametrize("support", SUPPORTS)
@@ -184,6 +210,42 @@ def test_topk_reward_matches_paper_formula(support, weights):
         for i in ref:
             np.testing.assert_allclose(got[i], ref[i], rtol=2e-5, atol=2e-6)
         assert np.all(adv[~valid] == 0.0)
+
+
+@pytest.mark.parametrize("support", SUPPORTS)
+@pytest.mark.parametrize("weights", ["student_p", "teacher_p", "none"])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_topk_reward_teacher_temperature_and_normalize(support, weights, normalize):
+    """A separate teacher temperature and the explicit weight normalisation, both supports'
+    defaults overridden, against the reference port."""
+    s, t, k = rand_logits(21), rand_logits(22), 4
+    r = losses.topk_reward(s, t, k=k, support=support, weights=weights, normalize=normalize,
+                           temperature=1.3, teacher_temperature=0.7)
+    for ids, valid, adv, a, b in zip(rows(r.ids), rows(r.valid), rows(r.advantages),
+                                     rows(s), rows(t)):
+        ref = np_reward(a, b, k, support, weights, 1.3, 0.7, normalize)
+        got = {int(i): float(x) for i, v, x in zip(ids, valid, adv) if v}
+        assert set(got) == set(ref)
+        for i in ref:
+            np.testing.assert_allclose(got[i], ref[i], rtol=2e-5, atol=2e-6)
+
+
+def test_none_weights_are_uniform_over_the_valid_support():
+    """``weights="none"``: 1/|valid_t| on renormalised supports, 1 on the symmetric difference."""
+    s, t = rand_logits(31), rand_logits(32)
+    lp_s = jax.nn.log_softmax(s, -1)
+    for support in ("student", "union", "intersection"):
+        r = losses.topk_reward(s, t, k=4, support=support, weights="none")
+        sup = losses.topk_support(lp_s, jax.nn.log_softmax(t, -1), k=4, support=support)
+        w = losses.reward_weights(lp_s[..., :sup.ids.shape[-1]], lp_s[..., :sup.ids.shape[-1]],
+                                  sup.valid, weights="none")
+        n = np.asarray(sup.valid).sum(-1, keepdims=True)
+        want = np.where(np.asarray(sup.valid), 1.0 / np.maximum(n, 1), 0.0)
+        np.testing.assert_allclose(np.asarray(w), want, rtol=1e-6)
+        assert r.advantages.shape == sup.ids.shape
+    w = losses.reward_weights(lp_s[..., :3], lp_s[..., :3], jnp.array([True, False, True]),
+                              weights="none", normalize=False)
+    np.testing.assert_array_equal(np.asarray(w)[0, 0], [1.0, 0.0, 1.0])
 
 
 @pytest.mark.parametrize("support", ["student", "union", "intersection"])

@@ -32,18 +32,21 @@ def _inputs(seed=0):
     return hs, ws, ht, wt, tokens, jnp.asarray(where), sampler
 
 
-def _reference(s_logits, t_logits, tokens, sampler, k, temp):
+def _reference(s_logits, t_logits, tokens, sampler, k, temp, teacher_temp=None):
     """Per-token metrics in float64 numpy, from first principles (sets, sums, logs)."""
-    sp, tp = _softmax64(np.asarray(s_logits) / temp), _softmax64(np.asarray(t_logits) / temp)
+    teacher_temp = temp if teacher_temp is None else teacher_temp
+    sp = _softmax64(np.asarray(s_logits) / temp)
+    tp = _softmax64(np.asarray(t_logits) / teacher_temp)
     s_ids = np.argsort(-sp, -1, kind="stable")[..., :k]
     t_ids = np.argsort(-tp, -1, kind="stable")[..., :k]
     lead = sp.shape[:-1]
     out = {n: np.zeros(lead) for n in (
-        "overlap", "student_shared_mass", "teacher_shared_mass", "student_topk_mass",
-        "teacher_topk_mass")}
+        "overlap", "topk_intersects", "student_shared_mass", "teacher_shared_mass",
+        "student_topk_mass", "teacher_topk_mass")}
     for idx in np.ndindex(*lead):
         shared = sorted(set(s_ids[idx]) & set(t_ids[idx]))
         out["overlap"][idx] = len(shared) / k
+        out["topk_intersects"][idx] = float(len(shared) > 0)
         out["student_shared_mass"][idx] = sp[idx][shared].sum()
         out["teacher_shared_mass"][idx] = tp[idx][shared].sum()
         out["student_topk_mass"][idx] = sp[idx][s_ids[idx]].sum()
@@ -97,6 +100,38 @@ def test_dense_metrics_match_float64_reference():
     # sanity of the mechanism quantities: shared mass <= own top-k mass <= 1
     for side in ("student", "teacher"):
         assert np.all(want[f"{side}_shared_mass"] <= want[f"{side}_topk_mass"] + 1e-12)
+
+
+def test_teacher_temperature_and_intersection_means_match_reference():
+    """A separate teacher temperature; the paper's shared mass averaged over intersecting
+    positions only, against thunlp's formula (ray_trainer.py:1448-1467) on sets in numpy."""
+    hs, ws, ht, wt, tokens, where, sampler = _inputs(seed=3)
+    s_logits, t_logits = hs @ ws, 3.0 * (ht @ wt)   # a sharp teacher: some sets do not meet
+    got = metrics.mechanism_metrics_from_logits(s_logits, t_logits, tokens, k=2, where=where,
+                                                temperature=1.3, teacher_temperature=0.6)
+    want = _reference(s_logits, t_logits, tokens, None, 2, 1.3, 0.6)
+    m = np.asarray(where)
+    for name in ("overlap", "topk_intersects", "student_shared_mass", "teacher_shared_mass",
+                 "teacher_entropy", "teacher_token_logprob"):
+        np.testing.assert_allclose(np.asarray(got[name])[m], want[name][m], rtol=1e-5, atol=2e-5,
+                                   err_msg=name)
+    assert 0 < want["topk_intersects"][m].mean() < 1   # both kinds of position occur
+    # thunlp: student_p_sum[inter_positions].mean() over the valid tokens
+    sp, tp = _softmax64(np.asarray(s_logits) / 1.3), _softmax64(np.asarray(t_logits) / 0.6)
+    s_ids, t_ids = (np.argsort(-p, -1, kind="stable")[..., :2] for p in (sp, tp))
+    inter_ids = [(idx, sorted(set(s_ids[idx]) & set(t_ids[idx]))) for idx in zip(*np.nonzero(m))]
+    inter_ids = [(idx, ids) for idx, ids in inter_ids if ids]
+    ref_s = np.mean([sp[idx][ids].sum() for idx, ids in inter_ids])
+    ref_t = np.mean([tp[idx][ids].sum() for idx, ids in inter_ids])
+    means = {k: float(np.asarray(got[k])[m].mean()) for k in got}
+    out = metrics.intersection_means(means)
+    np.testing.assert_allclose(float(out["student_p_sum_intersection"]), ref_s, rtol=1e-5)
+    np.testing.assert_allclose(float(out["teacher_p_sum_intersection"]), ref_t, rtol=1e-5)
+    # the all-positions mean stays under its own name, and is smaller
+    assert means["student_shared_mass"] < float(out["student_p_sum_intersection"])
+    assert float(metrics.intersection_means({"topk_intersects": 0.0,
+                                             "student_shared_mass": 0.0})[
+        "student_p_sum_intersection"]) == 0.0
 
 
 def test_chunked_metrics_equal_dense_and_do_not_retrace():

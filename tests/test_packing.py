@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from opd_jax import losses
-from opd_jax.config.schema import LossSpec, OptimSpec
+from opd_jax.config.loss import LossSpec
+from opd_jax.config.schema import OptimSpec
 from opd_jax.model import decoder as dec
 from opd_jax.model.config import ModelConfig
 from opd_jax.model.lora import init_lora

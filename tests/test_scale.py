@@ -166,7 +166,8 @@ def test_meshes_match_one_device_and_state_shrinks_with_fsdp(tmp_path):
 COMPILED = """
 import functools, math, re
 from opd_jax import losses, sharding as shd
-from opd_jax.config.schema import LossSpec, OptimSpec
+from opd_jax.config.loss import LossSpec
+from opd_jax.config.schema import OptimSpec
 from opd_jax.model import decoder as dec
 from opd_jax.model.config import ModelConfig, param_shapes
 from opd_jax.train.placement import TrainMesh

@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Literal, Optional, Sequence
 
 from opd_jax.config.core import load_typed
+from opd_jax.config.loss import LossSpec
 from opd_jax.config.schema import (
     DataSpec,
     FilterSpec,
-    LossSpec,
     ModelSpec,
     OptimSpec,
     SamplerSpec,
@@ -37,10 +37,17 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 # Stage fields that apply to one kind only (must keep their defaults on other kinds).
 _KIND_FIELDS = {
-    "filters": "cold_start", "num_teacher_samples": "cold_start",
+    "filters": "cold_start", "num_teacher_samples": "cold_start", "dataset": "cold_start",
+    "epochs": "cold_start", "max_attempts": "cold_start",
     "teacher_mode": "opsd", "ema_decay": "opsd",
     "ks": "eval", "n_prompts": "eval",
 }
+
+# A dataset cold start's sampler (the teacher rollouts of `opd-jax build-cold-start`) takes these
+# where neither the stage nor the run level sets them: thunlp/OPD scripts/infer/vllm_rollout.py:375-380
+# samples at temperature 1.0, top-p 0.95 (and max_tokens 7168, left to the config here: set
+# sampler.max_new_tokens).
+COLD_START_SAMPLER = {"temperature": 1.0, "top_p": 0.95}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +59,13 @@ class StageSpec:
     "eval" (Avg@k / pass@k on held-out prompts). ``name`` defaults to the kind (``kind_<i>`` when
     repeated). ``steps`` optimizer steps (train kinds), ``batch_prompts`` prompts per step.
     ``data`` / ``sampler`` / ``loss`` / ``optim``: partial overrides of the run-level sections.
-    cold_start: ``filters``, ``num_teacher_samples`` teacher rollouts per prompt.
+    cold_start, two modes. On the fly (no ``dataset``): each step samples ``num_teacher_samples``
+    teacher rollouts per prompt, drops those ``filters`` reject, and trains on the rest for
+    ``steps``. From a dataset (the OPD paper's recipe): ``dataset`` is a JSONL file written by
+    ``opd-jax build-cold-start`` (teacher rollouts with ``filters``, ``num_teacher_samples`` slots
+    per prompt, up to ``max_attempts`` draws per slot, sampled with the stage's ``sampler``, whose
+    temperature / top_p default to the reference's 1.0 / 0.95); the stage trains on it for
+    ``epochs`` passes (or ``steps``; set one), ``batch_prompts`` examples a step.
     opsd: ``teacher_mode`` "fixed" (initial weights / LoRA off), "ema" (``ema_decay``) or "live".
     eval: ``ks`` (k values for Avg@k and pass@k; max(ks) samples per prompt), ``n_prompts``.
     """
@@ -67,6 +80,9 @@ class StageSpec:
     optim: Optional[OptimSpec] = None
     filters: FilterSpec = FilterSpec()
     num_teacher_samples: int = 1
+    dataset: Optional[str] = None
+    epochs: Optional[int] = None
+    max_attempts: int = 3
     teacher_mode: Literal["fixed", "ema", "live"] = "fixed"
     ema_decay: float = 0.999
     ks: tuple[int, ...] = (1,)
@@ -79,7 +95,9 @@ class StageSpec:
     def validate(self) -> None:
         need(bool(_NAME_RE.match(self.name)), "name", self.name,
              "a non-empty name of letters, digits, '_', '.', '-' (it names a directory)")
-        if self.trains:
+        if self.dataset is not None:
+            self._validate_dataset()
+        elif self.trains:
             need(self.steps >= 1, "steps", self.steps, f"an integer >= 1 for a {self.kind} stage")
         else:
             need(self.steps == 0, "steps", self.steps, "0 for an eval stage (use n_prompts)")
@@ -93,6 +111,22 @@ class StageSpec:
         need(0 < self.ema_decay < 1, "ema_decay", self.ema_decay, "a number in (0, 1)")
         need(len(self.ks) > 0 and min(self.ks) >= 1, "ks", list(self.ks),
              "a non-empty list of integers >= 1")
+        need(self.max_attempts >= 1, "max_attempts", self.max_attempts, "an integer >= 1")
+        if self.dataset is None:
+            without = "leave unset without dataset: {} (set dataset: path.jsonl)"
+            need(self.epochs is None, "epochs", self.epochs,
+                 without.format("epochs count passes over a cold-start dataset"))
+            need(self.max_attempts == 3, "max_attempts", self.max_attempts,
+                 without.format("retries are opd-jax build-cold-start's"))
+
+    def _validate_dataset(self) -> None:
+        need(bool(self.dataset.strip()), "dataset", self.dataset, "a JSONL file path")
+        need(self.epochs is None or self.epochs >= 1, "epochs", self.epochs, "an integer >= 1")
+        need((self.steps != 0) != (self.epochs is not None), "epochs" if self.epochs else "steps",
+             self.epochs if self.epochs else self.steps,
+             "exactly one of steps / epochs for a dataset cold start (the reference's SFT runs 2 "
+             "epochs: thunlp/OPD LlamaFactory/examples/train_full/qwen3_base_full_sft.yaml:39)")
+        need(self.steps >= 0, "steps", self.steps, "an integer >= 1, or 0 with epochs")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -216,7 +250,8 @@ class RunConfig:
 
     @classmethod
     def preprocess(cls, data: dict) -> dict:
-        """Merge run-level sections into each stage's partial overrides; name unnamed stages."""
+        """Merge run-level sections into each stage's partial overrides (a dataset cold start's
+        sampler over :data:`COLD_START_SAMPLER`); name unnamed stages."""
         stages = data.get("stages")
         if not isinstance(stages, list):
             return data
@@ -225,6 +260,11 @@ class RunConfig:
         for i, stage in enumerate(stages):
             if isinstance(stage, dict):
                 stage = dict(stage)
+                if stage.get("kind") == "cold_start" and stage.get("dataset") is not None:
+                    given = [data.get("sampler"), stage.get("sampler")]
+                    stage["sampler"] = {**COLD_START_SAMPLER, **{k: v for d in given if
+                                                                isinstance(d, dict)
+                                                                for k, v in d.items()}}
                 for section in SECTIONS:
                     base, over = data.get(section) or {}, stage.get(section)
                     if isinstance(over, dict) and isinstance(base, dict):

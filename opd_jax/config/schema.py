@@ -1,4 +1,5 @@
-"""Run schema, part 1: model, data, sampler, loss, optimizer and filter specs.
+"""Run schema, part 1: model, data, sampler, optimizer and filter specs (the loss:
+:mod:`opd_jax.config.loss`).
 
 Frozen dataclasses of plain values, read once at the entry point; stages and the whole run are in
 :mod:`opd_jax.config.run`. Load with :func:`opd_jax.config.load_config`; the generic parsing and
@@ -14,7 +15,7 @@ from typing import Any, Literal, Optional
 from opd_jax.config.core import FieldError
 
 __all__ = [
-    "DeriveSpec", "LoraSpec", "ModelSpec", "DataSpec", "SamplerSpec", "LossSpec", "OptimSpec",
+    "DeriveSpec", "LoraSpec", "ModelSpec", "DataSpec", "SamplerSpec", "OptimSpec",
     "FilterSpec", "OBJECTIVES", "PROJECTIONS", "ATTENTION", "REMAT", "need", "need_positive",
     "placeholders",
 ]
@@ -44,6 +45,35 @@ def need_positive(spec: Any, *names: str, optional: bool = False) -> None:
             need(value is None or value >= 1, name, value, "null or an integer >= 1")
         else:
             need(value >= 1, name, value, "an integer >= 1")
+
+
+# the variables opd_jax.model.chat_template.render_chat_template sets itself (RESERVED_CONTEXT
+# there; repeated because config imports nothing of the model package)
+CHAT_TEMPLATE_RESERVED = ("messages", "add_generation_prompt", "bos_token", "eos_token")
+PLAIN_SCALARS = (bool, int, float, str, type(None))
+
+
+def plain_type_error(value: Any) -> Optional[str]:
+    """The type name of the first value inside ``value`` that is not a bool / number / string /
+    null or a list / string-keyed mapping of these (``None`` when there is none).
+
+    >>> plain_type_error({"a": [1, "x", None]}) is None
+    True
+    >>> plain_type_error([1, {2, 3}])
+    'set'
+    """
+    if isinstance(value, PLAIN_SCALARS):
+        return None
+    if isinstance(value, (list, tuple)):
+        items = list(value)
+    elif isinstance(value, dict):
+        bad = [k for k in value if not isinstance(k, str)]
+        if bad:
+            return f"{type(bad[0]).__name__} mapping key"
+        items = list(value.values())
+    else:
+        return type(value).__name__
+    return next((e for e in map(plain_type_error, items) if e is not None), None)
 
 
 def placeholders(template: str) -> set[str]:
@@ -148,7 +178,10 @@ class DataSpec:
     ``instruction`` formats the student prompt from ``{problem}``; ``teacher_template`` is the
     privileged OPSD teacher context (``{problem}``, ``{solution}``, ``{answer}``). ``size`` training
     prompts and ``heldout_size`` evaluation prompts are drawn with ``seed``; prompts longer than
-    ``max_prompt_len`` tokens are dropped."""
+    ``max_prompt_len`` tokens are dropped. ``chat_template_kwargs``: extra variables of the
+    tokenizer's chat template, passed to every render of the student's and the teacher's prompts
+    (``{enable_thinking: false}`` for Qwen3's non-thinking mode; a template ignores the ones it
+    does not read). Values: bool, number, string, null, or lists / mappings of these."""
 
     source: Literal["reasoning_gym", "jsonl", "parquet"] = "reasoning_gym"
     name: Optional[str] = "basic_arithmetic"
@@ -164,6 +197,7 @@ class DataSpec:
     system_prompt: Optional[str] = None
     instruction: str = "{problem}\nGive the final answer on the last line as 'Answer: <value>'."
     teacher_template: Optional[str] = None
+    chat_template_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def has_solutions(self) -> bool:
@@ -185,6 +219,14 @@ class DataSpec:
             need("problem" in fields and fields <= {"problem", "solution", "answer"},
                   "teacher_template", self.teacher_template,
                   "a template with {problem} and optionally {solution} / {answer}")
+        for key, value in self.chat_template_kwargs.items():
+            where = f"chat_template_kwargs.{key}"
+            need(key.isidentifier() and key not in CHAT_TEMPLATE_RESERVED, where, value,
+                 "a chat-template variable name (an identifier, not one of "
+                 f"{', '.join(CHAT_TEMPLATE_RESERVED)}, which the renderer sets)")
+            bad = plain_type_error(value)
+            need(bad is None, where, value, "a bool, number, string or null, or a list / "
+                 f"mapping of these (found a {bad})")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -208,76 +250,6 @@ class SamplerSpec:
         need(self.top_k >= 0, "top_k", self.top_k, "an integer >= 0 (0 = off)")
         need(0 < self.top_p <= 1, "top_p", self.top_p, "a number in (0, 1]")
         need(0 <= self.min_p < 1, "min_p", self.min_p, "a number in [0, 1)")
-
-
-@dataclasses.dataclass(frozen=True)
-class LossSpec:
-    """Distillation objective and how it is estimated and reduced.
-
-    ``objective``: see ``OBJECTIVES``. ``beta``: generalized JSD mixture (0 = KL(T||S), 1 =
-    KL(S||T)). ``alpha``: skew of the skew KLs. ``top_k``: ids kept per position (null = the full
-    vocabulary, dense; topk_reward needs a number). ``support``: whose top-k ids (null = "student";
-    must stay null for sampled_token_rkl; intersection / symmetric_difference are topk_reward only);
-    the rest of the vocabulary is renormalised away or kept as one ``tail`` bucket. ``weights``
-    (topk_reward only; null = "student_p"). ``pointwise_clip``: clip each per-element term at this
-    value (OPSD 0.05). ``temperature`` divides both models' logits. ``estimator``: sampled-token KL
-    estimator. ``pg_loss`` with ``clip_low`` / ``clip_high``: the policy-gradient surrogate.
-    ``lambda_on_policy``: GKD fraction of on-policy batches (the rest are teacher-generated,
-    seq-KD). ``chunk_size``: tokens per chunk of the memory-bounded loss.
-    """
-
-    objective: Objective = "reverse_kl"
-    beta: float = 0.5
-    alpha: float = 0.1
-    top_k: Optional[int] = 16
-    support: Optional[Support] = None
-    weights: Optional[Literal["student_p", "teacher_p", "none"]] = None
-    tail: Literal["renormalize", "bucket"] = "renormalize"
-    pointwise_clip: Optional[float] = None
-    temperature: float = 1.0
-    estimator: Literal["k1", "k2", "k3"] = "k1"
-    pg_loss: Literal["plain", "importance_sampled", "ppo_clip"] = "plain"
-    clip_low: float = 0.2
-    clip_high: float = 0.2
-    reduction: Literal["token_mean", "sequence_mean", "sequence_sum_token_mean"] = "token_mean"
-    lambda_on_policy: float = 1.0
-    chunk_size: int = 512
-
-    @property
-    def resolved_support(self) -> Optional[str]:
-        if self.objective == "sampled_token_rkl":
-            return None
-        return self.support or "student"
-
-    @property
-    def resolved_weights(self) -> Optional[str]:
-        return (self.weights or "student_p") if self.objective == "topk_reward" else None
-
-    def validate(self) -> None:
-        obj = self.objective
-        if obj == "sampled_token_rkl":
-            need(self.support is None, "support", self.support,
-                  "null: sampled_token_rkl scores only the sampled token")
-        elif obj != "topk_reward":
-            need(self.support in (None, "student", "teacher", "union"), "support", self.support,
-                  f"one of student / teacher / union for {obj} (intersection and "
-                  "symmetric_difference are topk_reward supports)")
-        need(self.weights is None or obj == "topk_reward", "weights", self.weights,
-              f"null for {obj}: weights apply to objective topk_reward only")
-        need(0 <= self.beta <= 1, "beta", self.beta, "a number in [0, 1]")
-        need(0 < self.alpha < 1, "alpha", self.alpha, "a number in (0, 1)")
-        need(self.top_k is None or self.top_k >= 1, "top_k", self.top_k,
-             "an integer >= 1, or null for the full vocabulary")
-        need(self.top_k is not None or obj != "topk_reward", "top_k", self.top_k,
-             "an integer >= 1 for topk_reward")
-        need(self.pointwise_clip is None or self.pointwise_clip > 0, "pointwise_clip",
-              self.pointwise_clip, "null or a positive number")
-        need(self.temperature > 0, "temperature", self.temperature, "a positive number")
-        need(self.clip_low > 0 and self.clip_high > 0, "clip_low" if self.clip_low <= 0
-              else "clip_high", min(self.clip_low, self.clip_high), "a positive number")
-        need(0 <= self.lambda_on_policy <= 1, "lambda_on_policy", self.lambda_on_policy,
-              "a fraction in [0, 1] (1 = always on-policy)")
-        need_positive(self, "chunk_size")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -319,21 +291,67 @@ class OptimSpec:
         need_positive(self, "grad_accum_steps")
 
 
+# FilterSpec: the thresholds each switch governs (they must keep their defaults when it is off)
+_FILTER_SWITCHES = (
+    ("no_answer", ("answer_format", "answer_marker")),
+    ("repeated_lines", ("line_min_chars", "line_reject_count")),
+    ("repeated_windows", ("window_chars", "window_stride", "window_reject_count")),
+    ("consecutive_repeat", ("block_chars", "block_reject_run", "block_text_over")),
+)
+
+
 @dataclasses.dataclass(frozen=True)
 class FilterSpec:
-    """Cold-start rejection filters on teacher rollouts: drop samples with no final answer
-    (``answer_format`` "marked": ``Answer:`` / ``\\boxed{}`` / ``####``; "any_number": a last
-    number counts too), with a
-    repeated line, or with an ``ngram_n``-gram occurring more than ``ngram_max_repeats`` times
-    (``ngram_n`` null = off)."""
+    """Cold-start rejection filters on teacher rollouts (``opd_jax.eval.filters``; defaults =
+    thunlp/OPD ``scripts/infer/vllm_rollout.py``:17-73). Each filter has a switch and thresholds;
+    a threshold of a switched-off filter must keep its default.
+
+    ``no_answer``: reject text without a final answer; ``answer_format`` "marker" (the text
+    contains ``answer_marker``, default ``\\boxed`` as in the reference), "marked" (``Answer:`` /
+    ``\\boxed{}`` / ``####``) or "any_number" (a last number counts too). ``repeated_lines``: a
+    stripped line of >= ``line_min_chars`` characters occurring >= ``line_reject_count`` times.
+    ``repeated_windows``: a ``window_chars``-character window (every ``window_stride``
+    characters) occurring >= ``window_reject_count`` times. ``consecutive_repeat``: a
+    ``block_chars``-character block repeated ``block_reject_run`` times in a row, checked only in
+    texts longer than ``block_text_over`` characters. ``ngram_n``: this library's earlier rule,
+    a word ``ngram_n``-gram occurring more than ``ngram_max_repeats`` times (null = off, the
+    default: it rejects most long solutions)."""
 
     no_answer: bool = True
-    answer_format: Literal["marked", "any_number"] = "marked"
+    answer_format: Literal["marker", "marked", "any_number"] = "marker"
+    answer_marker: str = "\\boxed"
     repeated_lines: bool = True
-    ngram_n: Optional[int] = 4
+    line_min_chars: int = 20
+    line_reject_count: int = 5
+    repeated_windows: bool = True
+    window_chars: int = 100
+    window_stride: int = 10
+    window_reject_count: int = 3
+    consecutive_repeat: bool = True
+    block_chars: int = 50
+    block_reject_run: int = 3
+    block_text_over: int = 5000
+    ngram_n: Optional[int] = None
     ngram_max_repeats: int = 3
 
     def validate(self) -> None:
         need_positive(self, "ngram_n", optional=True)
-        need_positive(self, "ngram_max_repeats")
+        need_positive(self, "ngram_max_repeats", "window_chars", "window_stride", "block_chars")
+        for name in ("line_reject_count", "window_reject_count", "block_reject_run"):
+            need(getattr(self, name) >= 2, name, getattr(self, name),
+                 "an integer >= 2 (a repeat needs at least two occurrences)")
+        for name in ("line_min_chars", "block_text_over"):
+            need(getattr(self, name) >= 0, name, getattr(self, name), "an integer >= 0")
+        defaults = FilterSpec()
+        for switch, names in _FILTER_SWITCHES:
+            for name in names:
+                need(getattr(self, switch) or getattr(self, name) == getattr(defaults, name),
+                     name, getattr(self, name), f"leave unset: {switch} is false")
+        need(self.answer_format == "marker" or self.answer_marker == defaults.answer_marker,
+             "answer_marker", self.answer_marker,
+             f'leave unset: it applies to answer_format "marker" (this is {self.answer_format!r})')
+        need(bool(self.answer_marker), "answer_marker", self.answer_marker,
+             "a non-empty string the final answer is marked with, e.g. \\boxed")
+        need(self.ngram_n is not None or self.ngram_max_repeats == defaults.ngram_max_repeats,
+             "ngram_max_repeats", self.ngram_max_repeats, "leave unset: ngram_n is null")
 

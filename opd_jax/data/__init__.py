@@ -44,14 +44,18 @@ from opd_jax.data.templates import (
     DEFAULT_INSTRUCTION,
     DEFAULT_STUDENT_TEMPLATE,
     DEFAULT_TEACHER_TEMPLATE,
+    OPSD_STUDENT_TEMPLATE,
+    OPSD_TEACHER_TEMPLATE,
     ChatTokenizer,
     PromptTemplate,
     TokenizedPrompts,
+    render_prompt,
     tokenize_prompts,
 )
 
 __all__ = [
     "ChatTokenizer", "DEFAULT_INSTRUCTION", "DEFAULT_STUDENT_TEMPLATE", "DEFAULT_TEACHER_TEMPLATE",
+    "OPSD_STUDENT_TEMPLATE", "OPSD_TEACHER_TEMPLATE", "render_prompt",
     "PromptRecord", "PromptTemplate", "RG_KEY", "TokenizedPrompts", "dedupe_records",
     "default_shard_options", "hash_unit", "load_jsonl", "load_parquet", "load_reasoning_gym",
     "load_records", "make_prompt_dataset", "make_prompt_iterator", "make_record", "read_jsonl",

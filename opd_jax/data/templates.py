@@ -3,6 +3,13 @@
 Both are chat-message lists (``[{"role": "system"|"user", "content": str}, ...]``); a
 tokenizer implementing :class:`ChatTokenizer` turns them into token ids via
 :func:`tokenize_prompts`, which checks every prompt's length before anything expensive runs.
+``PromptTemplate.chat_template_kwargs`` (config ``data.chat_template_kwargs``, e.g.
+``{enable_thinking: false}`` for Qwen3) are passed to every chat-template render
+(:func:`render_prompt`).
+
+``OPSD_STUDENT_TEMPLATE`` / ``OPSD_TEACHER_TEMPLATE`` are siyan-zhao/OPSD's prompts character for
+character (``data_collator.py:28,52,82-87``, the default ``reason_first=False`` path); the shipped
+``configs/qwen3_opsd.yaml`` uses them.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, NamedTuple, Protocol
 
 from opd_jax.data.records import PromptRecord
+from opd_jax.model.chat_template import check_template_kwargs
 
 Message = dict[str, str]
 
@@ -39,6 +47,17 @@ def teacher_template_for(student_template: str) -> str:
 
 
 DEFAULT_TEACHER_TEMPLATE = teacher_template_for(DEFAULT_STUDENT_TEMPLATE)
+
+# siyan-zhao/OPSD data_collator.py:52 (student) and :82-87 with the transition prompt of :28
+# (teacher; its problem has no "Problem: " prefix there). Literal braces doubled for str.format.
+OPSD_BOXED_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{{}}."
+OPSD_STUDENT_TEMPLATE = "Problem: {problem}\n\n" + OPSD_BOXED_INSTRUCTION
+OPSD_TEACHER_TEMPLATE = (
+    "{problem}\n\nHere is a reference solution to this problem:\n{solution}\n"
+    "\n\nAfter understanding the reference solution and the rationale behind each step, now "
+    "articulate your own step-by-step reasoning that derives the same final answer to the problem "
+    "below:\n\n" + OPSD_BOXED_INSTRUCTION)
+
 _FIELDS = {"problem", "solution", "answer", "instruction"}
 
 
@@ -46,7 +65,7 @@ class ChatTokenizer(Protocol):
     """What :func:`tokenize_prompts` needs from a tokenizer."""
 
     def apply_chat_template(
-        self, messages: Sequence[Message], add_generation_prompt: bool = True
+        self, messages: Sequence[Message], add_generation_prompt: bool = True, **kwargs: Any
     ) -> str: ...
 
     def encode(self, text: str) -> list[int]: ...
@@ -71,6 +90,8 @@ class PromptTemplate:
     Templates are ``str.format`` strings over ``{problem}``, ``{solution}``, ``{answer}`` and
     ``{instruction}``. In the teacher template ``{solution}`` falls back to the record's
     answer when it has no solution (reasoning-gym arithmetic ships none).
+    ``chat_template_kwargs``: extra variables of the tokenizer's chat template for both prompts
+    (e.g. ``{"enable_thinking": False}``); see :func:`render_prompt`.
 
     >>> rec = {"id": "0", "prompt": "2+3?", "answer": "5", "solution": None}
     >>> PromptTemplate().student(rec)[-1]["content"]
@@ -83,10 +104,13 @@ class PromptTemplate:
     instruction: str = DEFAULT_INSTRUCTION
     student_template: str = DEFAULT_STUDENT_TEMPLATE
     teacher_template: str = DEFAULT_TEACHER_TEMPLATE
+    chat_template_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         _check_template("student_template", self.student_template)
         _check_template("teacher_template", self.teacher_template)
+        check_template_kwargs(self.chat_template_kwargs)
+        object.__setattr__(self, "chat_template_kwargs", dict(self.chat_template_kwargs))
 
     def _messages(self, user: str) -> list[Message]:
         system = [{"role": "system", "content": self.system}] if self.system else []
@@ -112,6 +136,15 @@ class PromptTemplate:
             answer="" if answer is None else answer))
 
 
+def render_prompt(tokenizer: ChatTokenizer, messages: Sequence[Message],
+                  chat_template_kwargs: Mapping[str, Any] | None = None) -> str:
+    """The prompt text: ``tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+    **chat_template_kwargs)`` (no kwargs are passed when there are none, so tokenizers without
+    ``**kwargs`` keep working)."""
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                         **dict(chat_template_kwargs or {}))
+
+
 class TokenizedPrompts(NamedTuple):
     """Output of :func:`tokenize_prompts`.
 
@@ -131,6 +164,7 @@ def tokenize_prompts(
     max_prompt_len: int,
     *,
     on_too_long: Literal["raise", "drop"] = "raise",
+    chat_template_kwargs: Mapping[str, Any] | None = None,
 ) -> TokenizedPrompts:
     """Renders and tokenises prompts; checks all lengths before returning anything.
 
@@ -142,10 +176,11 @@ def tokenize_prompts(
       max_prompt_len: the most prompt tokens allowed.
       on_too_long: ``"raise"`` a ValueError naming the first too-long prompt (id, length,
         limit, fix) or ``"drop"`` such records (their ids and lengths in ``dropped``).
+      chat_template_kwargs: extra chat-template variables (``PromptTemplate.chat_template_kwargs``).
     """
     if on_too_long not in ("raise", "drop"):
         raise ValueError(f"on_too_long must be 'raise' or 'drop', got {on_too_long!r}.")
-    ids = [tokenizer.encode(tokenizer.apply_chat_template(template(r), add_generation_prompt=True))
+    ids = [tokenizer.encode(render_prompt(tokenizer, template(r), chat_template_kwargs))
            for r in records]
     over = [len(t) > max_prompt_len for t in ids]
     too_long = {r["id"]: len(t) for r, t, o in zip(records, ids, over) if o}

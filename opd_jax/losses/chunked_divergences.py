@@ -103,6 +103,11 @@ def _prepare_topk_loss(
     student_unembed, teacher_topk: TeacherTopK, valid_BxT, *, divergence, temperature,
     tail: str = "bucket", pointwise_clip: float | None = None, **div_params: Any,
 ) -> ChunkLoss:
+    if div_params.pop("teacher_temperature", None) is not None:
+        raise ValueError(
+            "teacher_temperature does not apply to a precomputed teacher_topk: its log-probs are "
+            "already at the temperature it was scored at (chunked_teacher_topk(temperature=...))"
+        )
     batch, time = valid_BxT.shape
     ids_BxTxK = teacher_topk.ids
     if ids_BxTxK.ndim != 3 or ids_BxTxK.shape[:2] != (batch, time):
@@ -185,7 +190,8 @@ def chunked_divergence(
     renormalised on :math:`\mathcal{K}_t` with ``tail="renormalize"``.  ``divergence`` is then
     a name of :data:`opd_jax.losses.divergences.LOGPROB_DIVERGENCES` (or a log-prob-level
     callable), and ``tail=`` / ``pointwise_clip=`` pass through ``divergence_kwargs``.
-    ``temperature`` scales the student only: compute ``teacher_topk`` at the same temperature.
+    ``temperature`` scales the student only: compute ``teacher_topk`` at the teacher's
+    temperature (``teacher_temperature=`` is for the dense form).
 
     Args:
       student_hidden: ``[B, T, D]`` student final hidden states (after the final norm).
@@ -200,7 +206,8 @@ def chunked_divergence(
       chunk_size: token rows per chunk ``C``; peak extra memory is a few ``[C, V]`` float32
         buffers.
       **divergence_kwargs: forwarded to the divergence (``beta=``, ``alpha=``,
-        ``pointwise_clip=``, ``k=``/``support=`` for a top-k callable, ``tail=`` with
+        ``pointwise_clip=``, ``teacher_temperature=`` (dense form), ``k=``/``support=`` for
+        a top-k callable, ``tail=`` with
         ``teacher_topk``).
 
     Returns:
@@ -281,7 +288,8 @@ def chunked_divergence_loss(
 
 
 def _topk_pg_per_token(
-    student_logits, teacher_logits, *, where, temperature, k, support, weights
+    student_logits, teacher_logits, *, where, temperature, k, support, weights,
+    teacher_temperature=None, normalize=None,
 ):
     """Dense OPD top-k surrogate for one chunk: reward (stop-gradient) then the PG loss."""
     reward = topk_reward(
@@ -290,8 +298,10 @@ def _topk_pg_per_token(
         k=k,
         support=support,
         weights=weights,
+        normalize=normalize,
         where=where,
         temperature=temperature,
+        teacher_temperature=teacher_temperature,
     )
     return topk_policy_gradient_loss(student_logits, reward, where=where, temperature=temperature)
 
@@ -305,8 +315,10 @@ def chunked_topk_policy_gradient_loss(
     k: int = 16,
     support: str = "student",
     weights: str = "student_p",
+    normalize: bool | None = None,
     where: jax.Array | None = None,
     temperature: float = 1.0,
+    teacher_temperature: float | None = None,
     chunk_size: int = 512,
 ) -> jax.Array:
     r"""OPD's top-k reward objective (thunlp/OPD), chunk by chunk over tokens.
@@ -325,9 +337,9 @@ def chunked_topk_policy_gradient_loss(
       teacher_hidden, teacher_unembed: ``[B, T, D']``, ``[D', V]`` (stop-gradient).
       k: top-k size (16 in the paper).
       support: a name of :data:`opd_jax.losses.topk.SUPPORTS`.
-      weights: a name of :data:`opd_jax.losses.topk.WEIGHTS`.
+      weights, normalize: as :func:`opd_jax.losses.topk.topk_reward`.
       where: ``[B, T]`` bool mask; ``None`` = all.
-      temperature: softmax temperature for both models.
+      temperature, teacher_temperature: as :func:`opd_jax.losses.topk.topk_reward`.
       chunk_size: token rows per chunk ``C``.
 
     Returns:
@@ -345,4 +357,6 @@ def chunked_topk_policy_gradient_loss(
         k=k,
         support=support,
         weights=weights,
+        normalize=normalize,
+        teacher_temperature=teacher_temperature,
     )

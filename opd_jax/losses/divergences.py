@@ -108,22 +108,30 @@ def skew_reverse_kl_from_logprobs(
 # ------------------------------------------------------------------------------------------
 
 
-def pair_logprobs(student_logits, teacher_logits, *, where, temperature) -> tuple[Array, Array]:
+def pair_logprobs(student_logits, teacher_logits, *, where, temperature,
+                  teacher_temperature=None) -> tuple[Array, Array]:
     """Check a student / teacher logit pair ``[..., V]`` and return both normalised log-probs.
 
     The shared front of every logit-level loss: :func:`~opd_jax.losses.checks.check_logit_pair`,
-    ``where`` and ``temperature`` checks, then :func:`normalized_logprobs` of each side.
+    ``where`` and temperature checks, then :func:`normalized_logprobs` of each side: the
+    student's logits divided by ``temperature``, the teacher's by ``teacher_temperature``
+    (``None``: the same ``temperature``, the GKD / TRL convention; thunlp/OPD divides the teacher
+    by its own ``TEACHER_TEMPERATURE``, default 1.0, ``verl/verl/workers/fsdp_workers.py:2015``).
     """
     checks.check_logit_pair(student_logits, teacher_logits)
     checks.check_where(where, jnp.shape(student_logits)[:-1])
     checks.check_positive("temperature", temperature)
+    t_temp = temperature if teacher_temperature is None else teacher_temperature
+    checks.check_positive("teacher_temperature", t_temp)
     s = normalized_logprobs(student_logits, temperature=temperature, where=where)
-    t = normalized_logprobs(teacher_logits, temperature=temperature, where=where)
+    t = normalized_logprobs(teacher_logits, temperature=t_temp, where=where)
     return s, t
 
 
-def _from_logits(fn: Callable, student_logits, teacher_logits, where, temperature, **kw):
-    s, t = pair_logprobs(student_logits, teacher_logits, where=where, temperature=temperature)
+def _from_logits(fn: Callable, student_logits, teacher_logits, where, temperature,
+                 teacher_temperature, **kw):
+    s, t = pair_logprobs(student_logits, teacher_logits, where=where, temperature=temperature,
+                         teacher_temperature=teacher_temperature)
     return mask_tokens(fn(s, t, **kw), where)
 
 
@@ -133,6 +141,7 @@ def forward_kl(
     *,
     where: Array | None = None,
     temperature: float = 1.0,
+    teacher_temperature: float | None = None,
     pointwise_clip: float | None = None,
 ) -> Array:
     r"""Forward KL :math:`\mathrm{KL}(T\|S)` per token (mode-covering; SFT-like).
@@ -145,7 +154,10 @@ def forward_kl(
       student_logits: ``[..., V]`` student logits (any float dtype; math in float32).
       teacher_logits: ``[..., V]`` teacher logits (pass them through ``stop_gradient``).
       where: optional bool ``[...]``; False positions are exactly 0 with zero gradient.
-      temperature: :math:`\tau > 0`, divides both logits before the softmax.
+      temperature: :math:`\tau > 0`, divides the student's logits (and the teacher's, unless
+        ``teacher_temperature`` is given).
+      teacher_temperature: optional :math:`\tau_T > 0` dividing the teacher's logits (thunlp/OPD
+        ``TEACHER_TEMPERATURE``); ``None`` = ``temperature``.
       pointwise_clip: optional :math:`c`, caps each vocabulary term before the sum (OPSD).
 
     Returns:
@@ -160,6 +172,7 @@ def forward_kl(
     """
     return _from_logits(
         forward_kl_from_logprobs, student_logits, teacher_logits, where, temperature,
+        teacher_temperature,
         pointwise_clip=pointwise_clip,
     )
 
@@ -170,6 +183,7 @@ def reverse_kl(
     *,
     where: Array | None = None,
     temperature: float = 1.0,
+    teacher_temperature: float | None = None,
     pointwise_clip: float | None = None,
 ) -> Array:
     r"""Reverse KL :math:`\mathrm{KL}(S\|T)` per token (mode-seeking; the OPD objective).
@@ -188,6 +202,7 @@ def reverse_kl(
     """
     return _from_logits(
         reverse_kl_from_logprobs, student_logits, teacher_logits, where, temperature,
+        teacher_temperature,
         pointwise_clip=pointwise_clip,
     )
 
@@ -199,6 +214,7 @@ def generalized_jsd(
     *,
     where: Array | None = None,
     temperature: float = 1.0,
+    teacher_temperature: float | None = None,
     pointwise_clip: float | None = None,
 ) -> Array:
     r"""Generalized Jensen-Shannon divergence per token (GKD / TRL / OPSD convention).
@@ -225,6 +241,7 @@ def generalized_jsd(
     """
     return _from_logits(
         generalized_jsd_from_logprobs, student_logits, teacher_logits, where, temperature,
+        teacher_temperature,
         beta=beta, pointwise_clip=pointwise_clip,
     )
 
@@ -236,6 +253,7 @@ def skew_forward_kl(
     *,
     where: Array | None = None,
     temperature: float = 1.0,
+    teacher_temperature: float | None = None,
     pointwise_clip: float | None = None,
 ) -> Array:
     r"""Skew forward KL per token: :math:`\mathrm{KL}(T \,\|\, \alpha T + (1-\alpha) S)`.
@@ -254,6 +272,7 @@ def skew_forward_kl(
     """
     return _from_logits(
         skew_forward_kl_from_logprobs, student_logits, teacher_logits, where, temperature,
+        teacher_temperature,
         alpha=alpha, pointwise_clip=pointwise_clip,
     )
 
@@ -265,6 +284,7 @@ def skew_reverse_kl(
     *,
     where: Array | None = None,
     temperature: float = 1.0,
+    teacher_temperature: float | None = None,
     pointwise_clip: float | None = None,
 ) -> Array:
     r"""Skew reverse KL per token: :math:`\mathrm{KL}(S \,\|\, \alpha S + (1-\alpha) T)`.
@@ -281,6 +301,7 @@ def skew_reverse_kl(
     """
     return _from_logits(
         skew_reverse_kl_from_logprobs, student_logits, teacher_logits, where, temperature,
+        teacher_temperature,
         alpha=alpha, pointwise_clip=pointwise_clip,
     )
 

@@ -29,6 +29,7 @@ Array = jax.Array
 
 __all__ = [
     "KL_ESTIMATORS",
+    "grpo_advantages",
     "importance_sampled_pg_loss",
     "opd_advantage",
     "policy_gradient_loss",
@@ -223,3 +224,33 @@ def ppo_clip_loss(
     if dual_clip is not None:
         loss = jnp.where(adv < 0, jnp.minimum(loss, -adv * dual_clip), loss)
     return mask_tokens(loss, where)
+
+
+def grpo_advantages(scores_PxN: Array, *, norm_by_std: bool = True, eps: float = 1e-6) -> Array:
+    r"""GRPO outcome advantages of ``N`` samples per prompt, ``[P, N]`` -> ``[P, N]``.
+
+    .. math::
+       A_{p,i} = \frac{r_{p,i} - \mathrm{mean}_j\, r_{p,j}}{\mathrm{std}_j\, r_{p,j} + \epsilon}
+
+    with the unbiased (``N - 1``) standard deviation, or without the division when
+    ``norm_by_std`` is False (Dr. GRPO); a prompt with one sample gets mean 0 and std 1 (its
+    raw reward), as verl's ``compute_grpo_outcome_advantage``
+    (thunlp/OPD ``verl/verl/trainer/ppo/core_algos.py:265-327``). thunlp's
+    ``token_reward_direct_plus_grpo`` (``core_algos.py:883-925``) adds ``weight * A`` to every
+    token's OPD advantage of the sample.
+
+    >>> import jax.numpy as jnp
+    >>> print(grpo_advantages(jnp.array([[1.0, 0.0, 0.0, 1.0]])).round(3))
+    [[ 0.866 -0.866 -0.866  0.866]]
+    """
+    r = jnp.asarray(scores_PxN, jnp.float32)
+    if r.ndim != 2:
+        raise ValueError(f"scores must be [P, N] (prompts x samples), got shape {r.shape}")
+    n = r.shape[1]
+    if n == 1:
+        mean, std = jnp.zeros_like(r), jnp.ones_like(r)
+    else:
+        mean = jnp.mean(r, axis=1, keepdims=True)
+        std = jnp.std(r, axis=1, keepdims=True, ddof=1)
+    centred = r - mean
+    return jax.lax.stop_gradient(centred / (std + eps) if norm_by_std else centred)

@@ -41,9 +41,11 @@ __all__ = [
     "TAILS",
     "WEIGHTS",
     "TopKReward",
+    "default_normalize",
     "TopKSupport",
     "gather_logprobs",
     "renormalized_logprobs",
+    "reward_weights",
     "support_advantages",
     "support_divergence",
     "support_from_ids",
@@ -76,6 +78,7 @@ def topk_divergence(
     tail: str = "renormalize",
     where: Array | None = None,
     temperature: float = 1.0,
+    teacher_temperature: float | None = None,
     pointwise_clip: float | None = None,
 ) -> Array:
     r"""A divergence restricted to a top-k support, per token.
@@ -93,7 +96,7 @@ def topk_divergence(
       student_logits, teacher_logits: ``[..., V]``.
       k: static top-k size. support: a name in :data:`SUPPORTS`.
       divergence, tail, pointwise_clip: as :func:`support_divergence`.
-      where, temperature: as :func:`~opd_jax.losses.forward_kl`.
+      where, temperature, teacher_temperature: as :func:`~opd_jax.losses.forward_kl`.
 
     Returns:
       ``[...]`` float32 per-token loss.
@@ -106,7 +109,8 @@ def topk_divergence(
     >>> bool(jnp.allclose(topk_divergence(s, t, k=3), reverse_kl(s, t)))
     True
     """
-    s_logp, t_logp = pair_logprobs(student_logits, teacher_logits, where=where, temperature=temperature)
+    s_logp, t_logp = pair_logprobs(student_logits, teacher_logits, where=where,
+                                   temperature=temperature, teacher_temperature=teacher_temperature)
     sup = topk_support(s_logp, t_logp, k=k, support=support)
     checks.check_choice("tail", tail, TAILS)
     exact = tail == "bucket"  # the full vocabulary is at hand: exact tails, not 1 - sum
@@ -127,34 +131,68 @@ def topk_divergence(
 # OPD reward form
 # ------------------------------------------------------------------------------------------
 
-_WEIGHTS: dict[str, Callable[[Array, Array, Array], Array]] = {
-    "student_p": lambda s, t, valid: jnp.exp(renormalized_logprobs(s, valid)),
-    "teacher_p": lambda s, t, valid: jnp.exp(renormalized_logprobs(t, valid)),
-    "none": lambda s, t, valid: valid.astype(s.dtype),
-}
 #: Reward weightings accepted by :func:`topk_reward` (OPD's ``REWARD_WEIGHT_MODE``).
-WEIGHTS: tuple[str, ...] = tuple(_WEIGHTS)
+WEIGHTS: tuple[str, ...] = ("student_p", "teacher_p", "none")
+
+
+def reward_weights(
+    student_logp_xM: Array, teacher_logp_xM: Array, valid_xM: Array, *, weights: str = "student_p",
+    normalize: bool = True,
+) -> Array:
+    r"""OPD's per-slot reward weights :math:`w_k` over a support, ``[..., M]`` (0 where invalid).
+
+    With :math:`\ell_k` the student's log-prob (``"student_p"``), the teacher's
+    (``"teacher_p"``) or 0 (``"none"``) on valid slots and :math:`-\infty` elsewhere:
+
+    .. math::
+       w_k = \frac{e^{\ell_k}}{\sum_{j\,\mathrm{valid}} e^{\ell_j}} \ (\texttt{normalize}),
+       \qquad w_k = e^{\ell_k} \ (\text{raw})
+
+    so ``"none"`` is :math:`1/|\mathrm{valid}_t|` normalised and 1 raw. A position with no
+    valid slot gets 0 everywhere. This is ``compute_reward_weights`` of thunlp/OPD
+    (``verl/verl/workers/actor/dp_actor.py:522-556``), which normalises for every support but
+    the symmetric difference (``union-intersection``, ``dp_actor.py:615``).
+
+    >>> import jax.numpy as jnp
+    >>> lp = jnp.log(jnp.array([0.5, 0.25, 0.25]))
+    >>> print(reward_weights(lp, lp, jnp.array([True, True, False]), weights="none"))
+    [0.5 0.5 0. ]
+    >>> print(reward_weights(lp, lp, jnp.array([True, True, False]), normalize=False))
+    [0.5  0.25 0.  ]
+    """
+    checks.check_choice("weights", weights, WEIGHTS)
+    s, t = jnp.asarray(student_logp_xM), jnp.asarray(teacher_logp_xM)
+    logw = {"student_p": s, "teacher_p": t, "none": jnp.zeros_like(s)}[weights]
+    if normalize:
+        return jnp.exp(renormalized_logprobs(logw, valid_xM))  # 0 off the valid set
+    return jnp.where(valid_xM, jnp.exp(logw), 0.0)
+
+
+def default_normalize(support: str) -> bool:
+    """thunlp/OPD's choice: renormalised weights on every support but ``symmetric_difference``
+    (raw probabilities, weight 1 for ``"none"``; ``dp_actor.py:593`` vs ``:615``)."""
+    return support != "symmetric_difference"
 
 
 def support_advantages(
-    student_logp_xM: Array, teacher_logp_xM: Array, valid_xM: Array, *, weights: str = "student_p"
+    student_logp_xM: Array, teacher_logp_xM: Array, valid_xM: Array, *, weights: str = "student_p",
+    normalize: bool = True,
 ) -> Array:
     r"""OPD per-(token, k) advantages :math:`A_k = -(\log S_k - \log T_k)\,w_k` (stop-gradient).
 
-    :math:`w_k` is the student (``"student_p"``) or teacher (``"teacher_p"``) probability
-    renormalised over the valid support, or 1 (``"none"``). Entries that are invalid, or where
+    :math:`w_k` is :func:`reward_weights` (student / teacher probability or uniform, renormalised
+    over the valid support unless ``normalize`` is False). Entries that are invalid, or where
     either log-prob is ``-inf`` (an infinite log-ratio), get 0.
 
     >>> import jax.numpy as jnp
     >>> s, t = jnp.log(jnp.array([0.5, 0.25])), jnp.log(jnp.array([0.25, 0.25]))
     >>> print(support_advantages(s, t, jnp.array([True, True]), weights="none").round(4))
-    [-0.6931  0.    ]
+    [-0.3466  0.    ]
     """
-    checks.check_choice("weights", weights, WEIGHTS)
     s = jax.lax.stop_gradient(jnp.asarray(student_logp_xM))
     t = jax.lax.stop_gradient(jnp.asarray(teacher_logp_xM))
     s, t = s.astype(checks.compute_dtype(s)), t.astype(checks.compute_dtype(t))
-    w = _WEIGHTS[weights](s, t, valid_xM)
+    w = reward_weights(s, t, valid_xM, weights=weights, normalize=normalize)
     live = valid_xM & (s > -jnp.inf) & (t > -jnp.inf)
     adv = (jnp.where(live, t, 0.0) - jnp.where(live, s, 0.0)) * w  # -(log S - log T) w
     return jnp.where(live, adv, 0.0)
@@ -167,8 +205,10 @@ def topk_reward(
     k: int = 16,
     support: str = "student",
     weights: str = "student_p",
+    normalize: bool | None = None,
     where: Array | None = None,
     temperature: float = 1.0,
+    teacher_temperature: float | None = None,
 ) -> TopKReward:
     r"""OPD's top-k token rewards (advantage = reward, no return, gamma 0).
 
@@ -181,8 +221,13 @@ def topk_reward(
       student_logits, teacher_logits: ``[..., V]``.
       k: static top-k (16 in the paper). support: a name in :data:`SUPPORTS`.
       weights: a name in :data:`WEIGHTS`.
+      normalize: renormalise the weights over the valid support (:func:`reward_weights`);
+        ``None`` = thunlp/OPD's choice, :func:`default_normalize` (all supports but
+        ``symmetric_difference``).
       where: optional bool ``[...]``; masked positions get no valid slot and 0 advantages.
-      temperature: divides both logits before the softmax.
+      temperature: divides the student's logits (the rollout temperature in thunlp/OPD).
+      teacher_temperature: divides the teacher's logits; ``None`` = ``temperature``
+        (thunlp/OPD's ``TEACHER_TEMPERATURE`` defaults to 1.0, independent of the rollout's).
 
     Returns:
       :class:`TopKReward` with ``advantages``, ``ids``, ``valid`` of shape ``[..., M]``.
@@ -195,15 +240,18 @@ def topk_reward(
     >>> print(topk_reward(s, t, k=2).advantages)
     [[0. 0.]]
     """
+    checks.check_choice("weights", weights, WEIGHTS)
     s_logp, t_logp = jax.lax.stop_gradient(
-        pair_logprobs(student_logits, teacher_logits, where=where, temperature=temperature)
+        pair_logprobs(student_logits, teacher_logits, where=where, temperature=temperature,
+                      teacher_temperature=teacher_temperature)
     )
     sup = topk_support(s_logp, t_logp, k=k, support=support)
     valid = sup.valid
     if where is not None:
         valid = valid & jnp.asarray(where)[..., None]
     adv = support_advantages(
-        gather_logprobs(s_logp, sup.ids), gather_logprobs(t_logp, sup.ids), valid, weights=weights
+        gather_logprobs(s_logp, sup.ids), gather_logprobs(t_logp, sup.ids), valid, weights=weights,
+        normalize=default_normalize(support) if normalize is None else bool(normalize),
     )
     return TopKReward(adv, sup.ids, valid)
 

@@ -25,6 +25,7 @@ from opd_jax.losses.support import top_k
 from opd_jax.metrics.per_token import logprob_gap, shared_mass, topk_overlap
 
 __all__ = [
+    "intersection_means",
     "mechanism_metrics",
     "mechanism_metrics_from_logits",
     "mechanism_metrics_from_teacher_topk",
@@ -50,8 +51,10 @@ def _side(logits_xV: jax.Array, tokens: jax.Array, inv_temp: float, k: int) -> _
 
 def _topk_metrics(s_top, s_ids, t_top, t_ids, where) -> dict[str, jax.Array]:
     """Overlap of the two top-k sets and each model's mass on the shared set / its own top-k."""
+    overlap = topk_overlap(s_ids, t_ids, where=where)
     return {
-        "overlap": topk_overlap(s_ids, t_ids, where=where),
+        "overlap": overlap,
+        "topk_intersects": (overlap > 0).astype(jnp.float32),
         "student_shared_mass": shared_mass(s_top, s_ids, t_ids, where=where),
         "teacher_shared_mass": shared_mass(t_top, t_ids, s_ids, where=where),
         "student_topk_mass": mask_tokens(jnp.sum(jnp.exp(s_top), axis=-1), where),
@@ -76,11 +79,12 @@ def _metrics_from_logits(
     *,
     k: int,
     temperature: float,
+    teacher_temperature: float | None,
 ) -> dict[str, jax.Array]:
     """Per-token metrics for logits ``[..., V]``; shared by the dense and the chunked entry."""
-    inv_temp = 1.0 / temperature
-    s = _side(student_logits, tokens, inv_temp, k)
-    t = _side(teacher_logits, tokens, inv_temp, k)
+    s = _side(student_logits, tokens, 1.0 / temperature, k)
+    t_temp = temperature if teacher_temperature is None else teacher_temperature
+    t = _side(teacher_logits, tokens, 1.0 / t_temp, k)
     return {
         **_topk_metrics(s.top_xK, s.ids_xK, t.top_xK, t.ids_xK, where),
         "student_entropy": mask_tokens(s.entropy, where),
@@ -111,6 +115,7 @@ def mechanism_metrics_from_logits(
     k: int = 16,
     where: jax.Array | None = None,
     temperature: float = 1.0,
+    teacher_temperature: float | None = None,
     sampler_logprobs: jax.Array | None = None,
 ) -> dict[str, jax.Array]:
     r"""All per-token mechanism metrics from dense logits (small inputs, tests, notebooks).
@@ -121,13 +126,18 @@ def mechanism_metrics_from_logits(
       tokens: ``[B, T]`` sampled token ids (``tokens[:, t]`` is what position ``t`` predicted).
       k: ``K``, size of the top-k sets.
       where: ``[B, T]`` bool mask of valid (completion) tokens; ``None`` = all.
-      temperature: softmax temperature for both models.
+      temperature: softmax temperature of the student (and of the teacher by default).
+      teacher_temperature: the teacher's own temperature (thunlp/OPD ``TEACHER_TEMPERATURE``);
+        ``None`` = ``temperature``.
       sampler_logprobs: optional ``[B, T]`` log-probs recorded by the sampler.
 
     Returns:
       dict of ``[B, T]`` float32 arrays, ``0`` where masked:
-      ``overlap``, ``student_shared_mass``, ``teacher_shared_mass`` (mass on
-      :math:`\mathcal{K}^S\cap\mathcal{K}^T`), ``student_topk_mass``, ``teacher_topk_mass``
+      ``overlap``, ``topk_intersects`` (1 where the two top-k sets share an id),
+      ``student_shared_mass``, ``teacher_shared_mass`` (mass on
+      :math:`\mathcal{K}^S\cap\mathcal{K}^T`; their means over all positions; the paper's
+      figure averages over intersecting positions only, see :func:`intersection_means`),
+      ``student_topk_mass``, ``teacher_topk_mass``
       (mass on the own top-k), ``student_entropy``, ``teacher_entropy``,
       ``student_token_logprob``, ``teacher_token_logprob``, ``token_reverse_kl``
       (:math:`\log S(x_t) - \log T(x_t)`, the OPD per-token reward with a minus sign), and
@@ -150,6 +160,7 @@ def mechanism_metrics_from_logits(
         valid,
         k=k,
         temperature=temperature,
+        teacher_temperature=teacher_temperature,
     )
 
 
@@ -164,6 +175,7 @@ def mechanism_metrics(
     where: jax.Array | None = None,
     chunk_size: int = 512,
     temperature: float = 1.0,
+    teacher_temperature: float | None = None,
     sampler_logprobs: jax.Array | None = None,
 ) -> dict[str, jax.Array]:
     r"""All per-token mechanism metrics, chunk by chunk over tokens (no ``[B, T, V]`` logits).
@@ -179,7 +191,7 @@ def mechanism_metrics(
       k: ``K``, size of the top-k sets.
       where: ``[B, T]`` bool mask of valid tokens; ``None`` = all.
       chunk_size: token rows per chunk ``C``.
-      temperature: softmax temperature for both models.
+      temperature, teacher_temperature: as :func:`mechanism_metrics_from_logits`.
       sampler_logprobs: optional ``[B, T]`` sampler log-probs (adds the gap metrics).
 
     Returns:
@@ -194,7 +206,8 @@ def mechanism_metrics(
     def per_chunk(s_logits_CxV, t_logits_CxV, ex):
         tok_C, valid_C, sampler_C = ex
         return _metrics_from_logits(
-            s_logits_CxV, t_logits_CxV, tok_C, sampler_C, valid_C, k=k, temperature=temperature
+            s_logits_CxV, t_logits_CxV, tok_C, sampler_C, valid_C, k=k, temperature=temperature,
+            teacher_temperature=teacher_temperature,
         )
 
     return chunked_logits_map(
@@ -276,3 +289,36 @@ def mechanism_metrics_from_teacher_topk(
         per_chunk, (sg(student_hidden),), (sg(student_unembed),), extras,
         chunk_size=chunk_size, remat=False,
     )
+
+
+#: Scalar names of :func:`intersection_means`, from the per-token keys they average.
+INTERSECTION_MEANS = {"student_p_sum_intersection": "student_shared_mass",
+                      "teacher_p_sum_intersection": "teacher_shared_mass"}
+
+
+def intersection_means(means: dict) -> dict:
+    r"""The paper's shared-mass figures from token means of the per-token metrics.
+
+    thunlp/OPD logs ``student_p_sum_intersection`` / ``teacher_p_sum_intersection``: each model's
+    probability mass on :math:`\mathcal{K}^S_t\cap\mathcal{K}^T_t`, averaged over the positions
+    whose top-k sets intersect only (``verl/verl/trainer/ppo/ray_trainer.py:1459-1467``; the
+    paper's 97-99%). The per-token shared mass is 0 where the sets do not intersect, so with
+    ``means`` holding token means over the same mask,
+
+    .. math:: \bar m_\cap = \frac{\sum_t m_t}{\sum_t [\mathcal{K}^S_t\cap\mathcal{K}^T_t\neq\emptyset]}
+              = \frac{\mathrm{mean}(m)}{\mathrm{mean}(\texttt{topk\_intersects})}
+
+    (0 when no position intersects). ``student_shared_mass`` itself stays the mean over all
+    positions. Returns ``{}`` without ``topk_intersects`` in ``means``.
+
+    >>> out = intersection_means({"topk_intersects": 0.5, "student_shared_mass": 0.45,
+    ...                           "teacher_shared_mass": 0.4})
+    >>> {k: round(float(v), 4) for k, v in out.items()}
+    {'student_p_sum_intersection': 0.9, 'teacher_p_sum_intersection': 0.8}
+    """
+    if "topk_intersects" not in means:
+        return {}
+    den = jnp.asarray(means["topk_intersects"], jnp.float32)
+    safe = jnp.where(den > 0, den, 1.0)
+    return {name: jnp.where(den > 0, jnp.asarray(means[key], jnp.float32) / safe, 0.0)
+            for name, key in INTERSECTION_MEANS.items() if key in means}

@@ -7,7 +7,9 @@ same protocol as the real tokenizers (``encode``/``decode``/``apply_chat_templat
 from __future__ import annotations
 
 import re
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
+
+from opd_jax.model.chat_template import check_template_kwargs
 
 SPECIALS = {"<|im_start|>": 256, "<|im_end|>": 257, "<pad>": 258}
 _SPLIT = re.compile("(" + "|".join(re.escape(s) for s in SPECIALS) + ")")
@@ -44,6 +46,9 @@ class ByteTokenizer:
         return inv.get(token_id, f"<0x{token_id:02X}>" if 0 <= token_id < 256 else None)
 
     def apply_chat_template(self, messages: Sequence[Mapping[str, str]],
-                            add_generation_prompt: bool = True) -> str:
+                            add_generation_prompt: bool = True, **kwargs: Any) -> str:
+        """ChatML. Extra template variables (``kwargs``) are checked and have no effect: ChatML
+        reads none (as with ``transformers`` and a ChatML template)."""
+        check_template_kwargs(kwargs)
         text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
         return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")

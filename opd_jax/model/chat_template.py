@@ -1,7 +1,11 @@
 """Hugging Face style Jinja chat templates, rendered in a sandbox (ChatML by default).
 
-``render_chat_template(template, messages)`` is what every tokenizer's ``apply_chat_template``
-calls; compiled templates are cached by their source text.
+``render_chat_template(template, messages, **context)`` is what every tokenizer's
+``apply_chat_template`` calls; compiled templates are cached by their source text. Extra context
+variables (``enable_thinking=False`` for Qwen3, ``date_string`` for Llama 3, ...) are the template's
+own options, as in ``transformers``' ``apply_chat_template(..., **kwargs)``: a template reads the
+ones it knows and ignores the rest. :data:`RESERVED_CONTEXT` names the variables the renderer and
+the tokenizers set themselves.
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ import datetime
 import json
 from typing import Any, Mapping, Sequence
 
-__all__ = ["CHATML_TEMPLATE", "render_chat_template"]
+__all__ = ["CHATML_TEMPLATE", "RESERVED_CONTEXT", "check_template_kwargs", "render_chat_template"]
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -19,7 +23,27 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
+# set by render_chat_template / the tokenizers' apply_chat_template, never by a user's kwargs
+RESERVED_CONTEXT = ("messages", "add_generation_prompt", "bos_token", "eos_token")
+
 _JINJA_CACHE: dict[str, Any] = {}
+
+
+def check_template_kwargs(kwargs: Mapping[str, Any]) -> None:
+    """Raise ``ValueError`` unless ``kwargs`` can be passed to a chat template as extra context:
+    identifier keys, none of :data:`RESERVED_CONTEXT`.
+
+    >>> check_template_kwargs({"enable_thinking": False})
+    >>> check_template_kwargs({"messages": []})  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ValueError: chat template kwargs may not set 'messages' (set by the renderer: ...)
+    """
+    for key in kwargs:
+        if not isinstance(key, str) or not key.isidentifier():
+            raise ValueError(f"chat template kwargs need identifier keys, got {key!r}")
+        if key in RESERVED_CONTEXT:
+            raise ValueError(f"chat template kwargs may not set {key!r} (set by the renderer: "
+                             f"{', '.join(RESERVED_CONTEXT)})")
 
 
 def _compile(template: str):
@@ -59,7 +83,9 @@ def _compile(template: str):
 
 def render_chat_template(template: str | None, messages: Sequence[Mapping[str, Any]], *,
                          add_generation_prompt: bool = True, **context: Any) -> str:
-    """Render a HF-style Jinja chat template (ChatML when ``template`` is None)."""
+    """Render a HF-style Jinja chat template (ChatML when ``template`` is None); ``context``
+    holds extra template variables (e.g. ``enable_thinking=False``; see
+    :func:`check_template_kwargs`)."""
     if not messages:
         raise ValueError("apply_chat_template needs at least one message")
     for m in messages:

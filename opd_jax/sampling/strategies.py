@@ -27,9 +27,9 @@ entry: ~15 ms per step at B=8, V=152k on a CPU core). Sorting the vocabulary is 
 
 Every draw also returns the log-probability of the drawn token under (a) the distribution it was
 drawn from (after temperature and truncation, renormalised) and (b) the untruncated
-temperature-1 distribution :math:`\\log\\mathrm{softmax}(\\ell)` -- what OPD / importance-sampling
-losses need. For greedy, (a) is defined as (b) (the point mass has log-prob 0, which no loss
-wants).
+distribution at ``score_temperature`` (default 1) :math:`\\log\\mathrm{softmax}(\\ell/\\tau_s)` --
+what OPD / importance-sampling losses need. For greedy, (a) is defined as (b) (the point mass
+has log-prob 0, which no loss wants).
 """
 
 from __future__ import annotations
@@ -64,6 +64,10 @@ class Sampling:
       top_p_cap: top-p without top-k first tries the ``top_p_cap`` most probable tokens as the
         nucleus candidates (exact whenever the nucleus fits; otherwise an exact full-vocabulary
         bisection runs). A speed knob only: results do not depend on it.
+      score_temperature: the temperature of the recorded ``logprob_full``:
+        ``log softmax(logits / score_temperature)[token]``, untruncated. A trainer sets it to its
+        loss temperature so the recorded log-prob is the learner's own at the start of an
+        on-policy step (the old log-prob of an importance ratio). Sampling does not depend on it.
     """
 
     temperature: float = 1.0
@@ -71,6 +75,7 @@ class Sampling:
     top_p: float | None = None
     min_p: float | None = None
     top_p_cap: int = 64
+    score_temperature: float = 1.0
 
     def __post_init__(self):
         t = self.temperature
@@ -91,6 +96,11 @@ class Sampling:
                 raise ValueError(f"min_p={p!r}; it must lie in [0, 1] (or None for no min-p)")
             object.__setattr__(self, "min_p", None if p == 0.0 else float(p))
         object.__setattr__(self, "top_p_cap", positive_int("top_p_cap", self.top_p_cap))
+        st = self.score_temperature
+        if isinstance(st, bool) or not isinstance(st, (int, float)) or not math.isfinite(st) \
+                or st <= 0:
+            raise ValueError(f"score_temperature={st!r}; it must be a finite float > 0")
+        object.__setattr__(self, "score_temperature", float(st))
 
     @property
     def greedy(self) -> bool:
@@ -135,7 +145,8 @@ class Draw(NamedTuple):
       token: ``[B]`` int32 ids.
       logprob: ``[B]`` float32 log-prob under the distribution the token was drawn from (after
         temperature and truncation); greedy: equals ``logprob_full``.
-      logprob_full: ``[B]`` float32 ``log softmax(logits)[token]`` (temperature 1, untruncated).
+      logprob_full: ``[B]`` float32 ``log softmax(logits / score_temperature)[token]``
+        (untruncated; temperature 1 unless :class:`Sampling` says otherwise).
     """
 
     token: jax.Array
@@ -276,11 +287,12 @@ def draw(logits_BxV: jax.Array, u_B: jax.Array, sampling: Sampling) -> Draw:
     (1, 0.375, 0.3)
     """
     logits = logits_BxV.astype(jnp.float32)
-    lse1_B = jax.nn.logsumexp(logits, axis=-1)
     s = sampling
+    scored = logits if s.score_temperature == 1.0 else logits / s.score_temperature
+    lse_score_B = jax.nn.logsumexp(scored, axis=-1)
     if s.greedy:
         token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-        lp = jnp.take_along_axis(logits, token[:, None], axis=-1)[:, 0] - lse1_B
+        lp = jnp.take_along_axis(scored, token[:, None], axis=-1)[:, 0] - lse_score_B
         return Draw(token, lp, lp)
     z = logits / s.temperature if s.temperature != 1.0 else logits
     u_B = u_B.astype(jnp.float32)
@@ -319,7 +331,7 @@ def draw(logits_BxV: jax.Array, u_B: jax.Array, sampling: Sampling) -> Draw:
     else:
         token, lp = _draw_full(z, None, u_B)
     token = token.astype(jnp.int32)
-    lp_full = jnp.take_along_axis(logits, token[:, None], axis=-1)[:, 0] - lse1_B
+    lp_full = jnp.take_along_axis(scored, token[:, None], axis=-1)[:, 0] - lse_score_B
     return Draw(token, lp, lp_full)
 
 

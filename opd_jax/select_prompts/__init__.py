@@ -1,5 +1,11 @@
-"""``opd-jax select-prompts``: score a prompt pool with the signals that predict whether OPD on a
-prompt will help, deduplicate it against held-out prompts, keep what a configurable rule selects.
+"""``opd-jax rank-prompts`` (formerly ``select-prompts``): score a prompt pool with the signals
+that predict whether OPD on a prompt will help, deduplicate it against held-out prompts, keep what
+a configurable rule selects (the package keeps its ``select_prompts`` name).
+
+This ranks prompts by teacher confidence / correctness and student-teacher divergence. It is not
+the OPD paper's teacher-aligned prompt selection, which is about where prompts come from (the
+teacher's own post-training data, against a de-duplicated control pool): that is
+``opd-jax align-prompts`` (:mod:`opd_jax.align_prompts`).
 
 Signals, per prompt (``SIGNALS``): on the student's own samples (``sampler`` section: its
 temperature and ``n_samples``) the full-vocabulary reverse KL(S‖T), top-k overlap, the shared

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from opd_jax.data.padding import pad_left
+from opd_jax.data.templates import render_prompt
 from opd_jax.model.decoder import hidden_states
 from opd_jax.sampling.sampler import bucket_length
 from opd_jax.select_prompts.config import DedupSpec
@@ -46,8 +47,9 @@ def mean_pooled_hidden(params, config, tokens_BxT, valid_BxT):
 
 def _token_lists(records, tokenizer, template, mode: str, max_len: int) -> list[list[int]]:
     if mode == "prompt":  # the templated student prompt (its last max_len tokens)
-        return [tokenizer.encode(tokenizer.apply_chat_template(
-            template.student(r), add_generation_prompt=True))[-max_len:] for r in records]
+        return [tokenizer.encode(render_prompt(tokenizer, template.student(r),
+                                               template.chat_template_kwargs))[-max_len:]
+                for r in records]
     return [(tokenizer.encode(r["prompt"]) or [0])[:max_len] for r in records]
 
 

@@ -1,4 +1,4 @@
-"""The whole ``select-prompts`` command: de-duplicate the pool, score what is left, apply the
+"""The whole ``rank-prompts`` command: de-duplicate the pool, score what is left, apply the
 rule, write the outputs."""
 
 from __future__ import annotations

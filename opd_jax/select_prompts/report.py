@@ -1,4 +1,4 @@
-"""The outputs of ``select-prompts``: ``selected.jsonl``, ``scores.jsonl``, ``summary.json`` and
+"""The outputs of ``rank-prompts``: ``selected.jsonl``, ``scores.jsonl``, ``summary.json`` and
 the markdown ``report.md``."""
 
 from __future__ import annotations

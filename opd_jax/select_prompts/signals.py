@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from opd_jax.eval import is_correct, is_reasoning_gym
 from opd_jax.model.tokenizer import pad_id_of
+from opd_jax.select_prompts.config import SIGNALS
 from opd_jax.train import rollout
 from opd_jax.train.evaluate import SUMMARY_KEYS, full_vocab_scorer
 from opd_jax.train.stages import make_sampler
@@ -41,7 +42,8 @@ def make_batch_scorer(student: StudentSpec, teacher: TeacherSpec, n_samples: int
         _, t = fkl(trainable, frozen, teacher_args, t_batch)
         sm, tm = s_batch.mask, t_batch.mask
         out = {"reverse_kl": per_prompt(s["loss"], sm, n_samples)}
-        for k in SUMMARY_KEYS:  # the mechanism metrics, as held-out evaluation reports them
+        # the mechanism metrics that are signals, as held-out evaluation reports them
+        for k in (k for k in SUMMARY_KEYS if k in SIGNALS):
             out[k] = per_prompt(s[k], sm, n_samples)
         out["teacher_logprob"] = per_prompt(t["teacher_token_logprob"], tm, 1)
         out["teacher_answer_entropy"] = per_prompt(t["teacher_entropy"], tm, 1)

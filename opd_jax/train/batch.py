@@ -29,7 +29,9 @@ class RolloutBatch:
     ``teacher_tokens``/``teacher_valid``: ``[B, Pt + N]`` (same completion, the teacher's own
     prompt); ``completion``/``mask``/``sampler_logprobs``: ``[B, N]``. ``student_packed`` /
     ``teacher_packed``: the same sequences packed (the step then runs on those rows instead of
-    the padded ``[B, P + N]`` ones); ``None`` = unpacked."""
+    the padded ``[B, P + N]`` ones); ``None`` = unpacked. ``outcome_advantage``: optional
+    ``[B, N]`` per-sample outcome advantage (GRPO over the prompt's samples, times its weight),
+    repeated over the completion; ``None`` = none."""
 
     student_tokens: jax.Array
     student_valid: jax.Array
@@ -40,3 +42,4 @@ class RolloutBatch:
     sampler_logprobs: jax.Array
     student_packed: PackedRows | None = None
     teacher_packed: PackedRows | None = None
+    outcome_advantage: jax.Array | None = None

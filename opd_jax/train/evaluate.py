@@ -16,16 +16,17 @@ from typing import Any, Callable, Sequence
 import jax
 
 from opd_jax import losses
-from opd_jax.config.schema import LossSpec
+from opd_jax.config.loss import LossSpec
 from opd_jax.data import PromptTemplate
 from opd_jax.eval import evaluate
+from opd_jax.metrics import intersection_means
 from opd_jax.train import rollout
 from opd_jax.train.objectives import make_chunk_fn
 from opd_jax.train.state import StudentSpec
 from opd_jax.train.step import TeacherSpec, loss_and_metrics
 
-SUMMARY_KEYS = ("overlap", "student_shared_mass", "teacher_shared_mass", "student_entropy",
-                "teacher_entropy")
+SUMMARY_KEYS = ("overlap", "topk_intersects", "student_shared_mass", "teacher_shared_mass",
+                "student_entropy", "teacher_entropy")
 
 
 def full_vocab_scorer(student: StudentSpec, teacher: TeacherSpec, objective: str,
@@ -57,7 +58,8 @@ def score_rollouts(student: StudentSpec, teacher: TeacherSpec, trainable, frozen
 def _weighted(parts: list[dict]) -> dict[str, float]:
     total = sum(p["tokens"] for p in parts) or 1
     keys = [k for k in parts[0] if k != "tokens"]
-    return {k: sum(p[k] * p["tokens"] for p in parts) / total for k in keys}
+    means = {k: sum(p[k] * p["tokens"] for p in parts) / total for k in keys}
+    return {**means, **{k: float(v) for k, v in intersection_means(means).items()}}
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

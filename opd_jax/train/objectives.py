@@ -15,8 +15,12 @@ Objectives:
   policy-gradient surrogate ``-Σ_k sg(A_k) log S(x_k)``.
 * ``sampled_token_rkl``: thunlp / Tinker: advantage ``-(log S(x) - log T(x))`` of the sampled token
   (k1 estimator; ``estimator`` picks k1/k2/k3 for the logged value) with the ``pg_loss`` surrogate
-  ``plain`` (``-A log S``), ``importance_sampled`` (``-exp(log S - log S_sampler) A``) or
-  ``ppo_clip`` (old log-probs = sampler log-probs).
+  ``plain`` (``-A log S``), ``importance_sampled`` (``-exp(log S - log S_old) A``) or
+  ``ppo_clip`` (dual clip ``clip_ratio_c``); old log-probs are the learner's own, detached
+  (ratio 1 on-policy, as verl) or the sampler's at the loss temperature.
+* with ``grpo_outcome_weight`` the batch carries ``outcome_advantage`` ``[B, N]`` (weight x the
+  GRPO advantage of each sample's graded answer): added to the sampled token's advantage
+  (thunlp ``token_reward_direct_plus_grpo``), or as ``-A log S(x_t)`` next to the top-k surrogate.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from opd_jax import losses
-from opd_jax.config.schema import LossSpec
+from opd_jax.config.loss import LossSpec
 from opd_jax.metrics import mechanism_metrics_from_logits
 
 DIVERGENCE_OBJECTIVES = ("reverse_kl", "forward_kl", "generalized_jsd", "skew_forward_kl",
@@ -37,11 +41,11 @@ ChunkFn = Callable[[jax.Array, jax.Array, dict], dict]
 
 
 def _divergence_kwargs(spec: LossSpec) -> dict:
-    kw = {}
+    kw = {"teacher_temperature": spec.resolved_teacher_temperature}
     if spec.objective == "generalized_jsd":
-        kw["beta"] = spec.beta
+        kw["beta"] = spec.resolved_beta
     if spec.objective.startswith("skew_"):
-        kw["alpha"] = spec.alpha
+        kw["alpha"] = spec.resolved_alpha
     if spec.pointwise_clip is not None:
         kw["pointwise_clip"] = spec.pointwise_clip
     return kw
@@ -52,32 +56,53 @@ def _divergence_loss(spec: LossSpec, s_logits, t_logits, ex):
     if spec.top_k is None:
         fn = losses.DIVERGENCES[spec.objective]
         return fn(s_logits, t_logits, where=ex["mask"], temperature=spec.temperature, **kw)
+    t_temp = kw.pop("teacher_temperature")
     fn = functools.partial(losses.DIVERGENCES[spec.objective], **kw) if kw else spec.objective
     return losses.topk_divergence(
         s_logits, t_logits, k=spec.top_k, support=spec.resolved_support, divergence=fn,
-        tail=spec.tail, where=ex["mask"], temperature=spec.temperature)
+        tail=spec.resolved_tail, where=ex["mask"], temperature=spec.temperature,
+        teacher_temperature=t_temp)
+
+
+def _outcome_term(spec: LossSpec, s_logits, ex):
+    """``-A_outcome log S(x_t)`` of the sampled token: the GRPO part of thunlp's
+    ``token_reward_direct_plus_grpo`` next to the top-k surrogate (0 without the outcome)."""
+    if "outcome_advantage" not in ex:
+        return 0.0
+    s_lp = losses.token_logprobs(s_logits, ex["tokens"], temperature=spec.temperature)
+    return losses.policy_gradient_loss(s_lp, ex["outcome_advantage"], where=ex["mask"])
 
 
 def _topk_reward_loss(spec: LossSpec, s_logits, t_logits, ex):
     reward = losses.topk_reward(s_logits, t_logits, k=spec.top_k, support=spec.resolved_support,
-                                weights=spec.resolved_weights, where=ex["mask"],
-                                temperature=spec.temperature)
+                                weights=spec.resolved_weights, normalize=spec.normalize_weights,
+                                where=ex["mask"], temperature=spec.temperature,
+                                teacher_temperature=spec.resolved_teacher_temperature)
     return losses.topk_policy_gradient_loss(s_logits, reward, where=ex["mask"],
-                                            temperature=spec.temperature)
+                                            temperature=spec.temperature) + _outcome_term(
+                                                spec, s_logits, ex)
 
 
 def _sampled_token_loss(spec: LossSpec, s_logits, t_logits, ex):
     mask = ex["mask"]
     s_lp = losses.token_logprobs(s_logits, ex["tokens"], temperature=spec.temperature)
     t_lp = losses.token_logprobs(jax.lax.stop_gradient(t_logits), ex["tokens"],
-                                 temperature=spec.temperature)
+                                 temperature=spec.resolved_teacher_temperature)
     adv = losses.opd_advantage(s_lp, t_lp, where=mask)
-    if spec.pg_loss == "plain":
+    if "outcome_advantage" in ex:  # token_reward_direct_plus_grpo: direct + weight * GRPO
+        adv = adv + jnp.where(mask, ex["outcome_advantage"], 0.0)
+    pg = spec.resolved_pg_loss
+    if pg == "plain":
         return losses.policy_gradient_loss(s_lp, adv, where=mask)
-    if spec.pg_loss == "importance_sampled":
-        return losses.importance_sampled_pg_loss(s_lp, ex["sampler_logprobs"], adv, where=mask)
-    return losses.ppo_clip_loss(s_lp, ex["sampler_logprobs"], adv, clip_low=spec.clip_low,
-                                clip_high=spec.clip_high, where=mask)
+    # old log-probs: the learner's own (detached; ratio exactly 1 on-policy, as verl recomputes
+    # old_log_prob with the rollout's weights) or the sampler's, recorded at spec.temperature
+    old = (jax.lax.stop_gradient(s_lp) if spec.resolved_old_logprobs == "learner"
+           else ex["sampler_logprobs"])
+    if pg == "importance_sampled":
+        return losses.importance_sampled_pg_loss(s_lp, old, adv, where=mask)
+    low, high, c = spec.resolved_clip
+    return losses.ppo_clip_loss(s_lp, old, adv, clip_low=low, clip_high=high,
+                                dual_clip=None if c == float("inf") else c, where=mask)
 
 
 _OBJECTIVES = {
@@ -103,7 +128,9 @@ def make_chunk_fn(spec: LossSpec, *, metrics_k: int = 16, with_metrics: bool = T
         if with_metrics:
             out.update(mechanism_metrics_from_logits(
                 s_logits, t_logits, ex["tokens"], k=min(k, s_logits.shape[-1]), where=ex["mask"],
-                temperature=spec.temperature, sampler_logprobs=ex["sampler_logprobs"]))
+                temperature=spec.temperature,
+                teacher_temperature=spec.resolved_teacher_temperature,
+                sampler_logprobs=ex["sampler_logprobs"]))
             out["sampled_kl_" + spec.estimator] = jax.lax.stop_gradient(
                 losses.KL_ESTIMATORS[spec.estimator](out["student_token_logprob"],
                                                      out["teacher_token_logprob"],
@@ -119,3 +146,12 @@ def sft_chunk_fn(s_logits, t_logits, ex):
     lp = losses.token_logprobs(s_logits, ex["tokens"])
     return {"loss": jnp.where(ex["mask"], -lp, 0.0), "student_token_logprob": jnp.where(
         ex["mask"], jax.lax.stop_gradient(lp), 0.0)}
+
+
+def reduction_fn(spec: LossSpec, max_new_tokens: int) -> Callable:
+    """``fn(per_token_BxN, mask_BxN) -> scalar`` of ``spec.reduction``; ``sequence_sum_norm``
+    (verl seq-mean-token-sum-norm) divides by the constant horizon ``max_new_tokens``."""
+    fn = getattr(losses, spec.reduction)
+    if spec.reduction == "sequence_sum_norm":
+        return functools.partial(fn, horizon=max_new_tokens)
+    return fn

@@ -73,12 +73,15 @@ class TrainMesh:
         is given and its rows do not divide)."""
         return shd.named_sharding(self.mesh, ("batch",) + (None,) * (ndim - 1), self.rules, shape)
 
-    def batch_shardings(self, packed: bool = False):
-        """A ``RolloutBatch`` of row shardings (every field ``[B, ...]`` 2-D; with ``packed``, the
-        ``PackedRows`` fields ``[G, ...]`` 3-D, split by group)."""
+    def batch_shardings(self, packed: bool = False, outcome: bool = False):
+        """A ``RolloutBatch`` of row shardings (every field ``[B, ...]`` 2-D, ``outcome``: with
+        ``outcome_advantage``; with ``packed``, the ``PackedRows`` fields ``[G, ...]`` 3-D, split
+        by group)."""
         s = self.rows(2)
         rows = RolloutBatch(**{f.name: s for f in dataclasses.fields(RolloutBatch)
                                if f.default is dataclasses.MISSING})
+        if outcome:
+            rows = rows.replace(outcome_advantage=s)
         if not packed:
             return rows
         p = self.rows(3)
@@ -139,7 +142,7 @@ class TrainMesh:
         return abstract, shardings
 
     def train_shardings(self, student, trainable, frozen, teacher, teacher_args, init_fn, *,
-                        packed: bool = False):
+                        packed: bool = False, outcome: bool = False):
         """``(abstract_state, shardings)`` for a train stage: ``shardings`` is the
         ``{"state", "batch", "frozen", "teacher"}`` dict ``make_train_step(shardings=)`` takes.
         ``teacher`` is the step's ``TeacherSpec``: a separate teacher is placed by the teacher
@@ -150,7 +153,7 @@ class TrainMesh:
             teacher_sh = self.params_shardings(teacher.config, teacher_args, teacher=True)
         else:
             teacher_sh = trainable_sh if teacher_args is not None else None
-        return abstract, {"state": state_sh, "batch": self.batch_shardings(packed),
+        return abstract, {"state": state_sh, "batch": self.batch_shardings(packed, outcome),
                           "frozen": self.params_shardings(student.config, frozen),
                           "teacher": teacher_sh}
 

@@ -18,6 +18,8 @@ import numpy as np
 from opd_jax.data import PromptTemplate, tokenize_prompts
 from opd_jax.data.padding import pad_left
 from opd_jax.eval.filters import FilterConfig, filter_completions
+from opd_jax.eval.grading import score_completion
+from opd_jax.losses.estimators import grpo_advantages
 from opd_jax.model.config import ModelConfig
 from opd_jax.model.decoder import Lora
 from opd_jax.sampling.sampler import Sampler, bucket_length
@@ -42,8 +44,11 @@ def encode_prompts(records: Sequence[dict], tokenizer, template: PromptTemplate,
                    pad_id: int = 0) -> Prompts:
     """Chat-template and tokenize the student prompts (and the teacher's privileged prompts for
     OPSD; otherwise the teacher sees the student's prompt), left-padded to a length bucket."""
-    student = tokenize_prompts(records, tokenizer, template.student, max_prompt_len).token_ids
-    teacher = (tokenize_prompts(records, tokenizer, template.teacher, max_prompt_len).token_ids
+    kw = template.chat_template_kwargs
+    student = tokenize_prompts(records, tokenizer, template.student, max_prompt_len,
+                               chat_template_kwargs=kw).token_ids
+    teacher = (tokenize_prompts(records, tokenizer, template.teacher, max_prompt_len,
+                                chat_template_kwargs=kw).token_ids
                if privileged_teacher else student)
     rep = lambda xs: [x for x in xs for _ in range(n_samples)]
     s_tok, s_val = pad_left(rep(student), bucket_length(max(map(len, student))), pad_id)
@@ -175,15 +180,27 @@ def decode_rows(tokenizer, completion: np.ndarray, mask: np.ndarray) -> list[str
 
 def filter_rows(texts: Sequence[str], spec) -> tuple[np.ndarray, dict[str, int]]:
     """Cold-start rejection filters (``FilterSpec``): keep mask ``[B]`` and counts per reason."""
-    config = FilterConfig(require_final_answer=spec.no_answer,
-                          allow_bare_number=spec.answer_format == "any_number",
-                          max_line_repeats=2 if spec.repeated_lines else 10**9,
-                          ngram_n=spec.ngram_n or 10**9,
-                          max_ngram_repeats=spec.ngram_max_repeats)
-    result = filter_completions(list(enumerate(texts)), config, text_of=lambda it: it[1])
+    result = filter_completions(list(enumerate(texts)), FilterConfig.from_spec(spec),
+                                text_of=lambda it: it[1])
     keep = np.zeros(len(texts), bool)
     keep[[i for i, _ in result.kept]] = True
     counts = {k: int(v) for k, v in result.counts.items()}
     return keep, counts
 
 
+
+
+def outcome_advantages(batch: RolloutBatch, prompts: Prompts, texts: Sequence[str], *,
+                       n_samples: int, weight: float,
+                       norm_by_std: bool = True) -> tuple[RolloutBatch, np.ndarray]:
+    """``batch`` with ``outcome_advantage`` ``[B, N]``: ``weight`` x the GRPO advantage
+    (:func:`~opd_jax.losses.grpo_advantages`) of each sample's graded answer
+    (:func:`~opd_jax.eval.grading.score_completion` against its record) over its prompt's
+    ``n_samples`` rows, repeated over the completion (0 where masked), as thunlp's
+    ``token_reward_direct_plus_grpo``. Returns it and the ``[B]`` scores."""
+    scores_B = np.asarray([score_completion(r, t) for r, t in zip(prompts.records, texts)],
+                          np.float32)
+    adv_B = np.asarray(grpo_advantages(scores_B.reshape(-1, n_samples),
+                                       norm_by_std=norm_by_std)).reshape(-1) * weight
+    adv_BxN = jnp.where(batch.mask, jnp.asarray(adv_B, jnp.float32)[:, None], 0.0)
+    return batch.replace(outcome_advantage=adv_BxN), scores_B

@@ -24,6 +24,7 @@ from opd_jax.train import distributed
 from opd_jax.train.metrics_log import make_log
 from opd_jax.train.models import build_models
 from opd_jax.train.placement import build_mesh, place_models
+from opd_jax.train.sft_batches import check_datasets
 from opd_jax.train.stages import RunContext, run_eval_stage, run_train_stage
 
 INITIAL_EVAL = "eval_initial"
@@ -48,9 +49,12 @@ def load_data(cfg: RunConfig) -> tuple[list, list]:
 
 
 def make_template(cfg: RunConfig) -> PromptTemplate:
+    """The student / privileged-teacher prompt template of ``cfg.data`` (with its chat-template
+    kwargs)."""
     d = cfg.data
     return PromptTemplate(system=d.system_prompt, student_template=d.instruction,
-                          teacher_template=d.teacher_template or teacher_template_for(d.instruction))
+                          teacher_template=d.teacher_template or teacher_template_for(d.instruction),
+                          chat_template_kwargs=d.chat_template_kwargs)
 
 
 def _stage_result(cfg: RunConfig, name: str) -> dict | None:
@@ -77,6 +81,7 @@ def run(cfg: RunConfig, *, progress: bool = True, models=None, mesh=None,
     Raises ``ValueError`` before any work when the run directory already records a run whose
     config differs from ``cfg`` in anything that changes results (:func:`check_resumable`)."""
     distributed.init_distributed(cfg.mesh.distributed)
+    check_datasets(cfg)   # a dataset cold start's file, before any stage runs
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     marker = run_dir / RUNNING_MARKER
@@ -189,7 +194,8 @@ def summarize(cfg: RunConfig, log, evals: dict[str, dict]) -> dict[str, Any]:
         if not rows:
             continue
         first, last = rows[0], rows[-1]
-        keys = ("loss", "overlap", "student_shared_mass", "teacher_shared_mass",
+        keys = ("loss", "overlap", "student_p_sum_intersection", "teacher_p_sum_intersection",
+                "student_shared_mass", "teacher_shared_mass",
                 "token_reverse_kl", "student_entropy", "teacher_entropy", "skipped")
         out["stages"][stage.name] = {"kind": stage.kind, "steps": len(rows),
                                      "first": {k: first.get(k) for k in keys if k in first},
@@ -208,7 +214,8 @@ def format_summary(summary: dict[str, Any]) -> str:
         for key, label in [("accuracy", "accuracy"), ("onpolicy_reverse_kl", "reverse KL on own samples"),
                            ("teacher_samples_forward_kl", "forward KL on teacher samples"),
                            ("onpolicy_overlap", "top-k overlap (own samples)"),
-                           ("onpolicy_student_shared_mass", "student shared mass")]:
+                           ("onpolicy_student_p_sum_intersection",
+                            "student shared mass (intersecting)")]:
             row = "".join(f"{e[key]:16.4f}" if isinstance(e.get(key), float) else f"{'-':>16s}"
                           for _, e in cols)
             t = teacher.get("teacher_accuracy") if key == "accuracy" else None

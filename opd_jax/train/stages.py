@@ -17,24 +17,26 @@ import dataclasses
 import functools
 import signal
 import time
+import warnings
 from typing import Any, Callable
 
 import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from opd_jax import losses
 from opd_jax.checkpoint import StageCheckpointer, graceful_stop, stage_dir
 from opd_jax.data import PromptTemplate, make_prompt_dataset, make_prompt_iterator
+from opd_jax.eval.filters import FilterConfig, marker_warning
+from opd_jax.eval.grading import is_reasoning_gym
 from opd_jax.model.tokenizer import eos_ids_of, pad_id_of
 from opd_jax.sampling.sampler import Sampler
 from opd_jax.sampling.strategies import Sampling
 from opd_jax.sharding import rules_key
-from opd_jax.train import distributed, rollout
+from opd_jax.train import distributed, rollout, sft_batches
 from opd_jax.train.evaluate import EvalModels, EvalSettings, evaluate_student
 from opd_jax.train.metrics_log import MemoryLog, MetricsLog, to_python
 from opd_jax.train.models import Models
-from opd_jax.train.objectives import make_chunk_fn, sft_chunk_fn
+from opd_jax.train.objectives import make_chunk_fn, reduction_fn, sft_chunk_fn
 from opd_jax.train.placement import TrainMesh, single_device_mesh
 from opd_jax.train.state import init_state, make_optimizer
 from opd_jax.train.step import TeacherSpec, make_train_step
@@ -56,10 +58,12 @@ class RunContext:
 
 
 def make_sampler(config, spec, tokenizer, *, greedy: bool = False, return_topk=None, mesh=None,
-                 rules="fsdp") -> Sampler:
+                 rules="fsdp", score_temperature: float = 1.0) -> Sampler:
+    """The sampler of ``spec``; ``score_temperature``: the temperature of the recorded
+    log-probs (a training stage passes its loss temperature, see ``Sampling``)."""
     sampling = Sampling(temperature=0.0 if greedy else spec.temperature, top_k=spec.top_k or None,
                         top_p=spec.top_p if spec.top_p < 1 else None,
-                        min_p=spec.min_p or None)
+                        min_p=spec.min_p or None, score_temperature=score_temperature)
     eos = eos_ids_of(tokenizer, spec.extra_eos_ids) if spec.stop_at_eos else ()
     return Sampler(config, sampling, spec.max_new_tokens, eos_ids=eos,
                    pad_id=getattr(tokenizer, "pad_id", 0) or 0, return_topk=return_topk,
@@ -123,11 +127,7 @@ class StageRun:
         cfg, m, stage, kind = self.ctx.cfg, self.ctx.models, self.stage, self.kind
         lspec, tok = stage.loss, m.tokenizer
         key = rollout.rollout_key(cfg.seed, self.index, step)
-        prompts = rollout.encode_prompts(records, tok, self.ctx.template,
-                                         max_prompt_len=stage.data.max_prompt_len,
-                                         n_samples=self.n_samples,
-                                         privileged_teacher=kind.privileged_teacher,
-                                         pad_id=pad_id_of(tok))
+        prompts = kind.encode(self, records)
         on_policy = kind.on_policy and (
             lspec.lambda_on_policy >= 1.0 or
             float(jax.random.uniform(jax.random.fold_in(key, 1))) < lspec.lambda_on_policy)
@@ -140,6 +140,13 @@ class StageRun:
         keep, counts = kind.keep_rows(self, out)
         extra.update({f"filter_{k}": v for k, v in counts.items()})
         batch = rollout.assemble(prompts, out.tokens, out.mask, out.logprobs_full, keep)
+        if lspec.grpo_outcome_weight is not None:  # OPD + verifiable reward (thunlp)
+            texts = rollout.decode_rows(tok, out.tokens, out.mask)
+            batch, scores = rollout.outcome_advantages(
+                batch, prompts, texts, n_samples=self.n_samples,
+                weight=lspec.grpo_outcome_weight,
+                norm_by_std=lspec.grpo_norm_by_std is not False)
+            extra["outcome_reward"] = float(scores.mean())
         optim = stage.optim
         if optim.pack:   # one packing group per (micro-batch, data-parallel shard)
             teacher_config = self.teacher.config if self.teacher.mode == "separate" else None
@@ -179,14 +186,42 @@ def _sample_self_teacher(run: StageRun, state, prompts, key):
     return rollout.sample(run.teacher_sampler, tp, prompts, key, lora=tl, from_teacher_prompt=True)
 
 
+def _encode_prompts(run: StageRun, records: list[dict]) -> rollout.Prompts:
+    """Prompt records through the run's template, ``n_samples`` rows each."""
+    tok = run.ctx.models.tokenizer
+    return rollout.encode_prompts(records, tok, run.ctx.template,
+                                  max_prompt_len=run.stage.data.max_prompt_len,
+                                  n_samples=run.n_samples,
+                                  privileged_teacher=run.kind.privileged_teacher,
+                                  pad_id=pad_id_of(tok))
+
+
+def _prompt_data(ctx: RunContext, index: int, stage) -> tuple[Any, Any]:
+    """The stage and its endless iterator of shuffled prompt-record batches."""
+    batch_size = distributed.per_process_batch(stage.batch_prompts)
+    it = make_prompt_iterator(make_prompt_dataset(ctx.train_records, batch_size=batch_size,
+                                                  seed=ctx.cfg.seed + index, num_epochs=None,
+                                                  source=stage.data.name or stage.data.path))
+    return stage, it
+
+
 def _keep_all(run: StageRun, out) -> tuple[None, dict]:
     return None, {}
 
 
 def _filter_rows(run: StageRun, out):
-    """Cold start's rejection filters on the decoded samples."""
-    texts = rollout.decode_rows(run.ctx.models.tokenizer, out.tokens, out.mask)
-    return rollout.filter_rows(texts, run.stage.filters)
+    """Cold start's rejection filters on the decoded samples (a warning when none is kept because
+    the answer marker occurs nowhere in the prompt)."""
+    tok = run.ctx.models.tokenizer
+    keep, counts = rollout.filter_rows(rollout.decode_rows(tok, out.tokens, out.mask),
+                                       run.stage.filters)
+    if counts["kept"] == 0:
+        valid = np.asarray(out.prompt_valid[0], bool)
+        prompt = tok.decode(np.asarray(out.prompt_tokens[0])[valid].tolist())
+        warning = marker_warning(FilterConfig.from_spec(run.stage.filters), prompt)
+        if warning:
+            warnings.warn(f"stage {run.stage.name!r}: {warning}", stacklevel=2)
+    return keep, counts
 
 
 def _teacher_sampler(ctx: RunContext, tm: TrainMesh, sspec, student_sampler: Sampler) -> Sampler:
@@ -207,7 +242,9 @@ class StageKind:
     ``on_policy``: whether it samples the student (with probability ``lambda_on_policy``);
     otherwise ``off_policy(run, state, prompts, key)`` samples; ``keep_rows(run, out)`` ->
     ``(row keep mask or None, counts)``; ``privileged_teacher``: the teacher reads its own
-    prompt; ``teacher_sampler(...)`` what samples off-policy rollouts."""
+    prompt; ``teacher_sampler(...)`` what samples off-policy rollouts; ``encode(run, records)``
+    the batch's ``Prompts``; ``data(ctx, index, stage)`` -> ``(stage with its steps, iterator of
+    per-process record batches)``."""
 
     teacher: Callable[..., tuple[TeacherSpec, Any]]
     n_samples: Callable[[Any], int]
@@ -217,6 +254,8 @@ class StageKind:
     keep_rows: Callable[..., tuple[Any, dict]]
     privileged_teacher: bool
     teacher_sampler: Callable[..., Sampler]
+    encode: Callable[..., rollout.Prompts] = _encode_prompts
+    data: Callable[..., tuple[Any, Any]] = _prompt_data
 
 
 STAGE_KINDS = {
@@ -224,6 +263,13 @@ STAGE_KINDS = {
                             lambda lspec: sft_chunk_fn, on_policy=False,
                             off_policy=_sample_teacher, keep_rows=_filter_rows,
                             privileged_teacher=False, teacher_sampler=_teacher_sampler),
+    # cold_start with `dataset:` (kind_of picks it): SFT on the file's examples, no sampling
+    "cold_start_dataset": StageKind(_no_teacher, lambda stage: 1, lambda lspec: sft_chunk_fn,
+                                    on_policy=False, off_policy=sft_batches.stage_completions,
+                                    keep_rows=sft_batches.stage_keep_rows,
+                                    privileged_teacher=False, teacher_sampler=_student_sampler,
+                                    encode=sft_batches.stage_prompts,
+                                    data=sft_batches.stage_data),
     "opd": StageKind(_separate, lambda stage: stage.sampler.n_samples, make_chunk_fn,
                      on_policy=True, off_policy=_sample_teacher, keep_rows=_keep_all,
                      privileged_teacher=False, teacher_sampler=_teacher_sampler),
@@ -233,11 +279,30 @@ STAGE_KINDS = {
 }
 
 
+def kind_of(stage) -> StageKind:
+    """The :class:`StageKind` a (resolved) stage runs as."""
+    return STAGE_KINDS["cold_start_dataset" if getattr(stage, "dataset", None) else stage.kind]
+
+
+def check_outcome_records(stage, records: list) -> None:
+    """``loss.grpo_outcome_weight`` grades the student's answers: an on-policy stage whose
+    prompts all carry an answer (checked before anything runs)."""
+    if not STAGE_KINDS[stage.kind].on_policy:
+        raise ValueError(f"stage {stage.name!r}: loss.grpo_outcome_weight applies to opd / opsd "
+                         f"stages (the student's own samples are graded), not {stage.kind}")
+    missing = sum(1 for r in records if r.get("answer") in (None, "") and not is_reasoning_gym(r))
+    if missing:
+        raise ValueError(f"stage {stage.name!r}: loss.grpo_outcome_weight needs an answer for "
+                         f"every prompt to grade; {missing} of {len(records)} have none (set "
+                         "data.answer_key, or drop grpo_outcome_weight)")
+
+
 def run_train_stage(ctx: RunContext, index: int, trainable) -> Any:
     """Run (or resume) train stage ``index``; returns the student's trainable tree at its end."""
     cfg, m = ctx.cfg, ctx.models
     stage = cfg.resolve_stage(index)
-    kind = STAGE_KINDS[stage.kind]
+    kind = kind_of(stage)
+    stage, it = kind.data(ctx, index, stage)   # a dataset stage's steps come from its size
     lspec = stage.loss
     teacher, teacher_args = kind.teacher(ctx, stage, trainable)
     with_ema = teacher.mode == "student_ema"
@@ -246,14 +311,14 @@ def run_train_stage(ctx: RunContext, index: int, trainable) -> Any:
     n_samples = kind.n_samples(stage)
     tm.check_rows(stage.batch_prompts * n_samples, stage.optim.grad_accum_steps,
                   f"stage {stage.name!r}'s batch (batch_prompts x n_samples)")
+    with_outcome = lspec.grpo_outcome_weight is not None
+    if with_outcome:
+        check_outcome_records(stage, ctx.train_records)
     init_fn = functools.partial(init_state, optimizer=optimizer, seed=cfg.seed + index,
                                 with_ema=with_ema)
     abstract, shardings = tm.train_shardings(m.student, trainable, m.frozen, teacher,
-                                             teacher_args, init_fn, packed=stage.optim.pack)
-    batch_size = distributed.per_process_batch(stage.batch_prompts)
-    it = make_prompt_iterator(make_prompt_dataset(ctx.train_records, batch_size=batch_size,
-                                                  seed=cfg.seed + index, num_epochs=None,
-                                                  source=stage.data.name or stage.data.path))
+                                             teacher_args, init_fn, packed=stage.optim.pack,
+                                             outcome=with_outcome)
     ck = StageCheckpointer(stage_dir(cfg.run_dir, stage.name), keep_last_n=cfg.checkpoint.keep_last_n,
                            every_n_steps=cfg.checkpoint.every_n_steps,
                            async_save=cfg.checkpoint.async_save)
@@ -261,23 +326,23 @@ def run_train_stage(ctx: RunContext, index: int, trainable) -> Any:
     restored = ck.restore_latest(abstract)
     if restored is not None:
         state, start = restored.state, restored.step
-        it.set_state(restored.extra["data"])
         if restored.extra.get("done"):
             ck.close()
             return state.trainable
+        it.set_state(restored.extra["data"])
     else:
         state = tm.init_state(init_fn, trainable, shardings["state"])
     ctx.log.truncate(stage.name, start)
 
     step_fn = make_train_step(student=m.student, teacher=teacher, optimizer=optimizer,
                               chunk_fn=kind.chunk_fn(lspec),
-                              reduction=getattr(losses, lspec.reduction),
+                              reduction=reduction_fn(lspec, stage.sampler.max_new_tokens),
                               chunk_size=lspec.chunk_size,
                               grad_accum=stage.optim.grad_accum_steps,
                               ema_decay=stage.ema_decay if with_ema else None,
                               shardings=shardings)
     student_sampler = make_sampler(m.student.config, stage.sampler, m.tokenizer, mesh=tm.mesh,
-                                   rules=tm.rules)
+                                   rules=tm.rules, score_temperature=lspec.temperature)
     run = StageRun(ctx, index, stage, kind, tm, teacher, teacher_args, n_samples,
                    shardings["batch"], student_sampler,
                    kind.teacher_sampler(ctx, tm, stage.sampler, student_sampler))

@@ -23,7 +23,7 @@ import optax
 
 from opd_jax import losses
 from opd_jax.losses.chunk_map import chunked_student_logits_map
-from opd_jax.metrics import per_position
+from opd_jax.metrics import intersection_means, per_position
 from opd_jax.model import decoder
 from opd_jax.model.config import ModelConfig
 from opd_jax.train.batch import PackedRows, RolloutBatch
@@ -107,6 +107,8 @@ def loss_and_metrics(trainable, frozen, teacher_args, batch: RolloutBatch, *,
     ht, wt = teacher_hidden_and_unembed(teacher, student, teacher_args, trainable, frozen, batch)
     extras = {"tokens": batch.completion, "mask": batch.mask,
               "sampler_logprobs": batch.sampler_logprobs}
+    if batch.outcome_advantage is not None:
+        extras["outcome_advantage"] = batch.outcome_advantage
 
     def per_device(rows_, shared):
         hs_, ht_, extras_ = rows_
@@ -177,6 +179,7 @@ def train_step(state: TrainState, batch: RolloutBatch, frozen, teacher_args, *,
     flat = lambda x: x.reshape(-1, *x.shape[2:])
     outs, mask = jax.tree.map(flat, outs), flat(masks)
     metrics = {k: losses.token_mean(v, mask) for k, v in outs.items() if k != "loss"}
+    metrics.update(intersection_means(metrics))  # the paper's shared mass: intersecting positions
     metrics.update(loss=loss, grad_norm=grad_norm, skipped=new_state.skipped,
                    update_ok=ok, completion_tokens=mask.sum(),
                    completion_len=mask.sum(axis=1).astype(jnp.float32).mean())

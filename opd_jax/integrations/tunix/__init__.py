@@ -23,7 +23,7 @@ re-exported here.
 ``OPDStrategy`` takes the same three callables as tunix's ``LogitStrategy`` (forward functions
 returning ``[B, T, V]`` logits, a ``labels_fn`` returning tunix's masked one-hot labels or
 :func:`next_token_labels`' int ids) and any objective of the opd_jax trainer, with the trainer's
-config vocabulary (:class:`opd_jax.config.schema.LossSpec`): ``"reverse_kl"``, ``"forward_kl"``,
+config vocabulary (:class:`opd_jax.config.loss.LossSpec`): ``"reverse_kl"``, ``"forward_kl"``,
 ``"generalized_jsd"`` (``beta``), ``"skew_forward_kl"`` / ``"skew_reverse_kl"`` (``alpha`` of the
 skew is ``skew_alpha`` here), the OPD top-k shared support (``top_k=16, support="union", tail=
 "bucket"``), ``"topk_reward"`` (the OPD paper's policy-gradient surrogate) and

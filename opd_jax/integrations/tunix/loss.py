@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from opd_jax import losses
-from opd_jax.config.schema import LossSpec
+from opd_jax.config.loss import LossSpec
 from opd_jax.integrations.tunix.forward import HiddenAndUnembed
 from opd_jax.train.objectives import make_chunk_fn
 
@@ -19,17 +19,22 @@ _SAMPLER_METRICS = ("logprob_gap", "abs_logprob_gap")
 
 def make_loss_spec(objective: str = "reverse_kl", *, top_k: int | None = None,
                    skew_alpha: float = 0.1, **fields: Any) -> LossSpec:
-    """A validated :class:`~opd_jax.config.schema.LossSpec` (the trainer's ``loss:`` section).
+    """A validated :class:`~opd_jax.config.loss.LossSpec` (the trainer's ``loss:`` section).
 
-    Unlike the config default, ``top_k`` defaults to ``None`` (full vocabulary). ``skew_alpha``
-    is ``LossSpec.alpha`` (renamed here: ``alpha`` is the distillation/task weight of tunix's
-    strategies). ``pg_loss`` must stay ``"plain"``: tunix batches carry no sampler log-probs.
+    ``top_k`` defaults to ``None`` (full vocabulary). ``skew_alpha`` is ``LossSpec.alpha`` of
+    the skew objectives (renamed here: ``alpha`` is the distillation/task weight of tunix's
+    strategies). ``old_logprobs="sampler"`` is refused: tunix batches carry no sampler log-probs
+    (the default, the learner's own detached log-probs, works).
     """
-    spec = LossSpec(objective=objective, top_k=top_k, alpha=skew_alpha, **fields)
+    alpha = skew_alpha if objective.startswith("skew_") else None
+    spec = LossSpec(objective=objective, top_k=top_k, alpha=alpha, **fields)
     spec.validate()
-    if spec.pg_loss != "plain":
-        raise ValueError(f"pg_loss={spec.pg_loss!r} needs sampler log-probs, which tunix batches "
-                         "do not carry; use pg_loss='plain'")
+    if spec.old_logprobs == "sampler":
+        raise ValueError("old_logprobs='sampler' needs sampler log-probs, which tunix batches "
+                         "do not carry; leave old_logprobs unset (the learner's own)")
+    if spec.grpo_outcome_weight is not None:
+        raise ValueError("grpo_outcome_weight grades sampled answers, which tunix batches do "
+                         "not carry; leave it unset")
     return spec
 
 
