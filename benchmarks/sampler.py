@@ -19,6 +19,18 @@ Usage::
 
 tunix runs in its own virtualenv (it pins its own jax); give its python with ``--tunix-python``
 (default: ``/tmp/tunix_venv/bin/python`` when it exists). Results: ``benchmarks/results/sampler.json``.
+
+Continuous batching (``--slots 8,16,32``) runs a different comparison instead: ragged,
+EOS-terminated generation (``--ragged-prompts`` chat questions x ``--samples`` samples each,
+temperature-1 sampling by default, EOS on, up to ``--new-tokens``, default 256), once as one
+plain batch of all rows and once per slot count (``Sampler(..., slots=B)``); tokens/s count the
+real (generated, EOS included) tokens. It also reports the completion lengths, the slots' decode
+steps and utilization, and whether every row matched the plain run token for token::
+
+    python benchmarks/sampler.py --slots 8,16,32 --no-hf --tunix-python none
+    python benchmarks/sampler.py --slots 4,8 --small      # smoke run
+
+Results: ``benchmarks/results/sampler_slots.json``.
 """
 
 from __future__ import annotations
@@ -42,12 +54,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import jax  # noqa: E402
 from _common import RESULTS_DIR, load_report, machine_info, print_table, write_json  # noqa: E402
 
+from opd_jax.data.padding import pad_left  # noqa: E402
 from opd_jax.model.config import ModelConfig  # noqa: E402
-from opd_jax.sampling.sampler import Sampler  # noqa: E402
+from opd_jax.sampling.sampler import Sampler, row_keys  # noqa: E402
 from opd_jax.sampling.strategies import Greedy, Sampling  # noqa: E402
 
 QUESTION = "What is 7 times 8? Think step by step, then give the answer on the last line."
 MODES = {"greedy": Greedy(), "sample": Sampling(temperature=1.0)}
+# ragged lengths: questions that make the teacher reason for a varying number of tokens
+RAGGED_QUESTIONS = [
+    "What is 3 + 4?",
+    "Think step by step: a farmer has 17 sheep and buys 26 more, then sells 9. How many are left?",
+    "What is 12 times 11? Answer with the number only.",
+    "Explain step by step how to compute 15% of 240.",
+    "Think step by step: 5 + 9 + 2 + 8 + 7 + 3 = ?",
+    "Name a prime number between 20 and 30.",
+    "Think step by step: a train travels 60 km per hour for 2.5 hours. How far does it go?",
+    "Think step by step: Tom has 3 boxes of 12 pencils and gives away 10. How many are left?",
+]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -55,8 +79,9 @@ MODES = {"greedy": Greedy(), "sample": Sampling(temperature=1.0)}
 # ----------------------------------------------------------------------------------------------
 
 
-def load_models(small: bool) -> tuple[list[tuple[str, ModelConfig, dict]], list[int]]:
-    """``[(name, config, params)]`` and the prompt token ids."""
+def load_models(small: bool) -> tuple[list[tuple[str, ModelConfig, dict]], list[int], Any]:
+    """``[(name, config, params)]``, the prompt token ids and the tokenizer (``None`` with
+    ``small``)."""
     from opd_jax.model.derive import derive_student
 
     if small:
@@ -67,7 +92,7 @@ def load_models(small: bool) -> tuple[list[tuple[str, ModelConfig, dict]], list[
         params = decoder.init_params(config, jax.random.PRNGKey(0))
         prompt = [int(t) for t in np.random.default_rng(0).integers(1, 4096, 24)]
         s_config, s_params = derive_student(config, params, drop_layers=[1])
-        return [("tiny", config, params), ("tiny-student", s_config, s_params)], prompt
+        return [("tiny", config, params), ("tiny-student", s_config, s_params)], prompt, None
     from opd_jax.model.assets import default_teacher
 
     teacher = default_teacher("float32")
@@ -75,7 +100,7 @@ def load_models(small: bool) -> tuple[list[tuple[str, ModelConfig, dict]], list[
     prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": QUESTION}]))
     s_config, s_params = derive_student(teacher.config, teacher.params, drop_layers=[10, 15, 20])
     return [("SmolLM2-135M", teacher.config, teacher.params),
-            ("student-27L", s_config, s_params)], prompt
+            ("student-27L", s_config, s_params)], prompt, tok
 
 
 def step_cost(config: ModelConfig, params: dict, batch: int, context: float) -> dict[str, float]:
@@ -114,6 +139,106 @@ def bench_ours(config, params, prompt, batch, mode, new_tokens, repeats) -> dict
     seconds = median_time(run, repeats)
     return {"seconds": seconds, "tok_s": batch * new_tokens / seconds,
             "first_call_s": first, "compile_s_approx": max(first - seconds, 0.0)}
+
+
+def ragged_setup(tokenizer, n_prompts: int, vocab_size: int) -> tuple[list[list[int]], tuple]:
+    """Prompts and EOS ids for the ragged comparison: chat-templated questions and the
+    tokenizer's EOS; without a tokenizer (``--small``, random weights) random prompts of 4-40
+    tokens and 1 in 64 of the vocabulary as EOS (geometric lengths, mean ~64)."""
+    if tokenizer is None:
+        rng = np.random.default_rng(1)
+        prompts = [rng.integers(1, vocab_size, rng.integers(4, 41)).tolist()
+                   for _ in range(n_prompts)]
+        return prompts, tuple(range(1, vocab_size, 64))
+    from opd_jax.model.tokenizer import eos_ids_of
+
+    qs = [RAGGED_QUESTIONS[i % len(RAGGED_QUESTIONS)] for i in range(n_prompts)]
+    prompts = [tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": q}]))
+               for q in qs]
+    return prompts, eos_ids_of(tokenizer)
+
+
+def bench_slots(config, params, prompts, eos, n_samples, mode, new_tokens, slots, repeats,
+                chunk_steps, refill_at) -> dict[str, Any]:
+    """One ragged run: ``len(prompts) * n_samples`` rows (prompt-major, keys by prompt and
+    sample), plain (``slots=None``) or over ``slots`` decode slots; time of a whole call after a
+    warm-up call."""
+    sampler = Sampler(config, MODES[mode], new_tokens, eos_ids=eos, slots=slots,
+                      chunk_steps=chunk_steps, refill_at=refill_at)
+    rows = [p for p in prompts for _ in range(n_samples)]
+    tokens, valid = pad_left(rows)
+    keys = row_keys(0, np.repeat(np.arange(len(prompts)), n_samples),
+                    np.tile(np.arange(n_samples), len(prompts)))
+    run = lambda: jax.block_until_ready(sampler(params, tokens, valid, keys))
+    t0 = time.perf_counter()
+    out = run()
+    first = time.perf_counter() - t0
+    seconds = median_time(run, repeats)
+    lengths = np.asarray(out.lengths)
+    res = {"seconds": seconds, "first_call_s": first, "real_tokens": int(lengths.sum()),
+           "tok_s": float(lengths.sum()) / seconds, "tokens": np.asarray(out.tokens),
+           "lengths": lengths}
+    st = sampler.last_slot_stats
+    if st is not None:
+        res.update(decode_steps=st.decode_steps, utilization=st.utilization, chunks=st.chunks,
+                   admits=st.admits, prefilled_prompts=st.prefilled_prompts)
+    else:
+        res.update(decode_steps=int(out.num_steps) - 1, utilization=float(
+            (lengths - 1).sum()) / max((int(out.num_steps) - 1) * len(rows), 1))
+    return res
+
+
+def main_slots(args, models, tokenizer) -> dict[str, Any]:
+    """``--slots``: plain vs continuous batching on ragged, EOS-terminated generation."""
+    load = load_report()
+    slot_counts = [int(b) for b in args.slots.split(",") if b]
+    N = args.new_tokens or (64 if args.small else 256)
+    repeats = args.repeats or (1 if args.small else 2)
+    modes = [m for m in (args.modes if args.modes != "greedy,sample" else "sample").split(",") if m]
+    rows_out = []
+    for name, config, params in models:
+        prompts, eos = ragged_setup(tokenizer, args.ragged_prompts, config.vocab_size)
+        for mode in modes:
+            print(f"[{name}] {mode} plain ...", flush=True)
+            plain = bench_slots(config, params, prompts, eos, args.samples, mode, N, None,
+                                repeats, args.chunk_steps, args.refill_at)
+            lengths = plain["lengths"]
+            for slots in [None] + slot_counts:
+                if slots is not None:
+                    print(f"[{name}] {mode} slots={slots} ...", flush=True)
+                r = plain if slots is None else bench_slots(
+                    config, params, prompts, eos, args.samples, mode, N, slots, repeats,
+                    args.chunk_steps, args.refill_at)
+                rows_out.append({
+                    "model": name, "mode": mode, "rows": len(lengths), "new_tokens": N,
+                    "slots": slots or "-", "seconds": round(r["seconds"], 2),
+                    "real_tokens": r["real_tokens"], "tok_s": round(r["tok_s"], 1),
+                    "x_plain": round(r["tok_s"] / plain["tok_s"], 2),
+                    "decode_steps": r["decode_steps"],
+                    "utilization": round(r["utilization"], 2),
+                    "prefills": r.get("prefilled_prompts", len(lengths)),
+                    "same_tokens": bool(np.array_equal(r["tokens"], plain["tokens"])),
+                    "first_call_s": round(r["first_call_s"], 1),
+                    "lengths_p10_50_90_max": [int(np.percentile(lengths, q)) for q in
+                                              (10, 50, 90, 100)]})
+    print()
+    print(f"real (generated) tokens/s, ragged EOS-terminated rows, up to {N} new tokens, "
+          f"chunk_steps {args.chunk_steps}, refill_at {args.refill_at or 'slots // 8'}")
+    print_table(rows_out, [("model", "model"), ("mode", "mode"), ("rows", "rows"),
+                           ("slots", "slots"), ("tok_s", "tok/s"), ("x_plain", "x plain"),
+                           ("seconds", "s"), ("real_tokens", "tokens"),
+                           ("decode_steps", "steps"), ("utilization", "util"),
+                           ("prefills", "prefills"), ("same_tokens", "same"),
+                           ("lengths_p10_50_90_max", "len p10/50/90/max"),
+                           ("first_call_s", "1st call s")])
+    if load["busy"]:
+        print("WARNING: the machine was busy during this run; the tokens/s above are unreliable.")
+    payload = {"benchmark": "sampler_slots", "small": args.small, "machine": machine_info(),
+               "load": load, "load_after": load_report(warn=False), "rows": rows_out}
+    out = Path(args.out).with_name("sampler_slots_small.json" if args.small
+                                   else "sampler_slots.json")
+    print(f"wrote {write_json(out, payload)}")
+    return payload
 
 
 def build_hf(config: ModelConfig, params: dict):
@@ -253,7 +378,19 @@ def main(argv=None) -> dict[str, Any]:
                     help="python of a virtualenv with tunix (default /tmp/tunix_venv/bin/python "
                          "if present); 'none' skips tunix")
     ap.add_argument("--out", default=str(RESULTS_DIR / "sampler.json"))
+    ap.add_argument("--slots", default=None,
+                    help="comma-separated decode-slot counts: run the continuous-batching "
+                         "comparison (ragged, EOS on) instead of the table above")
+    ap.add_argument("--ragged-prompts", type=int, default=8, help="with --slots: prompts")
+    ap.add_argument("--samples", type=int, default=4, help="with --slots: samples per prompt")
+    ap.add_argument("--chunk-steps", type=int, default=16, help="with --slots: Sampler chunk_steps")
+    ap.add_argument("--refill-at", type=int, default=None, help="with --slots: Sampler refill_at")
     args = ap.parse_args(argv)
+    if args.slots:
+        models, _, tokenizer = load_models(args.small)
+        wanted = {m.strip() for m in args.models.split(",")}
+        models = [m for m, role in zip(models, ("teacher", "student")) if role in wanted]
+        return main_slots(args, models, tokenizer)
 
     load = load_report()
     small = args.small
@@ -278,7 +415,7 @@ def main(argv=None) -> dict[str, Any]:
         except ImportError:
             print("note: torch/transformers not installed; skipping the transformers columns")
 
-    models, prompt = load_models(small)
+    models, prompt, _ = load_models(small)
     wanted = {m.strip() for m in args.models.split(",")}
     models = [m for m, role in zip(models, ("teacher", "student")) if role in wanted]
     P = len(prompt)

@@ -2,8 +2,10 @@
 
 ``strategies`` (greedy / temperature / top-k / top-p / min-p as small frozen dataclasses, and the
 one-uniform-per-row inverse-CDF draw), ``loop`` (the jitted prefill and ``lax.while_loop`` decode
-over a KV cache), ``sampler`` (:class:`Sampler`, what a trainer calls: bucketed shapes, device
-arrays out) and ``generation`` (:func:`generate`, the user API: token-id lists in and out).
+over a KV cache), ``slots`` and ``continuous`` (opt-in continuous batching: the jitted programs
+over decode slots and a ring KV cache, and the host loop that refills finished slots),
+``sampler`` (:class:`Sampler`, what a trainer calls: bucketed shapes, device arrays out) and
+``generation`` (:func:`generate`, the user API: token-id lists in and out).
 """
 
 from opd_jax.sampling.generation import GenerateOutput, generate

@@ -63,7 +63,8 @@ def generate(model: Any, prompts: Sequence[Sequence[int]], *, max_new_tokens: in
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
              min_p: float | None = None, seed: int = 0, eos_ids: Sequence[int] | None = None,
              n_samples: int = 1, return_topk: int | None = None, mesh: Mesh | None = None,
-             rules: str | dict = "fsdp", pad_id: int = 0) -> GenerateOutput:
+             rules: str | dict = "fsdp", pad_id: int = 0, slots: int | None = None
+             ) -> GenerateOutput:
     """Generate completions for token-id prompts.
 
     Args:
@@ -79,6 +80,11 @@ def generate(model: Any, prompts: Sequence[Sequence[int]], *, max_new_tokens: in
       return_topk: also return the model's top-``K`` ids / log-probs at every step.
       mesh, rules: shard the batch (and params, as the rules table says) over a mesh.
       pad_id: id used for padding.
+      slots: ``None``: all ``len(prompts) * n_samples`` rows decode as one batch until the
+        longest ends. An int: continuous batching over that many decode slots (a finished row's
+        slot takes the next row; the samples of a prompt share its prefill); same completions
+        and log-probs (see :class:`opd_jax.sampling.Sampler`). Pays off when rows outnumber
+        slots or end at ragged lengths (EOS).
 
     Returns:
       :class:`GenerateOutput` (``out.tokens`` is the list of completion id lists).
@@ -101,7 +107,7 @@ def generate(model: Any, prompts: Sequence[Sequence[int]], *, max_new_tokens: in
     tok = getattr(model, "tokenizer", None)
     eos = eos_ids_of(tok) if eos_ids is None else tuple(eos_ids)
     sampler = Sampler(config, sampling, max_new_tokens, eos_ids=eos, return_topk=return_topk,
-                      pad_id=pad_id, mesh=mesh, rules=rules)
+                      pad_id=pad_id, mesh=mesh, rules=rules, slots=slots)
     sampler.check_lengths([len(p) for p in prompts])
 
     prompt_index = np.repeat(np.arange(len(prompts)), n_samples)

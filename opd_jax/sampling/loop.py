@@ -37,7 +37,8 @@ from opd_jax.model.decoder import (
 from opd_jax.sampling.strategies import Sampling, draw, top_logprobs, uniforms
 from opd_jax.sharding import constrain, use_mesh_rules
 
-__all__ = ["DecodeSettings", "DecodeState", "LayerCaches", "TRACE_COUNTS", "prefill", "decode"]
+__all__ = ["DecodeSettings", "DecodeState", "LayerCaches", "TRACE_COUNTS", "prefill", "decode",
+           "mesh_context", "split_layers"]
 
 # Incremented (in Python, so only while tracing) by the jitted prefill / decode: a test can assert
 # that repeated calls in one bucket do not recompile.
@@ -95,7 +96,8 @@ class DecodeSettings:
     layer_loop: str = "unroll"
 
 
-def _mesh_context(st: DecodeSettings):
+def mesh_context(st: DecodeSettings):
+    """The mesh and rules of ``st`` as the active ones (a no-op without a mesh)."""
     if st.mesh is None:
         return contextlib.nullcontext()
     return use_mesh_rules(st.mesh, dict(st.rules))
@@ -138,7 +140,7 @@ def prefill(st: DecodeSettings, params: Params, lora: Lora | None, tokens_BxP: j
     TRACE_COUNTS["prefill"] += 1
     c, N, K = st.config, st.max_new_tokens, st.return_topk
     B, P = tokens_BxP.shape
-    with _mesh_context(st):
+    with mesh_context(st):
         dtype = params["embed"].dtype
         cache = init_cache(c, B, P + N - 1, dtype)
         kv_axes = ("layers", "batch", "kv_heads", "length", "head_dim")
@@ -168,9 +170,9 @@ def decode(st: DecodeSettings, state: DecodeState, params: Params, lora: Lora | 
     def cond(s: DecodeState):
         return (s.step < N) & ~jnp.all(s.done)
 
-    with _mesh_context(st):
+    with mesh_context(st):
         if st.layer_loop == "unroll":
-            layers = _split_layers(params, lora, c.n_layers)
+            layers = split_layers(params, lora, c.n_layers)
 
             def step(s: DecodeState):
                 return _unrolled_step(c, params, layers, lora, s.last_token, s.cache)
@@ -190,7 +192,7 @@ def decode(st: DecodeSettings, state: DecodeState, params: Params, lora: Lora | 
         return jax.lax.while_loop(cond, body, state)
 
 
-def _split_layers(params: Params, lora: Lora | None, n_layers: int) -> list[dict]:
+def split_layers(params: Params, lora: Lora | None, n_layers: int) -> list[dict]:
     """Per-layer weight trees (:func:`opd_jax.model.decoder.layer_weights` of one layer), sliced
     once outside the loop."""
     stacked = layer_weights(params, lora)

@@ -36,6 +36,13 @@ is laid out ``[B, G, S, E]`` per layer (heads before slots, :class:`opd_jax.mode
 so the attention einsums read it in place; the earlier ``[B, S, G, E]`` layout made XLA transpose
 every layer's K and V once per step (≈1.7 ms per cache slot at B = 32, see BUILD_NOTES.md).
 
+Continuous batching (opt-in, ``Sampler(..., slots=B)``): instead of one batch that steps until
+its longest row ends, the rows queue for ``B`` decode slots and a finished row's slot takes the
+next queued row (:mod:`opd_jax.sampling.continuous` runs the host loop,
+:mod:`opd_jax.sampling.slots` the jitted programs over a ring KV cache). Rows with the same
+prompt (``n_samples``) share one prefill. Same outputs, same keys; compiled shapes depend on
+``B``, the prompt bucket and ``N`` only, not on the number of rows.
+
 Draws use one uniform per row and an inverse CDF (:mod:`opd_jax.sampling.strategies`); the key of step
 ``s`` of a row is ``fold_in(row_key, s)``, so a row's tokens depend only on its prompt, its key
 and the weights -- not on the rest of the batch (left-padding is masked and RoPE positions count
@@ -56,6 +63,7 @@ from jax.sharding import Mesh
 from opd_jax.checks import positive_int
 from opd_jax.model.config import ModelConfig, param_axes
 from opd_jax.model.decoder import Lora, Params
+from opd_jax.sampling.continuous import SlotStats, run_slots
 from opd_jax.sampling.loop import TRACE_COUNTS, DecodeSettings, DecodeState, LayerCaches, decode, prefill
 from opd_jax.sampling.strategies import Sampling
 from opd_jax.sharding import batch_shards, get_rules, named_sharding, rules_key, tree_shardings
@@ -79,8 +87,9 @@ class SampleOutput:
       logprobs: ``[B, N]`` float32 log-prob of each token under the distribution it was drawn
         from (temperature + truncation applied, renormalised; greedy: = ``logprobs_full``);
         0 where ``mask`` is False.
-      logprobs_full: ``[B, N]`` float32 log-prob under the untruncated temperature-1
-        distribution ``log softmax(logits)`` (what OPD / importance-sampling losses need).
+      logprobs_full: ``[B, N]`` float32 log-prob under the untruncated distribution
+        ``log softmax(logits / sampling.score_temperature)`` (temperature 1 by default; what OPD /
+        importance-sampling losses need).
       topk_ids: ``[B, N, K]`` int32 the sampling model's ``K`` most probable ids at each step
         (temperature 1), or ``None`` when not requested.
       topk_logprobs: ``[B, N, K]`` float32 their temperature-1 log-probs, or ``None``.
@@ -88,7 +97,7 @@ class SampleOutput:
       prompt_tokens: ``[B, P]`` the prompts as given (left-padded).
       prompt_valid: ``[B, P]`` bool.
       num_steps: scalar int32, tokens generated per row by the loop (``< N`` after an early
-        exit, when every row hit EOS).
+        exit, when every row hit EOS); with ``slots``: the longest row's length (the same number).
     """
 
     tokens: jax.Array
@@ -206,13 +215,31 @@ class Sampler:
         used as placed by the caller (see :func:`shard_params`).
       layer_loop: ``"unroll"`` (per-layer decode step, least memory traffic; longer compile),
         ``"scan"`` (the decoder's layer scan) or ``"auto"`` (unroll on CPU, scan elsewhere).
+      slots: ``None`` (default): one batch of all rows, decoded until its longest row ends.
+        An int ``B``: continuous batching over ``B`` decode slots (rounded up to a multiple of
+        the mesh's batch shards; fewer when a call has fewer rows): a slot whose row finished
+        takes the next row, rows sharing a prompt share its prefill. Same tokens and log-probs
+        for the same keys (to float32 rounding); worth it when rows outnumber slots or their
+        lengths are ragged (EOS). Tested on one process and on a mesh of one process (several
+        processes: untested). ``last_slot_stats`` holds the last call's
+        :class:`~opd_jax.sampling.continuous.SlotStats`.
+      chunk_steps: with ``slots``: decode steps per jitted call (host round trip) at most while
+        rows are queued.
+      refill_at: with ``slots``: a chunk ends early once this many slots are free while rows are
+        queued (default ``max(1, B // 8)``).
     """
 
     def __init__(self, config: ModelConfig, sampling: Sampling, max_new_tokens: int, *,
                  eos_ids: Sequence[int] = (), return_topk: int | None = None, pad_id: int = 0,
                  mesh: Mesh | None = None, rules: str | dict = "fsdp",
-                 layer_loop: str = "auto"):
+                 layer_loop: str = "auto", slots: int | None = None, chunk_steps: int = 16,
+                 refill_at: int | None = None):
         max_new_tokens = positive_int("max_new_tokens", max_new_tokens)
+        if slots is not None:
+            slots = positive_int("slots", slots, "(or None: no continuous batching)")
+        chunk_steps = positive_int("chunk_steps", chunk_steps)
+        if refill_at is not None:
+            refill_at = positive_int("refill_at", refill_at, "(or None: slots // 8)")
         if not isinstance(sampling, Sampling):
             raise ValueError(f"sampling must be an opd_jax.sampling.Sampling, got {sampling!r}")
         sampling.check_vocab(config.vocab_size)
@@ -234,6 +261,11 @@ class Sampler:
         self.eos_ids = eos
         self.mesh = mesh
         self.rules = rules_d
+        shards = batch_shards(mesh, rules_d)
+        self.slots = None if slots is None else _round_up(slots, shards)
+        self.chunk_steps = chunk_steps
+        self.refill_at = refill_at
+        self.last_slot_stats: SlotStats | None = None
         self._static = DecodeSettings(
             config=config, sampling=sampling, max_new_tokens=max_new_tokens,
             return_topk=int(return_topk or 0), pad_id=int(pad_id), mesh=mesh,
@@ -302,6 +334,8 @@ class Sampler:
                 raise ValueError("prompts must be left-padded (every row's last token real); "
                                  "use opd_jax.data.padding.pad_left")
         keys = _as_row_keys(key, B)
+        if self.slots is not None:
+            return self._sample_slots(params, lora, tokens, valid, keys)
         Pb = bucket_length(P)
         Bb = bucket_batch(B, batch_shards(self.mesh, self.rules))
         tokens = jnp.pad(tokens, ((0, Bb - B), (Pb - P, 0)), constant_values=st.pad_id)
@@ -313,10 +347,7 @@ class Sampler:
             keys = jnp.concatenate([keys, jax.random.split(jax.random.key(0), Bb - B)])
         if self.mesh is not None:
             tokens, valid, active, keys = map(self._place_rows, (tokens, valid, active, keys))
-        # padded to a multiple of 4 with -1 (never drawn) so the EOS count rarely changes shapes
-        eos = np.full(_round_up(max(len(self.eos_ids), 1), 4), -1, np.int32)
-        eos[:len(self.eos_ids)] = self.eos_ids
-        state = prefill(st, params, lora, tokens, valid, keys, active, eos)
+        state = prefill(st, params, lora, tokens, valid, keys, active, self._eos_array())
         state = decode(st, state, params, lora)
         K = st.return_topk
         return SampleOutput(
@@ -327,3 +358,40 @@ class Sampler:
             lengths=state.mask[:B].sum(1).astype(jnp.int32),
             prompt_tokens=jnp.asarray(prompt_tokens_BxP, jnp.int32),
             prompt_valid=jnp.asarray(prompt_valid_BxP, bool), num_steps=state.step)
+
+    def _eos_array(self) -> np.ndarray:
+        """The EOS ids padded to a multiple of 4 with -1 (never drawn), so the EOS count rarely
+        changes shapes."""
+        eos = np.full(_round_up(max(len(self.eos_ids), 1), 4), -1, np.int32)
+        eos[:len(self.eos_ids)] = self.eos_ids
+        return eos
+
+    def _sample_slots(self, params: Params, lora: Lora | None, tokens_BxP: jax.Array,
+                      valid_BxP: jax.Array, keys_B: jax.Array) -> SampleOutput:
+        """The ``slots`` path of :meth:`__call__` (inputs already checked; ``B`` rows queue for
+        the decode slots)."""
+        st = self._static
+        tokens = np.asarray(jax.device_get(tokens_BxP), np.int32)
+        valid = np.asarray(jax.device_get(valid_BxP), bool)
+        B, P = tokens.shape
+        Pb = bucket_length(P)
+        shards = batch_shards(self.mesh, self.rules)
+        bucket = lambda n: bucket_batch(n, shards)
+        slots = self.slots if B >= self.slots else min(self.slots, bucket(B))
+        refill_at = min(self.refill_at or max(1, slots // 8), slots)
+        res = run_slots(
+            st, params, lora, np.pad(tokens, ((0, 0), (Pb - P, 0)), constant_values=st.pad_id),
+            np.pad(valid, ((0, 0), (Pb - P, 0))), keys_B, self._eos_array(), slots=slots,
+            chunk_steps=self.chunk_steps, refill_at=refill_at, bucket=bucket,
+            place=self._place_rows if self.mesh is not None else (lambda x: x))
+        self.last_slot_stats = res.stats
+        lengths = res.mask.sum(1).astype(np.int32)
+        K = st.return_topk
+        return SampleOutput(
+            tokens=jnp.asarray(res.tokens), mask=jnp.asarray(res.mask),
+            logprobs=jnp.asarray(res.logprobs), logprobs_full=jnp.asarray(res.logprobs_full),
+            topk_ids=jnp.asarray(res.topk_ids) if K else None,
+            topk_logprobs=jnp.asarray(res.topk_logprobs) if K else None,
+            lengths=jnp.asarray(lengths), prompt_tokens=jnp.asarray(tokens_BxP, jnp.int32),
+            prompt_valid=jnp.asarray(valid_BxP, bool),
+            num_steps=jnp.asarray(lengths.max(initial=0), jnp.int32))
