@@ -21,11 +21,12 @@ from opd_jax.config.run import RunConfig, load_config
 from opd_jax.data import PromptTemplate, dedupe_records, load_records, split_records
 from opd_jax.data.templates import teacher_template_for
 from opd_jax.train import distributed
+from opd_jax.train.eval_stage import run_eval_stage
 from opd_jax.train.metrics_log import make_log
 from opd_jax.train.models import build_models
 from opd_jax.train.placement import build_mesh, place_models
 from opd_jax.train.sft_batches import check_datasets
-from opd_jax.train.stages import RunContext, run_eval_stage, run_train_stage
+from opd_jax.train.stages import RunContext, run_train_stage
 
 INITIAL_EVAL = "eval_initial"
 

@@ -1,4 +1,5 @@
-"""The stages of a run: ``cold_start``, ``opd``, ``opsd`` (train) and ``eval``.
+"""The train stages of a run: ``cold_start``, ``opd``, ``opsd`` (``eval``:
+:mod:`opd_jax.train.eval_stage`).
 
 Each stage has its own Orbax checkpoint directory ``<run_dir>/checkpoints/<stage>/``: the train
 state plus the grain iterator state every ``checkpoint.every_n_steps`` steps and at the end (marked
@@ -33,7 +34,6 @@ from opd_jax.sampling.sampler import Sampler
 from opd_jax.sampling.strategies import Sampling
 from opd_jax.sharding import rules_key
 from opd_jax.train import distributed, rollout, sft_batches
-from opd_jax.train.evaluate import EvalModels, EvalSettings, evaluate_student
 from opd_jax.train.metrics_log import MemoryLog, MetricsLog, to_python
 from opd_jax.train.models import Models
 from opd_jax.train.objectives import make_chunk_fn, reduction_fn, sft_chunk_fn
@@ -70,12 +70,14 @@ def make_sampler(config, spec, tokenizer, *, greedy: bool = False, return_topk=N
                    mesh=mesh, rules=rules)
 
 
-def _mesh(ctx: RunContext) -> TrainMesh:
+def stage_mesh(ctx: RunContext) -> TrainMesh:
+    """The run's mesh (one device when the run gave none)."""
     return ctx.mesh if ctx.mesh is not None else single_device_mesh()
 
 
-def _separate_teacher(ctx: RunContext) -> TeacherSpec:
-    tm = _mesh(ctx)
+def separate_teacher(ctx: RunContext) -> TeacherSpec:
+    """The step's view of the run's separate teacher (its config and mesh rules)."""
+    tm = stage_mesh(ctx)
     rules = rules_key(tm.teacher_rules) if tm.teacher_rules != tm.rules else None
     return TeacherSpec("separate", ctx.models.teacher.config, rules=rules)
 
@@ -159,7 +161,7 @@ class StageRun:
 
 
 def _separate(ctx: RunContext, stage, trainable) -> tuple[TeacherSpec, Any]:
-    return _separate_teacher(ctx), ctx.models.teacher.params
+    return separate_teacher(ctx), ctx.models.teacher.params
 
 
 def _no_teacher(ctx: RunContext, stage, trainable) -> tuple[TeacherSpec, Any]:
@@ -307,7 +309,7 @@ def run_train_stage(ctx: RunContext, index: int, trainable) -> Any:
     teacher, teacher_args = kind.teacher(ctx, stage, trainable)
     with_ema = teacher.mode == "student_ema"
     optimizer = make_optimizer(stage.optim, stage.steps)
-    tm = _mesh(ctx)
+    tm = stage_mesh(ctx)
     n_samples = kind.n_samples(stage)
     tm.check_rows(stage.batch_prompts * n_samples, stage.optim.grad_accum_steps,
                   f"stage {stage.name!r}'s batch (batch_prompts x n_samples)")
@@ -383,43 +385,3 @@ def run_train_stage(ctx: RunContext, index: int, trainable) -> Any:
     ck.wait()
     ck.close()
     return state.trainable
-
-
-def run_eval_stage(ctx: RunContext, index: int, trainable, *, name: str | None = None,
-                   with_teacher: bool = True) -> dict:
-    """Evaluate the student (and, ``with_teacher``, the teacher) on held-out prompts; the result
-    is stored as a JSON-only checkpoint so a resumed run does not evaluate twice."""
-    cfg, m = ctx.cfg, ctx.models
-    stage = cfg.resolve_stage(index)
-    name = name or stage.name
-    ck = StageCheckpointer(stage_dir(cfg.run_dir, name), keep_last_n=1, async_save=False)
-    if ck.is_done():
-        result = ck.restore_latest(None).extra["result"]
-        ck.close()
-        return result
-    records = ctx.heldout_records[:stage.n_prompts]
-    if not records:
-        raise ValueError("the eval stage has no held-out prompts: set data.heldout_size > 0")
-    sspec = stage.sampler
-    greedy = sspec.temperature == 0.0
-    tok = m.tokenizer
-    tm = _mesh(ctx)
-    s_sampler = make_sampler(m.student.config, sspec, tok, greedy=greedy, mesh=tm.mesh,
-                             rules=tm.rules)
-    t_sampler = make_sampler(m.teacher.config, sspec, tok, greedy=True, mesh=tm.mesh,
-                             rules=tm.teacher_rules) if with_teacher else None
-    with tm.scope():
-        settings = EvalSettings(tok, ctx.template, stage.data.max_prompt_len, ks=tuple(stage.ks),
-                                batch_prompts=stage.batch_prompts,
-                                chunk_size=stage.loss.chunk_size, pad_id=pad_id_of(tok),
-                                place=tm.place_rows)
-        models = EvalModels(m.student, _separate_teacher(ctx), m.frozen, m.teacher.params,
-                            s_sampler, t_sampler, teacher_params=m.teacher.params)
-        key = jax.random.fold_in(jax.random.key(cfg.seed), 10_000 + index)
-        result = evaluate_student(records, trainable, key, settings, models)
-    ctx.log.write({"stage": name, "kind": "eval", "step": 0,
-                   **{k: v for k, v in result.items() if k != "samples"}})
-    ck.save(0, None, {"result": result}, done=True)
-    ck.wait()
-    ck.close()
-    return result

@@ -1,0 +1,53 @@
+"""The ``eval`` stage: held-out accuracy of the student (and teacher) and their KLs, stored as a
+JSON-only checkpoint so a resumed run does not evaluate twice."""
+
+from __future__ import annotations
+
+import jax
+
+from opd_jax.checkpoint import StageCheckpointer, stage_dir
+from opd_jax.model.tokenizer import pad_id_of
+from opd_jax.train.evaluate import EvalModels, EvalSettings, evaluate_student
+from opd_jax.train.stages import RunContext, make_sampler, separate_teacher, stage_mesh
+
+__all__ = ["run_eval_stage"]
+
+
+def run_eval_stage(ctx: RunContext, index: int, trainable, *, name: str | None = None,
+                   with_teacher: bool = True) -> dict:
+    """Evaluate the student (and, ``with_teacher``, the teacher) on held-out prompts; the result
+    is stored as a JSON-only checkpoint so a resumed run does not evaluate twice."""
+    cfg, m = ctx.cfg, ctx.models
+    stage = cfg.resolve_stage(index)
+    name = name or stage.name
+    ck = StageCheckpointer(stage_dir(cfg.run_dir, name), keep_last_n=1, async_save=False)
+    if ck.is_done():
+        result = ck.restore_latest(None).extra["result"]
+        ck.close()
+        return result
+    records = ctx.heldout_records[:stage.n_prompts]
+    if not records:
+        raise ValueError("the eval stage has no held-out prompts: set data.heldout_size > 0")
+    sspec = stage.sampler
+    greedy = sspec.temperature == 0.0
+    tok = m.tokenizer
+    tm = stage_mesh(ctx)
+    s_sampler = make_sampler(m.student.config, sspec, tok, greedy=greedy, mesh=tm.mesh,
+                             rules=tm.rules)
+    t_sampler = make_sampler(m.teacher.config, sspec, tok, greedy=True, mesh=tm.mesh,
+                             rules=tm.teacher_rules) if with_teacher else None
+    with tm.scope():
+        settings = EvalSettings(tok, ctx.template, stage.data.max_prompt_len, ks=tuple(stage.ks),
+                                batch_prompts=stage.batch_prompts,
+                                chunk_size=stage.loss.chunk_size, pad_id=pad_id_of(tok),
+                                place=tm.place_rows)
+        models = EvalModels(m.student, separate_teacher(ctx), m.frozen, m.teacher.params,
+                            s_sampler, t_sampler, teacher_params=m.teacher.params)
+        key = jax.random.fold_in(jax.random.key(cfg.seed), 10_000 + index)
+        result = evaluate_student(records, trainable, key, settings, models)
+    ctx.log.write({"stage": name, "kind": "eval", "step": 0,
+                   **{k: v for k, v in result.items() if k != "samples"}})
+    ck.save(0, None, {"result": result}, done=True)
+    ck.wait()
+    ck.close()
+    return result
