@@ -23,7 +23,7 @@ __all__ = [
 OBJECTIVES = ("sampled_token_rkl", "topk_reward", "reverse_kl", "forward_kl", "generalized_jsd",
               "skew_forward_kl", "skew_reverse_kl")
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
-ATTENTION = ("dense", "blocked")
+ATTENTION = ("dense", "blocked", "platform", "platform_xla", "platform_cudnn")
 REMAT = ("none", "full", "dots", "dots_no_batch")
 
 Objective = Literal["sampled_token_rkl", "topk_reward", "reverse_kl", "forward_kl",
@@ -148,16 +148,19 @@ class ModelSpec:
 
     How the model runs (same values either way): ``attention`` "dense" builds ``[B, H, T, T]``
     float32 scores, "blocked" runs an online softmax over ``attention_block``-token query / key
-    blocks (memory O(T x block): long responses need it). ``remat`` (student only: the teacher
-    runs no backward pass) recomputes each layer's activations in the backward pass: "none",
-    "full" (keep only each layer's input), "dots" (keep matmul outputs), "dots_no_batch"."""
+    blocks (memory O(T x block): long responses need it), "platform" calls
+    ``jax.nn.dot_product_attention`` (cuDNN flash attention on a CUDA GPU with bfloat16 weights,
+    XLA elsewhere; "platform_xla" / "platform_cudnn" force one; the sampler's cached steps stay
+    dense). ``remat`` (student only: the teacher runs no backward pass) recomputes each layer's
+    activations in the backward pass: "none", "full" (keep only each layer's input), "dots"
+    (keep matmul outputs), "dots_no_batch"."""
 
     source: str = "default"
     dtype: Literal["float32", "bfloat16"] = "float32"
     tokenizer: Optional[str] = None
     derive: Optional[DeriveSpec] = None
     lora: LoraSpec = LoraSpec()
-    attention: Literal["dense", "blocked"] = "dense"
+    attention: Literal["dense", "blocked", "platform", "platform_xla", "platform_cudnn"] = "dense"
     attention_block: int = 512
     remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"
 
@@ -233,7 +236,10 @@ class DataSpec:
 class SamplerSpec:
     """Rollout sampling. temperature 0 = greedy; ``top_k`` 0, ``top_p`` 1 and ``min_p`` 0 are off;
     ``n_samples`` rollouts per prompt; generation stops at the tokenizer's EOS ids (plus
-    ``extra_eos_ids``) when ``stop_at_eos``."""
+    ``extra_eos_ids``) when ``stop_at_eos``. ``slots``: continuous batching over this many decode
+    slots (a finished row's slot takes the next pending row; a prompt's samples share one
+    prefill; same tokens for the same keys); null = one batch of all rows, decoded until its
+    longest row ends."""
 
     max_new_tokens: int = 32
     temperature: float = 1.0
@@ -243,9 +249,11 @@ class SamplerSpec:
     n_samples: int = 1
     stop_at_eos: bool = True
     extra_eos_ids: tuple[int, ...] = ()
+    slots: Optional[int] = None
 
     def validate(self) -> None:
         need_positive(self, "max_new_tokens", "n_samples")
+        need_positive(self, "slots", optional=True)
         need(self.temperature >= 0, "temperature", self.temperature, "a number >= 0 (0 = greedy)")
         need(self.top_k >= 0, "top_k", self.top_k, "an integer >= 0 (0 = off)")
         need(0 < self.top_p <= 1, "top_p", self.top_p, "a number in (0, 1]")
