@@ -153,10 +153,16 @@ class ModelSpec:
     XLA elsewhere; "platform_xla" / "platform_cudnn" force one; the sampler's cached steps stay
     dense). ``remat`` (student only: the teacher runs no backward pass) recomputes each layer's
     activations in the backward pass: "none", "full" (keep only each layer's input), "dots"
-    (keep matmul outputs), "dots_no_batch"."""
+    (keep matmul outputs), "dots_no_batch".
+
+    ``precision``: the compute dtype (null = ``dtype``). ``dtype: float32`` with ``precision:
+    bfloat16`` is mixed precision: float32 parameters and optimizer state (master weights),
+    matmuls and activations in bfloat16, norms / softmax / RoPE / losses / log-probs in float32;
+    the student's sampler and a teacher (no master weights) hold bfloat16 copies only."""
 
     source: str = "default"
     dtype: Literal["float32", "bfloat16"] = "float32"
+    precision: Optional[Literal["float32", "bfloat16"]] = None
     tokenizer: Optional[str] = None
     derive: Optional[DeriveSpec] = None
     lora: LoraSpec = LoraSpec()

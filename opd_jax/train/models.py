@@ -17,7 +17,7 @@ from opd_jax.model.derive import derive_student, random_student
 from opd_jax.model.loading import Model, check_same_vocab, load_model
 from opd_jax.model.lora import init_lora
 from opd_jax.model.tokenizer import load_tokenizer
-from opd_jax.train.state import StudentSpec
+from opd_jax.train.state import StudentSpec, cast_floating
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -105,11 +105,17 @@ def build_models(teacher_spec: ModelSpec, student_spec: ModelSpec, *, seed: int,
     """Load the teacher, load (or reuse) and derive the student, add LoRA, check the vocabulary.
 
     Each model's config carries its spec's ``attention`` / ``attention_block``; the student runs
-    with ``remat`` (default ``student_spec.remat``)."""
+    with ``remat`` (default ``student_spec.remat``) and its spec's ``precision`` (a compute dtype
+    over its stored parameters: mixed precision); a teacher's ``precision`` casts its weights."""
     remat = student_spec.remat if remat is None else remat
     teacher = derive(load_source(teacher_spec, seed), teacher_spec, seed)
     student = student_base(teacher_spec, student_spec, seed=seed, teacher=teacher)
     teacher = with_execution(teacher, teacher_spec)
+    if teacher_spec.precision not in (None, teacher_spec.dtype):   # no master weights to keep
+        teacher = teacher.replace(params=cast_floating(teacher.params,
+                                                       _DTYPES[teacher_spec.precision]))
+    compute = (student_spec.precision if student_spec.precision not in (None, student_spec.dtype)
+               else None)
     check_same_vocab(teacher, student)
     tokenizer = student.tokenizer or teacher.tokenizer
     if tokenizer is None:
@@ -120,7 +126,10 @@ def build_models(teacher_spec: ModelSpec, student_spec: ModelSpec, *, seed: int,
         adapters = init_lora(student.config, jax.random.key(seed + 2), rank=lora.rank,
                              alpha=lora.alpha, targets=lora.targets,
                              dtype=_DTYPES[student_spec.dtype])
-        spec = StudentSpec(student.config, lora_scale=adapters.scale, remat=remat)
-        return Models(spec, adapters.weights, student.params, teacher, tokenizer)
-    return Models(StudentSpec(student.config, remat=remat), student.params, None, teacher,
-                  tokenizer)
+        spec = StudentSpec(student.config, lora_scale=adapters.scale, remat=remat,
+                           compute_dtype=compute)
+        # the frozen base has no master role: stored in the compute dtype
+        frozen = cast_floating(student.params, _DTYPES[compute]) if compute else student.params
+        return Models(spec, adapters.weights, frozen, teacher, tokenizer)
+    return Models(StudentSpec(student.config, remat=remat, compute_dtype=compute), student.params,
+                  None, teacher, tokenizer)

@@ -35,16 +35,33 @@ class TrainState:
     ema: Any = None
 
 
+def cast_floating(tree, dtype):
+    """``tree`` with its floating-point leaves cast to ``dtype`` (others untouched; a no-op for
+    leaves already in ``dtype``)."""
+    def cast(x):
+        return x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != dtype else x
+    return jax.tree.map(cast, tree)
+
+
 @dataclasses.dataclass(frozen=True)
 class StudentSpec:
     """Static description of how the student runs: its config, LoRA scale (``None`` = full
-    fine-tuning, ``trainable`` is the whole parameter tree) and remat policy."""
+    fine-tuning, ``trainable`` is the whole parameter tree), remat policy and ``compute_dtype``
+    (``None`` = the parameters' own; ``"bfloat16"`` over float32 parameters is mixed precision:
+    every use of the weights -- forward, unembedding, sampling -- casts them, so matmuls and
+    activations run in bfloat16 while the gradients, the optimizer and the master weights stay
+    float32; norms, softmax, RoPE and losses compute in float32 inside the model and losses)."""
 
     config: ModelConfig
     lora_scale: float | None = None
     remat: str = "none"
+    compute_dtype: str | None = None
 
     def params_and_lora(self, trainable, frozen):
+        """``(params, lora)`` as the model runs them (cast to ``compute_dtype``)."""
+        if self.compute_dtype is not None:
+            dtype = jnp.dtype(self.compute_dtype)
+            trainable, frozen = cast_floating(trainable, dtype), cast_floating(frozen, dtype)
         if self.lora_scale is None:
             return trainable, None
         return frozen, decoder.Lora(weights=trainable, scale=self.lora_scale)
