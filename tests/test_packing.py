@@ -1,5 +1,5 @@
-"""Packed update rows: the layout's invariants, attention that never crosses a segment (dense and
-blocked), and a train step whose loss, metrics and gradients equal the unpacked step's (float32
+"""Packed update rows: the layout's invariants, attention that never crosses a segment (dense,
+blocked and platform), and a train step whose loss, metrics and gradients equal the unpacked step's (float32
 rounding) for every teacher mode, LoRA, grad accumulation and several objectives."""
 
 from __future__ import annotations
@@ -125,7 +125,7 @@ def test_bad_groups_and_missing_prompt_fail_clearly():
 
 # --- attention stays inside a segment ---------------------------------------------------------
 
-@pytest.mark.parametrize("attention", ["dense", "blocked"])
+@pytest.mark.parametrize("attention", ["dense", "blocked", "platform"])
 def test_segments_see_only_themselves(attention):
     config = CS.replace(attention=attention, attention_block=4)
     params = dec.init_params(config, jax.random.key(0))
@@ -182,6 +182,8 @@ CASES = {
     "opsd_live_blocked": ("student_live", LossSpec(objective="reverse_kl", top_k=None), "blocked",
                           False),
     "sft_no_teacher": ("none", None, "dense", False),
+    "separate_topk_platform": ("separate", LossSpec(objective="topk_reward", top_k=4), "platform",
+                               False),
 }
 
 

@@ -35,7 +35,7 @@ import dataclasses
 from typing import Any
 
 FAMILIES = ("llama", "qwen2", "qwen3")
-ATTENTION_IMPLS = ("dense", "blocked")
+ATTENTION_IMPLS = ("dense", "blocked", "platform", "platform_xla", "platform_cudnn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,8 +63,11 @@ class ModelConfig:
       attention: how full-sequence attention is computed (not part of the architecture: same
         values either way): ``"dense"`` materialises ``[B, H, T, S]`` float32 scores;
         ``"blocked"`` runs an online softmax over ``attention_block``-sized query and key blocks
-        (``layers.attention_blocked``: O(T * block) memory, for long sequences). One-token decode
-        steps over the KV cache always use the dense form.
+        (``layers.attention_blocked``: O(T * block) memory, for long sequences);
+        ``"platform"`` calls ``jax.nn.dot_product_attention`` (cuDNN flash attention on a CUDA
+        GPU where it can take the call, XLA elsewhere; ``"platform_xla"`` / ``"platform_cudnn"``
+        force one: :mod:`opd_jax.model.platform_attention`). One-token decode steps over the KV
+        cache always use the dense form, and so does the platform mode's cached prefill.
       attention_block: query / key block size of ``"blocked"`` attention.
     """
 

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from opd_jax.model.config import ModelConfig, param_shapes
+from opd_jax.model.config import ATTENTION_IMPLS, ModelConfig, param_shapes
 from opd_jax.model.layers import (
     apply_rope,
     attention,
@@ -25,6 +25,7 @@ from opd_jax.model.layers import (
     rms_norm,
     rope_inv_freq,
 )
+from opd_jax.model.platform_attention import PlatformMask, attention_platform, platform_mask
 from opd_jax.sharding import constrain
 
 Params = dict[str, Any]
@@ -143,7 +144,7 @@ class StepInputs(NamedTuple):
     """What every layer of one decoder call shares; built once per call by :func:`step_inputs`."""
 
     positions_BxT: jax.Array              # int32 RoPE positions of the new tokens
-    mask_BxTxS: jax.Array | BlockedMask   # which keys each new token attends to
+    mask_BxTxS: jax.Array | BlockedMask | PlatformMask   # which keys each new token attends to
     inv_freq: Any                         # RoPE inverse frequencies (a host constant)
     lora_scale: float
     write_index: jax.Array | int          # first cache slot the new keys/values go to (0: no cache)
@@ -153,7 +154,8 @@ class StepInputs(NamedTuple):
 
 def step_inputs(config: ModelConfig, tokens_BxT: jax.Array, *, valid_BxT: jax.Array | None = None,
                 positions_BxT: jax.Array | None = None, cache: Any = None, lora: Lora | None = None,
-                blocked: bool = False, segment_ids_BxT: jax.Array | None = None) -> StepInputs:
+                blocked: bool = False, segment_ids_BxT: jax.Array | None = None,
+                platform: str | None = None) -> StepInputs:
     """Positions, attention mask and cache bookkeeping for ``T`` new tokens per row.
 
     ``valid_BxT=None`` means every new token is real. ``cache``: a :class:`KVCache` or any object
@@ -161,7 +163,9 @@ def step_inputs(config: ModelConfig, tokens_BxT: jax.Array, *, valid_BxT: jax.Ar
     tokens take slots ``[cache.index, cache.index + T)`` and attend causally over the cache.
     ``blocked``: the mask as a :class:`BlockedMask` (blocked attention) instead of ``[B, T, S]``.
     ``segment_ids_BxT`` (packed rows, no cache): a token attends only to earlier tokens of its own
-    segment; pass ``positions_BxT`` restarting at 0 per segment.
+    segment; pass ``positions_BxT`` restarting at 0 per segment. ``platform`` (a
+    ``"platform*"`` attention mode; ignored with a cache): the mask as a
+    :class:`~opd_jax.model.platform_attention.PlatformMask` (``jax.nn.dot_product_attention``).
     """
     B, T = tokens_BxT.shape
     if segment_ids_BxT is not None and (cache is not None or positions_BxT is None):
@@ -196,6 +200,8 @@ def step_inputs(config: ModelConfig, tokens_BxT: jax.Array, *, valid_BxT: jax.Ar
             # a segment's tokens are contiguous and all real: its first slot is t - position
             start = jnp.where(valid_BxT, jnp.arange(T)[None, :] - positions_BxT, T)
         mask_BxTxS = BlockedMask(jnp.arange(T), valid_BxT, config.attention_block, segments, start)
+    elif platform is not None:
+        mask_BxTxS = platform_mask(platform, None if all_real else valid_BxT, segment_ids_BxT)
     else:
         causal_TxT = jnp.tril(jnp.ones((T, T), bool))
         mask_BxTxS = causal_TxT[None] & valid_BxT[:, None, :]
@@ -267,6 +273,8 @@ def layer(config: ModelConfig, inputs: StepInputs, x_BxTxD: jax.Array, weights: 
                                  segments_BxS=mask_BxTxS.segments,
                                  segment_start_BxT=mask_BxTxS.segment_start)
         new_kv = None
+    elif isinstance(mask_BxTxS, PlatformMask):
+        attn, new_kv = attention_platform(q, k, v, mask_BxTxS), None
     else:
         attn, new_kv = attention(q, k, v, mask_BxTxS), None
     x_BxTxD = x_BxTxD + _project("o", attn, p["o"], lora_l, scale)
@@ -296,9 +304,10 @@ def forward(params: Params, config: ModelConfig, tokens_BxT: jax.Array,
         ``[cache.index, cache.index + T)`` and queries attend causally over the whole cache.
       lora: adapters added to the projections; ``None`` runs the base weights alone.
       remat: rematerialisation policy per layer: ``"none" | "full" | "dots" | "dots_no_batch"``.
-      attention: ``"dense" | "blocked"``; ``None`` = ``config.attention``. Blocked attention
+      attention: one of ``ATTENTION_IMPLS``; ``None`` = ``config.attention``. Blocked attention
         (block ``config.attention_block``) never builds the ``[B, T, S]`` mask or scores; a
-        one-token step (``T == 1``, decoding over a cache) always runs dense.
+        one-token step (``T == 1``, decoding over a cache) always runs dense. ``"platform*"``
+        runs ``jax.nn.dot_product_attention`` without a cache and dense with one.
       segment_ids_BxT: packed rows (several sequences per row, no cache): attention stays inside
         each segment; ``positions_BxT`` must restart at 0 per segment (``train.packing``).
 
@@ -308,12 +317,13 @@ def forward(params: Params, config: ModelConfig, tokens_BxT: jax.Array,
     if remat not in REMAT_POLICIES:
         raise ValueError(f"unknown remat policy {remat!r}; expected one of {sorted(REMAT_POLICIES)}")
     attention = config.attention if attention is None else attention
-    if attention not in ("dense", "blocked"):
-        raise ValueError(f"unknown attention {attention!r}; expected 'dense' or 'blocked'")
+    if attention not in ATTENTION_IMPLS:
+        raise ValueError(f"unknown attention {attention!r}; expected one of {ATTENTION_IMPLS}")
     T = tokens_BxT.shape[1]
+    platform = attention if attention.startswith("platform") and cache is None else None
     inputs = step_inputs(config, tokens_BxT, valid_BxT=valid_BxT, positions_BxT=positions_BxT,
                          cache=cache, lora=lora, blocked=attention == "blocked" and T > 1,
-                         segment_ids_BxT=segment_ids_BxT)
+                         segment_ids_BxT=segment_ids_BxT, platform=platform)
 
     def step(x, xs):
         weights, kv = xs
