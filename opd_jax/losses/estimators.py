@@ -240,8 +240,8 @@ def grpo_advantages(scores_PxN: Array, *, norm_by_std: bool = True, eps: float =
     token's OPD advantage of the sample.
 
     >>> import jax.numpy as jnp
-    >>> print(grpo_advantages(jnp.array([[1.0, 0.0, 0.0, 1.0]])).round(3))
-    [[ 0.866 -0.866 -0.866  0.866]]
+    >>> [round(float(a), 3) for a in grpo_advantages(jnp.array([[1.0, 0.0, 0.0, 1.0]]))[0]]
+    [0.866, -0.866, -0.866, 0.866]
     """
     r = jnp.asarray(scores_PxN, jnp.float32)
     if r.ndim != 2:
