@@ -4,6 +4,8 @@
 logsumexp, chunked over tokens so ``[B, T, V]`` logits never exist).
 """
 
-from opd_jax.teacher.scoring import ScoreOutput, score
+from opd_jax.teacher.scores import TeacherScores, check_objective, dense_teacher_logits, query_ids
+from opd_jax.teacher.scoring import ScoreOutput, score, score_completions
 
-__all__ = ["ScoreOutput", "score"]
+__all__ = ["ScoreOutput", "TeacherScores", "check_objective", "dense_teacher_logits", "query_ids",
+           "score", "score_completions"]

@@ -28,8 +28,9 @@ from opd_jax.losses.chunk_map import chunked_logits_map
 from opd_jax.losses.chunked_scoring import topk_logprobs
 from opd_jax.model.config import ModelConfig
 from opd_jax.model.decoder import Lora, Params, hidden_states, unembed_matrix
+from opd_jax.teacher.scores import TeacherScores
 
-__all__ = ["ScoreOutput", "score"]
+__all__ = ["ScoreOutput", "score", "score_completions"]
 
 
 class ScoreOutput(NamedTuple):
@@ -96,3 +97,43 @@ def score(params: Params, config: ModelConfig, tokens_BxT: jax.Array, *, valid_B
         return ScoreOutput(out["logprobs"], mask_BxT)
     top = out["topk"]
     return ScoreOutput(out["logprobs"], mask_BxT, top.ids, top.logprobs, top.logsumexp)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "n", "k", "chunk_size", "temperature"))
+def score_completions(params: Params, config: ModelConfig, tokens_BxT: jax.Array,
+                      valid_BxT: jax.Array, query_ids_BxNxQ: jax.Array, *, n: int, k: int,
+                      chunk_size: int = 256, temperature: float = 1.0,
+                      lora: Lora | None = None) -> TeacherScores:
+    """A teacher's :class:`~opd_jax.teacher.scores.TeacherScores` of the last ``n`` tokens of
+    each row (the completion of ``[prompt (left-padded) | completion (right-padded)]`` rows, the
+    layout of ``RolloutBatch.teacher_tokens``), chunked over tokens.
+
+    Position ``j`` of the output is row position ``T - n - 1 + j`` (the one predicting completion
+    token ``j``), the same hidden states the in-process train step slices, so served / cached
+    scores equal in-process ones to float32 rounding. Per position: the top-``k`` ids and
+    log-probs, the logsumexp, and the log-probs at ``query_ids`` (``[B, N, Q]``). Positions whose
+    completion token is padding (``valid`` False) hold zeros.
+    """
+    checks.check_positive("temperature", temperature)
+    checks.check_top_k(k, config.vocab_size)
+    valid_BxT = valid_BxT.astype(bool)
+    T = tokens_BxT.shape[1]
+    if not 0 < n < T:
+        raise ValueError(f"n={n} completion tokens do not fit rows of {T} tokens with a prompt")
+    hidden_BxTxD, _ = hidden_states(params, config, tokens_BxT, valid_BxT, lora=lora)
+    hidden_BxNxD = jax.lax.slice_in_dim(hidden_BxTxD, T - n - 1, T - 1, axis=1)
+    mask_BxN = valid_BxT[:, T - n:]
+    inv_temp = 1.0 / temperature
+
+    def per_chunk(logits_CxV, extras):
+        q_CxQ, mask_C = extras
+        z_CxV = logits_CxV * inv_temp
+        lse_C = jax.nn.logsumexp(z_CxV, axis=-1)
+        top = topk_logprobs(z_CxV, k, mask_C, lse_C)
+        q_lp = jnp.take_along_axis(z_CxV, q_CxQ, axis=-1) - lse_C[:, None]
+        return top, jnp.where(mask_C[:, None], q_lp, 0.0)
+
+    q_BxNxQ = jnp.where(mask_BxN[..., None], query_ids_BxNxQ, 0).astype(jnp.int32)
+    top, q_lp = chunked_logits_map(per_chunk, (hidden_BxNxD,), (unembed_matrix(params, config),),
+                                   (q_BxNxQ, mask_BxN), chunk_size=chunk_size, remat=False)
+    return TeacherScores(top.ids, top.logprobs, top.logsumexp, q_BxNxQ, q_lp)

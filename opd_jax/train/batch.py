@@ -5,6 +5,8 @@ from __future__ import annotations
 import flax.struct
 import jax
 
+from opd_jax.teacher.scores import TeacherScores
+
 __all__ = ["RolloutBatch", "PackedRows"]
 
 
@@ -31,7 +33,9 @@ class RolloutBatch:
     ``teacher_packed``: the same sequences packed (the step then runs on those rows instead of
     the padded ``[B, P + N]`` ones); ``None`` = unpacked. ``outcome_advantage``: optional
     ``[B, N]`` per-sample outcome advantage (GRPO over the prompt's samples, times its weight),
-    repeated over the completion; ``None`` = none."""
+    repeated over the completion; ``None`` = none. ``teacher_scores``: a served or cached teacher's
+    scores of the completion (:class:`~opd_jax.teacher.scores.TeacherScores`, ``[B, N, ...]``),
+    used in place of the teacher's logits (``TeacherSpec("scores")``); ``None`` = none."""
 
     student_tokens: jax.Array
     student_valid: jax.Array
@@ -43,3 +47,4 @@ class RolloutBatch:
     student_packed: PackedRows | None = None
     teacher_packed: PackedRows | None = None
     outcome_advantage: jax.Array | None = None
+    teacher_scores: TeacherScores | None = None

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 from opd_jax import losses
 from opd_jax.config.loss import LossSpec
 from opd_jax.metrics import mechanism_metrics_from_logits
+from opd_jax.teacher.scores import dense_teacher_logits, query_misses
 
 DIVERGENCE_OBJECTIVES = ("reverse_kl", "forward_kl", "generalized_jsd", "skew_forward_kl",
                          "skew_reverse_kl")
@@ -135,6 +136,32 @@ def make_chunk_fn(spec: LossSpec, *, metrics_k: int = 16, with_metrics: bool = T
                 losses.KL_ESTIMATORS[spec.estimator](out["student_token_logprob"],
                                                      out["teacher_token_logprob"],
                                                      where=ex["mask"]))
+        return out
+
+    return fn
+
+
+def with_teacher_scores(chunk_fn: ChunkFn, *, teacher_temperature: float,
+                        student_k: int = 0) -> ChunkFn:
+    """``chunk_fn`` fed by a served or cached teacher: the chunk's ``extras["teacher_scores"]``
+    (top-k and the log-probs at the queried ids, ``[C, K]`` / ``[C, Q]``) become ``[C, V]``
+    teacher logits (:func:`~opd_jax.teacher.scores.dense_teacher_logits`: exact at every id the
+    teacher was asked about, the rest of its mass spread evenly), so the objective and its metrics
+    run unchanged. With ``student_k`` (the student's top-k ids were queried, first in
+    ``query_ids``) it also returns ``teacher_query_miss``: how many of the student's top-k ids,
+    recomputed from its logits in the step, the teacher was not asked about (0 unless a near tie
+    flipped between the sampler's pass and the step's)."""
+
+    def fn(s_logits, t_logits, ex):
+        del t_logits   # None: the step runs no teacher
+        sc = ex["teacher_scores"]
+        ids = jnp.concatenate([sc.topk_ids, sc.query_ids], axis=-1)
+        lps = jnp.concatenate([sc.topk_logprobs, sc.query_logprobs], axis=-1)
+        z = dense_teacher_logits(ids, lps, s_logits.shape[-1], teacher_temperature)
+        out = chunk_fn(s_logits, z, ex)
+        if student_k:
+            miss = query_misses(jax.lax.stop_gradient(s_logits), sc.query_ids, student_k)
+            out["teacher_query_miss"] = jnp.where(ex["mask"], miss, 0.0)
         return out
 
     return fn

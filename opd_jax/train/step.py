@@ -38,7 +38,9 @@ class TeacherSpec:
     """How the teacher runs. ``mode``: "separate" (own config/params), "student_fixed" (the
     student's architecture with frozen trainable weights given as the teacher argument: OPSD's
     fixed teacher), "student_ema" (``state.ema``), "student_live" (the current student weights,
-    stop-gradient) or "none" (no teacher: SFT objectives; the student's own outputs stand in).
+    stop-gradient), "scores" (a served or cached teacher: the batch's ``teacher_scores`` stand in
+    for its logits, see :func:`opd_jax.train.objectives.with_teacher_scores`) or "none" (no
+    teacher: SFT objectives; the student's own outputs stand in).
     ``rules``: the teacher's own rules table (``opd_jax.sharding.rules_key`` form) for the
     activation constraints of a separate teacher on the active mesh; ``None`` = the student's."""
 
@@ -47,7 +49,7 @@ class TeacherSpec:
     rules: tuple | None = None
 
     def __post_init__(self):
-        modes = ("separate", "student_fixed", "student_ema", "student_live", "none")
+        modes = ("separate", "student_fixed", "student_ema", "student_live", "scores", "none")
         if self.mode not in modes:
             raise ValueError(f"unknown teacher mode {self.mode!r}; expected one of {modes}")
 
@@ -77,7 +79,7 @@ def teacher_hidden_and_unembed(teacher: TeacherSpec, student: StudentSpec, teach
                                trainable: Any, frozen: Any, batch: RolloutBatch):
     """Teacher hidden states at the completion positions ``[B, N, D']`` and its unembedding."""
     n = batch.completion.shape[1]
-    if teacher.mode == "none":
+    if teacher.mode in ("none", "scores"):
         return None, None
     if teacher.mode == "separate":
         def run(tokens, valid, positions, segments):
@@ -109,6 +111,8 @@ def loss_and_metrics(trainable, frozen, teacher_args, batch: RolloutBatch, *,
               "sampler_logprobs": batch.sampler_logprobs}
     if batch.outcome_advantage is not None:
         extras["outcome_advantage"] = batch.outcome_advantage
+    if batch.teacher_scores is not None:
+        extras["teacher_scores"] = batch.teacher_scores
 
     def per_device(rows_, shared):
         hs_, ht_, extras_ = rows_
