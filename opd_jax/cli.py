@@ -12,6 +12,8 @@ build-cold-start.
     opd-jax build-cold-start configs/qwen3_cold_start.yaml [--force]  # teacher-rollout SFT data
     opd-jax export runs/demo --to hf exported/demo   # HF folder (or --to gguf file.gguf)
     opd-jax config show configs/demo.yaml [overrides] # the resolved config, every field
+    opd-jax serve-teacher configs/demo.yaml [--host 127.0.0.1] [--port 8471]   # teacher over HTTP
+    opd-jax cache-teacher configs/qwen3_cold_start.yaml --out cache/teacher [--k 64]
 
 Every command that takes a config accepts it positionally or as ``--config FILE``.
 ``select-prompts`` is the former name of ``rank-prompts`` (still accepted, with a notice).
@@ -188,6 +190,25 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_serve_teacher(args) -> int:
+    from opd_jax.teacher.server import serve_from_config
+
+    serve_from_config(_load(args), host=args.host, port=args.port, token_env=args.token_env,
+                      k_max=args.k_max, max_request_bytes=int(args.max_request_mb * (1 << 20)))
+    return 0
+
+
+def cmd_cache_teacher(args) -> int:
+    from opd_jax.teacher.cache_build import build_cache
+
+    summary = build_cache(_load(args), out=args.out, dataset=args.dataset, k=args.k,
+                          batch_rows=args.batch_rows, force=args.force,
+                          progress=not args.no_progress)
+    print("\n".join(f"{k}: {v}" for k, v in summary.items()))
+    print(f"train from it: opd-jax train CONFIG teacher.source={args.out}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     config = Path(args.config)
     if not config.exists():
@@ -258,6 +279,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rollouts per sampler call (default: batch_prompts x num_teacher_samples)")
     b.add_argument("--force", action="store_true", help="replace an existing dataset")
     b.set_defaults(fn=cmd_build_cold_start)
+    sv = with_config("serve-teacher", "serve the config's teacher over HTTP (a trainer uses it "
+                     "with teacher.source: http://HOST:PORT)")
+    sv.add_argument("--host", default="127.0.0.1",
+                    help="interface to bind (default localhost only; 0.0.0.0 for other hosts: "
+                    "set a shared secret in $OPD_JAX_TEACHER_TOKEN first)")
+    sv.add_argument("--port", type=int, default=8471)
+    sv.add_argument("--k-max", type=int, default=64, help="largest top-k a client may ask for")
+    sv.add_argument("--token-env", default="OPD_JAX_TEACHER_TOKEN",
+                    help="environment variable holding the shared secret (unset: no token)")
+    sv.add_argument("--max-request-mb", type=float, default=64.0,
+                    help="refuse request bodies above this size")
+    sv.set_defaults(fn=cmd_serve_teacher)
+    ct = with_config("cache-teacher", "score a cold-start dataset with the config's teacher once "
+                     "and write its top-k as ArrayRecord shards (distill stages train from it)")
+    ct.add_argument("--out", required=True, help="cache directory (resumed when it exists)")
+    ct.add_argument("--dataset", default=None,
+                    help="JSONL to score (default: the config's cold_start dataset)")
+    ct.add_argument("--k", type=int, default=64, help="teacher top-k ids kept per token")
+    ct.add_argument("--batch-rows", type=int, default=16)
+    ct.add_argument("--force", action="store_true", help="rebuild from scratch")
+    ct.set_defaults(fn=cmd_cache_teacher)
     d = with_config("demo", "distil the embedded default teacher (configs/demo.yaml)",
                     "configs/demo.yaml")
     d.add_argument("--fresh", action="store_true", default=True)
@@ -331,6 +373,12 @@ def main(argv=None) -> int:
         return args.fn(args)
     except (ValueError, FileExistsError, FileNotFoundError) as e:
         # config / data / model / export errors: a clear message, no traceback
+        print(f"opd-jax: error: {e}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:
+        # a teacher service that is gone or refuses the run (opd_jax.teacher.client)
+        if "TeacherServiceError" not in {c.__name__ for c in type(e).__mro__}:
+            raise
         print(f"opd-jax: error: {e}", file=sys.stderr)
         return 2
     except ImportError as e:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Literal, Optional, Sequence
 
 from opd_jax.config.core import load_typed
-from opd_jax.config.loss import LossSpec
+from opd_jax.config.loss import PG_OBJECTIVES, LossSpec
 from opd_jax.config.schema import (
     DataSpec,
     FilterSpec,
@@ -38,7 +38,7 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 # Stage fields that apply to one kind only (must keep their defaults on other kinds).
 _KIND_FIELDS = {
     "filters": "cold_start", "num_teacher_samples": "cold_start", "dataset": "cold_start",
-    "epochs": "cold_start", "max_attempts": "cold_start",
+    "epochs": "cold_start", "max_attempts": "cold_start", "distill": "cold_start",
     "teacher_mode": "opsd", "ema_decay": "opsd",
     "ks": "eval", "n_prompts": "eval",
 }
@@ -65,7 +65,11 @@ class StageSpec:
     ``opd-jax build-cold-start`` (teacher rollouts with ``filters``, ``num_teacher_samples`` slots
     per prompt, up to ``max_attempts`` draws per slot, sampled with the stage's ``sampler``, whose
     temperature / top_p default to the reference's 1.0 / 0.95); the stage trains on it for
-    ``epochs`` passes (or ``steps``; set one), ``batch_prompts`` examples a step.
+    ``epochs`` passes (or ``steps``; set one), ``batch_prompts`` examples a step, by cross-entropy,
+    or with ``distill: true`` by the stage's ``loss`` (a divergence) against the teacher's
+    distribution on the same tokens (off-policy KD): the teacher in-process, or a cache of its
+    scores (``teacher.source: <dir>`` from ``opd-jax cache-teacher``; ``loss.top_k`` with
+    ``support: teacher``) with no teacher loaded.
     opsd: ``teacher_mode`` "fixed" (initial weights / LoRA off), "ema" (``ema_decay``) or "live".
     eval: ``ks`` (k values for Avg@k and pass@k; max(ks) samples per prompt), ``n_prompts``.
     """
@@ -83,6 +87,7 @@ class StageSpec:
     dataset: Optional[str] = None
     epochs: Optional[int] = None
     max_attempts: int = 3
+    distill: bool = False
     teacher_mode: Literal["fixed", "ema", "live"] = "fixed"
     ema_decay: float = 0.999
     ks: tuple[int, ...] = (1,)
@@ -114,6 +119,8 @@ class StageSpec:
         need(self.max_attempts >= 1, "max_attempts", self.max_attempts, "an integer >= 1")
         if self.dataset is None:
             without = "leave unset without dataset: {} (set dataset: path.jsonl)"
+            need(not self.distill, "distill", self.distill,
+                 without.format("distill trains a cold-start dataset against the teacher"))
             need(self.epochs is None, "epochs", self.epochs,
                  without.format("epochs count passes over a cold-start dataset"))
             need(self.max_attempts == 3, "max_attempts", self.max_attempts,
@@ -292,6 +299,10 @@ class RunConfig:
         for i, stage in enumerate(self.stages):
             if stage.kind == "opsd":
                 self._validate_opsd(i, stage)
+            objective = self.resolve_stage(stage).loss.objective
+            need(not stage.distill or objective not in PG_OBJECTIVES, f"stages.{i}.loss.objective",
+                 objective, "a divergence (e.g. forward_kl) for a distill cold start: "
+                 f"{' / '.join(PG_OBJECTIVES)} are policy gradients on the student's own samples")
         need(self.teacher.remat == "none", "teacher.remat", self.teacher.remat,
              '"none": the teacher runs no backward pass, so there is nothing to rematerialise '
              "(set student.remat)")

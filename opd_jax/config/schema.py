@@ -146,6 +146,13 @@ class ModelSpec:
     to a Hugging Face folder or a ``.gguf`` file, or "random" (tiny random model; ``derive`` sizes
     it). ``tokenizer``: optional path overriding the tokenizer that comes with ``source``.
 
+    The teacher's ``source`` may also be a service, ``http://host:port`` of ``opd-jax
+    serve-teacher`` (no teacher weights in the trainer; a request unanswered for
+    ``service_wait_s`` seconds is retried with backoff, then the run stops with a checkpoint), or
+    a cache directory of ``opd-jax cache-teacher`` (off-policy ``distill`` stages only). Either
+    one gives the teacher's top-k and its log-probs at the student's top-k ids and sampled tokens:
+    objectives that read its whole distribution (``loss.top_k: null``) are refused.
+
     How the model runs (same values either way): ``attention`` "dense" builds ``[B, H, T, T]``
     float32 scores, "blocked" runs an online softmax over ``attention_block``-token query / key
     blocks (memory O(T x block): long responses need it), "platform" calls
@@ -169,10 +176,13 @@ class ModelSpec:
     attention: Literal["dense", "blocked", "platform", "platform_xla", "platform_cudnn"] = "dense"
     attention_block: int = 512
     remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"
+    service_wait_s: float = 300.0
 
     def validate(self) -> None:
         need(bool(self.source), "source", self.source,
-              '"default", "random" or a path to a HF folder / .gguf file')
+              '"default", "random" or a path to a HF folder / .gguf file (the teacher also: an '
+              'http://host:port of opd-jax serve-teacher, or a directory of opd-jax cache-teacher)')
+        need(self.service_wait_s > 0, "service_wait_s", self.service_wait_s, "seconds > 0")
         need(self.attention in ATTENTION, "attention", self.attention,
              f"one of {list(ATTENTION)}")
         need(self.remat in REMAT, "remat", self.remat, f"one of {list(REMAT)}")

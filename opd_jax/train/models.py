@@ -14,9 +14,11 @@ from opd_jax.model.assets import default_teacher
 from opd_jax.model.byte_tokenizer import ByteTokenizer
 from opd_jax.model.config import ModelConfig
 from opd_jax.model.derive import derive_student, random_student
+from opd_jax.model.fingerprint import tokenizer_fingerprint
 from opd_jax.model.loading import Model, check_same_vocab, load_model
 from opd_jax.model.lora import init_lora
 from opd_jax.model.tokenizer import load_tokenizer
+from opd_jax.teacher.source import open_teacher_source, source_kind
 from opd_jax.train.state import StudentSpec, cast_floating
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -27,14 +29,17 @@ class Models:
     """Everything the stages need about the models.
 
     ``trainable``: the student's trainable tree (params, or LoRA weights over ``frozen``);
-    ``teacher``: the separate teacher (OPD, cold start, seq-KD; OPSD uses the student itself).
+    ``teacher``: the separate teacher (OPD, cold start, seq-KD; OPSD uses the student itself),
+    ``None`` when ``teacher.source`` is a service URL or a cache directory: then
+    ``teacher_source`` answers for it (:class:`~opd_jax.teacher.source.TeacherSource`).
     """
 
     student: StudentSpec
     trainable: Any
     frozen: Any
-    teacher: Model
+    teacher: Model | None
     tokenizer: Any
+    teacher_source: Any = None
 
 
 def load_source(spec: ModelSpec, seed: int) -> Model:
@@ -108,19 +113,26 @@ def build_models(teacher_spec: ModelSpec, student_spec: ModelSpec, *, seed: int,
     with ``remat`` (default ``student_spec.remat``) and its spec's ``precision`` (a compute dtype
     over its stored parameters: mixed precision); a teacher's ``precision`` casts its weights."""
     remat = student_spec.remat if remat is None else remat
+    if source_kind(teacher_spec.source) != "model":
+        return _with_teacher_source(teacher_spec, student_spec, seed=seed, remat=remat)
     teacher = derive(load_source(teacher_spec, seed), teacher_spec, seed)
     student = student_base(teacher_spec, student_spec, seed=seed, teacher=teacher)
     teacher = with_execution(teacher, teacher_spec)
     if teacher_spec.precision not in (None, teacher_spec.dtype):   # no master weights to keep
         teacher = teacher.replace(params=cast_floating(teacher.params,
                                                        _DTYPES[teacher_spec.precision]))
-    compute = (student_spec.precision if student_spec.precision not in (None, student_spec.dtype)
-               else None)
     check_same_vocab(teacher, student)
     tokenizer = student.tokenizer or teacher.tokenizer
     if tokenizer is None:
         raise ValueError("neither the teacher nor the student came with a tokenizer; set "
                          "student.tokenizer to a tokenizer.json / .model / .gguf path")
+    return _student_models(student, student_spec, teacher, tokenizer, seed=seed, remat=remat)
+
+
+def _student_models(student: Model, student_spec: ModelSpec, teacher: Model | None, tokenizer,
+                    *, seed: int, remat: str) -> Models:
+    compute = (student_spec.precision if student_spec.precision not in (None, student_spec.dtype)
+               else None)
     lora = student_spec.lora
     if lora.enabled:
         adapters = init_lora(student.config, jax.random.key(seed + 2), rank=lora.rank,
@@ -133,3 +145,19 @@ def build_models(teacher_spec: ModelSpec, student_spec: ModelSpec, *, seed: int,
         return Models(spec, adapters.weights, frozen, teacher, tokenizer)
     return Models(StudentSpec(student.config, remat=remat, compute_dtype=compute), student.params,
                   None, teacher, tokenizer)
+
+
+def _with_teacher_source(teacher_spec: ModelSpec, student_spec: ModelSpec, *, seed: int,
+                         remat: str) -> Models:
+    """The student and a served or cached teacher (no teacher weights in this process), checked
+    against the student's vocabulary and tokenizer."""
+    student = with_execution(derive(load_source(student_spec, seed + 1), student_spec, seed + 1),
+                             student_spec)
+    tokenizer = student.tokenizer
+    if tokenizer is None:
+        raise ValueError("the student came with no tokenizer; set student.tokenizer")
+    source = open_teacher_source(teacher_spec.source, vocab_size=student.config.vocab_size,
+                                 tokenizer=tokenizer_fingerprint(tokenizer),
+                                 wait_s=teacher_spec.service_wait_s)
+    models = _student_models(student, student_spec, None, tokenizer, seed=seed, remat=remat)
+    return dataclasses.replace(models, teacher_source=source)

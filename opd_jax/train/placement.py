@@ -36,6 +36,7 @@ from opd_jax import sharding as shd
 from opd_jax.model.config import param_axes
 from opd_jax.model.decoder import Lora
 from opd_jax.model.lora import lora_axes
+from opd_jax.teacher.scores import TeacherScores
 from opd_jax.train.batch import PackedRows, RolloutBatch
 
 __all__ = ["TrainMesh", "build_mesh", "single_device_mesh", "place_models", "teacher_scope",
@@ -73,15 +74,18 @@ class TrainMesh:
         is given and its rows do not divide)."""
         return shd.named_sharding(self.mesh, ("batch",) + (None,) * (ndim - 1), self.rules, shape)
 
-    def batch_shardings(self, packed: bool = False, outcome: bool = False):
+    def batch_shardings(self, packed: bool = False, outcome: bool = False, scores: bool = False):
         """A ``RolloutBatch`` of row shardings (every field ``[B, ...]`` 2-D, ``outcome``: with
-        ``outcome_advantage``; with ``packed``, the ``PackedRows`` fields ``[G, ...]`` 3-D, split
-        by group)."""
+        ``outcome_advantage``; ``scores``: with ``teacher_scores`` (``[B, N, K]`` 3-D); with
+        ``packed``, the ``PackedRows`` fields ``[G, ...]`` 3-D, split by group)."""
         s = self.rows(2)
         rows = RolloutBatch(**{f.name: s for f in dataclasses.fields(RolloutBatch)
                                if f.default is dataclasses.MISSING})
         if outcome:
             rows = rows.replace(outcome_advantage=s)
+        if scores:
+            s3 = self.rows(3)
+            rows = rows.replace(teacher_scores=TeacherScores(s3, s3, s, s3, s3))
         if not packed:
             return rows
         p = self.rows(3)
@@ -142,7 +146,7 @@ class TrainMesh:
         return abstract, shardings
 
     def train_shardings(self, student, trainable, frozen, teacher, teacher_args, init_fn, *,
-                        packed: bool = False, outcome: bool = False):
+                        packed: bool = False, outcome: bool = False, scores: bool = False):
         """``(abstract_state, shardings)`` for a train stage: ``shardings`` is the
         ``{"state", "batch", "frozen", "teacher"}`` dict ``make_train_step(shardings=)`` takes.
         ``teacher`` is the step's ``TeacherSpec``: a separate teacher is placed by the teacher
@@ -153,7 +157,7 @@ class TrainMesh:
             teacher_sh = self.params_shardings(teacher.config, teacher_args, teacher=True)
         else:
             teacher_sh = trainable_sh if teacher_args is not None else None
-        return abstract, {"state": state_sh, "batch": self.batch_shardings(packed, outcome),
+        return abstract, {"state": state_sh, "batch": self.batch_shardings(packed, outcome, scores),
                           "frozen": self.params_shardings(student.config, frozen),
                           "teacher": teacher_sh}
 
@@ -229,9 +233,9 @@ def place_models(models, tm: TrainMesh):
     trainable = tm.place(models.trainable, tm.trainable_shardings(student, models.trainable))
     frozen = (None if models.frozen is None else
               tm.place(models.frozen, tm.params_shardings(student.config, models.frozen)))
-    t = models.teacher
-    teacher = t.replace(params=tm.place(t.params, tm.params_shardings(t.config, t.params,
-                                                                      teacher=True)))
+    t = models.teacher   # None: a served or cached teacher (no weights here)
+    teacher = t if t is None else t.replace(params=tm.place(
+        t.params, tm.params_shardings(t.config, t.params, teacher=True)))
     return dataclasses.replace(models, trainable=trainable, frozen=frozen, teacher=teacher)
 
 

@@ -18,7 +18,7 @@ import numpy as np
 from opd_jax.data import PromptTemplate, tokenize_prompts
 from opd_jax.data.padding import pad_left
 from opd_jax.eval.filters import FilterConfig, filter_completions
-from opd_jax.eval.grading import score_completion
+from opd_jax.eval.grading import is_reasoning_gym, score_completion
 from opd_jax.losses.estimators import grpo_advantages
 from opd_jax.model.config import ModelConfig
 from opd_jax.model.decoder import Lora
@@ -204,3 +204,16 @@ def outcome_advantages(batch: RolloutBatch, prompts: Prompts, texts: Sequence[st
                                        norm_by_std=norm_by_std)).reshape(-1) * weight
     adv_BxN = jnp.where(batch.mask, jnp.asarray(adv_B, jnp.float32)[:, None], 0.0)
     return batch.replace(outcome_advantage=adv_BxN), scores_B
+
+
+def check_outcome_records(stage, records: list) -> None:
+    """``loss.grpo_outcome_weight`` grades the student's answers: an on-policy stage whose
+    prompts all carry an answer (checked before anything runs)."""
+    if stage.kind not in ("opd", "opsd"):
+        raise ValueError(f"stage {stage.name!r}: loss.grpo_outcome_weight applies to opd / opsd "
+                         f"stages (the student's own samples are graded), not {stage.kind}")
+    missing = sum(1 for r in records if r.get("answer") in (None, "") and not is_reasoning_gym(r))
+    if missing:
+        raise ValueError(f"stage {stage.name!r}: loss.grpo_outcome_weight needs an answer for "
+                         f"every prompt to grade; {missing} of {len(records)} have none (set "
+                         "data.answer_key, or drop grpo_outcome_weight)")

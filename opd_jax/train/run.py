@@ -20,11 +20,13 @@ from opd_jax.config.core import save_config, to_dict
 from opd_jax.config.run import RunConfig, load_config
 from opd_jax.data import PromptTemplate, dedupe_records, load_records, split_records
 from opd_jax.data.templates import teacher_template_for
+from opd_jax.teacher.source import source_kind
 from opd_jax.train import distributed
 from opd_jax.train.eval_stage import run_eval_stage
 from opd_jax.train.metrics_log import make_log
 from opd_jax.train.models import build_models
 from opd_jax.train.placement import build_mesh, place_models
+from opd_jax.train.remote_teacher import check_stages
 from opd_jax.train.sft_batches import check_datasets
 from opd_jax.train.stages import RunContext, run_train_stage
 
@@ -83,6 +85,8 @@ def run(cfg: RunConfig, *, progress: bool = True, models=None, mesh=None,
     config differs from ``cfg`` in anything that changes results (:func:`check_resumable`)."""
     distributed.init_distributed(cfg.mesh.distributed)
     check_datasets(cfg)   # a dataset cold start's file, before any stage runs
+    if source_kind(cfg.teacher.source) != "model":   # what a served / cached teacher cannot do
+        check_stages(cfg, source_kind(cfg.teacher.source))
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     marker = run_dir / RUNNING_MARKER
@@ -104,7 +108,8 @@ def run(cfg: RunConfig, *, progress: bool = True, models=None, mesh=None,
 # Config keys that change how a run executes or what it records, never what it computes: a
 # resumed run may change them (a preempted run resumed on another mesh, other logging).
 EXECUTION_KEYS = ("name", "out_dir", "log.", "checkpoint.", "mesh.", "teacher.attention",
-                  "student.attention", "student.remat", "optim.pack", "sampler.slots")
+                  "teacher.service_wait_s", "student.attention", "student.remat", "optim.pack",
+                  "sampler.slots")
 
 
 def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:

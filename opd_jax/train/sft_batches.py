@@ -86,9 +86,10 @@ class EpochBatches:
         return idx + [idx[0]] * (self.batch_size - len(idx)), len(idx)
 
     def batch(self, step: int) -> list[dict]:
-        """The global batch of ``step`` (padding rows have ``"real": False``)."""
+        """The global batch of ``step`` (padding rows have ``"real": False``; ``"index"``: the
+        example's position in the file, the key of a teacher cache)."""
         idx, real = self.indices(step)
-        return [dict(self.rows[i], real=k < real) for k, i in enumerate(idx)]
+        return [dict(self.rows[i], real=k < real, index=i) for k, i in enumerate(idx)]
 
     def __iter__(self):
         return self

@@ -28,15 +28,16 @@ from tqdm.auto import tqdm
 from opd_jax.checkpoint import StageCheckpointer, graceful_stop, stage_dir
 from opd_jax.data import PromptTemplate, make_prompt_dataset, make_prompt_iterator
 from opd_jax.eval.filters import FilterConfig, marker_warning
-from opd_jax.eval.grading import is_reasoning_gym
 from opd_jax.model.tokenizer import eos_ids_of, pad_id_of
 from opd_jax.sampling.sampler import Sampler
 from opd_jax.sampling.strategies import Sampling
 from opd_jax.sharding import rules_key
-from opd_jax.train import distributed, rollout, sft_batches
+from opd_jax.teacher.client import TeacherUnavailable
+from opd_jax.teacher.scores import student_topk_needed
+from opd_jax.train import distributed, remote_teacher, rollout, sft_batches
 from opd_jax.train.metrics_log import MemoryLog, MetricsLog, to_python
 from opd_jax.train.models import Models
-from opd_jax.train.objectives import make_chunk_fn, reduction_fn, sft_chunk_fn
+from opd_jax.train.objectives import make_chunk_fn, reduction_fn, sft_chunk_fn, with_teacher_scores
 from opd_jax.train.placement import TrainMesh, single_device_mesh
 from opd_jax.train.state import init_state, make_optimizer
 from opd_jax.train.step import TeacherSpec, make_train_step
@@ -149,6 +150,10 @@ class StageRun:
                 weight=lspec.grpo_outcome_weight,
                 norm_by_std=lspec.grpo_norm_by_std is not False)
             extra["outcome_reward"] = float(scores.mean())
+        if self.teacher.mode == "scores":   # a served / cached teacher: its scores ride along
+            batch, waited = remote_teacher.add_teacher_scores(m.teacher_source, batch, out, lspec,
+                                                              prompts.records)
+            extra.update(waited)
         optim = stage.optim
         if optim.pack:   # one packing group per (micro-batch, data-parallel shard)
             teacher_config = self.teacher.config if self.teacher.mode == "separate" else None
@@ -161,6 +166,8 @@ class StageRun:
 
 
 def _separate(ctx: RunContext, stage, trainable) -> tuple[TeacherSpec, Any]:
+    if ctx.models.teacher_source is not None:
+        return remote_teacher.scores_teacher(ctx, stage, trainable)
     return separate_teacher(ctx), ctx.models.teacher.params
 
 
@@ -226,7 +233,9 @@ def _filter_rows(run: StageRun, out):
     return keep, counts
 
 
-def _teacher_sampler(ctx: RunContext, tm: TrainMesh, sspec, student_sampler: Sampler) -> Sampler:
+def _teacher_sampler(ctx: RunContext, tm: TrainMesh, sspec, student_sampler: Sampler):
+    if ctx.models.teacher is None:   # a served / cached teacher samples nothing here
+        return None
     return make_sampler(ctx.models.teacher.config, sspec, ctx.models.tokenizer, mesh=tm.mesh,
                         rules=tm.teacher_rules)
 
@@ -272,6 +281,13 @@ STAGE_KINDS = {
                                     privileged_teacher=False, teacher_sampler=_student_sampler,
                                     encode=sft_batches.stage_prompts,
                                     data=sft_batches.stage_data),
+    # cold_start with `dataset:` and `distill: true`: the stage's loss against the teacher's
+    # distribution on the file's examples (in-process teacher, or its cached scores)
+    "cold_start_distill": StageKind(_separate, lambda stage: 1, make_chunk_fn, on_policy=False,
+                                    off_policy=sft_batches.stage_completions,
+                                    keep_rows=sft_batches.stage_keep_rows,
+                                    privileged_teacher=False, teacher_sampler=_student_sampler,
+                                    encode=sft_batches.stage_prompts, data=sft_batches.stage_data),
     "opd": StageKind(_separate, lambda stage: stage.sampler.n_samples, make_chunk_fn,
                      on_policy=True, off_policy=_sample_teacher, keep_rows=_keep_all,
                      privileged_teacher=False, teacher_sampler=_teacher_sampler),
@@ -283,20 +299,9 @@ STAGE_KINDS = {
 
 def kind_of(stage) -> StageKind:
     """The :class:`StageKind` a (resolved) stage runs as."""
-    return STAGE_KINDS["cold_start_dataset" if getattr(stage, "dataset", None) else stage.kind]
-
-
-def check_outcome_records(stage, records: list) -> None:
-    """``loss.grpo_outcome_weight`` grades the student's answers: an on-policy stage whose
-    prompts all carry an answer (checked before anything runs)."""
-    if not STAGE_KINDS[stage.kind].on_policy:
-        raise ValueError(f"stage {stage.name!r}: loss.grpo_outcome_weight applies to opd / opsd "
-                         f"stages (the student's own samples are graded), not {stage.kind}")
-    missing = sum(1 for r in records if r.get("answer") in (None, "") and not is_reasoning_gym(r))
-    if missing:
-        raise ValueError(f"stage {stage.name!r}: loss.grpo_outcome_weight needs an answer for "
-                         f"every prompt to grade; {missing} of {len(records)} have none (set "
-                         "data.answer_key, or drop grpo_outcome_weight)")
+    if getattr(stage, "dataset", None):
+        return STAGE_KINDS["cold_start_distill" if stage.distill else "cold_start_dataset"]
+    return STAGE_KINDS[stage.kind]
 
 
 def run_train_stage(ctx: RunContext, index: int, trainable) -> Any:
@@ -315,12 +320,13 @@ def run_train_stage(ctx: RunContext, index: int, trainable) -> Any:
                   f"stage {stage.name!r}'s batch (batch_prompts x n_samples)")
     with_outcome = lspec.grpo_outcome_weight is not None
     if with_outcome:
-        check_outcome_records(stage, ctx.train_records)
+        rollout.check_outcome_records(stage, ctx.train_records)
     init_fn = functools.partial(init_state, optimizer=optimizer, seed=cfg.seed + index,
                                 with_ema=with_ema)
     abstract, shardings = tm.train_shardings(m.student, trainable, m.frozen, teacher,
                                              teacher_args, init_fn, packed=stage.optim.pack,
-                                             outcome=with_outcome)
+                                             outcome=with_outcome,
+                                             scores=teacher.mode == "scores")
     ck = StageCheckpointer(stage_dir(cfg.run_dir, stage.name), keep_last_n=cfg.checkpoint.keep_last_n,
                            every_n_steps=cfg.checkpoint.every_n_steps,
                            async_save=cfg.checkpoint.async_save)
@@ -336,15 +342,21 @@ def run_train_stage(ctx: RunContext, index: int, trainable) -> Any:
         state = tm.init_state(init_fn, trainable, shardings["state"])
     ctx.log.truncate(stage.name, start)
 
+    chunk_fn, student_k = kind.chunk_fn(lspec), None
+    if teacher.mode == "scores":
+        student_k = student_topk_needed(lspec) or None
+        chunk_fn = with_teacher_scores(chunk_fn, student_k=student_k or 0,
+                                       teacher_temperature=lspec.resolved_teacher_temperature)
     step_fn = make_train_step(student=m.student, teacher=teacher, optimizer=optimizer,
-                              chunk_fn=kind.chunk_fn(lspec),
+                              chunk_fn=chunk_fn,
                               reduction=reduction_fn(lspec, stage.sampler.max_new_tokens),
                               chunk_size=lspec.chunk_size,
                               grad_accum=stage.optim.grad_accum_steps,
                               ema_decay=stage.ema_decay if with_ema else None,
                               shardings=shardings)
     student_sampler = make_sampler(m.student.config, stage.sampler, m.tokenizer, mesh=tm.mesh,
-                                   rules=tm.rules, score_temperature=lspec.temperature)
+                                   rules=tm.rules, score_temperature=lspec.temperature,
+                                   return_topk=student_k)
     run = StageRun(ctx, index, stage, kind, tm, teacher, teacher_args, n_samples,
                    shardings["batch"], student_sampler,
                    kind.teacher_sampler(ctx, tm, stage.sampler, student_sampler))
@@ -353,8 +365,15 @@ def run_train_stage(ctx: RunContext, index: int, trainable) -> Any:
     with graceful_stop() as stop:
         for step in range(start, stage.steps):
             t0 = time.perf_counter()
-            # the global batch on every process
-            batch, out, extra = run.batch(state, distributed.gather_records(next(it)), step)
+            data_state = it.get_state()
+            try:   # the global batch on every process
+                batch, out, extra = run.batch(state, distributed.gather_records(next(it)), step)
+            except TeacherUnavailable:   # a teacher service gone for good: keep what was done
+                if step > start:
+                    ck.save(step, state, {"data": data_state}, force=True)
+                ck.wait()
+                bar.close()
+                raise
             jax.block_until_ready(batch)
             t1 = time.perf_counter()
             with tm.scope():

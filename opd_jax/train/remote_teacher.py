@@ -1,0 +1,109 @@
+"""Train stages whose teacher is served (``teacher.source: http://...``) or cached
+(``teacher.source: <cache dir>``): what each stage kind may do without the teacher's weights,
+and the scores a step's batch carries instead of the teacher's logits.
+
+The student's rollout records its own top-k ids at every decode step (``Sampler(return_topk=)``,
+free next to the step's logits); the teacher is asked for its top-k, logsumexp and its log-probs
+at those ids and at the sampled token (:func:`~opd_jax.teacher.scores.query_ids`), and the step
+runs ``TeacherSpec("scores")`` (:func:`~opd_jax.train.objectives.with_teacher_scores`). The step
+logs ``teacher_query_miss``: the student's top-k ids it recomputes that the teacher was not asked
+about (a near tie between the sampler's pass and the step's; 0 in practice).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from opd_jax.teacher.scores import TeacherScores, check_objective, query_ids, student_topk_needed
+from opd_jax.teacher.source import scores_k
+from opd_jax.train.batch import RolloutBatch
+from opd_jax.train.step import TeacherSpec
+
+__all__ = ["check_stages", "scores_teacher", "add_teacher_scores", "TEACHERLESS_KINDS"]
+
+#: stage kinds that never run the separate teacher
+TEACHERLESS_KINDS = ("opsd",)
+
+
+def check_stages(cfg: Any, kind: str) -> None:
+    """``ValueError`` before anything runs when a stage needs the teacher's weights or full
+    distribution and the teacher is a service or a cache (``kind``), naming the stage and the
+    ways out."""
+    for i, stage in enumerate(cfg.stages):
+        where = f"stages.{i} ({stage.name!r})"
+        resolved = cfg.resolve_stage(i)
+        lspec = resolved.loss
+        if stage.kind == "opd":
+            if kind == "cache":
+                raise ValueError(
+                    f"{where}: an opd stage scores the student's fresh rollouts, which a teacher "
+                    f"cache ({cfg.teacher.source}) cannot hold; serve the teacher "
+                    "(opd-jax serve-teacher CONFIG, then teacher.source: http://host:port) or "
+                    "load it in-process (teacher.source: a model)")
+            check_objective(lspec, where=f"{where} loss")
+            if lspec.lambda_on_policy < 1.0:
+                raise ValueError(
+                    f"{where}: loss.lambda_on_policy={lspec.lambda_on_policy} samples seq-KD "
+                    "batches from the teacher, which a served teacher does not generate; set it "
+                    "to 1.0 or load the teacher in-process")
+        elif stage.kind == "cold_start" and stage.distill:
+            check_objective(lspec, where=f"{where} loss")
+            if kind == "cache" and student_topk_needed(lspec):
+                raise ValueError(
+                    f"{where}: loss.support={lspec.resolved_support!r} reads the teacher at the "
+                    "student's top-k ids, which a cache scored once cannot know; set "
+                    "loss.support: teacher (the cached top-k)")
+        elif stage.kind == "cold_start" and not getattr(stage, "dataset", None):
+            raise ValueError(
+                f"{where}: an on-the-fly cold start samples the teacher's rollouts, which needs "
+                "the teacher in-process; build the data once (opd-jax build-cold-start with the "
+                "teacher in-process) and give the stage its dataset:")
+        elif stage.kind == "eval":
+            raise ValueError(
+                f"{where}: an eval stage measures the teacher's accuracy and full-vocabulary KLs, "
+                f"which needs the teacher in-process (teacher.source={cfg.teacher.source!r}); "
+                "drop the eval stages and run opd-jax eval CONFIG teacher.source=<the model>")
+
+
+def scores_teacher(ctx: Any, stage: Any, trainable: Any) -> tuple[TeacherSpec, None]:
+    """The step's teacher when the run's teacher is a source: its scores ride in the batch."""
+    check_objective(stage.loss, where=f"stage {stage.name!r} loss")
+    return TeacherSpec("scores"), None
+
+
+def add_teacher_scores(source: Any, batch: RolloutBatch, out: Any, lspec: Any,
+                       records: list[dict]) -> tuple[RolloutBatch, dict]:
+    """``batch`` with the teacher's :class:`~opd_jax.teacher.scores.TeacherScores` of its
+    completions from ``source`` (``out``: the sampler output, with the student's top-k ids when
+    the objective needs them; a cache answers by the ``records``' dataset ``index``), and
+    ``{"teacher_s": seconds waited}``."""
+    n = batch.completion.shape[1]
+    if hasattr(source, "score_examples"):   # a cache: the dataset's own tokens, by example
+        t0 = time.perf_counter()
+        scores = source.score_examples([r["index"] for r in records], batch.completion,
+                                       batch.mask, n=n, k=scores_k(lspec.top_k),
+                                       temperature=lspec.resolved_teacher_temperature)
+        return _with_scores(batch, scores), {"teacher_s": time.perf_counter() - t0}
+    ks = student_topk_needed(lspec)
+    s_top = None
+    if ks:
+        if out.topk_ids is None:
+            raise ValueError("the objective reads the teacher at the student's top-k ids but the "
+                             "sampler did not record them (Sampler(return_topk=loss.top_k))")
+        s_top = np.asarray(out.topk_ids)[:, :n, :ks]
+    q = query_ids(np.asarray(batch.completion), s_top)
+    t0 = time.perf_counter()
+    scores = source.score(np.asarray(batch.teacher_tokens), np.asarray(batch.teacher_valid), q,
+                          n=n, k=scores_k(lspec.top_k),
+                          temperature=lspec.resolved_teacher_temperature)
+    return _with_scores(batch, scores), {"teacher_s": time.perf_counter() - t0}
+
+
+def _with_scores(batch: RolloutBatch, scores: TeacherScores) -> RolloutBatch:
+    return batch.replace(teacher_scores=TeacherScores(*(jnp.asarray(x) for x in (
+        scores.topk_ids, scores.topk_logprobs, scores.logsumexp, scores.query_ids,
+        scores.query_logprobs))))
