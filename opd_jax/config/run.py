@@ -26,6 +26,7 @@ from opd_jax.config.schema import (
     need_positive,
     placeholders,
 )
+from opd_jax.config.teachers import TeacherRoute, check_teachers
 
 __all__ = ["STAGE_KINDS", "TRAIN_KINDS", "StageSpec", "CheckpointSpec", "MeshShape",
            "DistributedSpec", "MeshSpec", "LogSpec", "RunConfig", "load_config"]
@@ -235,12 +236,15 @@ class LogSpec:
 class RunConfig:
     """A whole run. ``out_dir`` is the run directory (``{name}`` is replaced by ``name``): it gets
     ``config.yaml``, ``checkpoints/<stage>/<step>/`` and metrics. ``teacher`` is unused by opsd
-    stages (the student with privileged context is its own teacher)."""
+    stages (the student with privileged context is its own teacher). ``teachers``: several
+    teachers, each scoring the prompts of its data sources (:mod:`opd_jax.config.teachers`), in
+    place of ``teacher``."""
 
     name: str = "run"
     out_dir: str = "runs/{name}"
     seed: int = 0
     teacher: ModelSpec = ModelSpec()
+    teachers: tuple[TeacherRoute, ...] = ()
     student: ModelSpec = ModelSpec()
     data: DataSpec = DataSpec()
     sampler: SamplerSpec = SamplerSpec()
@@ -303,6 +307,8 @@ class RunConfig:
             need(not stage.distill or objective not in PG_OBJECTIVES, f"stages.{i}.loss.objective",
                  objective, "a divergence (e.g. forward_kl) for a distill cold start: "
                  f"{' / '.join(PG_OBJECTIVES)} are policy gradients on the student's own samples")
+        if self.teachers:
+            check_teachers(self.teachers, self.teacher)
         need(self.teacher.remat == "none", "teacher.remat", self.teacher.remat,
              '"none": the teacher runs no backward pass, so there is nothing to rematerialise '
              "(set student.remat)")

@@ -7,8 +7,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import jax.numpy as jnp
-
 from opd_jax.model.config import ModelConfig
 from opd_jax.model.fingerprint import params_fingerprint
 from opd_jax.model.loading import Model
@@ -31,17 +29,14 @@ def load_teacher(cfg: Any) -> Model:
     settings, ``precision`` cast), without the student; ``ValueError`` when it has no
     tokenizer."""
     from opd_jax.teacher.source import source_kind
-    from opd_jax.train.models import derive, load_source, with_execution
-    from opd_jax.train.state import cast_floating
+    from opd_jax.train.models import load_teacher_model
 
     spec = cfg.teacher
     if source_kind(spec.source) != "model":
         raise ValueError(f"teacher.source={spec.source!r} is a {source_kind(spec.source)}, not a "
                          "model: serve-teacher and cache-teacher run the teacher's weights in this "
                          "process; set teacher.source to the model (default, a HF folder or a .gguf)")
-    model = with_execution(derive(load_source(spec, cfg.seed), spec, cfg.seed), spec)
-    if spec.precision not in (None, spec.dtype):   # as build_models: no master weights to keep
-        model = model.replace(params=cast_floating(model.params, jnp.dtype(spec.precision)))
+    model = load_teacher_model(spec, cfg.seed)
     if model.tokenizer is None:
         raise ValueError("the teacher came without a tokenizer; set teacher.tokenizer to a "
                          "tokenizer.json / .model / .gguf path")

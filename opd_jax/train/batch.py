@@ -35,7 +35,9 @@ class RolloutBatch:
     ``[B, N]`` per-sample outcome advantage (GRPO over the prompt's samples, times its weight),
     repeated over the completion; ``None`` = none. ``teacher_scores``: a served or cached teacher's
     scores of the completion (:class:`~opd_jax.teacher.scores.TeacherScores`, ``[B, N, ...]``),
-    used in place of the teacher's logits (``TeacherSpec("scores")``); ``None`` = none."""
+    used in place of the teacher's logits (``TeacherSpec("scores")``); ``None`` = none.
+    ``teacher_route``: ``[B]`` int32, which of several teachers scored each row (``teachers:``),
+    for per-teacher metrics; ``None`` = one teacher."""
 
     student_tokens: jax.Array
     student_valid: jax.Array
@@ -48,3 +50,4 @@ class RolloutBatch:
     teacher_packed: PackedRows | None = None
     outcome_advantage: jax.Array | None = None
     teacher_scores: TeacherScores | None = None
+    teacher_route: jax.Array | None = None

@@ -18,7 +18,8 @@ from opd_jax.model.fingerprint import tokenizer_fingerprint
 from opd_jax.model.loading import Model, check_same_vocab, load_model
 from opd_jax.model.lora import init_lora
 from opd_jax.model.tokenizer import load_tokenizer
-from opd_jax.teacher.source import open_teacher_source, source_kind
+from opd_jax.teacher.router import TeacherRouter
+from opd_jax.teacher.source import LocalTeacher, open_teacher_source, source_kind
 from opd_jax.train.state import StudentSpec, cast_floating
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -105,22 +106,34 @@ def student_base(teacher_spec: ModelSpec, student_spec: ModelSpec, *, seed: int,
     return with_execution(derive(base, student_spec, seed + 1), student_spec)
 
 
+def as_teacher(model: Model, spec: ModelSpec) -> Model:
+    """A loaded (and derived) model as a teacher scores with it: the spec's execution settings,
+    its weights cast to ``precision`` (a teacher keeps no master weights)."""
+    model = with_execution(model, spec)
+    if spec.precision not in (None, spec.dtype):
+        model = model.replace(params=cast_floating(model.params, _DTYPES[spec.precision]))
+    return model
+
+
+def load_teacher_model(spec: ModelSpec, seed: int) -> Model:
+    """The teacher ``spec`` names, loaded, derived and made a teacher (:func:`as_teacher`)."""
+    return as_teacher(derive(load_source(spec, seed), spec, seed), spec)
+
+
 def build_models(teacher_spec: ModelSpec, student_spec: ModelSpec, *, seed: int,
-                 remat: str | None = None) -> Models:
+                 remat: str | None = None, teachers: tuple = ()) -> Models:
     """Load the teacher, load (or reuse) and derive the student, add LoRA, check the vocabulary.
 
     Each model's config carries its spec's ``attention`` / ``attention_block``; the student runs
     with ``remat`` (default ``student_spec.remat``) and its spec's ``precision`` (a compute dtype
     over its stored parameters: mixed precision); a teacher's ``precision`` casts its weights."""
     remat = student_spec.remat if remat is None else remat
-    if source_kind(teacher_spec.source) != "model":
-        return _with_teacher_source(teacher_spec, student_spec, seed=seed, remat=remat)
+    if teachers or source_kind(teacher_spec.source) != "model":
+        return _with_teacher_source(teacher_spec, student_spec, seed=seed, remat=remat,
+                                    teachers=teachers)
     teacher = derive(load_source(teacher_spec, seed), teacher_spec, seed)
     student = student_base(teacher_spec, student_spec, seed=seed, teacher=teacher)
-    teacher = with_execution(teacher, teacher_spec)
-    if teacher_spec.precision not in (None, teacher_spec.dtype):   # no master weights to keep
-        teacher = teacher.replace(params=cast_floating(teacher.params,
-                                                       _DTYPES[teacher_spec.precision]))
+    teacher = as_teacher(teacher, teacher_spec)
     check_same_vocab(teacher, student)
     tokenizer = student.tokenizer or teacher.tokenizer
     if tokenizer is None:
@@ -148,16 +161,41 @@ def _student_models(student: Model, student_spec: ModelSpec, teacher: Model | No
 
 
 def _with_teacher_source(teacher_spec: ModelSpec, student_spec: ModelSpec, *, seed: int,
-                         remat: str) -> Models:
-    """The student and a served or cached teacher (no teacher weights in this process), checked
-    against the student's vocabulary and tokenizer."""
+                         remat: str, teachers: tuple = ()) -> Models:
+    """The student and a served or cached teacher (no teacher weights in this process), or a
+    :class:`~opd_jax.teacher.router.TeacherRouter` over ``teachers``, checked against the
+    student's vocabulary and tokenizer."""
     student = with_execution(derive(load_source(student_spec, seed + 1), student_spec, seed + 1),
                              student_spec)
     tokenizer = student.tokenizer
     if tokenizer is None:
         raise ValueError("the student came with no tokenizer; set student.tokenizer")
-    source = open_teacher_source(teacher_spec.source, vocab_size=student.config.vocab_size,
-                                 tokenizer=tokenizer_fingerprint(tokenizer),
-                                 wait_s=teacher_spec.service_wait_s)
+    fingerprint = tokenizer_fingerprint(tokenizer)
+    if teachers:
+        source = TeacherRouter([(t.name or f"teacher{i}", tuple(t.route),
+                                 _member(t, student, fingerprint, seed))
+                                for i, t in enumerate(teachers)])
+    else:
+        source = open_teacher_source(teacher_spec.source, vocab_size=student.config.vocab_size,
+                                     tokenizer=fingerprint, wait_s=teacher_spec.service_wait_s)
     models = _student_models(student, student_spec, None, tokenizer, seed=seed, remat=remat)
     return dataclasses.replace(models, teacher_source=source)
+
+
+def _member(spec: ModelSpec, student: Model, fingerprint: str, seed: int):
+    """One entry of ``teachers:`` as a teacher source: in-process or served (a cache scores one
+    off-policy dataset, not routed prompts)."""
+    kind = source_kind(spec.source)
+    if kind == "cache":
+        raise ValueError(f"teachers: {spec.source} is a teacher cache; a cache scores the one "
+                         "dataset it was built from, not routed prompts: route to in-process or "
+                         "served teachers, and train from a cache with teacher.source")
+    if kind == "service":
+        return open_teacher_source(spec.source, vocab_size=student.config.vocab_size,
+                                   tokenizer=fingerprint, wait_s=spec.service_wait_s)
+    teacher = load_teacher_model(spec, seed)
+    check_same_vocab(teacher, student)
+    if teacher.tokenizer is not None and tokenizer_fingerprint(teacher.tokenizer) != fingerprint:
+        raise ValueError(f"teachers: {spec.source} has another tokenizer than the student; "
+                         "distillation needs one vocabulary (set its tokenizer:)")
+    return LocalTeacher(teacher.params, teacher.config)

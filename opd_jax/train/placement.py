@@ -74,7 +74,8 @@ class TrainMesh:
         is given and its rows do not divide)."""
         return shd.named_sharding(self.mesh, ("batch",) + (None,) * (ndim - 1), self.rules, shape)
 
-    def batch_shardings(self, packed: bool = False, outcome: bool = False, scores: bool = False):
+    def batch_shardings(self, packed: bool = False, outcome: bool = False, scores: bool = False,
+                        routes: bool = False):
         """A ``RolloutBatch`` of row shardings (every field ``[B, ...]`` 2-D, ``outcome``: with
         ``outcome_advantage``; ``scores``: with ``teacher_scores`` (``[B, N, K]`` 3-D); with
         ``packed``, the ``PackedRows`` fields ``[G, ...]`` 3-D, split by group)."""
@@ -86,6 +87,8 @@ class TrainMesh:
         if scores:
             s3 = self.rows(3)
             rows = rows.replace(teacher_scores=TeacherScores(s3, s3, s, s3, s3))
+        if routes:   # several teachers: which one scored each row, [B]
+            rows = rows.replace(teacher_route=self.rows(1))
         if not packed:
             return rows
         p = self.rows(3)
@@ -146,7 +149,8 @@ class TrainMesh:
         return abstract, shardings
 
     def train_shardings(self, student, trainable, frozen, teacher, teacher_args, init_fn, *,
-                        packed: bool = False, outcome: bool = False, scores: bool = False):
+                        packed: bool = False, outcome: bool = False, scores: bool = False,
+                        routes: bool = False):
         """``(abstract_state, shardings)`` for a train stage: ``shardings`` is the
         ``{"state", "batch", "frozen", "teacher"}`` dict ``make_train_step(shardings=)`` takes.
         ``teacher`` is the step's ``TeacherSpec``: a separate teacher is placed by the teacher
@@ -157,7 +161,8 @@ class TrainMesh:
             teacher_sh = self.params_shardings(teacher.config, teacher_args, teacher=True)
         else:
             teacher_sh = trainable_sh if teacher_args is not None else None
-        return abstract, {"state": state_sh, "batch": self.batch_shardings(packed, outcome, scores),
+        return abstract, {"state": state_sh, "batch": self.batch_shardings(packed, outcome, scores,
+                                                                     routes),
                           "frozen": self.params_shardings(student.config, frozen),
                           "teacher": teacher_sh}
 

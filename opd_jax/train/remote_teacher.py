@@ -8,6 +8,12 @@ at those ids and at the sampled token (:func:`~opd_jax.teacher.scores.query_ids`
 runs ``TeacherSpec("scores")`` (:func:`~opd_jax.train.objectives.with_teacher_scores`). The step
 logs ``teacher_query_miss``: the student's top-k ids it recomputes that the teacher was not asked
 about (a near tie between the sampler's pass and the step's; 0 in practice).
+
+A served teacher scores a batch in one request once it is sampled, unless the stage's sampler
+uses continuous batching (``sampler.slots``): then groups of finished rows are scored while the
+rest still decode (:func:`overlapped_scoring`, :mod:`opd_jax.train.overlap`). The step logs
+``teacher_s`` (the requests' own seconds), ``teacher_wait_s`` (seconds the trainer waited for
+them after sampling) and ``teacher_hidden`` (``1 - wait / teacher_s``: 0 without overlap).
 """
 
 from __future__ import annotations
@@ -21,9 +27,11 @@ import numpy as np
 from opd_jax.teacher.scores import TeacherScores, check_objective, query_ids, student_topk_needed
 from opd_jax.teacher.source import scores_k
 from opd_jax.train.batch import RolloutBatch
+from opd_jax.train.overlap import OverlappedScoring
 from opd_jax.train.step import TeacherSpec
 
-__all__ = ["check_stages", "scores_teacher", "add_teacher_scores", "TEACHERLESS_KINDS"]
+__all__ = ["check_stages", "scores_teacher", "add_teacher_scores", "overlapped_scoring",
+           "TEACHERLESS_KINDS"]
 
 #: stage kinds that never run the separate teacher
 TEACHERLESS_KINDS = ("opsd",)
@@ -70,18 +78,43 @@ def check_stages(cfg: Any, kind: str) -> None:
 
 
 def scores_teacher(ctx: Any, stage: Any, trainable: Any) -> tuple[TeacherSpec, None]:
-    """The step's teacher when the run's teacher is a source: its scores ride in the batch."""
+    """The step's teacher when the run's teacher is a source: its scores ride in the batch
+    (several teachers: their names, for per-teacher metrics)."""
     check_objective(stage.loss, where=f"stage {stage.name!r} loss")
-    return TeacherSpec("scores"), None
+    routes = tuple(getattr(ctx.models.teacher_source, "names", ()))
+    return TeacherSpec("scores", routes=routes), None
+
+
+def overlapped_scoring(source: Any, sampler: Any, lspec: Any, prompts: Any,
+                       min_rows: int = 1) -> OverlappedScoring | None:
+    """The scoring of one on-policy batch that overlaps its sampling
+    (:class:`~opd_jax.train.overlap.OverlappedScoring`, sample with its ``sample``), or ``None``
+    (score after sampling, :func:`add_teacher_scores`) unless ``source`` is a service (a cache
+    answers by example, at once) and ``sampler`` uses continuous batching (``sampler.slots``:
+    rows finish in groups; the plain sampler finishes every row at the end)."""
+    if source is None or hasattr(source, "score_examples") or sampler.slots is None:
+        return None
+    return OverlappedScoring(source, prompts.teacher_tokens, prompts.teacher_valid,
+                             k=scores_k(lspec.top_k),
+                             temperature=lspec.resolved_teacher_temperature,
+                             student_k=student_topk_needed(lspec), records=prompts.records,
+                             min_rows=min_rows)
 
 
 def add_teacher_scores(source: Any, batch: RolloutBatch, out: Any, lspec: Any,
-                       records: list[dict]) -> tuple[RolloutBatch, dict]:
+                       records: list[dict], scoring: OverlappedScoring | None = None
+                       ) -> tuple[RolloutBatch, dict]:
     """``batch`` with the teacher's :class:`~opd_jax.teacher.scores.TeacherScores` of its
     completions from ``source`` (``out``: the sampler output, with the student's top-k ids when
     the objective needs them; a cache answers by the ``records``' dataset ``index``), and
-    ``{"teacher_s": seconds waited}``."""
+    ``{"teacher_s": seconds}`` (a service: also ``teacher_wait_s``, ``teacher_hidden``).
+    ``scoring``: the batch's :func:`overlapped_scoring`, already fed by the sampler; its
+    answers are collected instead of sending one request."""
     n = batch.completion.shape[1]
+    routed = bool(getattr(source, "routes", None))   # several teachers: rows by data source
+    if scoring is not None:
+        scores, stats = scoring.collect(n)
+        return _routed(_with_scores(batch, scores), source, records, routed), stats
     if hasattr(source, "score_examples"):   # a cache: the dataset's own tokens, by example
         t0 = time.perf_counter()
         scores = source.score_examples([r["index"] for r in records], batch.completion,
@@ -99,8 +132,18 @@ def add_teacher_scores(source: Any, batch: RolloutBatch, out: Any, lspec: Any,
     t0 = time.perf_counter()
     scores = source.score(np.asarray(batch.teacher_tokens), np.asarray(batch.teacher_valid), q,
                           n=n, k=scores_k(lspec.top_k),
-                          temperature=lspec.resolved_teacher_temperature)
-    return _with_scores(batch, scores), {"teacher_s": time.perf_counter() - t0}
+                          temperature=lspec.resolved_teacher_temperature,
+                          **({"records": records} if routed else {}))
+    waited = time.perf_counter() - t0
+    return (_routed(_with_scores(batch, scores), source, records, routed),
+            {"teacher_s": waited, "teacher_wait_s": waited, "teacher_hidden": 0.0})
+
+
+def _routed(batch: RolloutBatch, source: Any, records: list[dict], routed: bool) -> RolloutBatch:
+    """``batch`` with the teacher each row was routed to (several teachers), else as is."""
+    if not routed:
+        return batch
+    return batch.replace(teacher_route=jnp.asarray(source.route_index(records), jnp.int32))
 
 
 def _with_scores(batch: RolloutBatch, scores: TeacherScores) -> RolloutBatch:

@@ -85,7 +85,9 @@ def run(cfg: RunConfig, *, progress: bool = True, models=None, mesh=None,
     config differs from ``cfg`` in anything that changes results (:func:`check_resumable`)."""
     distributed.init_distributed(cfg.mesh.distributed)
     check_datasets(cfg)   # a dataset cold start's file, before any stage runs
-    if source_kind(cfg.teacher.source) != "model":   # what a served / cached teacher cannot do
+    if cfg.teachers:   # several teachers: each scores its rows, like a served one
+        check_stages(cfg, "router")
+    elif source_kind(cfg.teacher.source) != "model":   # what a served / cached teacher cannot do
         check_stages(cfg, source_kind(cfg.teacher.source))
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -171,7 +173,8 @@ def _run_stages(cfg: RunConfig, run_dir, *, progress: bool, models, mesh, data) 
     train, heldout = data if data is not None else load_data(cfg)
     tm = mesh or build_mesh(cfg.mesh)
     # student.remat / attention and teacher.attention come from the specs (build_models)
-    models = models or build_models(cfg.teacher, cfg.student, seed=cfg.seed)
+    models = models or build_models(cfg.teacher, cfg.student, seed=cfg.seed,
+                                    teachers=cfg.teachers)
     models = place_models(models, tm)
     ctx = RunContext(cfg, models, train, heldout, make_template(cfg),
                      make_log(run_dir, cfg.log.tensorboard), progress, mesh=tm)

@@ -326,7 +326,8 @@ def run_train_stage(ctx: RunContext, index: int, trainable) -> Any:
     abstract, shardings = tm.train_shardings(m.student, trainable, m.frozen, teacher,
                                              teacher_args, init_fn, packed=stage.optim.pack,
                                              outcome=with_outcome,
-                                             scores=teacher.mode == "scores")
+                                             scores=teacher.mode == "scores",
+                                             routes=bool(teacher.routes))
     ck = StageCheckpointer(stage_dir(cfg.run_dir, stage.name), keep_last_n=cfg.checkpoint.keep_last_n,
                            every_n_steps=cfg.checkpoint.every_n_steps,
                            async_save=cfg.checkpoint.async_save)

@@ -31,6 +31,9 @@ from opd_jax.train.placement import map_rows_per_device, replicate_embedding, te
 from opd_jax.train.state import StudentSpec, TrainState
 
 CURVE_KEYS = ("overlap", "token_reverse_kl", "student_entropy", "teacher_entropy")
+#: metrics logged per teacher when several score a batch (``TeacherSpec.routes``)
+ROUTE_KEYS = ("overlap", "token_reverse_kl", "student_token_logprob", "teacher_token_logprob",
+              "student_shared_mass", "teacher_shared_mass", "teacher_query_miss")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,11 +45,15 @@ class TeacherSpec:
     for its logits, see :func:`opd_jax.train.objectives.with_teacher_scores`) or "none" (no
     teacher: SFT objectives; the student's own outputs stand in).
     ``rules``: the teacher's own rules table (``opd_jax.sharding.rules_key`` form) for the
-    activation constraints of a separate teacher on the active mesh; ``None`` = the student's."""
+    activation constraints of a separate teacher on the active mesh; ``None`` = the student's.
+    ``routes``: the names of several teachers (``teachers:``, mode "scores"): the batch's
+    ``teacher_route`` says which scored each row, and each gets its own metrics
+    (``<name>/<metric>``, :data:`ROUTE_KEYS`)."""
 
     mode: str = "separate"
     config: ModelConfig | None = None
     rules: tuple | None = None
+    routes: tuple[str, ...] = ()
 
     def __post_init__(self):
         modes = ("separate", "student_fixed", "student_ema", "student_live", "scores", "none")
@@ -157,10 +164,12 @@ def train_step(state: TrainState, batch: RolloutBatch, frozen, teacher_args, *,
     def accumulate(carry, mb):
         g_sum, l_sum = carry
         (loss, out), g = grad_fn(state.trainable, frozen, teacher_args, mb, **kw)
-        return (jax.tree.map(jnp.add, g_sum, g), l_sum + loss), (out, mb.mask)
+        route = (mb.teacher_route if mb.teacher_route is not None
+                 else jnp.zeros(mb.mask.shape[:1], jnp.int32))
+        return (jax.tree.map(jnp.add, g_sum, g), l_sum + loss), (out, mb.mask, route)
 
     zeros = jax.tree.map(jnp.zeros_like, state.trainable)
-    (grads, loss_sum), (outs, masks) = jax.lax.scan(accumulate, (zeros, 0.0), micro)
+    (grads, loss_sum), (outs, masks, routes) = jax.lax.scan(accumulate, (zeros, 0.0), micro)
     grads = jax.tree.map(lambda g: g / grad_accum, grads)
     loss = loss_sum / grad_accum
 
@@ -187,6 +196,12 @@ def train_step(state: TrainState, batch: RolloutBatch, frozen, teacher_args, *,
     metrics.update(loss=loss, grad_norm=grad_norm, skipped=new_state.skipped,
                    update_ok=ok, completion_tokens=mask.sum(),
                    completion_len=mask.sum(axis=1).astype(jnp.float32).mean())
+    route = routes.reshape(-1)
+    for i, name in enumerate(teacher.routes):   # several teachers: each one's own metrics
+        mine = mask & (route == i)[:, None]
+        metrics[f"{name}/completion_tokens"] = mine.sum()
+        metrics.update({f"{name}/{k}": losses.token_mean(outs[k], mine) for k in ROUTE_KEYS
+                        if k in outs})
     curves = {k: per_position(outs[k], mask) for k in CURVE_KEYS if k in outs}
     return new_state, {"scalars": metrics, "curves": curves}
 
