@@ -150,8 +150,8 @@ def test_server_gone_for_good_stops_with_a_checkpoint_then_resumes(in_process, t
                    if p.name.isdigit())
     assert steps and 2 <= steps[-1] < 4        # what was done is kept
     srv.start()
-    try:
-        run(load_config(TINY, over), progress=False)   # resumes from that checkpoint
+    try:   # resumes from that checkpoint (a fresh server compiles first: wait longer)
+        run(load_config(TINY, [*over, "teacher.service_wait_s=120"]), progress=False)
     finally:
         srv.stop()
     _same(in_process, _metrics(run_dir))

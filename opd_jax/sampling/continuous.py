@@ -12,7 +12,9 @@ on them:
    ``chunk_steps`` steps ran or ``refill_at`` slots are done (while rows are queued), or until
    every slot is done (once the queue is empty: the tail runs in one call).
 3. **harvest**: the host reads the slots' ``done`` flags; finished rows' outputs are copied into
-   the ``[Q, N]`` results and their slots freed. Back to 1 until the queue and the slots are empty.
+   the ``[Q, N]`` results and their slots freed; ``on_rows_done(rows, result)`` (optional) hears
+   which rows are final (e.g. to send them to a teacher while the rest decode,
+   :mod:`opd_jax.train.overlap`). Back to 1 until the queue and the slots are empty.
 
 Shapes stay static over a run (``B`` slots, the prompt bucket ``P``, ``N``), so a run compiles
 one decode program, one init and one admit program per ``U`` bucket (``1, 2, 4, 8, 16, ...``),
@@ -36,7 +38,8 @@ from opd_jax.model.decoder import Lora, Params
 from opd_jax.sampling.loop import DecodeSettings
 from opd_jax.sampling.slots import admit, decode_chunk, dtype_name, init_slots, key_impl_of
 
-__all__ = ["SlotStats", "SlotResult", "run_slots", "fetch"]
+__all__ = ["SlotStats", "SlotResult", "RowsDone", "run_slots", "fetch", "host_copy",
+           "host_result"]
 
 
 @dataclasses.dataclass
@@ -80,6 +83,22 @@ class SlotResult(NamedTuple):
     stats: SlotStats
 
 
+#: ``on_rows_done(rows_R, result)``: rows ``rows_R`` of ``result`` are final (:func:`run_slots`)
+RowsDone = Callable[[np.ndarray, SlotResult], None]
+
+
+def host_result(out, stats: SlotStats) -> SlotResult:
+    """A :class:`~opd_jax.sampling.sampler.SampleOutput`'s rows as a :class:`SlotResult` of host
+    arrays (``K = 0`` top-k when not recorded): what the plain sampler hands ``on_rows_done``."""
+    tokens, mask, lp, lp_full, ids, tlp = fetch((out.tokens, out.mask, out.logprobs,
+                                                 out.logprobs_full, out.topk_ids,
+                                                 out.topk_logprobs))
+    if ids is None:
+        ids = np.zeros(tokens.shape + (0,), np.int32)
+        tlp = np.zeros(tokens.shape + (0,), np.float32)
+    return SlotResult(tokens, mask, lp, lp_full, ids, tlp, stats)
+
+
 def fetch(x):
     """A device array (or a tree of them) as numpy on this host; arrays spanning other
     processes are gathered from every process first."""
@@ -89,6 +108,17 @@ def fetch(x):
         return np.asarray(a)
 
     return jax.tree.map(one, x)
+
+
+def host_copy(x):
+    """A multi-process input on the host: global arrays gathered from every process (typed keys
+    as key data, re-wrapped locally); anything else as is."""
+    if not isinstance(x, jax.Array) or x.is_fully_addressable:
+        return x
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        data = multihost_utils.process_allgather(jax.random.key_data(x), tiled=True)
+        return jax.random.wrap_key_data(np.asarray(data), impl=jax.random.key_impl(x))
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def _prompt_ids(tokens_QxP: np.ndarray, valid_QxP: np.ndarray) -> np.ndarray:
@@ -104,7 +134,8 @@ def _prompt_ids(tokens_QxP: np.ndarray, valid_QxP: np.ndarray) -> np.ndarray:
 def run_slots(st: DecodeSettings, params: Params, lora: Lora | None, tokens_QxP: np.ndarray,
               valid_QxP: np.ndarray, keys_Q: jax.Array, eos_E: np.ndarray, *, slots: int,
               chunk_steps: int, refill_at: int, bucket: Callable[[int], int],
-              place: Callable[[np.ndarray], jax.Array] = lambda x: x) -> SlotResult:
+              place: Callable[[np.ndarray], jax.Array] = lambda x: x,
+              on_rows_done: RowsDone | None = None) -> SlotResult:
     """Generate ``Q`` rows through ``slots`` decode slots (the module docstring's loop).
 
     Args:
@@ -118,6 +149,10 @@ def run_slots(st: DecodeSettings, params: Params, lora: Lora | None, tokens_QxP:
       refill_at: a chunk ends early once this many slots are done (while rows are queued).
       bucket: the batch bucket of ``U`` distinct prompts per admit (a multiple of the shards).
       place: puts a ``[B, ...]`` / ``[U, ...]`` host array on the mesh (identity without one).
+      on_rows_done: called as ``on_rows_done(rows_R, result)`` after each harvest that finished
+        rows: ``rows_R`` (int64, ascending) are the rows whose outputs in ``result`` (the
+        :class:`SlotResult` being filled, later returned) are final; every row is reported
+        exactly once. It must not write into ``result``; what it raises ends the run.
 
     Returns:
       :class:`SlotResult`.
@@ -174,9 +209,12 @@ def run_slots(st: DecodeSettings, params: Params, lora: Lora | None, tokens_QxP:
         if finished.size:
             got = fetch((state.tokens, state.mask, state.logprobs, state.logprobs_full,
                          state.topk_ids, state.topk_logprobs))
+            done_R = row_B[finished]
             for dst, src in zip(out[:6], got):
-                dst[row_B[finished]] = src[finished]
+                dst[done_R] = src[finished]
             row_B[finished] = -1
+            if on_rows_done is not None:
+                on_rows_done(np.sort(done_R), out)
     stats.decode_steps = int(fetch(state.decode_steps))
     stats.live_slot_steps = int(fetch(state.live_slot_steps))
     return out

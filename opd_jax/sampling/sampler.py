@@ -57,13 +57,12 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from opd_jax.checks import positive_int
 from opd_jax.model.config import ModelConfig, param_axes
 from opd_jax.model.decoder import Lora, Params
-from opd_jax.sampling.continuous import SlotStats, run_slots
+from opd_jax.sampling.continuous import RowsDone, SlotStats, host_copy, host_result, run_slots
 from opd_jax.sampling.loop import TRACE_COUNTS, DecodeSettings, DecodeState, LayerCaches, decode, prefill
 from opd_jax.sampling.strategies import Sampling
 from opd_jax.sharding import batch_shards, get_rules, named_sharding, rules_key, tree_shardings
@@ -178,17 +177,6 @@ def _as_row_keys(key: jax.Array, batch: int) -> jax.Array:
     if typed.shape != (batch,):
         raise ValueError(f"key must be one key or one per row ({batch}); got shape {typed.shape}")
     return typed
-
-
-def _host_copy(x):
-    """A multi-process input on the host: global arrays gathered from every process (typed keys
-    as key data, re-wrapped locally); anything else as is."""
-    if not isinstance(x, jax.Array) or x.is_fully_addressable:
-        return x
-    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-        data = multihost_utils.process_allgather(jax.random.key_data(x), tiled=True)
-        return jax.random.wrap_key_data(np.asarray(data), impl=jax.random.key_impl(x))
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -313,12 +301,16 @@ class Sampler:
                     f"lower max_new_tokens to at most {mp - n}")
 
     def __call__(self, params: Params, prompt_tokens_BxP, prompt_valid_BxP, key, *,
-                 lora: Lora | None = None, check: bool = True) -> SampleOutput:
+                 lora: Lora | None = None, check: bool = True,
+                 on_rows_done: RowsDone | None = None) -> SampleOutput:
+        """Sample every row (class docstring). ``on_rows_done(rows_R, result)``: with ``slots``,
+        called as rows finish (:func:`~opd_jax.sampling.continuous.run_slots`); without, once
+        at the end with every row; ``result`` holds host arrays. It does not change the draws."""
         st = self._static
         if jax.process_count() > 1:
             # every process holds the same host batch; global inputs are gathered first
             prompt_tokens_BxP, prompt_valid_BxP, key = map(
-                _host_copy, (prompt_tokens_BxP, prompt_valid_BxP, key))
+                host_copy, (prompt_tokens_BxP, prompt_valid_BxP, key))
         tokens = jnp.asarray(prompt_tokens_BxP, jnp.int32)
         valid = jnp.asarray(prompt_valid_BxP, bool)
         if tokens.ndim != 2 or tokens.shape != valid.shape:
@@ -335,7 +327,7 @@ class Sampler:
                                  "use opd_jax.data.padding.pad_left")
         keys = _as_row_keys(key, B)
         if self.slots is not None:
-            return self._sample_slots(params, lora, tokens, valid, keys)
+            return self._sample_slots(params, lora, tokens, valid, keys, on_rows_done)
         Pb = bucket_length(P)
         Bb = bucket_batch(B, batch_shards(self.mesh, self.rules))
         tokens = jnp.pad(tokens, ((0, Bb - B), (Pb - P, 0)), constant_values=st.pad_id)
@@ -350,7 +342,7 @@ class Sampler:
         state = prefill(st, params, lora, tokens, valid, keys, active, self._eos_array())
         state = decode(st, state, params, lora)
         K = st.return_topk
-        return SampleOutput(
+        out = SampleOutput(
             tokens=state.tokens[:B], mask=state.mask[:B], logprobs=state.logprobs[:B],
             logprobs_full=state.logprobs_full[:B],
             topk_ids=state.topk_ids[:B] if K else None,
@@ -358,6 +350,9 @@ class Sampler:
             lengths=state.mask[:B].sum(1).astype(jnp.int32),
             prompt_tokens=jnp.asarray(prompt_tokens_BxP, jnp.int32),
             prompt_valid=jnp.asarray(prompt_valid_BxP, bool), num_steps=state.step)
+        if on_rows_done is not None:   # no slots: every row is final at the end
+            on_rows_done(np.arange(B), host_result(out, SlotStats(rows=B, slots=Bb)))
+        return out
 
     def _eos_array(self) -> np.ndarray:
         """The EOS ids padded to a multiple of 4 with -1 (never drawn), so the EOS count rarely
@@ -367,7 +362,8 @@ class Sampler:
         return eos
 
     def _sample_slots(self, params: Params, lora: Lora | None, tokens_BxP: jax.Array,
-                      valid_BxP: jax.Array, keys_B: jax.Array) -> SampleOutput:
+                      valid_BxP: jax.Array, keys_B: jax.Array,
+                      on_rows_done: RowsDone | None = None) -> SampleOutput:
         """The ``slots`` path of :meth:`__call__` (inputs already checked; ``B`` rows queue for
         the decode slots)."""
         st = self._static
@@ -383,7 +379,8 @@ class Sampler:
             st, params, lora, np.pad(tokens, ((0, 0), (Pb - P, 0)), constant_values=st.pad_id),
             np.pad(valid, ((0, 0), (Pb - P, 0))), keys_B, self._eos_array(), slots=slots,
             chunk_steps=self.chunk_steps, refill_at=refill_at, bucket=bucket,
-            place=self._place_rows if self.mesh is not None else (lambda x: x))
+            place=self._place_rows if self.mesh is not None else (lambda x: x),
+            on_rows_done=on_rows_done)
         self.last_slot_stats = res.stats
         lengths = res.mask.sum(1).astype(np.int32)
         K = st.return_topk

@@ -13,7 +13,8 @@ A served teacher scores a batch in one request once it is sampled, unless the st
 uses continuous batching (``sampler.slots``): then groups of finished rows are scored while the
 rest still decode (:func:`overlapped_scoring`, :mod:`opd_jax.train.overlap`). The step logs
 ``teacher_s`` (the requests' own seconds), ``teacher_wait_s`` (seconds the trainer waited for
-them after sampling) and ``teacher_hidden`` (``1 - wait / teacher_s``: 0 without overlap).
+them after sampling), ``teacher_hidden`` (``1 - wait / teacher_s``: 0 without overlap) and
+``teacher_requests``.
 """
 
 from __future__ import annotations
@@ -85,14 +86,16 @@ def scores_teacher(ctx: Any, stage: Any, trainable: Any) -> tuple[TeacherSpec, N
     return TeacherSpec("scores", routes=routes), None
 
 
-def overlapped_scoring(source: Any, sampler: Any, lspec: Any, prompts: Any,
-                       min_rows: int = 1) -> OverlappedScoring | None:
-    """The scoring of one on-policy batch that overlaps its sampling
-    (:class:`~opd_jax.train.overlap.OverlappedScoring`, sample with its ``sample``), or ``None``
-    (score after sampling, :func:`add_teacher_scores`) unless ``source`` is a service (a cache
-    answers by example, at once) and ``sampler`` uses continuous batching (``sampler.slots``:
-    rows finish in groups; the plain sampler finishes every row at the end)."""
-    if source is None or hasattr(source, "score_examples") or sampler.slots is None:
+def overlapped_scoring(run: Any, prompts: Any, min_rows: int = 1) -> OverlappedScoring | None:
+    """The scoring of train stage ``run``'s on-policy batch of ``prompts`` that overlaps its
+    sampling (:class:`~opd_jax.train.overlap.OverlappedScoring`; sample with its ``sample``),
+    or ``None`` (score after sampling, :func:`add_teacher_scores`) unless the stage's teacher
+    is a service (a cache answers by example, at once) and its sampler uses continuous batching
+    (``sampler.slots``: rows finish in groups; the plain sampler finishes them all at the end).
+    """
+    source, sampler, lspec = run.ctx.models.teacher_source, run.student_sampler, run.stage.loss
+    if (run.teacher.mode != "scores" or source is None or hasattr(source, "score_examples")
+            or sampler.slots is None):
         return None
     return OverlappedScoring(source, prompts.teacher_tokens, prompts.teacher_valid,
                              k=scores_k(lspec.top_k),
@@ -136,7 +139,8 @@ def add_teacher_scores(source: Any, batch: RolloutBatch, out: Any, lspec: Any,
                           **({"records": records} if routed else {}))
     waited = time.perf_counter() - t0
     return (_routed(_with_scores(batch, scores), source, records, routed),
-            {"teacher_s": waited, "teacher_wait_s": waited, "teacher_hidden": 0.0})
+            {"teacher_s": waited, "teacher_wait_s": waited, "teacher_hidden": 0.0,
+             "teacher_requests": 1})
 
 
 def _routed(batch: RolloutBatch, source: Any, records: list[dict], routed: bool) -> RolloutBatch:

@@ -9,6 +9,7 @@ the same rollouts as an uninterrupted one.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any, NamedTuple, Sequence
 
 import jax
@@ -17,7 +18,7 @@ import numpy as np
 
 from opd_jax.data import PromptTemplate, tokenize_prompts
 from opd_jax.data.padding import pad_left
-from opd_jax.eval.filters import FilterConfig, filter_completions
+from opd_jax.eval.filters import FilterConfig, filter_completions, marker_warning
 from opd_jax.eval.grading import is_reasoning_gym, score_completion
 from opd_jax.losses.estimators import grpo_advantages
 from opd_jax.model.config import ModelConfig
@@ -188,6 +189,19 @@ def filter_rows(texts: Sequence[str], spec) -> tuple[np.ndarray, dict[str, int]]
     return keep, counts
 
 
+
+
+def filter_sampled(tokenizer, out, spec, stage_name: str) -> tuple[np.ndarray, dict[str, int]]:
+    """:func:`filter_rows` on a sampler output's decoded rows, warning when none is kept because
+    the answer marker occurs nowhere in the prompt (``stage_name`` names the stage)."""
+    keep, counts = filter_rows(decode_rows(tokenizer, out.tokens, out.mask), spec)
+    if counts["kept"] == 0:
+        valid = np.asarray(out.prompt_valid[0], bool)
+        prompt = tokenizer.decode(np.asarray(out.prompt_tokens[0])[valid].tolist())
+        warning = marker_warning(FilterConfig.from_spec(spec), prompt)
+        if warning:
+            warnings.warn(f"stage {stage_name!r}: {warning}", stacklevel=3)
+    return keep, counts
 
 
 def outcome_advantages(batch: RolloutBatch, prompts: Prompts, texts: Sequence[str], *,

@@ -18,7 +18,6 @@ import dataclasses
 import functools
 import signal
 import time
-import warnings
 from typing import Any, Callable
 
 import jax
@@ -27,7 +26,6 @@ from tqdm.auto import tqdm
 
 from opd_jax.checkpoint import StageCheckpointer, graceful_stop, stage_dir
 from opd_jax.data import PromptTemplate, make_prompt_dataset, make_prompt_iterator
-from opd_jax.eval.filters import FilterConfig, marker_warning
 from opd_jax.model.tokenizer import eos_ids_of, pad_id_of
 from opd_jax.sampling.sampler import Sampler
 from opd_jax.sampling.strategies import Sampling
@@ -135,9 +133,11 @@ class StageRun:
             lspec.lambda_on_policy >= 1.0 or
             float(jax.random.uniform(jax.random.fold_in(key, 1))) < lspec.lambda_on_policy)
         extra: dict[str, Any] = {"on_policy": on_policy}
-        if on_policy:
+        scoring = remote_teacher.overlapped_scoring(self, prompts) if on_policy else None
+        if on_policy:   # (a served teacher with sampler.slots scores rows as they finish)
             s_params, s_lora = m.student.params_and_lora(state.trainable, m.frozen)
-            out = rollout.sample(self.student_sampler, s_params, prompts, key, lora=s_lora)
+            sample = rollout.sample if scoring is None else scoring.sample
+            out = sample(self.student_sampler, s_params, prompts, key, lora=s_lora)
         else:
             out = kind.off_policy(self, state, prompts, key)
         keep, counts = kind.keep_rows(self, out)
@@ -152,7 +152,7 @@ class StageRun:
             extra["outcome_reward"] = float(scores.mean())
         if self.teacher.mode == "scores":   # a served / cached teacher: its scores ride along
             batch, waited = remote_teacher.add_teacher_scores(m.teacher_source, batch, out, lspec,
-                                                              prompts.records)
+                                                              prompts.records, scoring)
             extra.update(waited)
         optim = stage.optim
         if optim.pack:   # one packing group per (micro-batch, data-parallel shard)
@@ -219,18 +219,9 @@ def _keep_all(run: StageRun, out) -> tuple[None, dict]:
 
 
 def _filter_rows(run: StageRun, out):
-    """Cold start's rejection filters on the decoded samples (a warning when none is kept because
-    the answer marker occurs nowhere in the prompt)."""
-    tok = run.ctx.models.tokenizer
-    keep, counts = rollout.filter_rows(rollout.decode_rows(tok, out.tokens, out.mask),
-                                       run.stage.filters)
-    if counts["kept"] == 0:
-        valid = np.asarray(out.prompt_valid[0], bool)
-        prompt = tok.decode(np.asarray(out.prompt_tokens[0])[valid].tolist())
-        warning = marker_warning(FilterConfig.from_spec(run.stage.filters), prompt)
-        if warning:
-            warnings.warn(f"stage {run.stage.name!r}: {warning}", stacklevel=2)
-    return keep, counts
+    """Cold start's rejection filters on the decoded samples."""
+    return rollout.filter_sampled(run.ctx.models.tokenizer, out, run.stage.filters,
+                                  run.stage.name)
 
 
 def _teacher_sampler(ctx: RunContext, tm: TrainMesh, sspec, student_sampler: Sampler):
