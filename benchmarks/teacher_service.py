@@ -213,6 +213,7 @@ def _steps(rows: list[dict], setting: str, teacher: str) -> dict:
     return {"setting": setting, "teacher": teacher, "steps": len(rows), "timed_steps": len(timed),
             "step_s": statistics.median(r["gen_s"] + r["train_s"] for r in timed),
             "gen_s": med("gen_s"), "train_s": med("train_s"), "teacher_s": med("teacher_s"),
+            "teacher_wait_s": med("teacher_wait_s"), "teacher_hidden": med("teacher_hidden"),
             "first_step_s": rows[0]["gen_s"] + rows[0]["train_s"],
             "gen_tokens": med("gen_tokens"), "losses": [r["loss"] for r in rows],
             "all_step_s": [r["gen_s"] + r["train_s"] for r in rows]}
@@ -284,7 +285,14 @@ def bench_iteration(plan: dict, server: ServerProcess, tmp: Path, tokenizer) -> 
                                   f"teacher.source={server.url}"]), "on-policy OPD",
                     "served (localhost)")
     served["loss_rel_diff_vs_in_process"] = _same_losses(inproc, served)
-    rows += [inproc, served]
+    # overlap: rows go to the teacher as they finish while the rest decode (needs slots)
+    slots = [f"sampler.slots={ROWS // 2}"]
+    print(f"iteration: on-policy OPD, served teacher, sampler.slots={ROWS // 2} (overlap)",
+          flush=True)
+    overlap = _steps(_run(config, [f"out_dir={tmp}/opd_overlap", *opd, *slots,
+                                   f"teacher.source={server.url}"]), "on-policy OPD",
+                     f"served, slots={ROWS // 2} (overlap)")
+    rows += [inproc, served, overlap]
 
     from opd_jax.config import load_config
     from opd_jax.teacher.cache_build import build_cache
@@ -400,11 +408,14 @@ def report(out: dict) -> None:
     if it:
         print_table([{**r, "s": num(r["step_s"]), "gen": num(r["gen_s"]), "train": num(r["train_s"]),
                       "teach": num(r["teacher_s"]), "first": num(r["first_step_s"], "{:.1f}"),
+                      "wait": num(r.get("teacher_wait_s")),
+                      "hid": num(r.get("teacher_hidden"), "{:.0%}"),
                       "n": f"{r['timed_steps']}/{r['steps']}",
                       "diff": num(r.get("loss_rel_diff_vs_in_process"), "{:.1e}")} for r in it],
                     [("setting", "step"), ("teacher", "teacher"),
                      ("s", "s/step"), ("gen", "gen_s"), ("train", "train_s"),
-                     ("teach", "teacher_s"), ("first", "step 1 s"), ("n", "timed"),
+                     ("teach", "teacher_s"), ("wait", "wait_s"), ("hid", "hidden"),
+                     ("first", "step 1 s"), ("n", "timed"),
                      ("diff", "loss rel diff")])
         print("on-policy OPD = student rollouts scored by the teacher (topk_reward, top-16); "
               "off-policy distill = a distill: true dataset cold start (forward_kl, top-16, "
