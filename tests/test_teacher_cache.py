@@ -3,6 +3,7 @@ ArrayRecord shards and read back through grain equal the in-process `score_compl
 resume shard by shard; a cache of another setup, a corrupted shard or an unfinished build is
 refused by name. Tiny random teacher (configs/tiny_test.yaml), byte tokenizer."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -260,3 +261,34 @@ def test_distill_cold_start_from_the_cache_trains_like_the_in_process_teacher(bu
     with pytest.raises(ValueError, match="support"):
         run(load_config(TINY, [f"out_dir={tmp_path}/c", *common[:-2], f"teacher.source={cache}"]),
             progress=False)
+
+
+def test_distill_with_several_teachers_mixing_a_cache_and_an_in_process_one(built, tmp_path):
+    """`teachers:` on a distill stage: examples routed by their `source` to the cache (by example
+    index) or to the same teacher in-process (by tokens): the in-process teacher's numbers."""
+    from opd_jax.train.run import run
+
+    _, data, cache, _ = built
+    mixed = tmp_path / "mixed.jsonl"     # the same examples, each with a source
+    write_cold_start(mixed, [dataclasses.replace(ex, source="x" if i % 2 else "y")
+                             for i, ex in enumerate(read_cold_start(data))])
+    loss = ["loss.objective=forward_kl", "loss.top_k=4", "loss.support=teacher",
+            "loss.tail=bucket"]
+    stage = f"{{kind: cold_start, dataset: {mixed}, epochs: 1, batch_prompts: 2, distill: true}}"
+    tiny = ("{source: random, name: live, route: [], derive: {random_init: true, n_layers: 2, "
+            "d_model: 64, ffn_dim: 128, n_heads: 4, n_kv_heads: 2, head_dim: 16}}")
+    run(load_config(TINY, [f"out_dir={tmp_path}/a", f"stages=[{stage}]", *loss]), progress=False)
+    run(load_config(TINY, [f"out_dir={tmp_path}/b", f"stages=[{stage}]", *loss,
+                           "teacher.source=default", "teacher.derive=null",
+                           f"teachers=[{{source: '{cache}', name: cached, route: [x]}}, {tiny}]"]),
+        progress=False)
+    read = lambda d: [json.loads(line) for line in (tmp_path / d / "metrics.jsonl").read_text()
+                      .splitlines()]
+    a, b = read("a"), read("b")
+    for ra, rb in zip(a, b):
+        for key in ("loss", "overlap", "grad_norm"):
+            assert rb[key] == pytest.approx(ra[key], rel=2e-4, abs=2e-5), key
+        assert rb["cached/completion_tokens"] + rb["live/completion_tokens"] == \
+            rb["completion_tokens"]
+    assert sum(r["cached/completion_tokens"] for r in b) > 0
+    assert sum(r["live/completion_tokens"] for r in b) > 0

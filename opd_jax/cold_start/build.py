@@ -40,6 +40,7 @@ from opd_jax.data.padding import pad_left
 from opd_jax.eval.filters import REASONS, FilterConfig, filter_completion, marker_warning
 from opd_jax.model.tokenizer import eos_ids_of, pad_id_of
 from opd_jax.sampling.sampler import bucket_length, row_keys
+from opd_jax.teacher.router import record_source
 from opd_jax.train import distributed, rollout
 from opd_jax.train.models import build_models
 from opd_jax.train.placement import build_mesh
@@ -173,6 +174,7 @@ def build_cold_start(cfg, *, stage: str | None = None, out: str | None = None,
             kept[(s.prompt, s.slot)] = ColdStartExample(
                 prompt=prompt_texts[s.prompt], completion=text, stop=stop, id=rec["id"],
                 slot=s.slot, attempt=s.attempt, problem=rec["prompt"], answer=rec.get("answer"),
+                source=record_source(rec),
                 messages=[*template.student(rec), {"role": "assistant", "content": text}])
             bar.update(1)
         pending.extend(retry)

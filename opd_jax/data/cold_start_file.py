@@ -15,6 +15,8 @@
 ``stop``        the end-of-sequence token that ended it, written out (``<|im_end|>``), or null
                 when the rollout was cut at ``max_new_tokens``; trained on after the completion
 ``answer``      the record's reference answer, or null
+``source``      the prompt record's data source (routes the example to its teacher when
+                ``teachers:`` distils several), or null
 ``messages``    the conversation as chat messages ([system,] user, assistant), the reference's
                 ShareGPT/OpenAI form (thunlp/OPD ``scripts/infer/vllm_rollout.py``:505-519), so
                 LlamaFactory can read the same file
@@ -53,6 +55,7 @@ class ColdStartExample:
     problem: str | None = None
     answer: str | None = None
     messages: list[dict[str, str]] | None = None
+    source: str | None = None
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), ensure_ascii=False)
@@ -89,7 +92,8 @@ def _check(where: str, row: Any) -> ColdStartExample:
     for key, types, what in (("prompt", str, "a string"), ("completion", str, "a string"),
                              ("stop", (str, type(None)), "a string or null"),
                              ("answer", (str, type(None)), "a string or null"),
-                             ("problem", (str, type(None)), "a string or null")):
+                             ("problem", (str, type(None)), "a string or null"),
+                             ("source", (str, type(None)), "a string or null")):
         if key in row and not isinstance(row[key], types):
             raise ValueError(f"{where}: {key} must be {what}, got {row[key]!r:.80}")
     if not row["prompt"].strip():

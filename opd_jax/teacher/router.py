@@ -17,6 +17,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from opd_jax.teacher.scores import TeacherScores
+from opd_jax.teacher.source import score_examples
 
 __all__ = ["TeacherRouter", "record_source"]
 
@@ -61,20 +62,41 @@ class TeacherRouter:
     def score(self, tokens_BxT, valid_BxT, query_ids_BxNxQ, *, n: int, k: int,
               temperature: float, records: Sequence[dict]) -> TeacherScores:
         """:class:`TeacherScores` of every row from its own teacher (one request per member
-        that has rows)."""
-        tokens_BxT, valid_BxT = np.asarray(tokens_BxT), np.asarray(valid_BxT)
+        that has rows); a cache member cannot score fresh rows (``ValueError``)."""
         query_ids_BxNxQ = np.asarray(query_ids_BxNxQ)
+
+        def ask(source, rows):
+            if not hasattr(source, "score"):
+                raise ValueError("a teacher cache in teachers: scores the dataset it was built "
+                                 "from, not fresh rollouts: route on-policy data to an "
+                                 "in-process or served teacher")
+            return source.score(np.asarray(tokens_BxT)[rows], np.asarray(valid_BxT)[rows],
+                                query_ids_BxNxQ[rows], n=n, k=k, temperature=temperature)
+
+        return self._gather(records, n, k, query_ids_BxNxQ.shape[-1], ask)
+
+    def score_examples(self, indices, tokens_BxT, valid_BxT, completion_BxN, mask_BxN, *,
+                       n: int, k: int, temperature: float, records: Sequence[dict]
+                       ) -> TeacherScores:
+        """A dataset batch's scores (``records`` carry each example's source), every row from
+        its own teacher: a cache by example index, a model or a service from the tokens."""
+        idx = np.asarray(indices)
+        arrays = [np.asarray(x) for x in (tokens_BxT, valid_BxT, completion_BxN, mask_BxN)]
+        return self._gather(records, n, k, 1, lambda source, rows: score_examples(
+            source, idx[rows].tolist(), *(x[rows] for x in arrays), n=n, k=k,
+            temperature=temperature, records=[records[i] for i in rows]))
+
+    def _gather(self, records, n: int, k: int, q: int, ask) -> TeacherScores:
         route_B = self.route_index(records)
-        B, Q = tokens_BxT.shape[0], query_ids_BxNxQ.shape[-1]
+        B = len(records)
         out = TeacherScores(np.zeros((B, n, k), np.int32), np.zeros((B, n, k), np.float32),
-                            np.zeros((B, n), np.float32), np.zeros((B, n, Q), np.int32),
-                            np.zeros((B, n, Q), np.float32))
+                            np.zeros((B, n), np.float32), np.zeros((B, n, q), np.int32),
+                            np.zeros((B, n, q), np.float32))
         for i, (_, _, source) in enumerate(self.routes):
             rows = np.flatnonzero(route_B == i)
             if rows.size == 0:
                 continue
-            part = source.score(tokens_BxT[rows], valid_BxT[rows], query_ids_BxNxQ[rows], n=n,
-                                k=k, temperature=temperature)
+            part = ask(source, rows)
             for field in dataclasses.fields(TeacherScores):
                 getattr(out, field.name)[rows] = np.asarray(getattr(part, field.name))
         return out

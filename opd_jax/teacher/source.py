@@ -19,11 +19,11 @@ from typing import Any, Literal, Protocol
 import jax
 import numpy as np
 
-from opd_jax.teacher.scores import TeacherScores
+from opd_jax.teacher.scores import TeacherScores, query_ids
 from opd_jax.teacher.scoring import score_completions
 
 __all__ = ["TeacherSource", "LocalTeacher", "CachedTeacher", "open_teacher_source", "source_kind",
-           "SERVICE_PREFIXES", "scores_k"]
+           "SERVICE_PREFIXES", "scores_k", "score_examples"]
 
 SERVICE_PREFIXES = ("http://", "https://")
 #: a cache directory is one holding this file (``opd-jax cache-teacher`` writes it)
@@ -78,11 +78,12 @@ class CachedTeacher:
 
     cache: Any
 
-    def score_examples(self, indices, completion_BxN, mask_BxN, *, n: int, k: int,
-                       temperature: float) -> TeacherScores:
+    def score_examples(self, indices, tokens_BxT, valid_BxT, completion_BxN, mask_BxN, *,
+                       n: int, k: int, temperature: float, records=None) -> TeacherScores:
         """The cached scores of examples ``indices`` (``[B, n, ...]``), after checking ``k`` and
         ``temperature`` against the cache and the batch's completion tokens against the cached
-        ones (rows with a mask)."""
+        ones (rows with a mask); the rows' tokens are not needed."""
+        del tokens_BxT, valid_BxT, records
         self.cache.check(k=k, temperature=temperature)
         scores = self.cache.scores(list(indices), n, k=k)
         completion_BxN, mask_BxN = np.asarray(completion_BxN), np.asarray(mask_BxN, bool)
@@ -93,6 +94,17 @@ class CachedTeacher:
                              "holds other completion tokens than the batch (another dataset or "
                              "tokenizer); rebuild it: opd-jax cache-teacher CONFIG --force")
         return scores
+
+
+def score_examples(source: Any, indices, tokens_BxT, valid_BxT, completion_BxN, mask_BxN, *,
+                   n: int, k: int, temperature: float, records=None) -> TeacherScores:
+    """A dataset batch's scores from any source: a cache (or a router) by example index, a model
+    or a service from the rows' tokens, queried at the dataset's own completion tokens."""
+    if hasattr(source, "score_examples"):
+        return source.score_examples(indices, tokens_BxT, valid_BxT, completion_BxN, mask_BxN,
+                                     n=n, k=k, temperature=temperature, records=records)
+    return source.score(np.asarray(tokens_BxT), np.asarray(valid_BxT),
+                        query_ids(np.asarray(completion_BxN)), n=n, k=k, temperature=temperature)
 
 
 def open_teacher_source(source: str, *, vocab_size: int, tokenizer: str, k: int = 16,

@@ -183,14 +183,10 @@ def _with_teacher_source(teacher_spec: ModelSpec, student_spec: ModelSpec, *, se
 
 
 def _member(spec: ModelSpec, student: Model, fingerprint: str, seed: int):
-    """One entry of ``teachers:`` as a teacher source: in-process or served (a cache scores one
-    off-policy dataset, not routed prompts)."""
+    """One entry of ``teachers:`` as a teacher source: in-process, served or cached (a cache
+    answers for the dataset it was built from: distill stages only)."""
     kind = source_kind(spec.source)
-    if kind == "cache":
-        raise ValueError(f"teachers: {spec.source} is a teacher cache; a cache scores the one "
-                         "dataset it was built from, not routed prompts: route to in-process or "
-                         "served teachers, and train from a cache with teacher.source")
-    if kind == "service":
+    if kind in ("service", "cache"):
         return open_teacher_source(spec.source, vocab_size=student.config.vocab_size,
                                    tokenizer=fingerprint, wait_s=spec.service_wait_s)
     teacher = load_teacher_model(spec, seed)

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from opd_jax.teacher.scores import TeacherScores, check_objective, query_ids, student_topk_needed
-from opd_jax.teacher.source import scores_k
+from opd_jax.teacher.source import score_examples, scores_k, source_kind
 from opd_jax.train.batch import RolloutBatch
 from opd_jax.train.overlap import OverlappedScoring
 from opd_jax.train.step import TeacherSpec
@@ -41,16 +41,19 @@ TEACHERLESS_KINDS = ("opsd",)
 def check_stages(cfg: Any, kind: str) -> None:
     """``ValueError`` before anything runs when a stage needs the teacher's weights or full
     distribution and the teacher is a service or a cache (``kind``), naming the stage and the
-    ways out."""
+    ways out. ``kind``: "service", "cache" or "router" (``teachers:``, whose members may be
+    caches)."""
+    cached = kind == "cache" or (kind == "router" and any(
+        source_kind(t.source) == "cache" for t in cfg.teachers))
     for i, stage in enumerate(cfg.stages):
         where = f"stages.{i} ({stage.name!r})"
         resolved = cfg.resolve_stage(i)
         lspec = resolved.loss
         if stage.kind == "opd":
-            if kind == "cache":
+            if cached:
                 raise ValueError(
                     f"{where}: an opd stage scores the student's fresh rollouts, which a teacher "
-                    f"cache ({cfg.teacher.source}) cannot hold; serve the teacher "
+                    "cache cannot hold; serve the teacher "
                     "(opd-jax serve-teacher CONFIG, then teacher.source: http://host:port) or "
                     "load it in-process (teacher.source: a model)")
             check_objective(lspec, where=f"{where} loss")
@@ -61,11 +64,11 @@ def check_stages(cfg: Any, kind: str) -> None:
                     "to 1.0 or load the teacher in-process")
         elif stage.kind == "cold_start" and stage.distill:
             check_objective(lspec, where=f"{where} loss")
-            if kind == "cache" and student_topk_needed(lspec):
+            if student_topk_needed(lspec):
                 raise ValueError(
                     f"{where}: loss.support={lspec.resolved_support!r} reads the teacher at the "
-                    "student's top-k ids, which a cache scored once cannot know; set "
-                    "loss.support: teacher (the cached top-k)")
+                    "student's top-k ids, which a teacher scoring the dataset once (a cache, a "
+                    "service, several teachers) is not asked about; set loss.support: teacher")
         elif stage.kind == "cold_start" and not getattr(stage, "dataset", None):
             raise ValueError(
                 f"{where}: an on-the-fly cold start samples the teacher's rollouts, which needs "
@@ -94,7 +97,7 @@ def overlapped_scoring(run: Any, prompts: Any, min_rows: int = 1) -> OverlappedS
     (``sampler.slots``: rows finish in groups; the plain sampler finishes them all at the end).
     """
     source, sampler, lspec = run.ctx.models.teacher_source, run.student_sampler, run.stage.loss
-    if (run.teacher.mode != "scores" or source is None or hasattr(source, "score_examples")
+    if (run.teacher.mode != "scores" or source is None or not hasattr(source, "score")
             or sampler.slots is None):
         return None
     return OverlappedScoring(source, prompts.teacher_tokens, prompts.teacher_valid,
@@ -118,12 +121,14 @@ def add_teacher_scores(source: Any, batch: RolloutBatch, out: Any, lspec: Any,
     if scoring is not None:
         scores, stats = scoring.collect(n)
         return _routed(_with_scores(batch, scores), source, records, routed), stats
-    if hasattr(source, "score_examples"):   # a cache: the dataset's own tokens, by example
+    if records and "index" in records[0]:   # a dataset batch: the file's own tokens, by example
         t0 = time.perf_counter()
-        scores = source.score_examples([r["index"] for r in records], batch.completion,
-                                       batch.mask, n=n, k=scores_k(lspec.top_k),
-                                       temperature=lspec.resolved_teacher_temperature)
-        return _with_scores(batch, scores), {"teacher_s": time.perf_counter() - t0}
+        scores = score_examples(source, [r["index"] for r in records], batch.teacher_tokens,
+                                batch.teacher_valid, batch.completion, batch.mask, n=n,
+                                k=scores_k(lspec.top_k),
+                                temperature=lspec.resolved_teacher_temperature, records=records)
+        return (_routed(_with_scores(batch, scores), source, records, routed),
+                {"teacher_s": time.perf_counter() - t0})
     ks = student_topk_needed(lspec)
     s_top = None
     if ks:

@@ -32,7 +32,8 @@ __all__ = ["tokenize_examples", "steps_per_epoch", "EpochBatches", "DatasetRows"
 
 def tokenize_examples(examples: Sequence[ColdStartExample], tokenizer, *, max_prompt_len: int,
                       source: str) -> list[dict[str, Any]]:
-    """``{"prompt_ids", "completion_ids", "real": True}`` per example: the rendered prompt as
+    """``{"prompt_ids", "completion_ids", "real": True, "source"}`` per example (``source``: the
+    example's data source, which routes it to its teacher under ``teachers:``): the rendered prompt as
     written (its special tokens become their ids), then the completion followed by its ``stop``
     token when it has one (the teacher's end of sequence is trained on, as in the on-the-fly
     mode, whose mask includes the EOS).
@@ -48,7 +49,8 @@ def tokenize_examples(examples: Sequence[ColdStartExample], tokenizer, *, max_pr
             raise ValueError(f"{source}: example {i + 1} (id {ex.id!r}) has a {len(prompt)}-token "
                              f"prompt, over data.max_prompt_len={max_prompt_len}; raise "
                              "data.max_prompt_len (the builder's limit was the same setting)")
-        rows.append({"prompt_ids": prompt, "completion_ids": completion, "real": True})
+        rows.append({"prompt_ids": prompt, "completion_ids": completion, "real": True,
+                     "source": ex.source or ""})
     return rows
 
 
