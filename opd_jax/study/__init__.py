@@ -22,9 +22,16 @@ Config: a run config (teacher, student, data, sampler, loss, optim, checkpoint; 
 plus ``study:`` (:class:`StudyConfig`) and ``select:`` (:class:`opd_jax.select_prompts.SelectConfig`)
 sections. ``small=True`` (``--small``) swaps in tiny random models and a few steps (seconds).
 
+A config whose ``study:`` says ``kind: capability`` (``configs/study_capability.yaml``) runs the
+capability study instead (:mod:`opd_jax.study.capability`): the teacher is first post-trained on
+a task family it is weak at, then OPD from it (on its post-training prompts and on a
+de-duplicated control pool) is compared with OPD from the untouched teacher, over several seeds,
+with bootstrap intervals deciding each verdict; its OPD runs keep one optimizer state across
+their evaluation points.
+
 Modules: :mod:`.config` (the ``study:`` section), :mod:`.arms` (one arm's stages, run and
 series), :mod:`.run` (the whole study), :mod:`.findings` (the verdicts), :mod:`.report` (plots and
-markdown).
+markdown), :mod:`.xla_cache` (the persistent compilation cache).
 """
 
 from opd_jax.study.arms import HELDOUT, TRAIN, arm_config, arm_series, arm_stages, run_arm, with_student

@@ -6,13 +6,16 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any, Literal, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Optional, Sequence
 
 from opd_jax.config.core import load_yaml
 from opd_jax.config.run import RunConfig
 from opd_jax.config.schema import DeriveSpec, FilterSpec, ModelSpec, need, need_positive
 from opd_jax.config.sections import split_sections
 from opd_jax.select_prompts.config import SelectConfig
+
+if TYPE_CHECKING:
+    from opd_jax.study.capability.config import CapabilityConfig
 
 ARMS = ("compatible", "incompatible", "cold_start", "aligned", "random")
 
@@ -94,10 +97,16 @@ def _set(raw: dict, dotted: str, value: Any) -> None:
 
 
 def load_study_config(path: str | Path, overrides: Sequence[str] = (), *, small: bool = False
-                      ) -> tuple[RunConfig, StudyConfig, SelectConfig]:
+                      ) -> tuple[RunConfig, StudyConfig | CapabilityConfig, SelectConfig | None]:
     """The run config and the ``study:`` / ``select:`` sections (``small`` applies ``SMALL``
-    before the overrides)."""
+    before the overrides). A config with ``study.kind: capability`` is a capability study
+    (:func:`opd_jax.study.capability.load_capability_config`): its ``study:`` is a
+    :class:`~opd_jax.study.capability.CapabilityConfig` and the third item is None."""
+    from opd_jax.study.capability.config import is_capability, load_capability_config
+
     raw = load_yaml(path)
+    if is_capability(raw, overrides):
+        return (*load_capability_config(path, overrides, small=small), None)
     if small:
         for k, v in SMALL.items():
             _set(raw, k, json.loads(json.dumps(v)))

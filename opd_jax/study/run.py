@@ -3,7 +3,6 @@ the report."""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import shutil
@@ -11,9 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import jax
 import numpy as np
-from jax.experimental.compilation_cache import compilation_cache as cc
 
 from opd_jax.config.core import to_dict
 from opd_jax.config.run import RunConfig
@@ -23,31 +20,9 @@ from opd_jax.study.arms import arm_config, arm_series, arm_stages, run_arm, with
 from opd_jax.study.config import ARMS, StudyConfig
 from opd_jax.study.findings import judge
 from opd_jax.study.report import write_study_report
+from opd_jax.study.xla_cache import compilation_cache
 from opd_jax.train.models import build_models
 from opd_jax.train.run import load_data
-
-
-@contextlib.contextmanager
-def compilation_cache(path: str | None, min_compile_secs: float = 0.5):
-    """JAX's persistent compilation cache in ``path`` for the duration (restored afterwards).
-
-    Every OPD segment builds its train step anew (a new jit): with the cache, segments after the
-    first load the compiled program instead of compiling it again (~30 s each on 2 CPU cores).
-    """
-    if not path:
-        yield
-        return
-    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
-    old = {k: getattr(jax.config, k) for k in keys}
-    jax.config.update(keys[0], str(Path(path).expanduser()))
-    jax.config.update(keys[1], min_compile_secs)
-    cc.reset_cache()
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            jax.config.update(k, v)
-        cc.reset_cache()
 
 
 def _selection(cfg, study, sel, out, models, pool, heldout, progress, fresh):
@@ -70,7 +45,15 @@ def _selection(cfg, study, sel, out, models, pool, heldout, progress, fresh):
 
 def run_study(cfg: RunConfig, study: StudyConfig, sel: SelectConfig, *, progress: bool = True,
               fresh: bool = False) -> dict[str, Any]:
-    """Run the arms, judge the findings, write ``report.md`` + plots; returns the summary."""
+    """Run the arms, judge the findings, write ``report.md`` + plots; returns the summary.
+
+    A capability study (``study`` a :class:`~opd_jax.study.capability.CapabilityConfig`, from a
+    config with ``study.kind: capability``; ``sel`` unused) runs
+    :func:`opd_jax.study.capability.run_capability_study`."""
+    if getattr(study, "kind", None) == "capability":
+        from opd_jax.study.capability.run import run_capability_study
+
+        return run_capability_study(cfg, study, progress=progress, fresh=fresh)
     out = Path(study.out_dir.replace("{name}", cfg.name))
     if fresh and out.exists():
         shutil.rmtree(out)
