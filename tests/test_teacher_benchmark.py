@@ -45,13 +45,15 @@ def test_small_run_writes_the_three_sections(tmp_path):
     assert all("error" not in r for r in it), it
     assert [(r["setting"], r["teacher"]) for r in it] == [
         ("on-policy OPD", "in-process"), ("on-policy OPD", "served (localhost)"),
+        ("on-policy OPD", "served, slots=4 (overlap)"),
         ("off-policy distill", "in-process"), ("off-policy distill", "cached (disk)")]
     for r in it:
         assert r["steps"] == 3 and r["timed_steps"] == 2
         assert r["step_s"] > 0 and r["gen_s"] > 0 and r["train_s"] > 0
-    assert it[0]["teacher_s"] is None and it[1]["teacher_s"] > 0 and it[3]["teacher_s"] > 0
+    assert it[0]["teacher_s"] is None and it[1]["teacher_s"] > 0 and it[4]["teacher_s"] > 0
+    assert 0 <= it[2]["teacher_hidden"] <= 1 and it[1]["teacher_hidden"] == 0
     assert it[1]["loss_rel_diff_vs_in_process"] < 1e-3     # the same teacher, wherever it is
-    assert it[3]["loss_rel_diff_vs_in_process"] < 1e-3
+    assert it[4]["loss_rel_diff_vs_in_process"] < 1e-3
     cache = data["cache"]
     assert cache["tokens"] > 0 and cache["k"] == 16 and cache["bytes_per_token_on_disk"] > 0
     assert 140 < cache["record_bytes_per_token"] < 141        # 8k + 12, plus a header an example
