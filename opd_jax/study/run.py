@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from opd_jax.study.arms import arm_config, arm_series, arm_stages, run_arm, with
 from opd_jax.study.config import ARMS, StudyConfig
 from opd_jax.study.findings import judge
 from opd_jax.study.report import write_study_report
+from opd_jax.study.workdir import prepare_out_dir
 from opd_jax.study.xla_cache import compilation_cache
 from opd_jax.train.models import build_models
 from opd_jax.train.run import load_data
@@ -55,16 +55,9 @@ def run_study(cfg: RunConfig, study: StudyConfig, sel: SelectConfig, *, progress
 
         return run_capability_study(cfg, study, progress=progress, fresh=fresh)
     out = Path(study.out_dir.replace("{name}", cfg.name))
-    if fresh and out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
     resolved = {"run": to_dict(cfg), "study": to_dict(study), "select": to_dict(sel)}
     resolved["study"].pop("compilation_cache")
-    saved = out / "study_config.json"
-    if saved.exists() and json.loads(saved.read_text()) != json.loads(json.dumps(resolved)):
-        raise ValueError(f"{out} holds a study run with a different config; pass --fresh to "
-                         "start over there, or set study.out_dir to another directory")
-    saved.write_text(json.dumps(resolved, indent=2))
+    prepare_out_dir(out, resolved, fresh=fresh)
     with compilation_cache(study.compilation_cache):
         summary = _run_arms(cfg, study, sel, out, progress=progress, fresh=fresh)
     write_study_report(out, cfg, summary)

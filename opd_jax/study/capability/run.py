@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from opd_jax.study.capability.findings import Judge, arm_intervals, judge_capabi
 from opd_jax.study.capability.heldout import Evaluator
 from opd_jax.study.capability.report import write_capability_report
 from opd_jax.study.capability.teacher import post_train_teacher
+from opd_jax.study.workdir import prepare_out_dir
 from opd_jax.study.xla_cache import compilation_cache
 from opd_jax.train.models import build_models
 from opd_jax.train.run import load_data, make_template
@@ -32,16 +32,9 @@ def run_capability_study(cfg: RunConfig, study: CapabilityConfig, *, progress: b
     """Run the study into ``study.out_dir`` (``fresh``: delete it first; otherwise finished
     pieces are read back); returns the summary (also ``study_summary.json``) with ``out_dir``."""
     out = Path(study.out_dir.replace("{name}", cfg.name))
-    if fresh and out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
     resolved = {"run": to_dict(cfg), "study": to_dict(study)}
     resolved["study"].pop("compilation_cache")
-    saved = out / "study_config.json"
-    if saved.exists() and json.loads(saved.read_text()) != json.loads(json.dumps(resolved)):
-        raise ValueError(f"{out} holds a study run with a different config; pass --fresh to "
-                         "start over there, or set study.out_dir to another directory")
-    saved.write_text(json.dumps(resolved, indent=2))
+    prepare_out_dir(out, resolved, fresh=fresh)
     with compilation_cache(study.compilation_cache):
         summary = _run(cfg, study, out, progress=progress)
     write_capability_report(out, cfg, summary)
