@@ -36,7 +36,7 @@ def _same(a: RolloutBatch, b: RolloutBatch):
 def test_sample_student_and_teacher_equals_the_steps_it_replaces():
     from opd_jax.train.models import build_models
     from opd_jax.train.run import make_template
-    from opd_jax.train.stages import make_sampler
+    from opd_jax.train.stage_context import make_sampler
 
     cfg = load_config(TINY, ["sampler.max_new_tokens=4"])
     m = build_models(cfg.teacher, cfg.student, seed=0)

@@ -45,7 +45,7 @@ from opd_jax.train import distributed, rollout
 from opd_jax.train.models import build_models
 from opd_jax.train.placement import build_mesh
 from opd_jax.train.run import load_data, make_template
-from opd_jax.train.stages import make_sampler
+from opd_jax.train.stage_context import make_sampler
 
 __all__ = ["BUILD_KEY", "Slot", "build_cold_start", "encode_all", "format_summary", "pick_stage",
            "split_completion"]

@@ -40,6 +40,7 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _KIND_FIELDS = {
     "filters": "cold_start", "num_teacher_samples": "cold_start", "dataset": "cold_start",
     "epochs": "cold_start", "max_attempts": "cold_start", "distill": "cold_start",
+    "offpolicy_dataset": "opd", "offpolicy_cache": "opd",
     "teacher_mode": "opsd", "ema_decay": "opsd",
     "ks": "eval", "n_prompts": "eval",
 }
@@ -71,6 +72,11 @@ class StageSpec:
     distribution on the same tokens (off-policy KD): the teacher in-process, or a cache of its
     scores (``teacher.source: <dir>`` from ``opd-jax cache-teacher``; ``loss.top_k`` with
     ``support: teacher``) with no teacher loaded.
+    opd: with ``loss.lambda_on_policy < 1`` (GKD), the off-policy steps train on the teacher's
+    samples (seq-KD), or with ``offpolicy_dataset`` (a cold-start JSONL) on the file's examples,
+    as GKD's fixed dataset / TRL's ``GKDTrainer`` without ``seq_kd``; ``offpolicy_cache``: an
+    ``opd-jax cache-teacher`` directory of that file's scores, read on those steps while a served
+    teacher (``teacher.source: http://...``) scores the on-policy ones.
     opsd: ``teacher_mode`` "fixed" (initial weights / LoRA off), "ema" (``ema_decay``) or "live".
     eval: ``ks`` (k values for Avg@k and pass@k; max(ks) samples per prompt), ``n_prompts``.
     """
@@ -89,6 +95,8 @@ class StageSpec:
     epochs: Optional[int] = None
     max_attempts: int = 3
     distill: bool = False
+    offpolicy_dataset: Optional[str] = None
+    offpolicy_cache: Optional[str] = None
     teacher_mode: Literal["fixed", "ema", "live"] = "fixed"
     ema_decay: float = 0.999
     ks: tuple[int, ...] = (1,)
@@ -118,6 +126,9 @@ class StageSpec:
         need(len(self.ks) > 0 and min(self.ks) >= 1, "ks", list(self.ks),
              "a non-empty list of integers >= 1")
         need(self.max_attempts >= 1, "max_attempts", self.max_attempts, "an integer >= 1")
+        need(self.offpolicy_cache is None or self.offpolicy_dataset is not None, "offpolicy_cache",
+             self.offpolicy_cache, "leave unset without offpolicy_dataset: the cache holds that "
+             "file's teacher scores (opd-jax cache-teacher CONFIG --dataset FILE --out DIR)")
         if self.dataset is None:
             without = "leave unset without dataset: {} (set dataset: path.jsonl)"
             need(not self.distill, "distill", self.distill,
@@ -307,11 +318,32 @@ class RunConfig:
             need(not stage.distill or objective not in PG_OBJECTIVES, f"stages.{i}.loss.objective",
                  objective, "a divergence (e.g. forward_kl) for a distill cold start: "
                  f"{' / '.join(PG_OBJECTIVES)} are policy gradients on the student's own samples")
+            if stage.offpolicy_dataset is not None:
+                self._validate_offpolicy(i, stage)
         if self.teachers:
             check_teachers(self.teachers, self.teacher)
         need(self.teacher.remat == "none", "teacher.remat", self.teacher.remat,
              '"none": the teacher runs no backward pass, so there is nothing to rematerialise '
              "(set student.remat)")
+
+    def _validate_offpolicy(self, i: int, stage: StageSpec) -> None:
+        loss = self.resolve_stage(stage).loss
+        where = f"stages.{i}.loss" if stage.loss is not None else "loss"
+        need(loss.lambda_on_policy < 1, f"{where}.lambda_on_policy", loss.lambda_on_policy,
+             f"a fraction < 1 for stage {stage.name!r} to use its offpolicy_dataset (GKD draws "
+             "that fraction of steps on-policy; e.g. 0.5)")
+        need(loss.objective not in PG_OBJECTIVES, f"{where}.objective", loss.objective,
+             f"a divergence (e.g. generalized_jsd) for stage {stage.name!r}'s offpolicy_dataset: "
+             f"{' / '.join(PG_OBJECTIVES)} are policy gradients on the student's own samples")
+        need(loss.grpo_outcome_weight is None, f"{where}.grpo_outcome_weight",
+             loss.grpo_outcome_weight, "null with offpolicy_dataset (the file's completions get "
+             "no rollout-group advantage)")
+        need(stage.offpolicy_cache is None or self.teacher.source.startswith(("http://",
+                                                                              "https://")),
+             f"stages.{i}.offpolicy_cache", stage.offpolicy_cache,
+             "unset unless teacher.source is a served teacher (http://host:port): an in-process "
+             "teacher scores the off-policy rows in the step, a cache alone cannot score the "
+             "on-policy ones")
 
     def _validate_opsd(self, i: int, stage: StageSpec) -> None:
         data = self.resolve_stage(stage).data

@@ -15,7 +15,7 @@ from opd_jax.model.tokenizer import pad_id_of
 from opd_jax.select_prompts.config import SIGNALS
 from opd_jax.train import rollout
 from opd_jax.train.evaluate import SUMMARY_KEYS, full_vocab_scorer
-from opd_jax.train.stages import make_sampler
+from opd_jax.train.stage_context import make_sampler
 from opd_jax.train.state import StudentSpec
 from opd_jax.train.step import TeacherSpec
 

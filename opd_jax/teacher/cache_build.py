@@ -60,23 +60,25 @@ def describe_teacher(spec: Any, seed: int) -> dict[str, Any]:
 
 
 def dataset_of(cfg: Any, dataset: str | None = None) -> tuple[str, int]:
-    """``(dataset path, max_prompt_len)``: ``dataset`` (its cold_start stage's
-    ``data.max_prompt_len`` when one names it, else the run's), or the config's cold_start
-    stage's ``dataset`` (``ValueError`` when there is none, or several different ones)."""
-    stages = [cfg.resolve_stage(i) for i, s in enumerate(cfg.stages)
-              if s.kind == "cold_start" and s.dataset]
+    """``(dataset path, max_prompt_len)``: ``dataset`` (its stage's ``data.max_prompt_len`` when
+    one names it, else the run's), or the config's cold_start stage's ``dataset`` / opd stage's
+    ``offpolicy_dataset`` (``ValueError`` when there is none, or several different ones)."""
+    named = [((s.dataset if s.kind == "cold_start" else None) or s.offpolicy_dataset,
+              cfg.resolve_stage(i).data.max_prompt_len) for i, s in enumerate(cfg.stages)]
+    named = [(path, n) for path, n in named if path]
     if dataset is not None:
-        same = [s for s in stages if Path(s.dataset) == Path(dataset)]
-        return str(dataset), (same[0] if same else cfg).data.max_prompt_len
-    if not stages:
-        raise ValueError("the config has no cold_start stage with a dataset: to cache teacher "
-                         "scores of; pass the dataset (--dataset PATH.jsonl) or add stages: "
+        same = [n for path, n in named if Path(path) == Path(dataset)]
+        return str(dataset), (same[0] if same else cfg.data.max_prompt_len)
+    if not named:
+        raise ValueError("the config has no cold_start stage with a dataset: (nor an opd stage "
+                         "with an offpolicy_dataset:) to cache teacher scores of; pass the dataset "
+                         "(--dataset PATH.jsonl) or add stages: "
                          "[{kind: cold_start, dataset: PATH.jsonl, epochs: 2}, ...]")
-    paths = sorted({s.dataset for s in stages})
+    paths = sorted({path for path, _ in named})
     if len(paths) > 1:
-        raise ValueError(f"the config's cold_start stages name several datasets {paths}; pass "
+        raise ValueError(f"the config's stages name several datasets {paths}; pass "
                          "the one to cache (--dataset PATH.jsonl)")
-    return stages[0].dataset, stages[0].data.max_prompt_len
+    return named[0]
 
 
 def _clear(out: Path) -> None:

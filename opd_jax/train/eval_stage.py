@@ -8,7 +8,7 @@ import jax
 from opd_jax.checkpoint import StageCheckpointer, stage_dir
 from opd_jax.model.tokenizer import pad_id_of
 from opd_jax.train.evaluate import EvalModels, EvalSettings, evaluate_student
-from opd_jax.train.stages import RunContext, make_sampler, separate_teacher, stage_mesh
+from opd_jax.train.stage_context import RunContext, make_sampler, separate_teacher, stage_mesh
 
 __all__ = ["run_eval_stage"]
 

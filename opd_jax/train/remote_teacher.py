@@ -29,6 +29,7 @@ from opd_jax.teacher.scores import TeacherScores, check_objective, query_ids, st
 from opd_jax.teacher.source import score_examples, scores_k, source_kind
 from opd_jax.train.batch import RolloutBatch
 from opd_jax.train.overlap import OverlappedScoring
+from opd_jax.train.sft_batches import is_dataset_batch
 from opd_jax.train.step import TeacherSpec
 
 __all__ = ["check_stages", "scores_teacher", "add_teacher_scores", "overlapped_scoring",
@@ -54,14 +55,21 @@ def check_stages(cfg: Any, kind: str) -> None:
                 raise ValueError(
                     f"{where}: an opd stage scores the student's fresh rollouts, which a teacher "
                     "cache cannot hold; serve the teacher "
-                    "(opd-jax serve-teacher CONFIG, then teacher.source: http://host:port) or "
+                    "(opd-jax serve-teacher CONFIG, then teacher.source: http://host:port; its "
+                    "off-policy GKD batches can still read a cache: offpolicy_cache: DIR) or "
                     "load it in-process (teacher.source: a model)")
             check_objective(lspec, where=f"{where} loss")
-            if lspec.lambda_on_policy < 1.0:
+            if lspec.lambda_on_policy < 1.0 and not stage.offpolicy_dataset:
                 raise ValueError(
                     f"{where}: loss.lambda_on_policy={lspec.lambda_on_policy} samples seq-KD "
-                    "batches from the teacher, which a served teacher does not generate; set it "
-                    "to 1.0 or load the teacher in-process")
+                    "batches from the teacher, which a served teacher does not generate; give "
+                    "the stage a fixed off-policy dataset (offpolicy_dataset: a cold-start "
+                    "JSONL), set lambda_on_policy to 1.0, or load the teacher in-process")
+            if stage.offpolicy_dataset and student_topk_needed(lspec):
+                raise ValueError(
+                    f"{where}: loss.support={lspec.resolved_support!r} reads the teacher at the "
+                    "student's top-k ids, which the offpolicy_dataset's rows (not sampled by the "
+                    "student) do not have; set loss.support: teacher")
         elif stage.kind == "cold_start" and stage.distill:
             check_objective(lspec, where=f"{where} loss")
             if student_topk_needed(lspec):
@@ -121,7 +129,7 @@ def add_teacher_scores(source: Any, batch: RolloutBatch, out: Any, lspec: Any,
     if scoring is not None:
         scores, stats = scoring.collect(n)
         return _routed(_with_scores(batch, scores), source, records, routed), stats
-    if records and "index" in records[0]:   # a dataset batch: the file's own tokens, by example
+    if is_dataset_batch(records):   # a dataset batch: the file's own tokens, by example
         t0 = time.perf_counter()
         scores = score_examples(source, [r["index"] for r in records], batch.teacher_tokens,
                                 batch.teacher_valid, batch.completion, batch.mask, n=n,

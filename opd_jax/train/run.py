@@ -28,7 +28,8 @@ from opd_jax.train.models import build_models
 from opd_jax.train.placement import build_mesh, place_models
 from opd_jax.train.remote_teacher import check_stages
 from opd_jax.train.sft_batches import check_datasets
-from opd_jax.train.stages import RunContext, run_train_stage
+from opd_jax.train.stage_context import RunContext
+from opd_jax.train.stages import run_train_stage
 
 INITIAL_EVAL = "eval_initial"
 

@@ -26,8 +26,8 @@ from opd_jax.sampling.sampler import bucket_length
 from opd_jax.train.rollout import Prompts
 
 __all__ = ["tokenize_examples", "steps_per_epoch", "EpochBatches", "DatasetRows",
-           "dataset_prompts", "dataset_completions", "stage_data", "stage_prompts",
-           "stage_completions", "stage_keep_rows", "check_datasets"]
+           "is_dataset_batch", "dataset_prompts", "dataset_completions", "dataset_batches",
+           "stage_data", "stage_prompts", "stage_completions", "stage_keep_rows", "check_datasets"]
 
 
 def tokenize_examples(examples: Sequence[ColdStartExample], tokenizer, *, max_prompt_len: int,
@@ -127,6 +127,12 @@ class DatasetRows(NamedTuple):
     keep: np.ndarray
 
 
+def is_dataset_batch(records: Sequence[dict]) -> bool:
+    """Whether a batch's records are dataset examples (:meth:`EpochBatches.batch`: tokenized,
+    with their file ``index``) rather than prompt records."""
+    return bool(records) and "completion_ids" in records[0] and "index" in records[0]
+
+
 def dataset_prompts(records: Sequence[dict], pad_id: int) -> Prompts:
     """The batch's prompts, left-padded to a length bucket (few shapes, few compiles); the
     teacher's slot holds the same rows (no teacher runs)."""
@@ -151,25 +157,33 @@ def check_datasets(cfg: Any) -> None:
     """Read and check every dataset stage's file (:func:`read_cold_start`) before a run trains
     anything, so a missing file or a bad line fails at once, not after the earlier stages."""
     for i, stage in enumerate(cfg.stages):
-        if getattr(stage, "dataset", None):
-            try:
-                read_cold_start(stage.dataset)
-            except (OSError, ValueError) as e:
-                raise type(e)(f"stage {stage.name!r} (stages.{i}.dataset): {e}") from None
+        for field in ("dataset", "offpolicy_dataset"):
+            if getattr(stage, field, None):
+                try:
+                    read_cold_start(getattr(stage, field))
+                except (OSError, ValueError) as e:
+                    raise type(e)(f"stage {stage.name!r} (stages.{i}.{field}): {e}") from None
 
 
-# --- the hooks of the cold_start_dataset stage kind (opd_jax.train.stages.STAGE_KINDS) ----------
+# --- the hooks of the cold_start_dataset stage kind (opd_jax.train.stage_kinds.STAGE_KINDS) -----
+
+
+def dataset_batches(ctx: Any, index: int, path: str, batch_size: int, *,
+                    max_prompt_len: int) -> EpochBatches:
+    """The batches of cold-start file ``path`` for train stage ``index`` of run context ``ctx``:
+    read and checked (:func:`~opd_jax.data.cold_start_file.read_cold_start`), tokenized, in
+    epochs of seed ``seed + index``, this process's share of each global batch."""
+    rows = tokenize_examples(read_cold_start(path), ctx.models.tokenizer,
+                             max_prompt_len=max_prompt_len, source=str(path))
+    return EpochBatches(rows, batch_size, ctx.cfg.seed + index, sha256=file_sha256(path),
+                        process_index=jax.process_index(), process_count=jax.process_count())
 
 
 def stage_data(ctx: Any, index: int, stage: Any) -> tuple[Any, EpochBatches]:
-    """``(stage with its steps, iterator)`` for train stage ``index`` of run context ``ctx``:
-    the dataset read and checked (:func:`~opd_jax.data.cold_start_file.read_cold_start`),
-    tokenized, batched; ``steps`` is the stage's, or ``epochs x ceil(n / batch_prompts)``."""
-    path = stage.dataset
-    rows = tokenize_examples(read_cold_start(path), ctx.models.tokenizer,
-                             max_prompt_len=stage.data.max_prompt_len, source=str(path))
-    it = EpochBatches(rows, stage.batch_prompts, ctx.cfg.seed + index, sha256=file_sha256(path),
-                      process_index=jax.process_index(), process_count=jax.process_count())
+    """``(stage with its steps, iterator)`` for a dataset cold start (:func:`dataset_batches`):
+    ``steps`` is the stage's, or ``epochs x ceil(n / batch_prompts)``."""
+    it = dataset_batches(ctx, index, stage.dataset, stage.batch_prompts,
+                         max_prompt_len=stage.data.max_prompt_len)
     return dataclasses.replace(stage, steps=stage.steps or stage.epochs * it.per_epoch), it
 
 
