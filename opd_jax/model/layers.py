@@ -78,8 +78,17 @@ def attention_over_cache(q_BxTxHxE: jax.Array, k_BxGxSxE: jax.Array, v_BxGxSxE: 
                          mask_BxTxS: jax.Array) -> jax.Array:
     """:func:`attention` with keys/values in the KV cache's ``[B, G, S, E]`` layout (heads before
     slots), so a decode step reads each (row, head) block in place instead of transposing the
-    whole cache first. Same math: ``o_t = sum_s softmax_s(q_t . k_s / sqrt(E) + m_ts) v_s``."""
-    return _gqa_attention(q_BxTxHxE, k_BxGxSxE, v_BxGxSxE, mask_BxTxS, "bgse")
+    whole cache first. Same math: ``o_t = sum_s softmax_s(q_t . k_s / sqrt(E) + m_ts) v_s``.
+
+    On the CPU, bfloat16 / float16 operands are upcast to float32 first: XLA CPU's dot thunk has
+    no ``BF16 x BF16 = F32`` kernel for this layout's contraction (a bfloat16 model could not
+    sample there), and the CPU computes in float32 anyway; accelerators keep the narrow inputs
+    with float32 accumulation. The result has ``q``'s dtype either way."""
+    dtype = q_BxTxHxE.dtype
+    if jax.default_backend() == "cpu" and dtype != jnp.float32:
+        q_BxTxHxE, k_BxGxSxE, v_BxGxSxE = (x.astype(jnp.float32)
+                                           for x in (q_BxTxHxE, k_BxGxSxE, v_BxGxSxE))
+    return _gqa_attention(q_BxTxHxE, k_BxGxSxE, v_BxGxSxE, mask_BxTxS, "bgse").astype(dtype)
 
 
 # --- blocked (flash-style) attention ----------------------------------------------------------
