@@ -2,7 +2,8 @@
 
 Random models with real shapes: a Qwen3-1.7B-shaped student (28 layers, d 2048, 16 / 8 heads of
 128, ffn 6144) and a Qwen3-4B-shaped teacher (36 layers, d 2560, 32 / 8 heads, ffn 9728), vocab
-151936, tied embeddings, ``attention="platform"`` (cuDNN flash attention on a CUDA GPU). The
+151936, tied embeddings, ``attention="platform"`` (cuDNN flash attention on a CUDA GPU, the
+Pallas splash kernel on a TPU; each is first checked against XLA, values and gradients). The
 student trains under the mixed-precision policy (float32 master weights and AdamW state, bfloat16
 compute: ``StudentSpec(compute_dtype="bfloat16")``); the teacher, the sampler and the loss inputs
 are bfloat16. Sections, each timed after a compile / warm-up call:
@@ -168,7 +169,8 @@ def peak_memory() -> int | None:
 def attention_used(config: ModelConfig, dtype, length: int, masked: bool = True) -> str:
     impl, why = choose_implementation(PLATFORM_MODES[config.attention], dtype=dtype,
                                       length=length, head_dim=config.head_dim, masked=masked)
-    return impl if why in ("requested", "platform default on a CUDA GPU") else f"{impl} ({why})"
+    return impl if why in ("requested", "platform default on a CUDA GPU",
+                           "platform default on a TPU") else f"{impl} ({why})"
 
 
 def check_attention(dtype, modes=("platform_cudnn", "platform_xla"), shape=(2, 256, 16, 8, 128)
@@ -335,9 +337,10 @@ def run(args) -> dict:
     start = time.perf_counter()
     left = lambda: args.budget_s - (time.perf_counter() - start)
     save = lambda: write_json(args.out, out)
-    if dev["platform"] == "gpu":
-        out["attention_check"] = check = check_attention(jnp.bfloat16)
-        print(f"cuDNN vs XLA attention: {check}")
+    if dev["platform"] in ("gpu", "tpu"):   # the platform's kernel vs XLA before timing it
+        kernel = "platform_cudnn" if dev["platform"] == "gpu" else "platform_splash"
+        out["attention_check"] = check = check_attention(jnp.bfloat16, (kernel, "platform_xla"))
+        print(f"{kernel} vs XLA attention: {check}")
         if not check["ok"]:
             p.update({k: p[k].replace(attention="platform_xla") for k in ("student", "teacher")})
 

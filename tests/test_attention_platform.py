@@ -133,9 +133,7 @@ def test_cudnn_chosen_on_a_cuda_gpu_with_bfloat16():
     (dict(dtype=jnp.bfloat16, length=63, head_dim=64, masked=True, **GPU), "even length"),
     (dict(dtype=jnp.bfloat16, length=64, head_dim=64, masked=False, platform="cpu",
           compute_capability=None), "CUDA GPUs only"),
-    (dict(dtype=jnp.bfloat16, length=64, head_dim=64, masked=False, platform="tpu",
-          compute_capability=None), "CUDA GPUs only"),
-])
+])   # a TPU picks splash or XLA (tests/test_attention_splash.py)
 def test_fallback_to_xla_with_a_reason_and_forced_cudnn_refuses(kw, reason):
     impl, why = choose_implementation(None, **kw)
     assert impl == "xla" and reason in why

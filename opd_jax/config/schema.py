@@ -23,7 +23,7 @@ __all__ = [
 OBJECTIVES = ("sampled_token_rkl", "topk_reward", "reverse_kl", "forward_kl", "generalized_jsd",
               "skew_forward_kl", "skew_reverse_kl")
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
-ATTENTION = ("dense", "blocked", "platform", "platform_xla", "platform_cudnn")
+ATTENTION = ("dense", "blocked", "platform", "platform_xla", "platform_cudnn", "platform_splash")
 REMAT = ("none", "full", "dots", "dots_no_batch")
 
 Objective = Literal["sampled_token_rkl", "topk_reward", "reverse_kl", "forward_kl",
@@ -157,10 +157,11 @@ class ModelSpec:
     float32 scores, "blocked" runs an online softmax over ``attention_block``-token query / key
     blocks (memory O(T x block): long responses need it), "platform" calls
     ``jax.nn.dot_product_attention`` (cuDNN flash attention on a CUDA GPU with bfloat16 weights,
-    XLA elsewhere; "platform_xla" / "platform_cudnn" force one; the sampler's cached steps stay
-    dense). ``remat`` (student only: the teacher runs no backward pass) recomputes each layer's
-    activations in the backward pass: "none", "full" (keep only each layer's input), "dots"
-    (keep matmul outputs), "dots_no_batch".
+    the Pallas splash kernel on a TPU, XLA elsewhere; "platform_xla" / "platform_cudnn" /
+    "platform_splash" force one; the sampler's cached steps stay dense). ``remat`` (student
+    only: the teacher runs no backward pass) recomputes each layer's activations in the backward
+    pass: "none", "full" (keep only each layer's input), "dots" (keep matmul outputs),
+    "dots_no_batch".
 
     ``precision``: the compute dtype (null = ``dtype``). ``dtype: float32`` with ``precision:
     bfloat16`` is mixed precision: float32 parameters and optimizer state (master weights),
@@ -173,7 +174,8 @@ class ModelSpec:
     tokenizer: Optional[str] = None
     derive: Optional[DeriveSpec] = None
     lora: LoraSpec = LoraSpec()
-    attention: Literal["dense", "blocked", "platform", "platform_xla", "platform_cudnn"] = "dense"
+    attention: Literal["dense", "blocked", "platform", "platform_xla", "platform_cudnn",
+                       "platform_splash"] = "dense"
     attention_block: int = 512
     remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"
     service_wait_s: float = 300.0

@@ -35,7 +35,8 @@ import dataclasses
 from typing import Any
 
 FAMILIES = ("llama", "qwen2", "qwen3")
-ATTENTION_IMPLS = ("dense", "blocked", "platform", "platform_xla", "platform_cudnn")
+ATTENTION_IMPLS = ("dense", "blocked", "platform", "platform_xla", "platform_cudnn",
+                   "platform_splash")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,9 +66,10 @@ class ModelConfig:
         ``"blocked"`` runs an online softmax over ``attention_block``-sized query and key blocks
         (``layers.attention_blocked``: O(T * block) memory, for long sequences);
         ``"platform"`` calls ``jax.nn.dot_product_attention`` (cuDNN flash attention on a CUDA
-        GPU where it can take the call, XLA elsewhere; ``"platform_xla"`` / ``"platform_cudnn"``
-        force one: :mod:`opd_jax.model.platform_attention`). One-token decode steps over the KV
-        cache always use the dense form, and so does the platform mode's cached prefill.
+        GPU where it can take the call, the Pallas splash kernel on a TPU, XLA elsewhere;
+        ``"platform_xla"`` / ``"platform_cudnn"`` / ``"platform_splash"`` force one:
+        :mod:`opd_jax.model.platform_attention`). One-token decode steps over the KV cache always
+        use the dense form, and so does the platform mode's cached prefill.
       attention_block: query / key block size of ``"blocked"`` attention.
     """
 

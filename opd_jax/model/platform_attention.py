@@ -1,5 +1,6 @@
 """The platform's attention: the decoder's full-sequence attention through
-:func:`jax.nn.dot_product_attention` (cuDNN's fused flash attention on NVIDIA GPUs, XLA elsewhere).
+:func:`jax.nn.dot_product_attention` (cuDNN's fused flash attention on NVIDIA GPUs, XLA elsewhere)
+or TPU's Pallas splash kernel (:mod:`opd_jax.model.splash_attention`).
 
 Modes (``ModelConfig.attention``; the decoder's ``"dense"`` and ``"blocked"`` stay as they are):
 
@@ -7,10 +8,13 @@ Modes (``ModelConfig.attention``; the decoder's ``"dense"`` and ``"blocked"`` st
 ``"platform"``        cuDNN when every condition below holds (GPU with CUDA, bfloat16 / float16
                       inputs, head dim a multiple of 8 and <= 128, or <= 256 from Hopper on,
                       even ``T`` when a mask is needed), else XLA; on a GPU the fallback warns
-                      once with its reason. CPU and TPU always run XLA (no Pallas kernel here).
+                      once with its reason. On a TPU: the splash kernel when ``T`` is a multiple
+                      of 128, else XLA (with a warning). The CPU runs XLA.
 ``"platform_xla"``    always ``implementation="xla"`` (the same math as ``"dense"``).
 ``"platform_cudnn"``  always ``implementation="cudnn"``; a ``ValueError`` with the reason at trace
                       time where cuDNN cannot run (never a silent fallback).
+``"platform_splash"`` always the splash kernel (a ``ValueError`` unless ``T`` is a multiple of
+                      128); off TPU in Pallas's interpret mode (slow: a check, not a speed path).
 ====================  ==========================================================================
 
 JAX's own ``implementation=None`` runs XLA everywhere today (jax 0.10: "defaults to XLA for now"),
@@ -44,11 +48,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from opd_jax.model.splash_attention import attention_splash, splash_blockers
+
 __all__ = ["PLATFORM_MODES", "PlatformMask", "platform_mask", "cudnn_blockers",
            "choose_implementation", "attention_platform"]
 
 #: ``ModelConfig.attention`` value -> requested implementation (``None``: choose per platform)
-PLATFORM_MODES = {"platform": None, "platform_xla": "xla", "platform_cudnn": "cudnn"}
+PLATFORM_MODES = {"platform": None, "platform_xla": "xla", "platform_cudnn": "cudnn",
+                  "platform_splash": "splash"}
 
 CUDNN_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
@@ -107,18 +114,32 @@ def _device_facts() -> tuple[str, str | None]:
 def choose_implementation(requested: str | None, *, dtype, length: int, head_dim: int,
                           masked: bool, platform: str | None = None,
                           compute_capability: str | None = None) -> tuple[str, str]:
-    """``(implementation, reason)`` for a call: ``"xla"`` or ``"cudnn"`` and why.
+    """``(implementation, reason)`` for a call: ``"xla"``, ``"cudnn"`` or ``"splash"`` and why.
 
-    ``requested``: ``None`` (cuDNN where :func:`cudnn_blockers` finds nothing, else XLA),
-    ``"xla"``, or ``"cudnn"`` (``ValueError`` listing the blockers where it cannot run).
+    ``requested``: ``None`` (on a TPU the splash kernel where
+    :func:`~opd_jax.model.splash_attention.splash_blockers` finds nothing; elsewhere cuDNN where
+    :func:`cudnn_blockers` finds nothing; else XLA), ``"xla"``, ``"cudnn"`` or ``"splash"``
+    (``ValueError`` listing the blockers where it cannot run).
     ``platform`` / ``compute_capability`` default to the first device's.
     """
     if requested == "xla":
         return "xla", "requested"
-    if requested not in (None, "cudnn"):
-        raise ValueError(f"unknown implementation {requested!r}; expected None, 'xla' or 'cudnn'")
+    if requested not in (None, "cudnn", "splash"):
+        raise ValueError(f"unknown implementation {requested!r}; expected None, 'xla', 'cudnn' or "
+                         "'splash'")
     if platform is None:
         platform, compute_capability = _device_facts()
+    if requested == "splash" or (requested is None and platform == "tpu"):
+        blockers = splash_blockers(length=length, platform=platform,
+                                   forced=requested == "splash")
+        if requested == "splash" and blockers:
+            raise ValueError("attention 'platform_splash' cannot run here: " + "; ".join(blockers)
+                             + " (use 'platform' to fall back to XLA)")
+        if not blockers:
+            return "splash", ("requested" + (" (Pallas interpret mode off TPU)"
+                                             if platform != "tpu" else "")
+                              if requested else "platform default on a TPU")
+        return "xla", "; ".join(blockers)
     blockers = cudnn_blockers(dtype=dtype, length=length, head_dim=head_dim, masked=masked,
                               platform=platform, compute_capability=compute_capability)
     if requested == "cudnn":
@@ -163,8 +184,12 @@ def attention_platform(q_BxTxHxE: jax.Array, k_BxSxGxE: jax.Array, v_BxSxGxE: ja
     impl, reason = choose_implementation(mask.implementation, dtype=q_BxTxHxE.dtype, length=T,
                                          head_dim=E, masked=masked, platform=platform,
                                          compute_capability=capability)
-    if impl == "xla" and mask.implementation is None and platform == "gpu":
-        warnings.warn(f"platform attention runs XLA, not cuDNN: {reason}", stacklevel=2)
+    if impl == "xla" and mask.implementation is None and platform in ("gpu", "tpu"):
+        kernel = "cuDNN" if platform == "gpu" else "the splash kernel"
+        warnings.warn(f"platform attention runs XLA, not {kernel}: {reason}", stacklevel=2)
+    if impl == "splash":
+        return attention_splash(q_BxTxHxE, k_BxSxGxE, v_BxSxGxE, mask.kv_valid, mask.segments,
+                                interpret=platform != "tpu")
     return jax.nn.dot_product_attention(
         q_BxTxHxE, k_BxSxGxE, v_BxSxGxE, mask=_mask(mask, B, T, full=impl == "cudnn"),
         scale=float(1.0 / np.sqrt(E)), is_causal=True, implementation=impl)
