@@ -8,13 +8,13 @@ Modes (``ModelConfig.attention``; the decoder's ``"dense"`` and ``"blocked"`` st
 ``"platform"``        cuDNN when every condition below holds (GPU with CUDA, bfloat16 / float16
                       inputs, head dim a multiple of 8 and <= 128, or <= 256 from Hopper on,
                       even ``T`` when a mask is needed), else XLA; on a GPU the fallback warns
-                      once with its reason. On a TPU: the splash kernel when ``T`` is a multiple
-                      of 128, else XLA (with a warning). The CPU runs XLA.
+                      once with its reason. On a TPU: the splash kernel for rows of 128 tokens
+                      or more, else XLA. The CPU runs XLA.
 ``"platform_xla"``    always ``implementation="xla"`` (the same math as ``"dense"``).
 ``"platform_cudnn"``  always ``implementation="cudnn"``; a ``ValueError`` with the reason at trace
                       time where cuDNN cannot run (never a silent fallback).
-``"platform_splash"`` always the splash kernel (a ``ValueError`` unless ``T`` is a multiple of
-                      128); off TPU in Pallas's interpret mode (slow: a check, not a speed path).
+``"platform_splash"`` always the splash kernel (any ``T``: padded to 128-blocks); off TPU in
+                      Pallas's interpret mode (slow: a check, not a speed path).
 ====================  ==========================================================================
 
 JAX's own ``implementation=None`` runs XLA everywhere today (jax 0.10: "defaults to XLA for now"),
@@ -132,9 +132,6 @@ def choose_implementation(requested: str | None, *, dtype, length: int, head_dim
     if requested == "splash" or (requested is None and platform == "tpu"):
         blockers = splash_blockers(length=length, platform=platform,
                                    forced=requested == "splash")
-        if requested == "splash" and blockers:
-            raise ValueError("attention 'platform_splash' cannot run here: " + "; ".join(blockers)
-                             + " (use 'platform' to fall back to XLA)")
         if not blockers:
             return "splash", ("requested" + (" (Pallas interpret mode off TPU)"
                                              if platform != "tpu" else "")
@@ -184,9 +181,8 @@ def attention_platform(q_BxTxHxE: jax.Array, k_BxSxGxE: jax.Array, v_BxSxGxE: ja
     impl, reason = choose_implementation(mask.implementation, dtype=q_BxTxHxE.dtype, length=T,
                                          head_dim=E, masked=masked, platform=platform,
                                          compute_capability=capability)
-    if impl == "xla" and mask.implementation is None and platform in ("gpu", "tpu"):
-        kernel = "cuDNN" if platform == "gpu" else "the splash kernel"
-        warnings.warn(f"platform attention runs XLA, not {kernel}: {reason}", stacklevel=2)
+    if impl == "xla" and mask.implementation is None and platform == "gpu":
+        warnings.warn(f"platform attention runs XLA, not cuDNN: {reason}", stacklevel=2)
     if impl == "splash":
         return attention_splash(q_BxTxHxE, k_BxSxGxE, v_BxSxGxE, mask.kv_valid, mask.segments,
                                 interpret=platform != "tpu")

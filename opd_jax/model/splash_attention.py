@@ -14,8 +14,9 @@ values. Those positions are padding and are masked downstream.
 
 Grouped-query attention runs the kernel's multi-query form once per key/value head (``R = H / G``
 query heads share it) and batch row (``jax.vmap``). The kernel wants ``q`` pre-scaled (it applies
-no ``1 / sqrt(E)``) and, on TPU, sequence blocks that are multiples of 128 lanes: ``T`` must be a
-multiple of :data:`BLOCK` (:func:`splash_blockers`). Off TPU the same kernel runs in Pallas's
+no ``1 / sqrt(E)``) and sequence blocks of 128 lanes: a row whose ``T`` is not a multiple of
+:data:`BLOCK` is padded up to one with slots of segment ``-2`` that no real query can see, and the
+output cut back (exact; at most 127 extra slots). Off TPU the same kernel runs in Pallas's
 interpret mode (a slow reference used by the tests on CPU, never chosen automatically).
 """
 
@@ -34,15 +35,17 @@ BLOCK = 128
 
 
 def splash_blockers(*, length: int, platform: str, forced: bool = False) -> list[str]:
-    """Why splash attention cannot run a call (empty: it can). ``forced``: the mode asked for
-    splash explicitly, so a platform other than TPU runs it in interpret mode instead of
-    refusing."""
+    """Why the platform mode should not pick splash attention for a call (empty: it should).
+    ``forced``: the mode asked for splash explicitly: it then runs at any length, and off TPU in
+    interpret mode, so nothing blocks it."""
+    if forced:
+        return []
     reasons = []
-    if platform != "tpu" and not forced:
+    if platform != "tpu":
         reasons.append(f"splash attention is a TPU kernel (platform {platform!r})")
-    if length % BLOCK:
-        reasons.append(f"splash attention needs a length that is a multiple of {BLOCK}, got "
-                       f"T = {length} (set the train step's row buckets to multiples of {BLOCK})")
+    if length < BLOCK:
+        reasons.append(f"rows of T = {length} < {BLOCK} tokens fit one block: XLA's attention "
+                       "is as fast there")
     return reasons
 
 
@@ -55,7 +58,7 @@ def _kernel(length: int, heads_per_kv: int, interpret: bool):
         splash_attention_mask as sm,
     )
 
-    b = min(BLOCK, length)
+    b = BLOCK
     blocks = sk.BlockSizes(block_q=b, block_kv=b, block_kv_compute=b, block_q_dkv=b,
                            block_kv_dkv=b, block_kv_dkv_compute=b, block_q_dq=b, block_kv_dq=b)
     mask = sm.MultiHeadMask([sm.CausalMask((length, length)) for _ in range(heads_per_kv)])
@@ -80,13 +83,18 @@ def attention_splash(q_BxTxHxE: jax.Array, k_BxTxGxE: jax.Array, v_BxTxGxE: jax.
     B, T, H, E = q_BxTxHxE.shape
     G = k_BxTxGxE.shape[2]
     R = H // G
-    kernel, sk = _kernel(T, R, bool(interpret))
     seg_BxT = (jnp.zeros((B, T), jnp.int32) if segments_BxT is None
                else segments_BxT.astype(jnp.int32))
     if kv_valid_BxT is not None:
         seg_BxT = jnp.where(kv_valid_BxT.astype(bool), seg_BxT, -1)
+    Tp = -(-T // BLOCK) * BLOCK   # whole blocks; the extra slots form a segment of their own
+    if Tp != T:
+        pad = lambda x: jnp.pad(x, ((0, 0), (0, Tp - T)) + ((0, 0),) * (x.ndim - 2))
+        q_BxTxHxE, k_BxTxGxE, v_BxTxGxE = (pad(x) for x in (q_BxTxHxE, k_BxTxGxE, v_BxTxGxE))
+        seg_BxT = jnp.pad(seg_BxT, ((0, 0), (0, Tp - T)), constant_values=-2)
+    kernel, sk = _kernel(Tp, R, bool(interpret))
     q_BxGxRxTxE = (q_BxTxHxE * jnp.asarray(1.0 / math.sqrt(E), q_BxTxHxE.dtype)
-                   ).reshape(B, T, G, R, E).transpose(0, 2, 3, 1, 4)
+                   ).reshape(B, Tp, G, R, E).transpose(0, 2, 3, 1, 4)
     k_BxGxTxE, v_BxGxTxE = (x.transpose(0, 2, 1, 3) for x in (k_BxTxGxE, v_BxTxGxE))
 
     def one_row(q_GxRxTxE, k_GxTxE, v_GxTxE, seg_T):
@@ -95,4 +103,5 @@ def attention_splash(q_BxTxHxE: jax.Array, k_BxTxGxE: jax.Array, v_BxTxGxE: jax.
                                                                            v_GxTxE)
 
     out_BxGxRxTxE = jax.vmap(one_row)(q_BxGxRxTxE, k_BxGxTxE, v_BxGxTxE, seg_BxT)
-    return out_BxGxRxTxE.transpose(0, 3, 1, 2, 4).reshape(B, T, H, E).astype(q_BxTxHxE.dtype)
+    out_BxTxHxE = out_BxGxRxTxE.transpose(0, 3, 1, 2, 4).reshape(B, Tp, H, E)
+    return out_BxTxHxE[:, :T].astype(q_BxTxHxE.dtype)
