@@ -88,7 +88,8 @@ def test_decoder_forward_equals_dense():
 
 
 def test_when_splash_is_chosen():
-    kw = dict(dtype=jnp.bfloat16, head_dim=128, masked=True, compute_capability=None)
+    kw = dict(dtype=jnp.bfloat16, head_dim=128, masked=True, compute_capability=None,
+              device_count=1)
     assert choose_implementation(None, length=2048, platform="tpu", **kw) == (
         "splash", "platform default on a TPU")
     assert choose_implementation(None, length=200, platform="tpu", **kw)[0] == "splash"
@@ -101,3 +102,5 @@ def test_when_splash_is_chosen():
     assert splash_blockers(length=256, platform="gpu") == [
         "splash attention is a TPU kernel (platform 'gpu')"]
     assert not splash_blockers(length=8, platform="gpu", forced=True)
+    impl, why = choose_implementation(None, length=2048, platform="tpu", **{**kw, "device_count": 8})
+    assert impl == "xla" and "shard_map" in why

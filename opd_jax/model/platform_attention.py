@@ -113,14 +113,16 @@ def _device_facts() -> tuple[str, str | None]:
 
 def choose_implementation(requested: str | None, *, dtype, length: int, head_dim: int,
                           masked: bool, platform: str | None = None,
-                          compute_capability: str | None = None) -> tuple[str, str]:
+                          compute_capability: str | None = None,
+                          device_count: int | None = None) -> tuple[str, str]:
     """``(implementation, reason)`` for a call: ``"xla"``, ``"cudnn"`` or ``"splash"`` and why.
 
     ``requested``: ``None`` (on a TPU the splash kernel where
     :func:`~opd_jax.model.splash_attention.splash_blockers` finds nothing; elsewhere cuDNN where
     :func:`cudnn_blockers` finds nothing; else XLA), ``"xla"``, ``"cudnn"`` or ``"splash"``
     (``ValueError`` listing the blockers where it cannot run).
-    ``platform`` / ``compute_capability`` default to the first device's.
+    ``platform`` / ``compute_capability`` default to the first device's, ``device_count`` to
+    ``jax.device_count()``.
     """
     if requested == "xla":
         return "xla", "requested"
@@ -129,8 +131,10 @@ def choose_implementation(requested: str | None, *, dtype, length: int, head_dim
                          "'splash'")
     if platform is None:
         platform, compute_capability = _device_facts()
+    if device_count is None:
+        device_count = jax.device_count()
     if requested == "splash" or (requested is None and platform == "tpu"):
-        blockers = splash_blockers(length=length, platform=platform,
+        blockers = splash_blockers(length=length, platform=platform, device_count=device_count,
                                    forced=requested == "splash")
         if not blockers:
             return "splash", ("requested" + (" (Pallas interpret mode off TPU)"

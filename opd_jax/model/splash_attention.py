@@ -34,15 +34,21 @@ __all__ = ["BLOCK", "splash_blockers", "attention_splash"]
 BLOCK = 128
 
 
-def splash_blockers(*, length: int, platform: str, forced: bool = False) -> list[str]:
+def splash_blockers(*, length: int, platform: str, device_count: int = 1,
+                    forced: bool = False) -> list[str]:
     """Why the platform mode should not pick splash attention for a call (empty: it should).
     ``forced``: the mode asked for splash explicitly: it then runs at any length, and off TPU in
-    interpret mode, so nothing blocks it."""
+    interpret mode, so nothing blocks it. Several devices block the automatic choice: the kernel
+    is a Pallas call, which XLA's SPMD partitioner does not split over a mesh (it would need a
+    ``shard_map`` around it, not wired yet)."""
     if forced:
         return []
     reasons = []
     if platform != "tpu":
         reasons.append(f"splash attention is a TPU kernel (platform {platform!r})")
+    if device_count > 1:
+        reasons.append(f"{device_count} devices: the splash kernel is not partitioned over a mesh "
+                       "here (no shard_map around it yet); XLA's attention is")
     if length < BLOCK:
         reasons.append(f"rows of T = {length} < {BLOCK} tokens fit one block: XLA's attention "
                        "is as fast there")
