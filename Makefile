@@ -19,7 +19,7 @@ RUFF = ruff==0.17.6
 TUNIX_LEAN = google-tunix==0.1.7 jaxtyping==0.3.11 wadler-lindig==0.1.8 google-metrax==0.2.4 \
              clu==0.0.12 tensorboardX==2.6.5 perfetto==0.59.1 wrapt==2.5.2 pandas==3.1.1
 
-.PHONY: demo test test-fast bench install clean
+.PHONY: demo test test-oldest test-fast bench install clean
 
 # the demo's environment: the package and what the shipped configs use (no test tooling)
 $(VENV)/.installed: pyproject.toml
@@ -55,6 +55,24 @@ demo: $(VENV)/.installed
 test: $(VENV)/.parity $(VENV)/.tunix $(VENV)/.lint
 	$(VENV)/bin/ruff check .
 	OPD_JAX_REQUIRE_TUNIX=1 $(PY) -m pytest -q --durations=25
+
+# CI's second pass: the oldest supported jax / flax / optax / orbax / grain (ci/oldest.txt) in
+# their own environment, on the loss library and a tiny end-to-end run (all stage kinds, a resume
+# after a kill). The compiled-memory bounds of the chunked losses are left out: they measure
+# XLA's buffer assignment, which differs by XLA version (BUILD_NOTES "Today's JAX").
+OLDEST = .venv-oldest
+$(OLDEST)/.installed: pyproject.toml ci/oldest.txt
+	$(PYTHON) -m venv $(OLDEST)
+	$(OLDEST)/bin/python -m pip install -q -U pip
+	$(OLDEST)/bin/python -m pip install -q -c ci/oldest.txt -e ".[data]" "pytest>=8" "hypothesis>=6.100"
+	touch $@
+
+test-oldest: $(OLDEST)/.installed
+	$(OLDEST)/bin/python -c "import jax, flax, optax, orbax.checkpoint as o, grain; print('oldest pins:', jax.__version__, flax.__version__, optax.__version__, o.__version__)"
+	JAX_PLATFORMS=cpu $(OLDEST)/bin/python -m pytest -q -p no:cacheprovider \
+	  tests/test_losses_divergences.py tests/test_losses_topk.py tests/test_losses_estimators.py \
+	  tests/test_losses_reductions.py tests/test_losses_chunked.py tests/test_layout.py \
+	  tests/test_train.py -k "not memory_is_bounded and (losses or light or tiny_run_all_stage_kinds or resume_after_kill)"
 
 test-fast: $(VENV)/.testdeps
 	$(PY) -m pytest -q -m "not slow and not torch"

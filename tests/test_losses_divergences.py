@@ -14,6 +14,7 @@ from jax.test_util import check_grads
 
 from opd_jax import losses
 from opd_jax.losses import divergences as D
+from tests._compat import enable_x64
 
 SETTINGS = settings(max_examples=25, deadline=None)
 NAMES = ["forward_kl", "reverse_kl", "generalized_jsd", "skew_forward_kl", "skew_reverse_kl"]
@@ -222,7 +223,7 @@ def test_where_broadcasts_over_batch():
                                         ("generalized_jsd", 0.3), ("skew_forward_kl", 0.2),
                                         ("skew_reverse_kl", 0.2)])
 def test_check_grads_float64(name, param):
-    with jax.enable_x64(True):
+    with enable_x64(True):
         rng = np.random.default_rng(21)
         s = jnp.asarray(rng.standard_normal((2, 6)), jnp.float64)
         t = jnp.asarray(rng.standard_normal((2, 6)), jnp.float64)

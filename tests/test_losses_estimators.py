@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from jax.test_util import check_grads
 
 from opd_jax import losses
+from tests._compat import enable_x64
 
 SETTINGS = settings(max_examples=25, deadline=None)
 
@@ -188,7 +189,7 @@ def test_ppo_clip_gradient_zero_outside_trust_region():
 
 
 def test_check_grads_float64():
-    with jax.enable_x64(True):
+    with enable_x64(True):
         rng = np.random.default_rng(23)
         lp = jnp.asarray(-1.0 + 0.1 * rng.standard_normal(5), jnp.float64)
         q = jnp.asarray(-1.0 + 0.1 * rng.standard_normal(5), jnp.float64)

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from jax.test_util import check_grads
 
 from opd_jax import losses
+from tests._compat import enable_x64
 
 SETTINGS = settings(max_examples=25, deadline=None)
 SUPPORTS = ["student", "teacher", "union", "intersection", "symmetric_difference"]
@@ -427,7 +428,7 @@ def test_bf16_inputs():
 
 @pytest.mark.parametrize("tail", ["renormalize", "bucket"])
 def test_check_grads_float64(tail):
-    with jax.enable_x64(True):
+    with enable_x64(True):
         rng = np.random.default_rng(24)
         s = jnp.asarray(rng.standard_normal((2, 7)), jnp.float64)
         t = jnp.asarray(rng.standard_normal((2, 7)), jnp.float64)
