@@ -7,6 +7,7 @@ cannot work is refused by name before any work. Tiny random models (configs/tiny
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -124,6 +125,23 @@ def test_in_process_mixture_steps(mixed):
         if not r["on_policy"]:
             assert r["gen_tokens"] >= 2 * lengths[0]
         assert np.isfinite(r["loss"])
+
+
+def test_a_resumed_mixed_stage_continues_both_sources(mixed):
+    """Checkpoints at steps 2, 4, 6; the step-6 one deleted: the stage resumes at step 4 (its
+    saved prompt and dataset iterators) and steps 5-6 repeat the uninterrupted run's."""
+    tmp, data, rows = mixed
+    overrides = [f"out_dir={tmp}/resume", *_gkd(data, 0.5), "checkpoint.every_n_steps=2",
+                 "checkpoint.keep_last_n=3"]
+    run(load_config(TINY, overrides), progress=False)
+    ck = tmp / "resume" / "checkpoints" / "opd"
+    assert sorted(int(p.name) for p in ck.iterdir() if p.name.isdigit()) == [2, 4, 6]
+    shutil.rmtree(ck / "6")
+    run(load_config(TINY, overrides), progress=False)
+    resumed = _rows(tmp / "resume", "opd")
+    assert [r["step"] for r in resumed] == list(range(1, 7))
+    assert [r["on_policy"] for r in resumed] == [r["on_policy"] for r in rows]
+    _same(rows, resumed, keys=KEYS + ("gen_tokens",), rel=1e-5)
 
 
 def test_served_teacher_with_an_offpolicy_cache_trains_like_in_process(mixed):
