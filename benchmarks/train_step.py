@@ -60,14 +60,36 @@ def build(small: bool):
     return teacher, Model(scfg, sparams, teacher.tokenizer)
 
 
-def prompts(tok, n: int, seed: int = 0) -> tuple[list[list[int]], list[str]]:
+# setting 2 (issue 13): reasoning prompts of varying length, several samples each, EOS on
+RAGGED = {"task": "chain_sum", "config": {"min_terms": 2, "max_terms": 6, "min_digits": 1,
+                                         "max_digits": 3, "allow_negation": False},
+          "instruction": "Think step by step, one operation per line, then end with "
+                         '"Answer: <value>" on the last line.'}
+
+
+def prompts(tok, n: int, seed: int = 0, ragged: bool = False
+            ) -> tuple[list[list[int]], list[str]]:
+    """``n`` chat-templated prompt token lists and their texts: the demo's 2-term arithmetic, or
+    (``ragged``) :data:`RAGGED`'s chain sums of 2-6 terms asked to reason step by step."""
     from opd_jax.data import PromptTemplate, load_reasoning_gym
 
-    recs = load_reasoning_gym("basic_arithmetic", size=n, seed=seed, config={
-        "min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1, "operators": "+-*"})
-    tpl = PromptTemplate()
+    if ragged:
+        recs = load_reasoning_gym(RAGGED["task"], size=n, seed=seed, config=RAGGED["config"])
+        tpl = PromptTemplate(instruction=RAGGED["instruction"])
+    else:
+        recs = load_reasoning_gym("basic_arithmetic", size=n, seed=seed, config={
+            "min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1,
+            "operators": "+-*"})
+        tpl = PromptTemplate()
     texts = [tok.apply_chat_template(tpl.student(r), add_generation_prompt=True) for r in recs]
-    return [tok.encode(t) for t in texts], [r["prompt"] for r in recs]
+    return [tok.encode(t) for t in texts], [tpl.student(r)[-1]["content"] for r in recs]
+
+
+def length_stats(lengths: list[int]) -> dict:
+    """min / median / p90 / max / mean of completion lengths (tokens, EOS included)."""
+    a = np.asarray(lengths, float)
+    return {"min": int(a.min()), "median": float(np.median(a)),
+            "p90": float(np.percentile(a, 90)), "max": int(a.max()), "mean": float(a.mean())}
 
 
 def _pack(batch, student, teacher, pack: bool):
@@ -105,7 +127,7 @@ def bench_opd_jax(teacher, student, ids, args, pack: bool = True) -> dict:
                    reduction=losses.token_mean, chunk_size=512)
     step = make_train_step(optimizer=opt, **loss_kw)
     state = init_state(student.params, opt, 0)
-    times, gen_tok, trained, compile_s = [], [], [], None
+    times, gen_tok, trained, compile_s, lengths = [], [], [], None, []
     for i in range(args.warmup + args.repeats):
         t0 = time.perf_counter()
         out = sampler(student.params if i == 0 else _params(state), tokens, valid,
@@ -123,8 +145,10 @@ def bench_opd_jax(teacher, student, ids, args, pack: bool = True) -> dict:
             times.append((t2 - t0, t1 - t0, t2 - t1))
             gen_tok.append(int(np.asarray(out.mask).sum()))
             trained.append(int(np.asarray(batch.student_valid).sum()))
+            lengths += np.asarray(out.mask).sum(axis=1).astype(int).tolist()
     extra = {"first_iteration_s (incl. compile)": compile_s, "loss_last": float(m["scalars"]["loss"]),
-             "compiled_step_shapes": step._cache_size()}
+             "compiled_step_shapes": step._cache_size(),
+             "completion_lengths": length_stats(lengths)}
     if args.phases:
         extra.update(phases(teacher, student, (sampler, args.new_tokens, tok), prompts_, tokens,
                             valid, batch, state, (step, loss_kw), args.repeats, pack))
@@ -270,12 +294,25 @@ def main() -> None:
                    help="also run the unpacked update in the same run (side by side)")
     p.add_argument("--no-metrics", action="store_true",
                    help="opd_jax step without the in-step mechanism metrics (loss only)")
+    p.add_argument("--setting", choices=("demo", "ragged"), default="demo",
+                   help="demo: 8 arithmetic prompts x 1 sample, 32 new tokens; ragged (issue 13's "
+                        "setting 2): 8 step-by-step chain-sum prompts x 4 samples, up to 256 new "
+                        "tokens, EOS on (--batch / --samples / --new-tokens override)")
+    p.add_argument("--samples", type=int, default=None, help="samples per prompt")
     args = p.parse_args()
+    ragged = args.setting == "ragged"
+    if args.samples is None:
+        args.samples = 4 if ragged else 1
+    if ragged and args.new_tokens == 32:
+        args.new_tokens = 256
     if args.small:
-        args.batch, args.new_tokens, args.repeats = 2, 8, 2
+        args.batch, args.new_tokens, args.repeats = 2, 8 if not ragged else 24, 2
     load = load_report()
     teacher, student = build(args.small)
-    ids, texts = prompts(teacher.tokenizer, args.batch)
+    ids, texts = prompts(teacher.tokenizer, args.batch, ragged=ragged)
+    # n samples of a prompt = n rows of it (each row draws its own tokens); TRL gets the same rows
+    ids, texts = [x for x in ids for _ in range(args.samples)], [t for t in texts
+                                                                 for _ in range(args.samples)]
     rows = [bench_opd_jax(teacher, student, ids, args, pack=not args.no_pack)]
     if args.pack_ab:
         rows.append(bench_opd_jax(teacher, student, ids, args, pack=False))
@@ -301,7 +338,11 @@ def main() -> None:
                     [("part", f"{row['impl']} part"), ("s", "s"), ("share", "share")])
         print(f"update rows: {row['computed_tokens']} computed tokens for {row['real_tokens']} "
               f"real (padding ratio {row['padding_ratio']:.2f})")
-    name = "train_step_small.json" if args.small else "train_step.json"
+    for row in rows:
+        if "completion_lengths" in row:
+            print(f"{row['impl']} completion lengths (tokens, over the timed iterations): "
+                  f"{row['completion_lengths']}")
+    name = f"train_step{'_ragged' if ragged else ''}{'_small' if args.small else ''}.json"
     write_json(RESULTS_DIR / name, {"load": load, "machine": machine_info(), "args": vars(args),
                                     "rows": rows})
 
