@@ -54,17 +54,21 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.parity $(VENV)/.tunix $(VENV)/.lint
 	$(VENV)/bin/ruff check .
-	OPD_JAX_REQUIRE_TUNIX=1 $(PY) -m pytest -q --durations=25
+	OPD_JAX_REQUIRE_TUNIX=1 $(PY) -m pytest -q --durations=25 \
+	  --deselect "tests/test_notebooks.py::test_notebook_runs[quickstart.ipynb]"   # in test-oldest
 
-# CI's second pass: the oldest supported jax / flax / optax / orbax / grain (ci/oldest.txt) in
-# their own environment, on the loss library and a tiny end-to-end run (all stage kinds, a resume
-# after a kill). The compiled-memory bounds of the chunked losses are left out: they measure
-# XLA's buffer assignment, which differs by XLA version (BUILD_NOTES "Today's JAX").
+# CI's second pass, in its own environment: the package with the `[notebook]` extra alone (what
+# a notebook user installs; plus the test runners) at the oldest supported jax / flax / optax /
+# orbax / grain (ci/oldest.txt). It runs the loss library, a tiny end-to-end run (all stage
+# kinds, a resume after a kill) and both notebooks (the quickstart runs only here). The
+# compiled-memory bounds of the chunked losses are left out: they measure XLA's buffer
+# assignment, which differs by XLA version (BUILD_NOTES "Today's JAX").
 OLDEST = .venv-oldest
 $(OLDEST)/.installed: pyproject.toml ci/oldest.txt
 	$(PYTHON) -m venv $(OLDEST)
 	$(OLDEST)/bin/python -m pip install -q -U pip
-	$(OLDEST)/bin/python -m pip install -q -c ci/oldest.txt -e ".[data]" "pytest>=8" "hypothesis>=6.100"
+	$(OLDEST)/bin/python -m pip install -q -c ci/oldest.txt -e ".[notebook]" \
+	  "pytest>=8" "hypothesis>=6.100" "nbclient>=0.9" "nbformat>=5"
 	touch $@
 
 test-oldest: $(OLDEST)/.installed
@@ -72,7 +76,8 @@ test-oldest: $(OLDEST)/.installed
 	JAX_PLATFORMS=cpu $(OLDEST)/bin/python -m pytest -q -p no:cacheprovider \
 	  tests/test_losses_divergences.py tests/test_losses_topk.py tests/test_losses_estimators.py \
 	  tests/test_losses_reductions.py tests/test_losses_chunked.py tests/test_layout.py \
-	  tests/test_train.py -k "not memory_is_bounded and (losses or light or tiny_run_all_stage_kinds or resume_after_kill)"
+	  tests/test_train.py tests/test_notebooks.py \
+	  -k "not memory_is_bounded and (losses or light or tiny_run_all_stage_kinds or resume_after_kill or notebook)"
 
 test-fast: $(VENV)/.testdeps
 	$(PY) -m pytest -q -m "not slow and not torch"
