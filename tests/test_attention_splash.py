@@ -19,6 +19,7 @@ from opd_jax.model.platform_attention import (
     platform_mask,
 )
 from opd_jax.model.splash_attention import splash_blockers
+from tests.test_attention_platform import _dense_mask
 
 CASES = {   # (T, H, G, left pads per row or None, packed lengths per row or None)
     "causal_gqa_two_blocks": (256, 4, 2, None, None),
@@ -26,14 +27,6 @@ CASES = {   # (T, H, G, left pads per row or None, packed lengths per row or Non
     "left_padding_mha_padded_to_a_block": (100, 2, 2, [0, 77], None),
     "packed_segments_gqa": (128, 4, 2, None, [[40, 30, 50], [128]]),
 }
-
-
-def _dense_mask(valid_BxT, segments_BxT):
-    T = valid_BxT.shape[1]
-    m = jnp.tril(jnp.ones((T, T), bool))[None] & valid_BxT[:, None, :]
-    if segments_BxT is not None:
-        m = m & (segments_BxT[:, :, None] == segments_BxT[:, None, :])
-    return m
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
