@@ -25,12 +25,13 @@ How a call runs (the gemma-sampler pattern):
    ``lax.while_loop`` until every row is done (EOS drawn, or ``max_new_tokens`` reached).
 
 Decode is memory-bound: each step should read every weight once and touch the KV cache in place.
-``layer_loop="unroll"`` (the default on CPU) runs the layers as a Python loop over per-layer
+``layer_loop="unroll"`` (the default everywhere) runs the layers as a Python loop over per-layer
 weight arrays (split once per call) and per-layer caches updated in place with
-``dynamic_update_slice``. The decoder's ``lax.scan`` over stacked layers (``layer_loop="scan"``,
-the default elsewhere; faster to compile for deep models) makes XLA CPU copy each layer's weight
-slice before its matmul and rebuild the stacked cache every step -- about 2.5x the memory traffic
-of a step. Both run the decoder's public ``decoder.layer`` on the masks / positions of
+``dynamic_update_slice``. The decoder's ``lax.scan`` over stacked layers (``layer_loop="scan"``;
+faster to compile for deep models) makes XLA copy each layer's weight and cache slices and
+rebuild the stacked cache every step: about 2.5x the memory traffic of a step on XLA CPU, and
+4.8x the step time on an H200 (Qwen3-1.7B shapes, B = 64, bf16: 14.5 vs 3.05 ms per step,
+``benchmarks/device_decode.py``; BUILD_NOTES.md "Accelerator figures"). Both run the decoder's public ``decoder.layer`` on the masks / positions of
 ``decoder.step_inputs``, so they compute the same values. The cache
 is laid out ``[B, G, S, E]`` per layer (heads before slots, :class:`opd_jax.model.decoder.KVCache`)
 so the attention einsums read it in place; the earlier ``[B, S, G, E]`` layout made XLA transpose
@@ -202,7 +203,8 @@ class Sampler:
       mesh, rules: shard the batch over the mesh's batch axes (``rules["batch"]``); params are
         used as placed by the caller (see :func:`shard_params`).
       layer_loop: ``"unroll"`` (per-layer decode step, least memory traffic; longer compile),
-        ``"scan"`` (the decoder's layer scan) or ``"auto"`` (unroll on CPU, scan elsewhere).
+        ``"scan"`` (the decoder's layer scan) or ``"auto"`` (= ``"unroll"`` on every backend: the
+        scan ran 4.8x slower per step on an H200).
       slots: ``None`` (default): one batch of all rows, decoded until its longest row ends.
         An int ``B``: continuous batching over ``B`` decode slots (rounded up to a multiple of
         the mesh's batch shards; fewer when a call has fewer rows): a slot whose row finished
@@ -242,7 +244,7 @@ class Sampler:
             raise ValueError(f"eos_ids {bad} are outside the vocabulary [0, {config.vocab_size})")
         rules_d = get_rules(rules)
         if layer_loop == "auto":
-            layer_loop = "unroll" if jax.default_backend() == "cpu" else "scan"
+            layer_loop = "unroll"
         if layer_loop not in ("unroll", "scan"):
             raise ValueError(f"layer_loop={layer_loop!r}; expected 'auto', 'unroll' or 'scan'")
         self.config = config
