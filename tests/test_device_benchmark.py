@@ -83,3 +83,21 @@ def test_attention_check_compares_two_modes():
     if jax.default_backend() != "gpu":   # forced cuDNN off a GPU: refused, with the reason
         refused = dev.check_attention(jnp.float32, shape=(2, 16, 4, 2, 8))
         assert not refused["ok"] and "platform_cudnn" in refused["error"]
+
+
+def test_decode_parts_smoke_run(tmp_path):
+    """``benchmarks/device_decode.py --smoke``: every part is timed (cuDNN may be absent on the
+    CPU) and each row reads against its bandwidth bound."""
+    out = tmp_path / "decode.json"
+    script = ROOT / "benchmarks" / "device_decode.py"
+    done = subprocess.run([sys.executable, str(script), "--smoke", "--repeats", "1", "--out",
+                           str(out)], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = {r["part"]: r for r in json.loads(out.read_text())["rows"]}
+    assert {"attn_einsum", "attn_mulsum", "layer", "unembed+draw", "step_unroll",
+            "step_scan"} <= set(rows)
+    for name, r in rows.items():
+        if name != "attn_dpa_cudnn":
+            assert "error" not in r, r
+            assert r["ms"] > 0 and 0 < r["of_bound"] and r["bound_ms"] > 0
