@@ -92,12 +92,12 @@ def length_stats(lengths: list[int]) -> dict:
             "p90": float(np.percentile(a, 90)), "max": int(a.max()), "mean": float(a.mean())}
 
 
-def _pack(batch, student, teacher, pack: bool):
+def _pack(batch, student, teacher, pack: bool, groups: int = 1):
     from opd_jax.train.rollout import pack_batch
 
     if not pack:
         return batch
-    return pack_batch(batch, groups=1, student_config=student.config,
+    return pack_batch(batch, groups=groups, student_config=student.config,
                       teacher_config=teacher.config)
 
 
@@ -121,11 +121,12 @@ def bench_opd_jax(teacher, student, ids, args, pack: bool = True) -> dict:
     sampler = Sampler(student.config, Sampling(temperature=1.0), args.new_tokens,
                       eos_ids=tok.eos_ids, pad_id=tok.pad_id)
     opt = make_optimizer(OptimSpec(lr=5e-5, grad_clip_norm=None), 100)
-    loss_kw = dict(student=StudentSpec(student.config), teacher=TeacherSpec("separate", teacher.config),
+    loss_kw = dict(student=StudentSpec(student.config, remat=args.remat),
+                   teacher=TeacherSpec("separate", teacher.config),
                    chunk_fn=make_chunk_fn(LossSpec(objective="reverse_kl", top_k=None),
                                           with_metrics=not args.no_metrics),
                    reduction=losses.token_mean, chunk_size=512)
-    step = make_train_step(optimizer=opt, **loss_kw)
+    step = make_train_step(optimizer=opt, grad_accum=args.grad_accum, **loss_kw)
     state = init_state(student.params, opt, 0)
     times, gen_tok, trained, compile_s, lengths = [], [], [], None, []
     for i in range(args.warmup + args.repeats):
@@ -133,7 +134,7 @@ def bench_opd_jax(teacher, student, ids, args, pack: bool = True) -> dict:
         out = sampler(student.params if i == 0 else _params(state), tokens, valid,
                       jax.random.key(i))
         batch = _pack(assemble(prompts_, out.tokens, out.mask, out.logprobs_full), student,
-                      teacher, pack)
+                      teacher, pack, args.grad_accum)
         jax.block_until_ready(batch)
         t1 = time.perf_counter()
         state, m = step(state, batch, None, teacher.params)
@@ -151,7 +152,8 @@ def bench_opd_jax(teacher, student, ids, args, pack: bool = True) -> dict:
              "completion_lengths": length_stats(lengths)}
     if args.phases:
         extra.update(phases(teacher, student, (sampler, args.new_tokens, tok), prompts_, tokens,
-                            valid, batch, state, (step, loss_kw), args.repeats, pack))
+                            valid, batch, state, (step, loss_kw), args.repeats, pack,
+                            args.grad_accum))
     return _summary("opd_jax" if pack else "opd_jax unpacked", times, gen_tok, trained, student,
                     teacher, extra=extra)
 
@@ -169,12 +171,14 @@ def _median_s(fn, repeats: int) -> float:
 
 
 def phases(teacher, student, sampler_spec, prompts_, tokens, valid, batch, state, step_spec,
-           repeats, pack=True) -> dict:
+           repeats, pack=True, groups=1) -> dict:
     """Where one iteration's time goes, each part jitted and timed on its own (medians):
     prefill (a 1-token sampler call), decode (the rest of generation), host assembly of the
     batch, teacher forward, student forward + backward + loss (the loss's gradient minus the
     teacher forward inside it), optimizer and step bookkeeping (the step minus the gradient); and
-    real vs computed tokens (the padding ratio of the update's rows)."""
+    real vs computed tokens (the padding ratio of the update's rows). With ``groups`` > 1
+    (gradient accumulation) the teacher forward and the gradient are timed on the first
+    micro-batch and multiplied by ``groups``."""
     import jax
 
     from opd_jax.model import decoder
@@ -193,21 +197,23 @@ def phases(teacher, student, sampler_spec, prompts_, tokens, valid, batch, state
     prefill = _median_s(lambda: one(params, tokens, valid, key).tokens, repeats)
     out = sampler(params, tokens, valid, key)
     host = _median_s(lambda: _pack(assemble(prompts_, out.tokens, out.mask, out.logprobs_full),
-                                   student, teacher, pack), repeats)
+                                   student, teacher, pack, groups), repeats)
+    full, batch = batch, _micro_batch(batch, groups)
     n = batch.completion.shape[1]
     run_teacher = lambda p: lambda t, v, pos, seg: decoder.forward(
         p, teacher.config, t, pos, valid_BxT=v, segment_ids_BxT=seg)[0]
     t_fwd = jax.jit(lambda p, b: completion_hidden(run_teacher(p), b.teacher_tokens,
                                                    b.teacher_valid, b.teacher_packed, n))
-    teacher_s = _median_s(lambda: t_fwd(teacher.params, batch), repeats)
+    teacher_s = groups * _median_s(lambda: t_fwd(teacher.params, batch), repeats)
     grad = jax.jit(jax.grad(lambda p, t, b: loss_and_metrics(p, None, t, b, **loss_kw)[0]))
-    grad_s = _median_s(lambda: grad(params, teacher.params, batch), repeats)
+    grad_s = groups * _median_s(lambda: grad(params, teacher.params, batch), repeats)
     holder = {"state": jax.tree.map(lambda x: x.copy(), state)}
 
     def run_step():
-        holder["state"], m = step(holder["state"], batch, None, teacher.params)
+        holder["state"], m = step(holder["state"], full, None, teacher.params)
         return m
     step_s = _median_s(run_step, repeats)
+    batch = full
     real = int(np.asarray(batch.student_valid).sum())
     rows = batch.student_packed.tokens if batch.student_packed is not None else batch.student_tokens
     computed = int(np.prod(rows.shape))
@@ -216,6 +222,14 @@ def phases(teacher, student, sampler_spec, prompts_, tokens, valid, batch, state
             "phase_student_fwd_bwd_loss_s": grad_s - teacher_s,
             "phase_optimizer_s": step_s - grad_s, "real_tokens": real, "computed_tokens": computed,
             "padding_ratio": computed / real}
+
+
+def _micro_batch(batch, groups: int):
+    """The first of ``groups`` gradient-accumulation micro-batches: the first ``1 / groups`` of
+    every array's leading axis (rows, or packed groups), as ``train.step``'s split takes them."""
+    import jax
+
+    return jax.tree.map(lambda x: x[: x.shape[0] // groups], batch)
 
 
 def _params(state):
@@ -250,19 +264,25 @@ def bench_trl(teacher, student, ids, texts, args) -> dict:
     t_hf, s_hf = _torch_twin(teacher), _torch_twin(student).train()
     ds = Dataset.from_list([{"prompt": [{"role": "user", "content": t}]} for t in texts])
     with tempfile.TemporaryDirectory() as out:
-        cfg = DistillationConfig(output_dir=out, per_device_train_batch_size=len(texts),
+        # gradient accumulation as ours: one generation over every row, then grad_accum
+        # micro-batches of len / grad_accum rows (TRL's own _prepare_inputs buffering)
+        cfg = DistillationConfig(output_dir=out,
+                                 per_device_train_batch_size=len(texts) // args.grad_accum,
+                                 gradient_accumulation_steps=args.grad_accum,
                                  beta=1.0, temperature=1.0, max_completion_length=args.new_tokens,
                                  learning_rate=5e-5, use_cpu=True, report_to=[],
-                                 gradient_checkpointing=False, bf16=False, fp16=False)
+                                 gradient_checkpointing=args.remat != "none", bf16=False,
+                                 fp16=False)
         trainer = DistillationTrainer(model=s_hf, teacher_model=t_hf, args=cfg, train_dataset=ds,
                                       processing_class=hf_tok)
         trainer.create_optimizer()
-        trainer.current_gradient_accumulation_steps = 1  # normally set by trainer.train()
+        trainer.current_gradient_accumulation_steps = args.grad_accum  # set by trainer.train()
         inputs = next(iter(trainer.get_train_dataloader()))
         times, gen_tok, trained = [], [], []
         for i in range(args.warmup + args.repeats):
             t0 = time.perf_counter()
-            trainer.training_step(trainer.model, inputs, None)
+            for _ in range(args.grad_accum):   # generates on the first, reuses the buffer after
+                trainer.training_step(trainer.model, inputs, None)
             trainer.optimizer.step()
             trainer.optimizer.zero_grad()
             t1 = time.perf_counter()
@@ -274,6 +294,15 @@ def bench_trl(teacher, student, ids, texts, args) -> dict:
                 trained.append(sum(map(len, ids)) + len(texts) * args.new_tokens)
     row = _summary("trl DistillationTrainer", times, gen_tok, trained, student, teacher)
     row.update(gen_s=float("nan"), gen_tok_per_s=float("nan"))
+    return row
+
+
+def _announce(row: dict) -> dict:
+    """Print one side's figures as soon as they exist (a later side may run out of memory)."""
+    keys = ("iter_s", "gen_s", "update_s", "gen_tokens", "trained_tokens", "update_pct_peak")
+    print(f"{row['impl']}: " + ", ".join(f"{k} {row[k]:.3f}" for k in keys if k in row)
+          + (f", completion lengths {row['completion_lengths']}"
+             if "completion_lengths" in row else ""), flush=True)
     return row
 
 
@@ -299,12 +328,21 @@ def main() -> None:
                         "setting 2): 8 step-by-step chain-sum prompts x 4 samples, up to 256 new "
                         "tokens, EOS on (--batch / --samples / --new-tokens override)")
     p.add_argument("--samples", type=int, default=None, help="samples per prompt")
+    p.add_argument("--remat", default=None, choices=("none", "full", "dots", "dots_no_batch"),
+                   help="student rematerialisation (both sides: TRL's gradient checkpointing when "
+                        "not none); default none for demo, full for ragged")
+    p.add_argument("--grad-accum", type=int, default=None,
+                   help="micro-batches per update, both sides (default 1 for demo, 4 for ragged)")
     args = p.parse_args()
     ragged = args.setting == "ragged"
     if args.samples is None:
         args.samples = 4 if ragged else 1
     if ragged and args.new_tokens == 32:
         args.new_tokens = 256
+    if args.remat is None:
+        args.remat = "full" if ragged else "none"
+    if args.grad_accum is None:
+        args.grad_accum = 4 if ragged else 1
     if args.small:
         args.batch, args.new_tokens, args.repeats = 2, 8 if not ragged else 24, 2
     load = load_report()
@@ -313,12 +351,15 @@ def main() -> None:
     # n samples of a prompt = n rows of it (each row draws its own tokens); TRL gets the same rows
     ids, texts = [x for x in ids for _ in range(args.samples)], [t for t in texts
                                                                  for _ in range(args.samples)]
-    rows = [bench_opd_jax(teacher, student, ids, args, pack=not args.no_pack)]
+    print(f"setting {args.setting}: {len(ids)} rows ({args.batch} prompts x {args.samples}), "
+          f"up to {args.new_tokens} new tokens, remat {args.remat}, grad_accum {args.grad_accum}; "
+          f"load {load}", flush=True)
+    rows = [_announce(bench_opd_jax(teacher, student, ids, args, pack=not args.no_pack))]
     if args.pack_ab:
-        rows.append(bench_opd_jax(teacher, student, ids, args, pack=False))
+        rows.append(_announce(bench_opd_jax(teacher, student, ids, args, pack=False)))
     if not args.no_trl:
         try:
-            rows.append(bench_trl(teacher, student, ids, texts, args))
+            rows.append(_announce(bench_trl(teacher, student, ids, texts, args)))
         except Exception as e:  # noqa: BLE001 - a missing/changed TRL must not hide our numbers
             print(f"TRL side skipped: {type(e).__name__}: {e}")
     trl = next((r for r in rows if r["impl"].startswith("trl")), None)
