@@ -291,3 +291,37 @@ def test_continuous_batching_run_matches_plain(tmp_path):
         assert a["completion_len"] == b["completion_len"]
         np.testing.assert_allclose(b["loss"], a["loss"], rtol=1e-4, atol=1e-6)
         np.testing.assert_allclose(b["overlap"], a["overlap"], rtol=1e-5, atol=1e-6)
+
+
+def test_stages_hold_one_copy_of_the_student(tmp_path, monkeypatch):
+    """A run that loaded its own student hands each stage's state the previous weights (donated:
+    no second copy of the student beside the training state, ``make demo``'s 9.8 GB peak); a
+    caller's models keep their arrays (a study reuses them across arms)."""
+    from opd_jax.train import placement
+    from opd_jax.train.models import build_models
+
+    seen = []
+    original = placement.TrainMesh.init_state
+
+    def spy(self, init_fn, trainable, shardings, *, donate=False):
+        leaves = jax.tree.leaves(trainable)
+        state = original(self, init_fn, trainable, shardings, donate=donate)
+        big = max(leaves, key=lambda x: x.size)   # the embedding
+        alive = [a for a in jax.live_arrays() if a.shape == big.shape and a.dtype == big.dtype]
+        seen.append((donate, all(x.is_deleted() for x in leaves), len(alive)))
+        return state
+
+    monkeypatch.setattr(placement.TrainMesh, "init_state", spy)
+    cfg = _cfg(tmp_path)
+    run(cfg, progress=False)
+    # cold start and opd: donated, the input gone; alive: params + AdamW's mu and nu (the tiny
+    # teacher's embedding has another shape); before: 4 in cold start, 5 in opd
+    assert [s[:2] for s in seen] == [(True, True), (True, True)]
+    assert [s[2] for s in seen] == [3, 3]
+
+    seen.clear()
+    cfg = _cfg(tmp_path, "out_dir=" + str(tmp_path / "run2"))
+    models = build_models(cfg.teacher, cfg.student, seed=cfg.seed)
+    run(cfg, progress=False, models=models)
+    assert [s[:2] for s in seen] == [(False, False), (True, True)]   # the caller's copy stays
+    assert not any(x.is_deleted() for x in jax.tree.leaves(models.trainable))
