@@ -168,20 +168,31 @@ def train_step(state: TrainState, batch: RolloutBatch, frozen, teacher_args, *,
                  else jnp.zeros(mb.mask.shape[:1], jnp.int32))
         return (jax.tree.map(jnp.add, g_sum, g), l_sum + loss), (out, mb.mask, route)
 
-    zeros = jax.tree.map(jnp.zeros_like, state.trainable)
-    (grads, loss_sum), (outs, masks, routes) = jax.lax.scan(accumulate, (zeros, 0.0), micro)
-    grads = jax.tree.map(lambda g: g / grad_accum, grads)
-    loss = loss_sum / grad_accum
+    if grad_accum == 1:   # no accumulator: one gradient-sized buffer fewer
+        (loss, out), grads = grad_fn(state.trainable, frozen, teacher_args, batch, **kw)
+        route = (batch.teacher_route if batch.teacher_route is not None
+                 else jnp.zeros(batch.mask.shape[:1], jnp.int32))
+        outs, masks, routes = jax.tree.map(lambda x: x[None], (out, batch.mask, route))
+    else:
+        zeros = jax.tree.map(jnp.zeros_like, state.trainable)
+        (grads, loss_sum), (outs, masks, routes) = jax.lax.scan(accumulate, (zeros, 0.0), micro)
+        grads = jax.tree.map(lambda g: g / grad_accum, grads)
+        loss = loss_sum / grad_accum
 
-    updates, new_opt = optimizer.update(grads, state.opt_state, state.trainable)
-    new_trainable = optax.apply_updates(state.trainable, updates)
     # the global norm is finite iff every gradient entry is (or the squares overflow float32, a
     # gradient no update should take): one pass over the gradients serves the check and the metric
     grad_norm = optax.tree.norm(grads)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
-    new_trainable = keep(new_trainable, state.trainable)
-    new_opt = keep(new_opt, state.opt_state)
+
+    def update(args):
+        grads, opt_state, trainable = args
+        updates, new_opt = optimizer.update(grads, opt_state, trainable)
+        return optax.apply_updates(trainable, updates), new_opt
+
+    # a skipped update is a branch not taken (not a select between new and old state, which
+    # keeps both alive: +1 GB of temporaries on make demo's 135M student)
+    new_trainable, new_opt = jax.lax.cond(ok, update, lambda args: (args[2], args[1]),
+                                          (grads, state.opt_state, state.trainable))
     new_ema = state.ema
     if ema_decay is not None and state.ema is not None:
         new_ema = jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p, state.ema,
