@@ -94,13 +94,15 @@ _BYTES = {"f32": 4, "bf16": 2, "i32": 4, "bool": 1, "u32": 4}
 
 def _residual_bytes(spec, params, toks, valid):
     """Bytes of the activations the backward pass keeps (``print_saved_residuals``; the
-    parameters themselves excluded)."""
+    parameters themselves, and their bfloat16 casts under mixed precision, excluded: the
+    projections' custom VJP saves the weights as the layer scan receives them)."""
     import contextlib
     import io
     import re
 
     from jax.ad_checkpoint import print_saved_residuals
 
+    weight_shapes = {x.shape for x in jax.tree.leaves(params)}
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         print_saved_residuals(lambda p: spec.hidden(p, None, toks, valid).astype(jnp.float32)
@@ -108,7 +110,8 @@ def _residual_bytes(spec, params, toks, valid):
     total = 0
     for line in buf.getvalue().splitlines():
         m = re.match(r"(\w+)\[([\d,]*)\] (.*)", line)
-        if m and "from the argument" not in m.group(3):
+        shape = tuple(int(d) for d in m.group(2).split(",") if d) if m else None
+        if m and "from the argument" not in m.group(3) and shape not in weight_shapes:
             total += int(np.prod([int(d) for d in m.group(2).split(",") if d] or [1])) * \
                 _BYTES[m.group(1)]
     return total

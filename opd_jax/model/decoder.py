@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from opd_jax.model import lean_ops
 from opd_jax.model.config import ATTENTION_IMPLS, ModelConfig, param_shapes
 from opd_jax.model.layers import (
     apply_rope,
@@ -129,9 +130,9 @@ def _project(name: str, x: jax.Array, w: jax.Array, lora_l: dict | None, scale: 
     out_sub = x_sub[:2] + w_out
     # one 2-D [B*T, K] @ [K, N] dot: XLA CPU's dot emitter runs it ~15% faster forward (~9%
     # forward + backward) than the 3-/4-D einsum, whose backward adds a transposing copy fusion
-    # (benchmarks: BUILD_NOTES "2-D projections"); the reshapes are free (row-major, contiguous)
-    k = math.prod(w.shape[:len(w_in)])
-    y = jnp.dot(x.reshape(-1, k), w.reshape(k, -1)).reshape(*x.shape[:2], *w.shape[len(w_in):])
+    # (benchmarks: BUILD_NOTES "2-D projections"); its custom VJP saves x and w as given (the
+    # reshapes would otherwise be saved, stacked over the layer scan: copies of the weights)
+    y = lean_ops.project(x, w, len(w_in))
     if lora_l is not None and name in lora_l:
         a, b = lora_l[name]["a"], lora_l[name]["b"]
         xa = jnp.einsum(f"{x_sub},{w_in}r->{x_sub[:2]}r", x, a.astype(x.dtype))
@@ -279,10 +280,13 @@ def layer(config: ModelConfig, inputs: StepInputs, x_BxTxD: jax.Array, weights: 
         attn, new_kv = attention(q, k, v, mask_BxTxS), None
     x_BxTxD = x_BxTxD + _project("o", attn, p["o"], lora_l, scale)
     h = rms_norm(x_BxTxD, p["mlp_norm"], config.rms_eps)
-    gated = jax.nn.silu(_project("gate", h, p["gate"], lora_l, scale)) * _project(
-        "up", h, p["up"], lora_l, scale)
-    gated = constrain(gated, ("batch", "length", "mlp"))
-    x_BxTxD = x_BxTxD + _project("down", gated, p["down"], lora_l, scale)
+    gate = _project("gate", h, p["gate"], lora_l, scale)
+    up = _project("up", h, p["up"], lora_l, scale)
+    if lora_l is not None and "down" in lora_l:   # the adapter needs silu(gate) * up itself
+        down = _project("down", lean_ops.gated_mlp_input(gate, up), p["down"], lora_l, scale)
+    else:   # saves gate and up only; silu(gate) * up is recomputed for the backward pass
+        down = lean_ops.swiglu_down(gate, up, p["down"])
+    x_BxTxD = x_BxTxD + down
     return constrain(x_BxTxD, ("batch", "length", "embed")), new_kv
 
 

@@ -27,6 +27,7 @@ from opd_jax.sampling.sampler import Sampler
 from opd_jax.teacher.client import TeacherUnavailable
 from opd_jax.teacher.scores import student_topk_needed
 from opd_jax.train import distributed, gkd_mix, remote_teacher, rollout
+from opd_jax.train.host_memory import release_free_memory
 from opd_jax.train.metrics_log import to_python
 from opd_jax.train.objectives import reduction_fn, with_teacher_scores
 from opd_jax.train.placement import TrainMesh
@@ -190,6 +191,7 @@ def run_train_stage(ctx: RunContext, index: int, trainable, *, donate: bool = Fa
                       "train_s": t2 - t1, "tokens_per_s": gen_tokens / max(t2 - t0, 1e-9),
                       "curves": to_python(jax.device_get(metrics["curves"]))}
             ctx.log.write(record)
+            release_free_memory()   # the step's freed host memory back to the OS
             bar.update(1)
             # only what the stage computes (a cold start has no teacher overlap)
             shown = {"loss": f"{scalars['loss']:.4f}"}

@@ -1,0 +1,104 @@
+"""The decoder's projections and SwiGLU MLP with lean saved residuals (custom VJPs).
+
+Autodiff of ``x.reshape(-1, K) @ w.reshape(K, N)`` saves the *reshaped* ``x`` and ``w`` for the
+backward pass; inside the decoder's layer ``lax.scan`` every saved value is stacked over the
+layers, so the reshapes become copies: a second copy of the q/k/v/o weights and of their inputs.
+Autodiff of ``(silu(g) * u) @ w_down`` saves ``silu(g)``, its pieces and the product beside ``g``
+and ``u``: six ``[B, T, F]`` tensors a layer where two carry the information. On ``make demo``'s
+student (27 layers, 8 x 96 tokens, F = 1536) those are ~0.6 GB of the train step's 2.5 GB of
+temporaries (``BUILD_NOTES.md`` "make demo's memory").
+
+:func:`project` saves the operands as given (``x [B, T, *in]``, ``w [*in, *out]``: the scan's own
+inputs, which it forwards without a copy) and redoes the free reshapes in the backward pass.
+:func:`swiglu_down` saves ``g`` and ``u`` only and recomputes ``silu(g) * u`` (elementwise) for
+the weight gradient. Same dots, same FLOPs as before:
+
+.. math:: y = x W,\\quad \\partial x = \\partial y\\, W^\\top,\\quad \\partial W = x^\\top \\partial y
+
+.. math:: h = \\mathrm{silu}(g) \\odot u,\\ \\ \\partial u = \\mathrm{silu}(g) \\odot \\partial h,
+   \\ \\ \\partial g = u \\odot \\partial h \\odot \\sigma(g)\\,(1 + g\\,(1 - \\sigma(g)))
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from opd_jax.sharding import constrain
+
+__all__ = ["project", "swiglu_down", "gated_mlp_input"]
+
+_NN = (((1,), (0,)), ((), ()))   # [M, K] @ [K, N]
+_NT = (((1,), (1,)), ((), ()))   # [M, N] @ [K, N]^T
+_TN = (((0,), (0,)), ((), ()))   # [M, K]^T @ [M, N]
+
+
+def _dot(a, b, dims):
+    return lax.dot_general(a, b, dims, preferred_element_type=a.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def project(x_BxTxI: jax.Array, w_IxO: jax.Array, n_in: int) -> jax.Array:
+    """``x`` ``[B, T, *in]`` times ``w`` ``[*in, *out]`` (``n_in`` = len(in)) -> ``[B, T, *out]``,
+    as one 2-D ``[B*T, K] @ [K, N]`` dot (XLA CPU runs it faster than the 3-/4-D einsum)."""
+    dt = jnp.result_type(x_BxTxI, w_IxO)
+    k = math.prod(w_IxO.shape[:n_in])
+    y = _dot(x_BxTxI.reshape(-1, k).astype(dt), w_IxO.reshape(k, -1).astype(dt), _NN)
+    return y.reshape(*x_BxTxI.shape[:2], *w_IxO.shape[n_in:])
+
+
+def _project_fwd(x, w, n_in):
+    return project(x, w, n_in), (x, w)
+
+
+def _project_bwd(n_in, res, dy):
+    x, w = res
+    dt = jnp.result_type(x, w)
+    k = math.prod(w.shape[:n_in])
+    x2, w2 = x.reshape(-1, k).astype(dt), w.reshape(k, -1).astype(dt)
+    dy2 = dy.reshape(x2.shape[0], -1).astype(dt)
+    dx = _dot(dy2, w2, _NT).reshape(x.shape).astype(x.dtype)
+    return dx, _dot(x2, dy2, _TN).reshape(w.shape).astype(w.dtype)
+
+
+project.defvjp(_project_fwd, _project_bwd)
+
+
+def _gated(g, u):
+    return constrain(jax.nn.silu(g) * u, ("batch", "length", "mlp"))
+
+
+@jax.custom_vjp
+def swiglu_down(g_BxTxF: jax.Array, u_BxTxF: jax.Array, w_FxD: jax.Array) -> jax.Array:
+    """``(silu(g) * u) @ w_down``: ``[B, T, F]``, ``[B, T, F]``, ``[F, D]`` -> ``[B, T, D]``."""
+    return project(_gated(g_BxTxF, u_BxTxF), w_FxD, 1)
+
+
+def _swiglu_fwd(g, u, w):
+    return swiglu_down(g, u, w), (g, u, w)
+
+
+def _swiglu_bwd(res, dy):
+    g, u, w = res
+    h = _gated(g, u)                                    # recomputed: elementwise
+    dt = jnp.result_type(h, w)
+    F = w.shape[0]
+    dy2 = dy.reshape(-1, dy.shape[-1]).astype(dt)
+    dw = _dot(h.reshape(-1, F).astype(dt), dy2, _TN)
+    dh = _dot(dy2, w.astype(dt), _NT).reshape(h.shape).astype(h.dtype)
+    sig = jax.nn.sigmoid(g)
+    du = dh * (g * sig)
+    dg = dh * u * (sig * (1 + g * (1 - sig)))
+    return dg.astype(g.dtype), du.astype(u.dtype), dw.astype(w.dtype)
+
+
+swiglu_down.defvjp(_swiglu_fwd, _swiglu_bwd)
+
+
+def gated_mlp_input(g_BxTxF: jax.Array, u_BxTxF: jax.Array) -> jax.Array:
+    """``silu(g) * u``, the down projection's input (for the LoRA path, which needs it)."""
+    return _gated(g_BxTxF, u_BxTxF)
