@@ -1,5 +1,6 @@
 """Training engine: every objective, step properties, every stage kind, resume after kill -9."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -294,34 +295,57 @@ def test_continuous_batching_run_matches_plain(tmp_path):
 
 
 def test_stages_hold_one_copy_of_the_student(tmp_path, monkeypatch):
-    """A run that loaded its own student hands each stage's state the previous weights (donated:
-    no second copy of the student beside the training state, ``make demo``'s 9.8 GB peak); a
-    caller's models keep their arrays (a study reuses them across arms)."""
-    from opd_jax.train import placement
+    """A run that loaded its own student hands each train stage the only reference to the
+    previous weights: once the stage's state holds its copy, they are freed (no second copy of
+    the student beside the training state; ``make demo``'s peak). A caller's models, and weights
+    a teacher shares with the student (``derive``), stay intact."""
+    from opd_jax.train import stages
     from opd_jax.train.models import build_models
 
     seen = []
-    original = placement.TrainMesh.init_state
+    original = stages.make_train_step
 
-    def spy(self, init_fn, trainable, shardings, *, donate=False):
-        leaves = jax.tree.leaves(trainable)
-        state = original(self, init_fn, trainable, shardings, donate=donate)
-        big = max(leaves, key=lambda x: x.size)   # the embedding
-        alive = [a for a in jax.live_arrays() if a.shape == big.shape and a.dtype == big.dtype]
-        seen.append((donate, all(x.is_deleted() for x in leaves), len(alive)))
-        return state
+    def spying_step(**kw):   # counts at each stage's first step, after the stage set up
+        step_fn = original(**kw)
 
-    monkeypatch.setattr(placement.TrainMesh, "init_state", spy)
-    cfg = _cfg(tmp_path)
-    run(cfg, progress=False)
-    # cold start and opd: donated, the input gone; alive: params + AdamW's mu and nu (the tiny
-    # teacher's embedding has another shape); before: 4 in cold start, 5 in opd
-    assert [s[:2] for s in seen] == [(True, True), (True, True)]
-    assert [s[2] for s in seen] == [3, 3]
+        def step(state, *args):
+            if state.step == 0:
+                big = max(jax.tree.leaves(state.trainable), key=lambda x: x.size)
+                seen.append(sum(1 for a in jax.live_arrays()
+                                if a.shape == big.shape and a.dtype == big.dtype))
+            return step_fn(state, *args)
+        return step
+
+    monkeypatch.setattr(stages, "make_train_step", spying_step)
+    run(_cfg(tmp_path), progress=False)
+    # cold start and opd: the state's params + AdamW's mu and nu (the tiny teacher's embedding
+    # has another shape); before: 4 in cold start, 5 in opd
+    assert seen == [3, 3]
 
     seen.clear()
     cfg = _cfg(tmp_path, "out_dir=" + str(tmp_path / "run2"))
     models = build_models(cfg.teacher, cfg.student, seed=cfg.seed)
     run(cfg, progress=False, models=models)
-    assert [s[:2] for s in seen] == [(False, False), (True, True)]   # the caller's copy stays
+    assert seen == [4, 4]   # the caller's own copy stays alive (and usable) beside each state
     assert not any(x.is_deleted() for x in jax.tree.leaves(models.trainable))
+
+
+def test_a_student_sharing_the_teachers_arrays_trains_and_the_teacher_survives(tmp_path,
+                                                                              monkeypatch):
+    """``student.derive: {drop_layers: ...}`` shares arrays with the teacher (the embedding, as
+    make demo's student does); releasing the student's starting weights must leave the teacher's
+    usable for every later stage (a donated start deleted the teacher's embedding once)."""
+    from opd_jax.train import run as run_module
+    from opd_jax.train.models import build_models
+
+    def sharing(teacher_spec, student_spec, **kw):
+        m = build_models(teacher_spec, student_spec, **kw)
+        trainable = {**m.trainable, "embed": m.teacher.params["embed"]}   # one array, two users
+        return dataclasses.replace(m, trainable=trainable)
+
+    monkeypatch.setattr(run_module, "build_models", sharing)
+    cfg = _cfg(tmp_path, "student.derive.d_model=64", "student.derive.head_dim=16",
+               "student.derive.n_heads=4", "student.derive.n_kv_heads=2")
+    summary = run(cfg, progress=False)   # cold start, opd, eval: the teacher scores throughout
+    assert summary["stages"]["opd"]["steps"] == 3
+    assert "teacher_accuracy" in summary["evals"]["eval"]

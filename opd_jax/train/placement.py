@@ -166,12 +166,9 @@ class TrainMesh:
                           "frozen": self.params_shardings(student.config, frozen),
                           "teacher": teacher_sh}
 
-    def init_state(self, init_fn, trainable, shardings, *, donate: bool = False):
-        """``init_fn(trainable)`` built directly in ``shardings``. ``donate``: the caller gives
-        up ``trainable`` (its arrays are deleted and their memory becomes the state's weights,
-        instead of a second copy of the student living beside the state)."""
-        return jax.jit(init_fn, out_shardings=shardings,
-                       donate_argnums=(0,) if donate else ())(trainable)
+    def init_state(self, init_fn, trainable, shardings):
+        """``init_fn(trainable)`` built directly in ``shardings``."""
+        return jax.jit(init_fn, out_shardings=shardings)(trainable)
 
     # --- placement ------------------------------------------------------------------------------
     def place(self, tree, shardings):

@@ -175,15 +175,13 @@ def _run_stages(cfg: RunConfig, run_dir, *, progress: bool, models, mesh, data) 
     train, heldout = data if data is not None else load_data(cfg)
     tm = mesh or build_mesh(cfg.mesh)
     # student.remat / attention and teacher.attention come from the specs (build_models)
-    # the student's weights are ours to hand to the first stage's state when we loaded them; a
-    # caller's models (a study's arms, a notebook) keep theirs, so that stage copies them
-    owned = models is None
     models = models or build_models(cfg.teacher, cfg.student, seed=cfg.seed,
                                     teachers=cfg.teachers)
     models = place_models(models, tm)
-    trainable = models.trainable
-    # the stages get the models without the starting weights: each stage's result is the only
-    # live copy of the student between stages (no stale starting copy beside the training state)
+    # the student's weights live in `current` alone (the stages get the models without them), and
+    # a train stage is handed the only reference: the previous weights are freed once its state
+    # holds its copy, instead of staying alive beside it (a caller's own models keep theirs)
+    current = {"trainable": models.trainable}
     models = dataclasses.replace(models, trainable=None)
     ctx = RunContext(cfg, models, train, heldout, make_template(cfg),
                      make_log(run_dir, cfg.log.tensorboard), progress, mesh=tm)
@@ -191,13 +189,13 @@ def _run_stages(cfg: RunConfig, run_dir, *, progress: bool, models, mesh, data) 
     first_eval = next((i for i, s in enumerate(cfg.stages) if s.kind == "eval"), None)
     trains_before = first_eval is not None and any(s.trains for s in cfg.stages[:first_eval])
     if trains_before:
-        evals[INITIAL_EVAL] = run_eval_stage(ctx, first_eval, trainable, name=INITIAL_EVAL)
+        evals[INITIAL_EVAL] = run_eval_stage(ctx, first_eval, current["trainable"],
+                                             name=INITIAL_EVAL)
     for i, stage in enumerate(cfg.stages):
         if stage.trains:
-            trainable = run_train_stage(ctx, i, trainable, donate=owned)
-            owned = True   # a stage's result is ours
+            current["trainable"] = run_train_stage(ctx, i, current.pop("trainable"))
         else:
-            evals[stage.name] = run_eval_stage(ctx, i, trainable)
+            evals[stage.name] = run_eval_stage(ctx, i, current["trainable"])
     summary = summarize(cfg, ctx.log, evals)
     if distributed.is_primary():
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))

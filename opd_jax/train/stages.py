@@ -98,12 +98,13 @@ class StageRun:
         return self.tm.place(batch, self.batch_shardings), out, extra
 
 
-def run_train_stage(ctx: RunContext, index: int, trainable, *, donate: bool = False) -> Any:
+def run_train_stage(ctx: RunContext, index: int, trainable) -> Any:
     """Run (or resume) train stage ``index``; returns the student's trainable tree at its end.
 
-    ``donate``: the caller holds no other use for ``trainable``: the stage's state takes over its
-    memory (its arrays are deleted) rather than copying it, so one copy of the student fewer is
-    alive during the stage (``make demo``: 0.5 GB)."""
+    The stage drops its reference to ``trainable`` once its state holds a copy: a caller that
+    passes the only reference (``train.run`` does) frees the old weights for the stage's length,
+    one copy of the student fewer (``make demo``: 0.5 GB), unless something else still uses them
+    (a caller's models, a teacher derived from the same arrays)."""
     cfg, m = ctx.cfg, ctx.models
     stage = cfg.resolve_stage(index)
     kind = kind_of(stage)
@@ -142,7 +143,7 @@ def run_train_stage(ctx: RunContext, index: int, trainable, *, donate: bool = Fa
             return state.trainable
         it.set_state(restored.extra["data"])
     else:
-        state = tm.init_state(init_fn, trainable, shardings["state"], donate=donate)
+        state = tm.init_state(init_fn, trainable, shardings["state"])
     del trainable
     ctx.log.truncate(stage.name, start)
 
