@@ -68,14 +68,16 @@ def _project_bwd(n_in, res, dy):
 project.defvjp(_project_fwd, _project_bwd)
 
 
-def _gated(g, u):
-    return constrain(jax.nn.silu(g) * u, ("batch", "length", "mlp"))
+def gated_mlp_input(g_BxTxF: jax.Array, u_BxTxF: jax.Array) -> jax.Array:
+    """``silu(g) * u``, the down projection's input (the LoRA path calls it: its adapter needs
+    the product itself)."""
+    return constrain(jax.nn.silu(g_BxTxF) * u_BxTxF, ("batch", "length", "mlp"))
 
 
 @jax.custom_vjp
 def swiglu_down(g_BxTxF: jax.Array, u_BxTxF: jax.Array, w_FxD: jax.Array) -> jax.Array:
     """``(silu(g) * u) @ w_down``: ``[B, T, F]``, ``[B, T, F]``, ``[F, D]`` -> ``[B, T, D]``."""
-    return project(_gated(g_BxTxF, u_BxTxF), w_FxD, 1)
+    return project(gated_mlp_input(g_BxTxF, u_BxTxF), w_FxD, 1)
 
 
 def _swiglu_fwd(g, u, w):
@@ -84,21 +86,12 @@ def _swiglu_fwd(g, u, w):
 
 def _swiglu_bwd(res, dy):
     g, u, w = res
-    h = _gated(g, u)                                    # recomputed: elementwise
-    dt = jnp.result_type(h, w)
-    F = w.shape[0]
-    dy2 = dy.reshape(-1, dy.shape[-1]).astype(dt)
-    dw = _dot(h.reshape(-1, F).astype(dt), dy2, _TN)
-    dh = _dot(dy2, w.astype(dt), _NT).reshape(h.shape).astype(h.dtype)
+    h = gated_mlp_input(g, u)                           # recomputed: elementwise
+    dh, dw = _project_bwd(1, (h, w), dy)                # the down projection's own backward
     sig = jax.nn.sigmoid(g)
     du = dh * (g * sig)
     dg = dh * u * (sig * (1 + g * (1 - sig)))
-    return dg.astype(g.dtype), du.astype(u.dtype), dw.astype(w.dtype)
+    return dg.astype(g.dtype), du.astype(u.dtype), dw
 
 
 swiglu_down.defvjp(_swiglu_fwd, _swiglu_bwd)
-
-
-def gated_mlp_input(g_BxTxF: jax.Array, u_BxTxF: jax.Array) -> jax.Array:
-    """``silu(g) * u``, the down projection's input (for the LoRA path, which needs it)."""
-    return _gated(g_BxTxF, u_BxTxF)
