@@ -162,6 +162,38 @@ def test_attention_over_cache_layout_matches_float64_reference():
     np.testing.assert_allclose(np.asarray(got), np.asarray(same), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("multiply_reduce", [True, False])
+def test_one_query_attention_matches_float64_and_ignores_masked_slots(monkeypatch, multiply_reduce):
+    # a decode step (T = 1) runs as multiply-reduces on the CPU (``ONE_QUERY_MULTIPLY_REDUCE``),
+    # as the batched einsum elsewhere: both against the float64 definition; masked slots holding
+    # huge finite garbage change nothing (their probabilities are exactly 0)
+    from opd_jax.model import layers
+
+    monkeypatch.setattr(layers, "ONE_QUERY_MULTIPLY_REDUCE", multiply_reduce)
+    rng = np.random.default_rng(1)
+    B, S, H, G, E = 3, 9, 6, 2, 8
+    q = rng.standard_normal((B, 1, H, E))
+    k = rng.standard_normal((B, G, S, E))
+    v = rng.standard_normal((B, G, S, E))
+    mask = rng.random((B, 1, S)) < 0.6
+    mask[..., 0] = True
+    kh, vh = (np.repeat(x, H // G, axis=1) for x in (k, v))          # [B, H, S, E]
+    s = np.einsum("bthe,bhse->bhts", q, kh) / np.sqrt(E)
+    s = np.where(mask[:, None], s, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    ref = np.einsum("bhts,bhse->bthe", p, vh)
+    f = jax.jit(lambda *a: layers.attention_over_cache(*a))   # a fresh trace per flag
+    got = np.asarray(f(*(jnp.asarray(x, jnp.float32) for x in (q, k, v)), jnp.asarray(mask)))
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+    garbage = np.where(mask[:, :, :, None], 0.0, 1e6)               # [B, 1, S, 1] over G
+    k2, v2 = k + garbage, v - garbage
+    got2 = np.asarray(f(*(jnp.asarray(x, jnp.float32) for x in (q, k2, v2)), jnp.asarray(mask)))
+    np.testing.assert_allclose(got2, got, rtol=1e-6, atol=1e-6)
+    text = f.lower(*(jnp.asarray(x, jnp.float32) for x in (q, k, v)), jnp.asarray(mask)).as_text()
+    assert ("dot_general" not in text) == multiply_reduce
+
+
 def test_cache_layout_is_heads_before_slots():
     config = FAMILIES["llama"]
     cache = dec.init_cache(config, batch=2, size=11)

@@ -85,10 +85,36 @@ def attention_over_cache(q_BxTxHxE: jax.Array, k_BxGxSxE: jax.Array, v_BxGxSxE: 
     sample there), and the CPU computes in float32 anyway; accelerators keep the narrow inputs
     with float32 accumulation. The result has ``q``'s dtype either way."""
     dtype = q_BxTxHxE.dtype
-    if jax.default_backend() == "cpu" and dtype != jnp.float32:
+    on_cpu = jax.default_backend() == "cpu"
+    if on_cpu and dtype != jnp.float32:
         q_BxTxHxE, k_BxGxSxE, v_BxGxSxE = (x.astype(jnp.float32)
                                            for x in (q_BxTxHxE, k_BxGxSxE, v_BxGxSxE))
+    if on_cpu and q_BxTxHxE.shape[1] == 1 and ONE_QUERY_MULTIPLY_REDUCE:
+        return _one_query_attention(q_BxTxHxE, k_BxGxSxE, v_BxGxSxE, mask_BxTxS).astype(dtype)
     return _gqa_attention(q_BxTxHxE, k_BxGxSxE, v_BxGxSxE, mask_BxTxS, "bgse").astype(dtype)
+
+
+# A decode step's attention (one query per row) on the CPU as broadcast multiply-reduces instead
+# of batched dots: XLA CPU runs the ``B * G`` tiny ``[R, E] x [E, S]`` dots of the einsum at
+# 4-6 GB/s and the fused multiply-reduce loops at 11-14 GB/s (B = 32, S = 191 / 386, SmolLM2
+# shapes: 1.49 -> 0.82 ms and 4.31 -> 1.38 ms a layer; BUILD_NOTES "The B = 32 decode step").
+# On an H200 the einsum won (session 9, ``benchmarks/device_decode.py``), so accelerators keep it.
+ONE_QUERY_MULTIPLY_REDUCE = True
+
+
+def _one_query_attention(q_Bx1xHxE: jax.Array, k_BxGxSxE: jax.Array, v_BxGxSxE: jax.Array,
+                         mask_Bx1xS: jax.Array) -> jax.Array:
+    """``attention_over_cache`` for ``T = 1`` as multiply-reduces (same math, float32):
+    ``s_bgrs = sum_e q_bgre k_bgse / sqrt(E)``, ``o_bgre = sum_s softmax_s(s_bgrs + m_bs) v_bgse``."""
+    B, _, H, E = q_Bx1xHxE.shape
+    G = k_BxGxSxE.shape[1]
+    q_BxGxRxE = q_Bx1xHxE.reshape(B, G, H // G, E).astype(jnp.float32)
+    scores_BxGxRxS = jnp.sum(q_BxGxRxE[:, :, :, None, :] * k_BxGxSxE[:, :, None, :, :],
+                             axis=-1) / math.sqrt(E)
+    scores_BxGxRxS = jnp.where(mask_Bx1xS[:, None, :, :], scores_BxGxRxS, MASK_VALUE)
+    probs_BxGxRxS = jax.nn.softmax(scores_BxGxRxS, axis=-1)
+    out_BxGxRxE = jnp.sum(probs_BxGxRxS[..., None] * v_BxGxSxE[:, :, None, :, :], axis=-2)
+    return out_BxGxRxE.reshape(B, 1, H, E)
 
 
 # --- blocked (flash-style) attention ----------------------------------------------------------
