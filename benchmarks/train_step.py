@@ -22,6 +22,7 @@ per trained token, plus attention) against the 315 GFLOP/s float32 matmul peak.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -35,7 +36,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import F32_MATMUL_PEAK_GFLOPS, RESULTS_DIR, load_report, machine_info, print_table, write_json  # noqa: E402
 
 
-def build(small: bool):
+def build(small: bool, attention: str | None = None):
+    import dataclasses
+
     import jax
 
     from opd_jax.model.config import ModelConfig
@@ -57,6 +60,10 @@ def build(small: bool):
 
         teacher, drop = default_teacher(), [10, 15, 20]
     scfg, sparams = derive_student(teacher.config, teacher.params, drop_layers=drop)
+    if attention is not None:   # how full-sequence attention runs (both models; not the math)
+        teacher = Model(dataclasses.replace(teacher.config, attention=attention), teacher.params,
+                        teacher.tokenizer)
+        scfg = dataclasses.replace(scfg, attention=attention)
     return teacher, Model(scfg, sparams, teacher.tokenizer)
 
 
@@ -333,7 +340,14 @@ def main() -> None:
                         "not none); default none for demo, full for ragged")
     p.add_argument("--grad-accum", type=int, default=None,
                    help="micro-batches per update, both sides (default 1 for demo, 4 for ragged)")
+    p.add_argument("--attention", default=None, choices=("dense", "blocked"),
+                   help="our models' full-sequence attention (default: the config's, dense); TRL "
+                        "keeps transformers' default (sdpa)")
     args = p.parse_args()
+    # as the opd-jax command runs: glibc's huge-page malloc (both sides share this process)
+    from opd_jax.train.host_memory import reexec_with_huge_pages
+
+    reexec_with_huge_pages()
     ragged = args.setting == "ragged"
     if args.samples is None:
         args.samples = 4 if ragged else 1
@@ -346,13 +360,14 @@ def main() -> None:
     if args.small:
         args.batch, args.new_tokens, args.repeats = 2, 8 if not ragged else 24, 2
     load = load_report()
-    teacher, student = build(args.small)
+    teacher, student = build(args.small, args.attention)
     ids, texts = prompts(teacher.tokenizer, args.batch, ragged=ragged)
     # n samples of a prompt = n rows of it (each row draws its own tokens); TRL gets the same rows
     ids, texts = [x for x in ids for _ in range(args.samples)], [t for t in texts
                                                                  for _ in range(args.samples)]
     print(f"setting {args.setting}: {len(ids)} rows ({args.batch} prompts x {args.samples}), "
-          f"up to {args.new_tokens} new tokens, remat {args.remat}, grad_accum {args.grad_accum}; "
+          f"up to {args.new_tokens} new tokens, remat {args.remat}, grad_accum {args.grad_accum}, "
+          f"attention {student.config.attention}, GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES')}; "
           f"load {load}", flush=True)
     rows = [_announce(bench_opd_jax(teacher, student, ids, args, pack=not args.no_pack))]
     if args.pack_ab:

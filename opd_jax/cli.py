@@ -388,5 +388,15 @@ def main(argv=None) -> int:
         return 2
 
 
+def entry() -> int:
+    """The ``opd-jax`` command: :func:`main` after restarting once with glibc's huge-page malloc
+    (:func:`opd_jax.train.host_memory.reexec_with_huge_pages`; ``OPD_JAX_HUGE_PAGES=0`` skips it).
+    Tests and other Python callers use :func:`main`, which never restarts the process."""
+    from opd_jax.train.host_memory import reexec_with_huge_pages
+
+    reexec_with_huge_pages()
+    return main()
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(entry())

@@ -39,3 +39,41 @@ def test_freed_heap_holes_go_back_to_the_os():
 def test_without_malloc_trim_it_is_a_no_op(monkeypatch):
     monkeypatch.setattr(host_memory, "_malloc_trim", lambda: None)
     assert host_memory.release_free_memory() is False
+
+
+def test_huge_pages_env_adds_the_tunable_once_and_respects_the_switch():
+    from opd_jax.train.host_memory import HUGE_PAGES_TUNABLE, huge_pages_env
+
+    on = dict(glibc_ok=True, thp_ok=True)
+    env = huge_pages_env({"PATH": "/bin"}, **on)
+    assert env == {"PATH": "/bin", "GLIBC_TUNABLES": HUGE_PAGES_TUNABLE}
+    kept = huge_pages_env({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, **on)
+    assert kept["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:" + HUGE_PAGES_TUNABLE
+    # a restarted process (tunable present, any value) never restarts again
+    assert huge_pages_env(env, **on) is None
+    assert huge_pages_env({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, **on) is None
+    assert huge_pages_env({"OPD_JAX_HUGE_PAGES": "0"}, **on) is None
+    assert huge_pages_env({}, glibc_ok=False, thp_ok=True) is None
+    assert huge_pages_env({}, glibc_ok=True, thp_ok=False) is None
+
+
+def test_reexec_restarts_the_process_with_the_tunable_where_it_helps():
+    import os
+    import subprocess
+    import sys
+
+    from opd_jax.train.host_memory import huge_pages_env
+
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "OPD_JAX_HUGE_PAGES")}
+    code = ("import os, sys; print('start', flush=True); "
+            "from opd_jax.train.host_memory import reexec_with_huge_pages; "
+            "reexec_with_huge_pages(); print(os.environ.get('GLIBC_TUNABLES'), sys.argv[1:])")
+    out = subprocess.run([sys.executable, "-c", code, "x", "--y"], env=env, capture_output=True,
+                         text=True, check=True).stdout.split("\n")
+    if huge_pages_env(env) is None:        # not glibc >= 2.35 with THP: nothing happens
+        assert out[:2] == ["start", "None ['x', '--y']"]
+    else:                                  # restarted once (two "start"), same arguments
+        assert out[:3] == ["start", "start", "glibc.malloc.hugetlb=1 ['x', '--y']"]
+    off = subprocess.run([sys.executable, "-c", code], env={**env, "OPD_JAX_HUGE_PAGES": "0"},
+                         capture_output=True, text=True, check=True).stdout.split("\n")
+    assert off[:2] == ["start", "None []"]
