@@ -97,7 +97,7 @@ def attention_over_cache(q_BxTxHxE: jax.Array, k_BxGxSxE: jax.Array, v_BxGxSxE: 
 # A decode step's attention (one query per row) on the CPU as broadcast multiply-reduces instead
 # of batched dots: XLA CPU runs the ``B * G`` tiny ``[R, E] x [E, S]`` dots of the einsum at
 # 4-6 GB/s and the fused multiply-reduce loops at 11-14 GB/s (B = 32, S = 191 / 386, SmolLM2
-# shapes: 1.49 -> 0.82 ms and 4.31 -> 1.38 ms a layer; BUILD_NOTES "The B = 32 decode step").
+# shapes: 1.49 -> 0.82 ms and 4.31 -> 1.38 ms a layer; BUILD_NOTES "Session 10").
 # On an H200 the einsum won (session 9, ``benchmarks/device_decode.py``), so accelerators keep it.
 ONE_QUERY_MULTIPLY_REDUCE = True
 
