@@ -9,10 +9,11 @@ every heap. It is a no-op elsewhere (musl, macOS, Windows: no ``malloc_trim``).
 XLA CPU allocates each step's temporaries (1.8 GB on ``make demo``'s train step) as fresh
 ``mmap`` blocks: every 4 KiB page is faulted in and zeroed by the kernel on first touch, about
 500,000 minor page faults per demo step. With glibc's ``glibc.malloc.hugetlb=1`` tunable (glibc
-2.35+) malloc asks for transparent huge pages (``madvise(MADV_HUGEPAGE)``) and the same step takes
-~2,700 faults and runs 5-10% faster (BUILD_NOTES "Session 10", huge pages). glibc reads tunables only at
-start-up, so :func:`reexec_with_huge_pages` restarts the process (same pid, ``execv``) with the
-tunable added; the ``opd-jax`` command does that first. ``OPD_JAX_HUGE_PAGES=0`` turns it off.
+2.35+) malloc asks for transparent huge pages (``madvise(MADV_HUGEPAGE)``): the same step takes
+~2,700 faults and runs 5-10% faster alone, ~3% inside ``make demo`` (BUILD_NOTES "Session 10",
+huge pages). glibc reads tunables only at start-up, so :func:`reexec_with_huge_pages` restarts
+the process (same pid, ``execv``) with the tunable added; the ``opd-jax`` command does that first.
+``OPD_JAX_HUGE_PAGES=0`` turns it off.
 """
 
 from __future__ import annotations
