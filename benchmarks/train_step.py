@@ -61,8 +61,8 @@ def build(small: bool, attention: str | None = None):
         teacher, drop = default_teacher(), [10, 15, 20]
     scfg, sparams = derive_student(teacher.config, teacher.params, drop_layers=drop)
     if attention is not None:   # how full-sequence attention runs (both models; not the math)
-        teacher = Model(dataclasses.replace(teacher.config, attention=attention), teacher.params,
-                        teacher.tokenizer)
+        teacher = dataclasses.replace(
+            teacher, config=dataclasses.replace(teacher.config, attention=attention))
         scfg = dataclasses.replace(scfg, attention=attention)
     return teacher, Model(scfg, sparams, teacher.tokenizer)
 
