@@ -135,7 +135,7 @@ def bench_opd_jax(teacher, student, ids, args, pack: bool = True) -> dict:
                    reduction=losses.token_mean, chunk_size=512)
     step = make_train_step(optimizer=opt, grad_accum=args.grad_accum, **loss_kw)
     state = init_state(student.params, opt, 0)
-    times, gen_tok, trained, compile_s, lengths = [], [], [], None, []
+    times, gen_tok, trained, compile_s, lengths, faults = [], [], [], None, [], []
     for i in range(args.warmup + args.repeats):
         t0 = time.perf_counter()
         out = sampler(student.params if i == 0 else _params(state), tokens, valid,
@@ -143,10 +143,11 @@ def bench_opd_jax(teacher, student, ids, args, pack: bool = True) -> dict:
         batch = _pack(assemble(prompts_, out.tokens, out.mask, out.logprobs_full), student,
                       teacher, pack, args.grad_accum)
         jax.block_until_ready(batch)
-        t1 = time.perf_counter()
+        t1, f1 = time.perf_counter(), _minor_faults()
         state, m = step(state, batch, None, teacher.params)
         jax.block_until_ready(m)
         t2 = time.perf_counter()
+        faults.append(_minor_faults() - f1)
         if i == 0:
             compile_s = t2 - t0
         if i >= args.warmup:
@@ -156,6 +157,8 @@ def bench_opd_jax(teacher, student, ids, args, pack: bool = True) -> dict:
             lengths += np.asarray(out.mask).sum(axis=1).astype(int).tolist()
     extra = {"first_iteration_s (incl. compile)": compile_s, "loss_last": float(m["scalars"]["loss"]),
              "compiled_step_shapes": step._cache_size(),
+             "update_s_each": [round(t[2], 3) for t in times],
+             "update_minor_faults_each": faults[args.warmup:],
              "completion_lengths": length_stats(lengths)}
     if args.phases:
         extra.update(phases(teacher, student, (sampler, args.new_tokens, tok), prompts_, tokens,
@@ -163,6 +166,13 @@ def bench_opd_jax(teacher, student, ids, args, pack: bool = True) -> dict:
                             args.grad_accum))
     return _summary("opd_jax" if pack else "opd_jax unpacked", times, gen_tok, trained, student,
                     teacher, extra=extra)
+
+
+def _minor_faults() -> int:
+    """This process's minor page faults so far (XLA CPU's fresh temporaries fault page by page)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def _median_s(fn, repeats: int) -> float:
@@ -309,7 +319,11 @@ def _announce(row: dict) -> dict:
     keys = ("iter_s", "gen_s", "update_s", "gen_tokens", "trained_tokens", "update_pct_peak")
     print(f"{row['impl']}: " + ", ".join(f"{k} {row[k]:.3f}" for k in keys if k in row)
           + (f", completion lengths {row['completion_lengths']}"
-             if "completion_lengths" in row else ""), flush=True)
+             if "completion_lengths" in row else "")
+          + (f", update_s_each {row['update_s_each']}" if "update_s_each" in row else "")
+          + (f", faults {row['update_minor_faults_each']}"
+             if "update_minor_faults_each" in row else ""),
+          flush=True)
     return row
 
 

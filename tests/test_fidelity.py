@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from opd_jax import losses
+from opd_jax import losses, metrics
 from opd_jax.config import ConfigError, RunConfig, from_dict, load_config
 from opd_jax.config.loss import LossSpec
 from opd_jax.sampling.strategies import Sampling, draw
@@ -49,6 +49,38 @@ def _grad(spec, s, t, ex):
 # ------------------------------------------------------------------------------------------
 # config: no silent fields, no hidden defaults
 # ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fields", [
+    {"objective": "reverse_kl"},
+    {"objective": "forward_kl", "temperature": 1.3, "teacher_temperature": 0.6},
+    {"objective": "generalized_jsd", "beta": 0.3, "pointwise_clip": 0.05},
+    {"objective": "skew_reverse_kl", "alpha": 0.2},
+])
+def test_divergences_share_their_log_softmax_with_the_metrics(fields):
+    """The full-vocabulary path computes each side's log-softmax once for loss and metrics:
+    loss, gradient and every metric equal the separate computations (float32 rounding)."""
+    s, t, ex = _inputs(seed=7)
+    ex = {**ex, "mask": ex["mask"].at[0].set(False)}
+    s = s.at[0].set(jnp.nan)   # a masked row of garbage stays out of loss, gradient and metrics
+    spec = LossSpec(**fields)
+    fused = make_chunk_fn(spec, metrics_k=4)
+
+    def loss(z):
+        return fused(z, t, ex)["loss"].sum()
+
+    got, grad = fused(s, t, ex), jax.grad(loss)(s)
+    want_loss = make_chunk_fn(spec, with_metrics=False)(s, t, ex)["loss"]
+    np.testing.assert_allclose(got["loss"], want_loss, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(grad, _grad(spec, s, t, ex), rtol=1e-5, atol=1e-7)
+    assert np.all(np.isfinite(grad)) and np.all(grad[0] == 0.0)
+    want = metrics.mechanism_metrics_from_logits(
+        jnp.where(ex["mask"][:, None], s, 0.0), t, ex["tokens"], k=4, where=ex["mask"],
+        temperature=spec.temperature, teacher_temperature=spec.resolved_teacher_temperature,
+        sampler_logprobs=ex["sampler_logprobs"])
+    for name, value in want.items():
+        np.testing.assert_allclose(got[name], value, rtol=2e-5, atol=2e-6, err_msg=name)
+    assert np.isfinite(got["sampled_kl_" + spec.estimator]).all()
 
 
 @pytest.mark.parametrize("fields,field", [

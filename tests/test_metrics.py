@@ -102,6 +102,24 @@ def test_dense_metrics_match_float64_reference():
         assert np.all(want[f"{side}_shared_mass"] <= want[f"{side}_topk_mass"] + 1e-12)
 
 
+def test_metrics_from_logprobs_match_float64_reference():
+    """What the train step's divergences hand over: log-probs at each side's temperature."""
+    hs, ws, ht, wt, tokens, where, sampler = _inputs(seed=4)
+    s_logits, t_logits, temp, t_temp = hs @ ws, ht @ wt, 1.1, 0.7
+    got = jax.jit(lambda s, t: metrics.mechanism_metrics_from_logprobs(
+        jax.nn.log_softmax(s / temp), jax.nn.log_softmax(t / t_temp), tokens, k=K, where=where,
+        sampler_logprobs=sampler))(s_logits, t_logits)
+    want = _reference(s_logits, t_logits, tokens, sampler, K, temp, t_temp)
+    assert set(got) == set(want)
+    m = np.asarray(where)
+    for name, ref in want.items():
+        x = np.asarray(got[name])
+        np.testing.assert_allclose(x[m], ref[m], rtol=1e-5, atol=2e-5, err_msg=name)
+        assert np.all(x[~m] == 0.0), name
+    with pytest.raises(ValueError, match="must match"):
+        metrics.mechanism_metrics_from_logprobs(s_logits, t_logits[..., :-1], tokens)
+
+
 def test_teacher_temperature_and_intersection_means_match_reference():
     """A separate teacher temperature; the paper's shared mass averaged over intersecting
     positions only, against thunlp's formula (ray_trainer.py:1448-1467) on sets in numpy."""

@@ -54,6 +54,7 @@ __all__ = [
     "mask_tokens",
     "mixture_logprobs",
     "normalized_logprobs",
+    "pair_logprobs",
     "reverse_kl",
     "reverse_kl_from_logprobs",
     "reverse_kl_terms",

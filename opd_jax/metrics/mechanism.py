@@ -28,6 +28,7 @@ __all__ = [
     "intersection_means",
     "mechanism_metrics",
     "mechanism_metrics_from_logits",
+    "mechanism_metrics_from_logprobs",
     "mechanism_metrics_from_teacher_topk",
 ]
 
@@ -42,7 +43,11 @@ class _Side(NamedTuple):
 
 
 def _side(logits_xV: jax.Array, tokens: jax.Array, inv_temp: float, k: int) -> _Side:
-    logp = jax.nn.log_softmax(logits_xV.astype(jnp.float32) * inv_temp, axis=-1)
+    return _side_from_logprobs(
+        jax.nn.log_softmax(logits_xV.astype(jnp.float32) * inv_temp, axis=-1), tokens, k)
+
+
+def _side_from_logprobs(logp: jax.Array, tokens: jax.Array, k: int) -> _Side:
     top, ids = top_k(logp, k)
     p = jnp.exp(logp)
     tok = jnp.take_along_axis(logp, tokens[..., None].astype(jnp.int32), axis=-1)[..., 0]
@@ -85,6 +90,10 @@ def _metrics_from_logits(
     s = _side(student_logits, tokens, 1.0 / temperature, k)
     t_temp = temperature if teacher_temperature is None else teacher_temperature
     t = _side(teacher_logits, tokens, 1.0 / t_temp, k)
+    return _metrics_from_sides(s, t, sampler_logprobs, where)
+
+
+def _metrics_from_sides(s: _Side, t: _Side, sampler_logprobs, where) -> dict[str, jax.Array]:
     return {
         **_topk_metrics(s.top_xK, s.ids_xK, t.top_xK, t.ids_xK, where),
         "student_entropy": mask_tokens(s.entropy, where),
@@ -162,6 +171,45 @@ def mechanism_metrics_from_logits(
         temperature=temperature,
         teacher_temperature=teacher_temperature,
     )
+
+
+def mechanism_metrics_from_logprobs(
+    student_logp: jax.Array,
+    teacher_logp: jax.Array,
+    tokens: jax.Array,
+    *,
+    k: int = 16,
+    where: jax.Array | None = None,
+    sampler_logprobs: jax.Array | None = None,
+) -> dict[str, jax.Array]:
+    r"""All per-token mechanism metrics from normalised log-probs (what a loss already computed).
+
+    Same outputs as :func:`mechanism_metrics_from_logits` with
+    ``student_logp = log_softmax(student_logits / temperature)`` (and the teacher's at its own
+    temperature): a loss that has both log-probs in hand (the train step's chunk function) passes
+    them here instead of paying two more vocabulary-wide log-softmaxes per position.
+
+    Args:
+      student_logp: ``[..., V]`` student log-probs; teacher_logp: ``[..., V]`` teacher log-probs.
+      tokens: ``[...]`` sampled token ids.
+      k: ``K``, size of the top-k sets.
+      where: ``[...]`` bool mask of valid tokens; ``None`` = all.
+      sampler_logprobs: optional ``[...]`` sampler log-probs (adds the gap metrics).
+
+    Returns:
+      dict of ``[...]`` float32 arrays, ``0`` where masked.
+    """
+    if student_logp.shape != teacher_logp.shape:
+        raise ValueError(
+            f"student_logp {student_logp.shape} and teacher_logp {teacher_logp.shape} must match"
+        )
+    _check_metric_inputs(tokens, where, sampler_logprobs, student_logp.shape[:-1])
+    valid = jnp.ones(tokens.shape, bool) if where is None else where.astype(bool)
+    sg = lax.stop_gradient
+    s = _side_from_logprobs(sg(student_logp).astype(jnp.float32), tokens, k)
+    t = _side_from_logprobs(sg(teacher_logp).astype(jnp.float32), tokens, k)
+    return _metrics_from_sides(s, t, None if sampler_logprobs is None else sg(sampler_logprobs),
+                               valid)
 
 
 def mechanism_metrics(

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 
 from opd_jax import losses
 from opd_jax.config.loss import LossSpec
-from opd_jax.metrics import mechanism_metrics_from_logits
+from opd_jax.metrics import mechanism_metrics_from_logits, mechanism_metrics_from_logprobs
 from opd_jax.teacher.scores import dense_teacher_logits, query_misses
 
 DIVERGENCE_OBJECTIVES = ("reverse_kl", "forward_kl", "generalized_jsd", "skew_forward_kl",
@@ -113,25 +113,52 @@ _OBJECTIVES = {
 }
 
 
+def _shares_logprobs(spec: LossSpec) -> bool:
+    """Objectives whose loss computes both full-vocabulary log-probs: the metrics reuse them."""
+    return spec.objective in DIVERGENCE_OBJECTIVES and spec.top_k is None
+
+
+def _shared_divergence(spec: LossSpec, s_logits, t_logits, ex):
+    """``(loss [C], student_logp [C, V], teacher_logp [C, V])``: the divergence from one pair of
+    log-softmaxes (:func:`~opd_jax.losses.pair_logprobs`, masked rows zeroed first), the same
+    values as :func:`_divergence_loss` with ``top_k: null``."""
+    kw = _divergence_kwargs(spec)
+    s_lp, t_lp = losses.pair_logprobs(s_logits, t_logits, where=ex["mask"],
+                                      temperature=spec.temperature,
+                                      teacher_temperature=kw.pop("teacher_temperature"))
+    per_token = losses.LOGPROB_DIVERGENCES[spec.objective](s_lp, t_lp, **kw)
+    return losses.mask_tokens(per_token, ex["mask"]), s_lp, t_lp
+
+
 def make_chunk_fn(spec: LossSpec, *, metrics_k: int = 16, with_metrics: bool = True) -> ChunkFn:
     """The per-chunk function for ``opd_jax.losses.chunk_map.chunked_student_logits_map``.
 
     Returns ``fn(student_logits_CxV, teacher_logits_CxV, extras) -> {"loss": [C], ...metrics}``
     where extras holds ``tokens`` [C] (the token each position predicted), ``mask`` [C] bool and
-    ``sampler_logprobs`` [C]; loss is 0 where ``mask`` is False.
+    ``sampler_logprobs`` [C]; loss is 0 where ``mask`` is False. Full-vocabulary divergences hand
+    their two log-softmaxes to the metrics (two ``[C, V]`` passes fewer per chunk).
     """
     objective = _OBJECTIVES[spec.objective]
     k = min(metrics_k, spec.top_k or metrics_k)
+    shared = with_metrics and _shares_logprobs(spec)
 
     def fn(s_logits, t_logits, ex):
         t_logits = jax.lax.stop_gradient(t_logits)
-        out = {"loss": objective(spec, s_logits, t_logits, ex)}
-        if with_metrics:
+        kk = min(k, s_logits.shape[-1])
+        if shared:
+            loss, s_lp, t_lp = _shared_divergence(spec, s_logits, t_logits, ex)
+            out = {"loss": loss, **mechanism_metrics_from_logprobs(
+                s_lp, t_lp, ex["tokens"], k=kk, where=ex["mask"],
+                sampler_logprobs=ex["sampler_logprobs"])}
+        else:
+            out = {"loss": objective(spec, s_logits, t_logits, ex)}
+        if with_metrics and not shared:
             out.update(mechanism_metrics_from_logits(
-                s_logits, t_logits, ex["tokens"], k=min(k, s_logits.shape[-1]), where=ex["mask"],
+                s_logits, t_logits, ex["tokens"], k=kk, where=ex["mask"],
                 temperature=spec.temperature,
                 teacher_temperature=spec.resolved_teacher_temperature,
                 sampler_logprobs=ex["sampler_logprobs"]))
+        if with_metrics:
             out["sampled_kl_" + spec.estimator] = jax.lax.stop_gradient(
                 losses.KL_ESTIMATORS[spec.estimator](out["student_token_logprob"],
                                                      out["teacher_token_logprob"],

@@ -192,7 +192,6 @@ def run_train_stage(ctx: RunContext, index: int, trainable) -> Any:
                       "train_s": t2 - t1, "tokens_per_s": gen_tokens / max(t2 - t0, 1e-9),
                       "curves": to_python(jax.device_get(metrics["curves"]))}
             ctx.log.write(record)
-            release_free_memory()   # the step's freed host memory back to the OS
             bar.update(1)
             # only what the stage computes (a cold start has no teacher overlap)
             shown = {"loss": f"{scalars['loss']:.4f}"}
@@ -209,4 +208,7 @@ def run_train_stage(ctx: RunContext, index: int, trainable) -> Any:
     bar.close()
     ck.wait()
     ck.close()
+    # freed host memory back to the OS between stages, not between steps: a step re-faulting
+    # its returned temporaries costs more than it saves (host_memory's docstring, BUILD_NOTES)
+    release_free_memory()
     return state.trainable
