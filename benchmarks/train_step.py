@@ -358,10 +358,10 @@ def main() -> None:
                    help="our models' full-sequence attention (default: the config's, dense); TRL "
                         "keeps transformers' default (sdpa)")
     args = p.parse_args()
-    # as the opd-jax command runs: glibc's huge-page malloc (both sides share this process)
-    from opd_jax.train.host_memory import reexec_with_huge_pages
+    # as the opd-jax command runs: glibc keeps freed memory (both sides share this process)
+    from opd_jax.train.host_memory import reexec_with_tuned_malloc
 
-    reexec_with_huge_pages()
+    reexec_with_tuned_malloc()
     ragged = args.setting == "ragged"
     if args.samples is None:
         args.samples = 4 if ragged else 1

@@ -389,12 +389,13 @@ def main(argv=None) -> int:
 
 
 def entry() -> int:
-    """The ``opd-jax`` command: :func:`main` after restarting once with glibc's huge-page malloc
-    (:func:`opd_jax.train.host_memory.reexec_with_huge_pages`; ``OPD_JAX_HUGE_PAGES=0`` skips it).
-    Tests and other Python callers use :func:`main`, which never restarts the process."""
-    from opd_jax.train.host_memory import reexec_with_huge_pages
+    """The ``opd-jax`` command: :func:`main` after restarting once with glibc malloc tunables that
+    keep freed memory for reuse (:func:`opd_jax.train.host_memory.reexec_with_tuned_malloc`;
+    ``OPD_JAX_MALLOC=0`` skips it). Tests and other Python callers use :func:`main`, which never
+    restarts the process."""
+    from opd_jax.train.host_memory import reexec_with_tuned_malloc
 
-    reexec_with_huge_pages()
+    reexec_with_tuned_malloc()
     return main()
 
 

@@ -41,39 +41,85 @@ def test_without_malloc_trim_it_is_a_no_op(monkeypatch):
     assert host_memory.release_free_memory() is False
 
 
-def test_huge_pages_env_adds_the_tunable_once_and_respects_the_switch():
-    from opd_jax.train.host_memory import HUGE_PAGES_TUNABLE, huge_pages_env
+def test_tuned_malloc_env_adds_the_missing_tunables_once_and_respects_the_switch():
+    from opd_jax.train.host_memory import KEEP_FREED_TUNABLES, tuned_malloc_env
 
-    on = dict(glibc_ok=True, thp_ok=True)
-    env = huge_pages_env({"PATH": "/bin"}, **on)
-    assert env == {"PATH": "/bin", "GLIBC_TUNABLES": HUGE_PAGES_TUNABLE}
-    kept = huge_pages_env({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, **on)
-    assert kept["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:" + HUGE_PAGES_TUNABLE
-    # a restarted process (tunable present, any value) never restarts again
-    assert huge_pages_env(env, **on) is None
-    assert huge_pages_env({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, **on) is None
-    assert huge_pages_env({"OPD_JAX_HUGE_PAGES": "0"}, **on) is None
-    assert huge_pages_env({}, glibc_ok=False, thp_ok=True) is None
-    assert huge_pages_env({}, glibc_ok=True, thp_ok=False) is None
+    ours = ":".join(KEEP_FREED_TUNABLES)
+    env = tuned_malloc_env({"PATH": "/bin"}, glibc_ok=True)
+    assert env == {"PATH": "/bin", "GLIBC_TUNABLES": ours}
+    # a user's own setting of one of them wins; the others are appended after theirs
+    kept = tuned_malloc_env({"GLIBC_TUNABLES": "glibc.malloc.arena_max=4:glibc.cpu.x86_ibt=on"},
+                            glibc_ok=True)
+    assert kept["GLIBC_TUNABLES"] == ("glibc.malloc.arena_max=4:glibc.cpu.x86_ibt=on:"
+                                      + ":".join(KEEP_FREED_TUNABLES[1:]))
+    # a restarted process (every name present, any value) never restarts again
+    assert tuned_malloc_env(env, glibc_ok=True) is None
+    assert tuned_malloc_env(kept, glibc_ok=True) is None
+    assert tuned_malloc_env({"OPD_JAX_MALLOC": "0"}, glibc_ok=True) is None
+    assert tuned_malloc_env({}, glibc_ok=False) is None
 
 
-def test_reexec_restarts_the_process_with_the_tunable_where_it_helps():
+def test_reexec_restarts_the_process_with_the_tunables_where_they_apply():
     import os
     import subprocess
     import sys
 
-    from opd_jax.train.host_memory import huge_pages_env
+    from opd_jax.train.host_memory import KEEP_FREED_TUNABLES, tuned_malloc_env
 
-    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "OPD_JAX_HUGE_PAGES")}
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "OPD_JAX_MALLOC")}
     code = ("import os, sys; print('start', flush=True); "
-            "from opd_jax.train.host_memory import reexec_with_huge_pages; "
-            "reexec_with_huge_pages(); print(os.environ.get('GLIBC_TUNABLES'), sys.argv[1:])")
+            "from opd_jax.train.host_memory import reexec_with_tuned_malloc; "
+            "reexec_with_tuned_malloc(); print(os.environ.get('GLIBC_TUNABLES'), sys.argv[1:])")
     out = subprocess.run([sys.executable, "-c", code, "x", "--y"], env=env, capture_output=True,
                          text=True, check=True).stdout.split("\n")
-    if huge_pages_env(env) is None:        # not glibc >= 2.35 with THP: nothing happens
+    if tuned_malloc_env(env) is None:      # not Linux + glibc >= 2.26: nothing happens
         assert out[:2] == ["start", "None ['x', '--y']"]
     else:                                  # restarted once (two "start"), same arguments
-        assert out[:3] == ["start", "start", "glibc.malloc.hugetlb=1 ['x', '--y']"]
-    off = subprocess.run([sys.executable, "-c", code], env={**env, "OPD_JAX_HUGE_PAGES": "0"},
+        assert out[:3] == ["start", "start", ":".join(KEEP_FREED_TUNABLES) + " ['x', '--y']"]
+    off = subprocess.run([sys.executable, "-c", code], env={**env, "OPD_JAX_MALLOC": "0"},
                          capture_output=True, text=True, check=True).stdout.split("\n")
     assert off[:2] == ["start", "None []"]
+
+
+_BIG_BLOCK = """
+import ctypes, sys
+from opd_jax.train.host_memory import release_free_memory
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+size = 256 << 20                       # far above glibc's largest mmap threshold (32 MiB)
+b = libc.malloc(size)
+ctypes.memset(b, 1, size)
+before = rss()
+libc.free(b)
+kept = rss()
+release_free_memory()
+print((before - kept) >> 20, (before - rss()) >> 20)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or host_memory._malloc_trim() is None,
+                    reason="glibc only")
+def test_the_tunables_keep_a_freed_block_until_released():
+    """What the policy is for: a block as large as a step's temporaries, freed, stays resident
+    (the next step reuses it without faults) until ``release_free_memory``; glibc's default
+    returns it at once (``munmap``)."""
+    import os
+    import subprocess
+
+    from opd_jax.train.host_memory import KEEP_FREED_TUNABLES
+
+    def freed_mib(tunables):
+        env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+        if tunables:
+            env["GLIBC_TUNABLES"] = tunables
+        out = subprocess.run([sys.executable, "-c", _BIG_BLOCK], env=env, capture_output=True,
+                             text=True, check=True).stdout.split()
+        return int(out[0]), int(out[1])
+
+    on_free, on_release = freed_mib(":".join(KEEP_FREED_TUNABLES))
+    assert on_free < 16 and on_release > 200, (on_free, on_release)
+    off_free, _ = freed_mib("")
+    assert off_free > 200, off_free

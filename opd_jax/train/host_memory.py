@@ -1,19 +1,24 @@
-"""Hand freed host memory back to the operating system between training steps.
+"""Host memory policy: keep freed memory for reuse within a stage, hand it back between stages.
 
 glibc's allocator keeps freed chunks of its heaps resident: XLA CPU's buffers, host copies of
-batches and checkpoints, tokenizer work. Over a run they fragment the heap and the resident size
-keeps growing although the memory is free (``make demo``: 2.4 GB free inside the heaps at the end,
-``mallinfo2``; BUILD_NOTES.md "make demo's memory"). ``malloc_trim(0)`` releases the free pages of
-every heap. It is a no-op elsewhere (musl, macOS, Windows: no ``malloc_trim``).
+batches and checkpoints, tokenizer work (``make demo``: 2.4 GB free inside the heaps at the end,
+``mallinfo2``; BUILD_NOTES.md "make demo's memory"). ``malloc_trim(0)``
+(:func:`release_free_memory`) releases the free pages of every heap. It is a no-op elsewhere
+(musl, macOS, Windows: no ``malloc_trim``).
 
-XLA CPU allocates each step's temporaries (1.8 GB on ``make demo``'s train step) as fresh
-``mmap`` blocks: every 4 KiB page is faulted in and zeroed by the kernel on first touch, about
-500,000 minor page faults per demo step. With glibc's ``glibc.malloc.hugetlb=1`` tunable (glibc
-2.35+) malloc asks for transparent huge pages (``madvise(MADV_HUGEPAGE)``): the same step takes
-~2,700 faults and runs 5-10% faster alone, ~3% inside ``make demo`` (BUILD_NOTES "Session 10",
-huge pages). glibc reads tunables only at start-up, so :func:`reexec_with_huge_pages` restarts
-the process (same pid, ``execv``) with the tunable added; the ``opd-jax`` command does that first.
-``OPD_JAX_HUGE_PAGES=0`` turns it off.
+XLA CPU allocates each program's temporaries as one block (1.8 GB for ``make demo``'s train step,
+0.4 GB for its decode loop) and frees it when the program ends. glibc serves blocks that large
+with ``mmap`` and returns them with ``munmap`` (also from every thread's own arena, whatever
+``M_MMAP_MAX`` says), so each step maps, faults in and zeroes its temporaries afresh. On a virtual
+machine that reports free pages to its host (virtio-balloon page reporting, this project's CI
+machines) the pages are gone two seconds later and faulting them back costs far more: the demo's
+train step took 4.5 s after a sampler call vs 3.3 s back to back, 2.3 s of it kernel time, with
+the same number of faults (BUILD_NOTES "Session 11"). :data:`KEEP_FREED_TUNABLES` keeps freed
+memory in the process instead: one arena (``arena_max=1``), no ``mmap``'d chunks (``mmap_max=0``:
+large blocks come from the heap and are reused) and no automatic trim; the train loop hands the
+freed pages back between stages (:func:`release_free_memory`). glibc reads tunables only at
+start-up, so :func:`reexec_with_tuned_malloc` restarts the process (same pid, ``execv``) with them
+added; the ``opd-jax`` command does that first. ``OPD_JAX_MALLOC=0`` turns it off.
 """
 
 from __future__ import annotations
@@ -25,12 +30,13 @@ import platform
 import sys
 from typing import Mapping
 
-__all__ = ["release_free_memory", "huge_pages_env", "reexec_with_huge_pages", "HUGE_PAGES_TUNABLE",
-           "HUGE_PAGES_SWITCH"]
+__all__ = ["release_free_memory", "tuned_malloc_env", "reexec_with_tuned_malloc",
+           "KEEP_FREED_TUNABLES", "MALLOC_SWITCH"]
 
-HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb=1"
-HUGE_PAGES_SWITCH = "OPD_JAX_HUGE_PAGES"   # "0": never re-execute with the tunable
-_THP_MODES = "/sys/kernel/mm/transparent_hugepage/enabled"
+#: glibc malloc tunables (glibc >= 2.26) that keep freed memory in the process for reuse.
+KEEP_FREED_TUNABLES = ("glibc.malloc.arena_max=1", "glibc.malloc.mmap_max=0",
+                       "glibc.malloc.trim_threshold=68719476736")
+MALLOC_SWITCH = "OPD_JAX_MALLOC"   # "0": never re-execute with the tunables
 
 
 @functools.lru_cache(maxsize=None)
@@ -47,48 +53,37 @@ def release_free_memory() -> bool:
     return bool(trim(0)) if trim is not None else False
 
 
-def _glibc_with_hugetlb() -> bool:
+def _glibc_with_tunables() -> bool:
     lib, version = platform.libc_ver()
     try:
-        return lib == "glibc" and tuple(int(x) for x in version.split(".")[:2]) >= (2, 35)
+        return lib == "glibc" and tuple(int(x) for x in version.split(".")[:2]) >= (2, 26)
     except ValueError:
         return False
 
 
-def _thp_usable(path: str = _THP_MODES) -> bool:
-    try:
-        with open(path) as f:
-            return "[never]" not in f.read()
-    except OSError:
-        return False
-
-
-def huge_pages_env(environ: Mapping[str, str], *, glibc_ok: bool | None = None,
-                   thp_ok: bool | None = None) -> dict | None:
-    """The environment to restart with (``environ`` plus :data:`HUGE_PAGES_TUNABLE` appended to
-    ``GLIBC_TUNABLES``), or ``None`` when there is nothing to gain: not Linux + glibc >= 2.35,
-    transparent huge pages set to ``never``, the tunable already set (so a restarted process never
-    restarts again), or ``OPD_JAX_HUGE_PAGES=0``. ``glibc_ok`` / ``thp_ok`` override the probes
+def tuned_malloc_env(environ: Mapping[str, str], *, glibc_ok: bool | None = None) -> dict | None:
+    """The environment to restart with: ``environ`` with each of :data:`KEEP_FREED_TUNABLES` whose
+    name ``GLIBC_TUNABLES`` does not already set appended to it (a user's own value wins), or
+    ``None`` when there is nothing to add (so a restarted process never restarts again), off
+    Linux + glibc >= 2.26, or with ``OPD_JAX_MALLOC=0``. ``glibc_ok`` overrides the probe
     (tests)."""
-    if environ.get(HUGE_PAGES_SWITCH, "1") == "0" or not sys.platform.startswith("linux"):
+    if environ.get(MALLOC_SWITCH, "1") == "0" or not sys.platform.startswith("linux"):
         return None
     tunables = environ.get("GLIBC_TUNABLES", "")
-    if "glibc.malloc.hugetlb" in tunables:
-        return None
-    if not (_glibc_with_hugetlb() if glibc_ok is None else glibc_ok):
-        return None
-    if not (_thp_usable() if thp_ok is None else thp_ok):
+    present = {t.split("=", 1)[0] for t in tunables.split(":") if t}
+    missing = [t for t in KEEP_FREED_TUNABLES if t.split("=", 1)[0] not in present]
+    if not missing or not (_glibc_with_tunables() if glibc_ok is None else glibc_ok):
         return None
     env = dict(environ)
-    env["GLIBC_TUNABLES"] = f"{tunables}:{HUGE_PAGES_TUNABLE}" if tunables else HUGE_PAGES_TUNABLE
+    env["GLIBC_TUNABLES"] = ":".join([*([tunables] if tunables else []), *missing])
     return env
 
 
-def reexec_with_huge_pages() -> None:
-    """Restart this Python process with :func:`huge_pages_env` (``os.execv``: same pid, same
-    command line) when it helps; returns without doing anything otherwise. Call it first thing in
-    a program's entry point, never from library code or inside a test run."""
-    env = huge_pages_env(os.environ)
+def reexec_with_tuned_malloc() -> None:
+    """Restart this Python process with :func:`tuned_malloc_env` (``os.execv``: same pid, same
+    command line) when it applies; returns without doing anything otherwise. Call it first thing
+    in a program's entry point, never from library code or inside a test run."""
+    env = tuned_malloc_env(os.environ)
     if env is None or not getattr(sys, "orig_argv", None):
         return
     sys.stdout.flush()
