@@ -22,6 +22,7 @@ per trained token, plus attention) against the 315 GFLOP/s float32 matmul peak.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -314,6 +315,31 @@ def bench_trl(teacher, student, ids, texts, args) -> dict:
     return row
 
 
+#: GLIBC_TUNABLES of TRL's process by ``--trl-malloc`` (``None``: unset).
+TRL_MALLOC = {"hugetlb": "glibc.malloc.hugetlb=1", "default": None, "keep": "keep"}
+
+
+def _trl_in_child(args) -> dict:
+    """TRL's row, measured in a child process (same arguments, ``--side trl``) whose glibc malloc
+    tunables are ``--trl-malloc``'s: an allocator setting is per process, and each side gets the
+    one it runs fastest with."""
+    import subprocess
+
+    from opd_jax.train.host_memory import KEEP_FREED_TUNABLES, MALLOC_SWITCH
+
+    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    env[MALLOC_SWITCH] = "0"   # the child must not restart into our tunables
+    tunables = TRL_MALLOC[args.trl_malloc]
+    if tunables is not None:
+        env["GLIBC_TUNABLES"] = ":".join(KEEP_FREED_TUNABLES) if tunables == "keep" else tunables
+    argv = [a for a in sys.argv[1:]]
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "trl.json"
+        subprocess.run([sys.executable, str(Path(__file__).resolve()), *argv, "--side", "trl",
+                        "--row-out", str(out)], env=env, check=True)
+        return json.loads(out.read_text())
+
+
 def _announce(row: dict) -> dict:
     """Print one side's figures as soon as they exist (a later side may run out of memory)."""
     keys = ("iter_s", "gen_s", "update_s", "gen_tokens", "trained_tokens", "update_pct_peak")
@@ -354,14 +380,22 @@ def main() -> None:
                         "not none); default none for demo, full for ragged")
     p.add_argument("--grad-accum", type=int, default=None,
                    help="micro-batches per update, both sides (default 1 for demo, 4 for ragged)")
+    p.add_argument("--side", default="both", choices=("both", "opd_jax", "trl"),
+                   help="which side to run (both: TRL in a child process with its own allocator)")
+    p.add_argument("--trl-malloc", default="hugetlb", choices=tuple(TRL_MALLOC),
+                   help="glibc malloc tunables of TRL's process: hugetlb (transparent huge pages, "
+                        "TRL's fastest here), default (none), keep (ours: freed memory kept)")
+    p.add_argument("--row-out", default=None, help=argparse.SUPPRESS)   # child -> parent
     p.add_argument("--attention", default=None, choices=("dense", "blocked"),
                    help="our models' full-sequence attention (default: the config's, dense); TRL "
                         "keeps transformers' default (sdpa)")
     args = p.parse_args()
-    # as the opd-jax command runs: glibc keeps freed memory (both sides share this process)
+    # our side as the opd-jax command runs it: glibc keeps freed memory; TRL runs in a child
+    # process with its own tunables (ours slow torch's CPU allocator down 1.8x here)
     from opd_jax.train.host_memory import reexec_with_tuned_malloc
 
-    reexec_with_tuned_malloc()
+    if args.side != "trl":
+        reexec_with_tuned_malloc()
     ragged = args.setting == "ragged"
     if args.samples is None:
         args.samples = 4 if ragged else 1
@@ -383,12 +417,17 @@ def main() -> None:
           f"up to {args.new_tokens} new tokens, remat {args.remat}, grad_accum {args.grad_accum}, "
           f"attention {student.config.attention}, GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES')}; "
           f"load {load}", flush=True)
+    if args.side == "trl":   # the child: one row to the parent
+        row = bench_trl(teacher, student, ids, texts, args)
+        row["glibc_tunables"] = os.environ.get("GLIBC_TUNABLES")
+        Path(args.row_out).write_text(json.dumps(row))
+        return
     rows = [_announce(bench_opd_jax(teacher, student, ids, args, pack=not args.no_pack))]
     if args.pack_ab:
         rows.append(_announce(bench_opd_jax(teacher, student, ids, args, pack=False)))
-    if not args.no_trl:
+    if not args.no_trl and args.side == "both":
         try:
-            rows.append(_announce(bench_trl(teacher, student, ids, texts, args)))
+            rows.append(_announce(_trl_in_child(args)))
         except Exception as e:  # noqa: BLE001 - a missing/changed TRL must not hide our numbers
             print(f"TRL side skipped: {type(e).__name__}: {e}")
     trl = next((r for r in rows if r["impl"].startswith("trl")), None)
