@@ -123,3 +123,15 @@ def test_the_tunables_keep_a_freed_block_until_released():
     assert on_free < 16 and on_release > 200, (on_free, on_release)
     off_free, _ = freed_mib("")
     assert off_free > 200, off_free
+
+
+def test_keeps_freed_memory_only_with_every_tunable_at_our_value():
+    """Decides whether the train loop trims after every step (glibc's defaults) or per stage."""
+    from opd_jax.train.host_memory import KEEP_FREED_TUNABLES, keeps_freed_memory
+
+    ours = ":".join(KEEP_FREED_TUNABLES)
+    assert keeps_freed_memory({"GLIBC_TUNABLES": ours})
+    assert keeps_freed_memory({"GLIBC_TUNABLES": "glibc.cpu.x86_ibt=on:" + ours})
+    assert not keeps_freed_memory({})
+    assert not keeps_freed_memory({"GLIBC_TUNABLES": ours.replace("arena_max=1", "arena_max=4")})
+    assert not keeps_freed_memory({"GLIBC_TUNABLES": ":".join(KEEP_FREED_TUNABLES[:2])})

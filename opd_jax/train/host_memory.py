@@ -15,8 +15,9 @@ machines) the pages are gone two seconds later and faulting them back costs far 
 train step took 4.5 s after a sampler call vs 3.3 s back to back, 2.3 s of it kernel time, with
 the same number of faults (BUILD_NOTES "Session 11"). :data:`KEEP_FREED_TUNABLES` keeps freed
 memory in the process instead: one arena (``arena_max=1``), no ``mmap``'d chunks (``mmap_max=0``:
-large blocks come from the heap and are reused) and no automatic trim; the train loop hands the
-freed pages back between stages (:func:`release_free_memory`). glibc reads tunables only at
+large blocks come from the heap and are reused) and no automatic trim; the train loop then hands
+the freed pages back between stages (:func:`release_free_memory`; without the tunables, after
+every step: :func:`keeps_freed_memory`). glibc reads tunables only at
 start-up, so :func:`reexec_with_tuned_malloc` restarts the process (same pid, ``execv``) with them
 added; the ``opd-jax`` command does that first. ``OPD_JAX_MALLOC=0`` turns it off.
 """
@@ -30,8 +31,8 @@ import platform
 import sys
 from typing import Mapping
 
-__all__ = ["release_free_memory", "tuned_malloc_env", "reexec_with_tuned_malloc",
-           "KEEP_FREED_TUNABLES", "MALLOC_SWITCH"]
+__all__ = ["release_free_memory", "keeps_freed_memory", "tuned_malloc_env",
+           "reexec_with_tuned_malloc", "KEEP_FREED_TUNABLES", "MALLOC_SWITCH"]
 
 #: glibc malloc tunables (glibc >= 2.26) that keep freed memory in the process for reuse.
 KEEP_FREED_TUNABLES = ("glibc.malloc.arena_max=1", "glibc.malloc.mmap_max=0",
@@ -51,6 +52,18 @@ def release_free_memory() -> bool:
     """Return the free pages of the C heaps to the OS; ``True`` if any memory was released."""
     trim = _malloc_trim()
     return bool(trim(0)) if trim is not None else False
+
+
+def keeps_freed_memory(environ: Mapping[str, str] | None = None) -> bool:
+    """Whether this process started with every one of :data:`KEEP_FREED_TUNABLES` at our value
+    (glibc read ``GLIBC_TUNABLES`` at start-up). The train loop then returns free pages once per
+    stage; otherwise (a notebook, a library caller, ``OPD_JAX_MALLOC=0``) after every step, where
+    glibc's defaults would keep a growing, fragmented heap (BUILD_NOTES "make demo's memory")."""
+    environ = os.environ if environ is None else environ
+    present = dict(t.split("=", 1) for t in environ.get("GLIBC_TUNABLES", "").split(":")
+                   if "=" in t)
+    return all(present.get(name) == value
+               for name, value in (t.split("=", 1) for t in KEEP_FREED_TUNABLES))
 
 
 def _glibc_with_tunables() -> bool:

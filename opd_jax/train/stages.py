@@ -27,7 +27,7 @@ from opd_jax.sampling.sampler import Sampler
 from opd_jax.teacher.client import TeacherUnavailable
 from opd_jax.teacher.scores import student_topk_needed
 from opd_jax.train import distributed, gkd_mix, remote_teacher, rollout
-from opd_jax.train.host_memory import release_free_memory
+from opd_jax.train.host_memory import keeps_freed_memory, release_free_memory
 from opd_jax.train.metrics_log import to_python
 from opd_jax.train.objectives import reduction_fn, with_teacher_scores
 from opd_jax.train.placement import TrainMesh
@@ -167,6 +167,7 @@ def run_train_stage(ctx: RunContext, index: int, trainable) -> Any:
                    kind.teacher_sampler(ctx, tm, stage.sampler, student_sampler), source)
     bar = tqdm(total=stage.steps, initial=start, desc=f"{stage.name}",
                disable=not ctx.progress or not distributed.is_primary(), dynamic_ncols=True)
+    trim_each_step = not keeps_freed_memory()
     with graceful_stop() as stop:
         for step in range(start, stage.steps):
             t0 = time.perf_counter()
@@ -192,6 +193,8 @@ def run_train_stage(ctx: RunContext, index: int, trainable) -> Any:
                       "train_s": t2 - t1, "tokens_per_s": gen_tokens / max(t2 - t0, 1e-9),
                       "curves": to_python(jax.device_get(metrics["curves"]))}
             ctx.log.write(record)
+            if trim_each_step:   # glibc's defaults: hand the step's freed pages back now
+                release_free_memory()
             bar.update(1)
             # only what the stage computes (a cold start has no teacher overlap)
             shown = {"loss": f"{scalars['loss']:.4f}"}
@@ -208,7 +211,7 @@ def run_train_stage(ctx: RunContext, index: int, trainable) -> Any:
     bar.close()
     ck.wait()
     ck.close()
-    # freed host memory back to the OS between stages, not between steps: a step re-faulting
-    # its returned temporaries costs more than it saves (host_memory's docstring, BUILD_NOTES)
+    # with the kept heap, freed host memory goes back between stages, not between steps: a step
+    # re-faulting its returned temporaries costs more than it saves (host_memory, BUILD_NOTES)
     release_free_memory()
     return state.trainable
