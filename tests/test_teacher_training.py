@@ -128,24 +128,27 @@ def test_server_killed_and_restarted_mid_run_loses_no_step(in_process, tmp_path)
     _same(in_process, _metrics(run_dir))
 
 
-def test_server_gone_for_good_stops_with_a_checkpoint_then_resumes(in_process, tmp_path):
+def test_server_gone_for_good_stops_with_a_checkpoint_then_resumes(in_process, tmp_path,
+                                                                   monkeypatch):
     from opd_jax.teacher.client import TeacherUnavailable
+    from opd_jax.train import metrics_log
 
     srv = Server(_free_port()).start()
     run_dir = tmp_path / "run"
     over = [f"out_dir={run_dir}", *OPD, f"teacher.source={srv.url}", "teacher.service_wait_s=2"]
+    write = metrics_log.MetricsLog.write
 
-    def kill_after_two_steps():
-        log = run_dir / "metrics.jsonl"
-        while not (log.exists() and len(log.read_text().splitlines()) >= 2):
-            time.sleep(0.05)
-        srv.stop()
+    def write_then_kill_after_two_steps(self, record):
+        # the server dies right as step 2 is logged, inside the train loop: no race with a
+        # watcher thread (fast steps used to finish all 4 before a watcher's kill landed)
+        write(self, record)
+        if record.get("stage") == "opd" and record.get("step") == 2:
+            srv.stop()
 
-    t = threading.Thread(target=kill_after_two_steps, daemon=True)
-    t.start()
+    monkeypatch.setattr(metrics_log.MetricsLog, "write", write_then_kill_after_two_steps)
     with pytest.raises(TeacherUnavailable, match="serve-teacher"):
         run(load_config(TINY, over), progress=False)
-    t.join(timeout=10)
+    monkeypatch.setattr(metrics_log.MetricsLog, "write", write)
     steps = sorted(int(p.name) for p in (run_dir / "checkpoints" / "opd").iterdir()
                    if p.name.isdigit())
     assert steps and 2 <= steps[-1] < 4        # what was done is kept
