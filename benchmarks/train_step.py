@@ -332,10 +332,9 @@ def _trl_in_child(args) -> dict:
     tunables = TRL_MALLOC[args.trl_malloc]
     if tunables is not None:
         env["GLIBC_TUNABLES"] = ":".join(KEEP_FREED_TUNABLES) if tunables == "keep" else tunables
-    argv = [a for a in sys.argv[1:]]
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "trl.json"
-        subprocess.run([sys.executable, str(Path(__file__).resolve()), *argv, "--side", "trl",
+        subprocess.run([sys.executable, str(Path(__file__).resolve()), *sys.argv[1:], "--side", "trl",
                         "--row-out", str(out)], env=env, check=True)
         return json.loads(out.read_text())
 

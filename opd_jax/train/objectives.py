@@ -53,10 +53,9 @@ def _divergence_kwargs(spec: LossSpec) -> dict:
 
 
 def _divergence_loss(spec: LossSpec, s_logits, t_logits, ex):
-    kw = _divergence_kwargs(spec)
     if spec.top_k is None:
-        fn = losses.DIVERGENCES[spec.objective]
-        return fn(s_logits, t_logits, where=ex["mask"], temperature=spec.temperature, **kw)
+        return _shared_divergence(spec, s_logits, t_logits, ex)[0]
+    kw = _divergence_kwargs(spec)
     t_temp = kw.pop("teacher_temperature")
     fn = functools.partial(losses.DIVERGENCES[spec.objective], **kw) if kw else spec.objective
     return losses.topk_divergence(
@@ -119,9 +118,10 @@ def _shares_logprobs(spec: LossSpec) -> bool:
 
 
 def _shared_divergence(spec: LossSpec, s_logits, t_logits, ex):
-    """``(loss [C], student_logp [C, V], teacher_logp [C, V])``: the divergence from one pair of
-    log-softmaxes (:func:`~opd_jax.losses.pair_logprobs`, masked rows zeroed first), the same
-    values as :func:`_divergence_loss` with ``top_k: null``."""
+    """``(loss [C], student_logp [C, V], teacher_logp [C, V])``: the full-vocabulary divergence
+    (``top_k: null``) from one pair of log-softmaxes (:func:`~opd_jax.losses.pair_logprobs`,
+    masked rows zeroed first), as :func:`~opd_jax.losses.reverse_kl` and its twins compute it;
+    :func:`_divergence_loss` uses its loss, the metrics its log-probs."""
     kw = _divergence_kwargs(spec)
     s_lp, t_lp = losses.pair_logprobs(s_logits, t_logits, where=ex["mask"],
                                       temperature=spec.temperature,
@@ -152,7 +152,7 @@ def make_chunk_fn(spec: LossSpec, *, metrics_k: int = 16, with_metrics: bool = T
                 sampler_logprobs=ex["sampler_logprobs"])}
         else:
             out = {"loss": objective(spec, s_logits, t_logits, ex)}
-        if with_metrics and not shared:
+        if with_metrics and not shared:   # the other objectives: metrics from the logits
             out.update(mechanism_metrics_from_logits(
                 s_logits, t_logits, ex["tokens"], k=kk, where=ex["mask"],
                 temperature=spec.temperature,
