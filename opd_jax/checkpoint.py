@@ -137,19 +137,26 @@ class StageCheckpointer:
         (0 = only forced / final saves).
       async_save: write in a background thread (:meth:`save` returns once arrays are copied to
         host); call :meth:`wait` or :meth:`close` before reading the files or exiting.
+      save_concurrent_gb: bound on the GB of arrays being written at once (Orbax's
+        ``save_concurrent_gb``; None = its default): a save's transient host buffers stay under it.
     """
 
     def __init__(self, directory: str | os.PathLike, *, keep_last_n: int = 2,
-                 every_n_steps: int = 0, async_save: bool = True):
+                 every_n_steps: int = 0, async_save: bool = True,
+                 save_concurrent_gb: float | None = None):
         if keep_last_n < 1 or every_n_steps < 0:
             raise ValueError(f"keep_last_n must be >= 1 and every_n_steps >= 0, got "
                              f"{keep_last_n} and {every_n_steps}")
         self.directory = Path(directory).absolute()
         self.every_n_steps = every_n_steps
+        self.async_save = async_save
+        self.save_concurrent_gb = save_concurrent_gb
         options = ocp.CheckpointManagerOptions(
             preservation_policy=ocp.checkpoint_managers.LatestN(keep_last_n),
             enable_async_checkpointing=async_save, create=True)
-        handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()}
+        bound = {} if save_concurrent_gb is None else {"save_concurrent_gb": save_concurrent_gb}
+        handlers = {"state": ocp.StandardCheckpointHandler(**bound),
+                    "data": ocp.JsonCheckpointHandler()}
         self._mgr = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
     def __enter__(self) -> "StageCheckpointer":
@@ -165,6 +172,25 @@ class StageCheckpointer:
     def latest_step(self) -> int | None:
         """Most recent saved step, or None."""
         return self._mgr.latest_step()
+
+    def check_fits(self, state: Any) -> None:
+        """Raise ``ValueError`` (before any training) when ``save_concurrent_gb`` is below the
+        largest array of ``state`` (arrays or ``ShapeDtypeStruct``s): Orbax would refuse to write
+        that array at the first save."""
+        if self.save_concurrent_gb is None or state is None:
+            return
+        sizes = [(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize,
+                  "/".join(_key_name(entry) for entry in path))
+                 for path, x in jax.tree_util.tree_flatten_with_path(state)[0]
+                 if hasattr(x, "shape") and hasattr(x, "dtype")
+                 and not jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)]
+        largest, name = max(sizes, default=(0, ""))
+        if largest > self.save_concurrent_gb * 1e9:
+            raise ValueError(
+                f"checkpoint.save_concurrent_gb={self.save_concurrent_gb} is below the largest "
+                f"array of the state ({name!r}: {largest / 1e9:.4g} GB), which Orbax cannot write "
+                f"under that bound; set it to at least {np.ceil(largest / 1e7) / 100:.2f} or to "
+                "null (no bound)")
 
     def should_save(self, step: int) -> bool:
         """Whether an unforced :meth:`save` at ``step`` writes."""
@@ -186,6 +212,7 @@ class StageCheckpointer:
                 return False
             self._mgr.delete(step)
         items = {"data": ocp.args.JsonSave(_encode({**(extra or {}), "done": done}))}
+        self.check_fits(state)
         if state is not None:
             items["state"] = ocp.args.StandardSave(state)
         return bool(self._mgr.save(step, args=ocp.args.Composite(**items), force=True))

@@ -185,3 +185,72 @@ def test_graceful_stop_flag_on_sigterm():
         assert calls == [signal.SIGTERM] * 2
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+_SAVE_PEAK = """
+import sys, tempfile
+import jax, numpy as np
+from opd_jax.checkpoint import StageCheckpointer
+def hwm():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM"):
+            return int(line.split()[1]) << 10
+bound = None if sys.argv[1] == "none" else float(sys.argv[1])
+rng = np.random.default_rng(0)
+state = {f"w{i}": jax.numpy.asarray(rng.standard_normal(10_000_000, dtype=np.float32))
+         for i in range(8)}                       # 320 MB of incompressible float32
+jax.block_until_ready(state)
+before = hwm()
+with tempfile.TemporaryDirectory() as where, \
+        StageCheckpointer(where, async_save=False, save_concurrent_gb=bound) as ck:
+    ck.save(1, state, force=True)
+    ck.wait()
+    growth = hwm() - before
+    restored = ck.restore_latest(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                                              state))
+assert all(np.array_equal(restored.state[k], state[k]) for k in state)
+print(growth >> 20)
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads VmHWM (Linux)")
+def test_save_concurrent_gb_bounds_the_save_transient_memory():
+    """A save copies the arrays it writes into tensorstore's buffers; ``save_concurrent_gb``
+    bounds how many are in flight, so the process's peak stays near where it was (``make
+    demo``: +0.9 GB for a 1.4 GB state without it)."""
+    import subprocess
+    import sys
+
+    def growth_mib(bound):
+        out = subprocess.run([sys.executable, "-c", _SAVE_PEAK, bound], capture_output=True,
+                             text=True, check=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+        return int(out.stdout.split()[-1])
+
+    unbounded, bounded = growth_mib("none"), growth_mib("0.05")
+    assert unbounded > 150, (unbounded, bounded)        # most of the 305 MiB copied at once
+    assert bounded < unbounded / 2, (unbounded, bounded)
+
+
+def test_save_concurrent_gb_must_be_positive():
+    from opd_jax.config.run import CheckpointSpec
+
+    CheckpointSpec(save_concurrent_gb=0.25).validate()
+    CheckpointSpec().validate()
+    with pytest.raises(ValueError, match="save_concurrent_gb"):
+        CheckpointSpec(save_concurrent_gb=0).validate()
+
+
+def test_a_save_bound_below_the_largest_array_is_refused_before_training(tmp_path):
+    """Orbax cannot write an array larger than ``save_concurrent_gb``: say so up front, with the
+    bound that works, instead of failing at the first save."""
+    state = {"params": {"embed": jax.ShapeDtypeStruct((1000, 300), jnp.float32)},
+             "rng": jax.ShapeDtypeStruct((), jax.random.key(0).dtype)}
+    ck = StageCheckpointer(tmp_path / "s", async_save=False, save_concurrent_gb=0.001)
+    with pytest.raises(ValueError, match=r"save_concurrent_gb=0.001 .*params/embed.*0.0012 GB"
+                                         r".*at least 0.01"):
+        ck.check_fits(state)
+    with pytest.raises(ValueError, match="save_concurrent_gb"):
+        ck.save(1, {"embed": jnp.zeros((1000, 300))}, force=True)
+    assert ck.all_steps() == []
+    StageCheckpointer(tmp_path / "t", async_save=False, save_concurrent_gb=0.01).check_fits(state)
+    StageCheckpointer(tmp_path / "u", async_save=False).check_fits(state)

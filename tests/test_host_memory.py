@@ -135,3 +135,69 @@ def test_keeps_freed_memory_only_with_every_tunable_at_our_value():
     assert not keeps_freed_memory({})
     assert not keeps_freed_memory({"GLIBC_TUNABLES": ours.replace("arena_max=1", "arena_max=4")})
     assert not keeps_freed_memory({"GLIBC_TUNABLES": ":".join(KEEP_FREED_TUNABLES[:2])})
+
+
+_HOLE_AND_TOP = """
+import ctypes
+from opd_jax.train.host_memory import heap_top_free_bytes, release_free_memory
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+def block(size):
+    b = libc.malloc(size)
+    ctypes.memset(b, 1, size)
+    return b
+hole = block(128 << 20)                # freed below a live chunk: a hole
+live = block(1 << 20)
+top = block(256 << 20)                 # freed last: the heap's top free chunk
+libc.free(hole)
+libc.free(top)
+start = rss()
+top_bytes = heap_top_free_bytes()
+release_free_memory(keep_top=True)
+after_keep = rss()
+release_free_memory()
+print(top_bytes >> 20, (start - after_keep) >> 20, (start - rss()) >> 20)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or host_memory._malloc_trim() is None
+                    or host_memory._mallinfo2() is None, reason="glibc >= 2.33 only")
+def test_keep_top_releases_the_holes_and_keeps_the_top_chunk():
+    """With the kept heap, ``release_free_memory(keep_top=True)`` returns a freed hole below a
+    live chunk and keeps the top free chunk (where a step's temporaries are reused from)
+    resident; a plain release returns both."""
+    import os
+    import subprocess
+
+    from opd_jax.train.host_memory import KEEP_FREED_TUNABLES
+
+    env = {**os.environ, "GLIBC_TUNABLES": ":".join(KEEP_FREED_TUNABLES)}
+    out = subprocess.run([sys.executable, "-c", _HOLE_AND_TOP], env=env, capture_output=True,
+                         text=True, check=True).stdout.split()
+    top_mib, kept_release_mib, full_release_mib = map(int, out)
+    assert top_mib >= 255, out
+    assert 120 <= kept_release_mib <= 140, out          # the 128 MiB hole only
+    assert full_release_mib >= 120 + 250, out           # the hole and the top chunk
+
+
+def test_compile_watch_sees_compilations_not_cache_hits():
+    """The train loop releases a compilation's leftovers only after a phase that compiled."""
+    import jax
+    import jax.numpy as jnp
+
+    from opd_jax.train.host_memory import CompileWatch
+
+    watch = CompileWatch()
+    assert not watch.compiled()
+    f = jax.jit(lambda x: jnp.sin(x) * 3.0 + 1.25)
+    f(jnp.ones((7, 3))).block_until_ready()
+    assert watch.compiled()
+    assert not watch.compiled()                          # asked again: nothing new
+    f(jnp.ones((7, 3))).block_until_ready()              # same shape: a cache hit
+    assert not watch.compiled()
+    late = CompileWatch()                                # a new watch starts from now
+    f(jnp.ones((5, 3))).block_until_ready()              # a new shape compiles
+    assert watch.compiled() and late.compiled()

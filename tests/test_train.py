@@ -349,3 +349,29 @@ def test_a_student_sharing_the_teachers_arrays_trains_and_the_teacher_survives(t
     summary = run(cfg, progress=False)   # cold start, opd, eval: the teacher scores throughout
     assert summary["stages"]["opd"]["steps"] == 3
     assert "teacher_accuracy" in summary["evals"]["eval"]
+
+
+def test_kept_heap_releases_after_compiles_and_saves_only(tmp_path, monkeypatch):
+    """With the kept heap (host_memory), a stage hands free pages back after a loop phase that
+    compiled (keeping the heap's top chunk), all of them before a synchronous save and at its
+    end; a steady step releases nothing (re-faulting its block would cost more than it saves)."""
+    from opd_jax.train import stages
+
+    calls = []
+
+    class FirstCallCompiles:      # each stage's first phase compiles, nothing after it
+        def __init__(self):
+            self.first = True
+
+        def compiled(self):
+            first, self.first = self.first, False
+            return first
+
+    monkeypatch.setattr(stages, "keeps_freed_memory", lambda: True)
+    monkeypatch.setattr(stages, "CompileWatch", FirstCallCompiles)
+    monkeypatch.setattr(stages, "release_free_memory",
+                        lambda keep_top=False: calls.append(keep_top) or True)
+    run(_cfg(tmp_path), progress=False)
+    # cold start (2 steps, a save at step 2) then OPD (3 steps, saves at 2 and 3): per stage one
+    # release keeping the top after the first phase, a full one before each save and at the end
+    assert calls == [True, False, False] + [True, False, False, False], calls

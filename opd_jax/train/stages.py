@@ -27,7 +27,7 @@ from opd_jax.sampling.sampler import Sampler
 from opd_jax.teacher.client import TeacherUnavailable
 from opd_jax.teacher.scores import student_topk_needed
 from opd_jax.train import distributed, gkd_mix, remote_teacher, rollout
-from opd_jax.train.host_memory import keeps_freed_memory, release_free_memory
+from opd_jax.train.host_memory import CompileWatch, keeps_freed_memory, release_free_memory
 from opd_jax.train.metrics_log import to_python
 from opd_jax.train.objectives import reduction_fn, with_teacher_scores
 from opd_jax.train.placement import TrainMesh
@@ -133,7 +133,9 @@ def run_train_stage(ctx: RunContext, index: int, trainable) -> Any:
                                              routes=bool(teacher.routes))
     ck = StageCheckpointer(stage_dir(cfg.run_dir, stage.name), keep_last_n=cfg.checkpoint.keep_last_n,
                            every_n_steps=cfg.checkpoint.every_n_steps,
-                           async_save=cfg.checkpoint.async_save)
+                           async_save=cfg.checkpoint.async_save,
+                           save_concurrent_gb=cfg.checkpoint.save_concurrent_gb)
+    ck.check_fits(abstract)   # a save bound below the largest array fails now, not at a save
     start = 0
     restored = ck.restore_latest(abstract)
     if restored is not None:
@@ -168,6 +170,7 @@ def run_train_stage(ctx: RunContext, index: int, trainable) -> Any:
     bar = tqdm(total=stage.steps, initial=start, desc=f"{stage.name}",
                disable=not ctx.progress or not distributed.is_primary(), dynamic_ncols=True)
     trim_each_step = not keeps_freed_memory()
+    compiles = CompileWatch()   # kept heap: drop what a compilation left behind (host_memory)
     with graceful_stop() as stop:
         for step in range(start, stage.steps):
             t0 = time.perf_counter()
@@ -181,6 +184,8 @@ def run_train_stage(ctx: RunContext, index: int, trainable) -> Any:
                 bar.close()
                 raise
             jax.block_until_ready(batch)
+            if not trim_each_step and compiles.compiled():
+                release_free_memory(keep_top=True)
             t1 = time.perf_counter()
             with tm.scope():
                 state, metrics = step_fn(state, batch, m.frozen, teacher_args)
@@ -195,6 +200,8 @@ def run_train_stage(ctx: RunContext, index: int, trainable) -> Any:
             ctx.log.write(record)
             if trim_each_step:   # glibc's defaults: hand the step's freed pages back now
                 release_free_memory()
+            elif compiles.compiled():
+                release_free_memory(keep_top=True)
             bar.update(1)
             # only what the stage computes (a cold start has no teacher overlap)
             shown = {"loss": f"{scalars['loss']:.4f}"}
@@ -202,6 +209,8 @@ def run_train_stage(ctx: RunContext, index: int, trainable) -> Any:
                 shown["overlap"] = f"{scalars['overlap']:.3f}"
             bar.set_postfix(**shown, tok_s=f"{record['tokens_per_s']:.0f}")
             done = step + 1 == stage.steps
+            if not trim_each_step and not ck.async_save and (done or ck.should_save(step + 1)):
+                release_free_memory()   # the save's buffers land on a trimmed heap (host_memory)
             ck.save(step + 1, state, {"data": it.get_state()}, done=done)
             if stop.requested and not done:
                 ck.save(step + 1, state, {"data": it.get_state()}, force=True)
