@@ -81,14 +81,18 @@ def test_reexec_restarts_the_process_with_the_tunables_where_they_apply():
     assert off[:2] == ["start", "None []"]
 
 
-_BIG_BLOCK = """
-import ctypes, sys
-from opd_jax.train.host_memory import release_free_memory
+# the subprocess scripts' common start: resident bytes and glibc's malloc / free
+_LIBC = """
+import ctypes
+from opd_jax.train.host_memory import heap_top_free_bytes, release_free_memory
 def rss():
     return int(open("/proc/self/statm").read().split()[1]) * 4096
 libc = ctypes.CDLL("libc.so.6")
 libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
 libc.free.argtypes = [ctypes.c_void_p]
+"""
+
+_BIG_BLOCK = _LIBC + """
 size = 256 << 20                       # far above glibc's largest mmap threshold (32 MiB)
 b = libc.malloc(size)
 ctypes.memset(b, 1, size)
@@ -137,14 +141,7 @@ def test_keeps_freed_memory_only_with_every_tunable_at_our_value():
     assert not keeps_freed_memory({"GLIBC_TUNABLES": ":".join(KEEP_FREED_TUNABLES[:2])})
 
 
-_HOLE_AND_TOP = """
-import ctypes
-from opd_jax.train.host_memory import heap_top_free_bytes, release_free_memory
-def rss():
-    return int(open("/proc/self/statm").read().split()[1]) * 4096
-libc = ctypes.CDLL("libc.so.6")
-libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
-libc.free.argtypes = [ctypes.c_void_p]
+_HOLE_AND_TOP = _LIBC + """
 def block(size):
     b = libc.malloc(size)
     ctypes.memset(b, 1, size)

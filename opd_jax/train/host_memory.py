@@ -119,7 +119,6 @@ class CompileWatch:
         return self._seen != before
 
 
-
 def keeps_freed_memory(environ: Mapping[str, str] | None = None) -> bool:
     """Whether this process started with every one of :data:`KEEP_FREED_TUNABLES` at our value
     (glibc read ``GLIBC_TUNABLES`` at start-up). The train loop then returns free pages once per
