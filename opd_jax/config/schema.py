@@ -282,7 +282,9 @@ class SamplerSpec:
 class OptimSpec:
     """Optimizer. ``schedule`` decays from ``lr`` to ``lr * final_lr_ratio`` after
     ``warmup_steps`` of linear warm-up; ``grad_clip_norm`` null = no clipping; ``b1`` is SGD
-    momentum for "sgd". ``pack``: the update runs on packed rows (several sequences per row,
+    momentum for "sgd". ``mu_dtype``: the dtype of Adam(W)'s first moment (null = the
+    parameters'; "bfloat16" halves its memory, optax's ``mu_dtype``; the second moment stays
+    float32). ``pack``: the update runs on packed rows (several sequences per row,
     ``opd_jax.train.packing``; same loss and gradients to float32 rounding) of at most
     ``pack_max_length`` tokens (or the longest sequence) instead of one padded row per sequence."""
 
@@ -296,6 +298,7 @@ class OptimSpec:
     b2: float = 0.999
     eps: float = 1e-8
     grad_clip_norm: Optional[float] = 1.0
+    mu_dtype: Optional[Literal["bfloat16", "float32"]] = None
     grad_accum_steps: int = 1
     pack: bool = True
     pack_max_length: int = 4096
@@ -315,6 +318,8 @@ class OptimSpec:
         need(self.grad_clip_norm is None or self.grad_clip_norm > 0, "grad_clip_norm",
               self.grad_clip_norm, "null or a positive number")
         need_positive(self, "grad_accum_steps")
+        need(self.mu_dtype is None or self.optimizer != "sgd", "mu_dtype", self.mu_dtype,
+             'null for optimizer "sgd" (its momentum follows the parameters\' dtype)')
 
 
 # FilterSpec: the thresholds each switch governs (they must keep their defaults when it is off)

@@ -96,12 +96,15 @@ def make_schedule(spec: OptimSpec, total_steps: int) -> optax.Schedule:
 
 
 def make_optimizer(spec: OptimSpec, total_steps: int) -> optax.GradientTransformation:
-    """Gradient clipping (global norm) followed by AdamW / Adam / SGD on the schedule."""
+    """Gradient clipping (global norm) followed by AdamW / Adam / SGD on the schedule (Adam's
+    first moment stored in ``spec.mu_dtype`` when set)."""
     lr = make_schedule(spec, total_steps)
+    mu_dtype = None if spec.mu_dtype is None else jnp.dtype(spec.mu_dtype)
     if spec.optimizer == "adamw":
-        opt = optax.adamw(lr, b1=spec.b1, b2=spec.b2, eps=spec.eps, weight_decay=spec.weight_decay)
+        opt = optax.adamw(lr, b1=spec.b1, b2=spec.b2, eps=spec.eps, mu_dtype=mu_dtype,
+                          weight_decay=spec.weight_decay)
     elif spec.optimizer == "adam":
-        opt = optax.adam(lr, b1=spec.b1, b2=spec.b2, eps=spec.eps)
+        opt = optax.adam(lr, b1=spec.b1, b2=spec.b2, eps=spec.eps, mu_dtype=mu_dtype)
     else:
         opt = optax.sgd(lr, momentum=spec.b1 or None)
     if spec.grad_clip_norm is not None:
