@@ -133,7 +133,7 @@ def bench_opd_jax(teacher, student, ids, args, pack: bool = True) -> dict:
                    teacher=TeacherSpec("separate", teacher.config),
                    chunk_fn=make_chunk_fn(LossSpec(objective="reverse_kl", top_k=None),
                                           with_metrics=not args.no_metrics),
-                   reduction=losses.token_mean, chunk_size=512)
+                   reduction=losses.token_mean, chunk_size=args.chunk_size)
     step = make_train_step(optimizer=opt, grad_accum=args.grad_accum, **loss_kw)
     state = init_state(student.params, opt, 0)
     times, gen_tok, trained, compile_s, lengths, faults = [], [], [], None, [], []
@@ -377,6 +377,8 @@ def main() -> None:
     p.add_argument("--remat", default=None, choices=("none", "full", "dots", "dots_no_batch"),
                    help="student rematerialisation (both sides: TRL's gradient checkpointing when "
                         "not none); default none for demo, full for ragged")
+    p.add_argument("--chunk-size", type=int, default=512,
+                   help="token rows per chunk of our loss (loss.chunk_size; the config default 512)")
     p.add_argument("--grad-accum", type=int, default=None,
                    help="micro-batches per update, both sides (default 1 for demo, 4 for ragged)")
     p.add_argument("--side", default="both", choices=("both", "opd_jax", "trl"),
@@ -414,6 +416,7 @@ def main() -> None:
                                                                  for _ in range(args.samples)]
     print(f"setting {args.setting}: {len(ids)} rows ({args.batch} prompts x {args.samples}), "
           f"up to {args.new_tokens} new tokens, remat {args.remat}, grad_accum {args.grad_accum}, "
+          f"loss chunk {args.chunk_size}, "
           f"attention {student.config.attention}, GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES')}; "
           f"load {load}", flush=True)
     if args.side == "trl":   # the child: one row to the parent

@@ -27,6 +27,8 @@ Modules:
   from hidden states (dense teacher or precomputed teacher top-k).
 * :mod:`~opd_jax.losses.chunked_scoring` -- top-k ids / log-probs, log-probs of given ids and
   entropy from hidden states (a scoring job's outputs).
+* :mod:`~opd_jax.losses.unembedding` -- the chunked losses' unembedding operand: a ``[D, V]``
+  matrix, or a tied model's ``[V, D]`` table (``TiedUnembedding``: no transposed copy).
 * :mod:`~opd_jax.losses.checks` -- the input checks shared by all of the above.
 
 The package namespace re-exports every module's ``__all__``.
@@ -40,6 +42,7 @@ from opd_jax.losses import (
     estimators,
     reductions,
     topk,
+    unembedding,
 )
 from opd_jax.losses.chunk_map import *  # noqa: F403
 from opd_jax.losses.chunked_divergences import *  # noqa: F403
@@ -48,6 +51,7 @@ from opd_jax.losses.divergences import *  # noqa: F403
 from opd_jax.losses.estimators import *  # noqa: F403
 from opd_jax.losses.reductions import *  # noqa: F403
 from opd_jax.losses.topk import *  # noqa: F403
+from opd_jax.losses.unembedding import *  # noqa: F403
 
 __all__ = [
     *chunk_map.__all__,
@@ -57,4 +61,5 @@ __all__ = [
     *estimators.__all__,
     *reductions.__all__,
     *topk.__all__,
+    *unembedding.__all__,
 ]

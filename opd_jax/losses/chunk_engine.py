@@ -24,7 +24,8 @@ Per chunk, with ``G = dL/dz``: ``dL/dh = G W^T`` and ``dL/dW += h^T G``, both co
 vocabulary block at a time, the latter written in place into the ``[D, V]`` float32
 accumulator (a plain ``dW + h^T G`` would need a second ``[D, V]`` temporary).  Inputs that are
 not differentiated (``perturbed`` False, e.g. a frozen unembedding under LoRA) skip their
-matmul (symbolic zeros).
+matmul (symbolic zeros).  ``W`` is a ``[D, V]`` matrix or a tied model's ``[V, D]`` table
+(:class:`~opd_jax.losses.unembedding.TiedUnembedding`), read and accumulated in its own layout.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.custom_derivatives import SymbolicZero, custom_vjp_primal_tree_values
+
+from opd_jax.losses import unembedding as unemb
 
 VOCAB_BLOCK = 8192
 
@@ -66,9 +69,10 @@ def from_chunks(y: jax.Array, batch: int, time: int) -> jax.Array:
     return flat[: batch * time].reshape((batch, time) + y.shape[2:])
 
 
-def logits(hidden_CxD: jax.Array, unembed_DxV: jax.Array) -> jax.Array:
-    """One chunk's logits, accumulated in float32 whatever the input dtype."""
-    return jnp.dot(hidden_CxD, unembed_DxV, preferred_element_type=jnp.float32)
+def logits(hidden_CxD: jax.Array, unembed_DxV: unemb.Unembedding) -> jax.Array:
+    """One chunk's logits, accumulated in float32 whatever the input dtype (``unembed_DxV`` a
+    ``[D, V]`` matrix or a :class:`~opd_jax.losses.unembedding.TiedUnembedding`)."""
+    return unemb.logits(hidden_CxD, unembed_DxV)
 
 
 def vocab_blocks(vocab: int, target: int | None = None) -> int:
@@ -169,6 +173,11 @@ def _flag(perturbed: bool):
     return () if perturbed else None
 
 
+def _perturbed(primal) -> bool:
+    """Whether a custom-VJP primal (an array or a ``TiedUnembedding`` of one) is differentiated."""
+    return any(leaf.perturbed for leaf in jax.tree.leaves(primal))
+
+
 def _is_zero(x) -> bool:
     return isinstance(x, SymbolicZero)
 
@@ -217,6 +226,16 @@ def _apply(head, hidden_CxD, unembed_DxV, extras_C, consts):
     return feats, saved, hidden_CxD, scale_C
 
 
+def _grad_accumulator(unembed) -> jax.Array:
+    """The float32 ``dL/dW`` accumulator, in the weights' own layout (no transpose at the end)."""
+    return jnp.zeros(unemb.weights(unembed).shape, jnp.float32)
+
+
+def _unembed_grad(unembed, dw):
+    """The accumulated gradient as ``unembed``'s cotangent (its dtype, its pytree)."""
+    return unemb.like(unembed, dw.astype(unembed.dtype))
+
+
 def _head_grads(head, saved, dfeats, extras_C, consts, hidden_in_CxD, scale_C, unembed_DxV,
                 dunembed_DxV, need_h, need_w, n_blocks, hidden_dtype):
     """Chunk gradients ``dL/dh = G W^T`` and ``dL/dW += h^T G``, one vocabulary block at a time.
@@ -226,6 +245,7 @@ def _head_grads(head, saved, dfeats, extras_C, consts, hidden_in_CxD, scale_C, u
     second ``[D, V]`` buffer exists.  Returns ``(dL/dh [C, D] or None, dL/dW accumulator)``.
     """
     block = unembed_DxV.shape[1] // n_blocks
+    tied, axis = unemb.is_tied(unembed_DxV), unemb.vocab_axis(unemb.is_tied(unembed_DxV))
     if head.blockwise:
         def dlogits_block(start):
             return head.dlogits(saved, dfeats, extras_C[0], consts[0], start, block)
@@ -241,18 +261,13 @@ def _head_grads(head, saved, dfeats, extras_C, consts, hidden_in_CxD, scale_C, u
         dh_CxD, dw_DxV = carry
         start = j * block
         g_CxB = dlogits_block(start).astype(jnp.float32)
-        if need_h:
-            w_DxB = lax.dynamic_slice_in_dim(unembed_DxV, start, block, axis=1)
-            dh_CxD = dh_CxD + lax.dot_general(
-                g_CxB, w_DxB.astype(jnp.float32), (((1,), (1,)), ((), ())),
-                preferred_element_type=jnp.float32,
-            )
-        if need_w:
-            upd_DxB = lax.dot_general(
-                h_CxD, g_CxB, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32
-            )
-            cur_DxB = lax.dynamic_slice_in_dim(dw_DxV, start, block, axis=1)
-            dw_DxV = lax.dynamic_update_slice_in_dim(dw_DxV, cur_DxB + upd_DxB, start, axis=1)
+        if need_h:   # w: [D, B], or the tied table's [B, D] rows
+            w = unemb.block(unembed_DxV, start, block)
+            dh_CxD = dh_CxD + unemb.hidden_grad(g_CxB, w, tied)
+        if need_w:   # in place: the accumulator has the weights' layout ([D, V] or [V, D])
+            upd = unemb.weight_grad(h_CxD, g_CxB, tied)
+            cur = lax.dynamic_slice_in_dim(dw_DxV, start, block, axis=axis)
+            dw_DxV = lax.dynamic_update_slice_in_dim(dw_DxV, cur + upd, start, axis=axis)
         return dh_CxD, dw_DxV
 
     dh0 = jnp.zeros(h_CxD.shape, jnp.float32) if need_h else None
@@ -288,7 +303,7 @@ def _per_token_fwd(head, fn, n_blocks, hidden, unembed, chunks, consts):
     del n_blocks
     values = custom_vjp_primal_tree_values((hidden, unembed, chunks, consts))
     out = _per_token_forward(head, fn, *values)
-    return out, (values, _flag(hidden.perturbed), _flag(unembed.perturbed))
+    return out, (values, _flag(_perturbed(hidden)), _flag(_perturbed(unembed)))
 
 
 def _per_token_bwd(head, fn, n_blocks, residuals, ct):
@@ -311,9 +326,9 @@ def _per_token_bwd(head, fn, n_blocks, residuals, ct):
         )
         return dunembed_DxV, dhidden_CxD
 
-    init = jnp.zeros(unembed_DxV.shape, jnp.float32) if need_w else None
+    init = _grad_accumulator(unembed_DxV) if need_w else None
     dunembed, dhidden = lax.scan(step, init, (hidden_NxCxD, chunks, ct))
-    return dhidden, (dunembed.astype(unembed_DxV.dtype) if need_w else None), None, None
+    return dhidden, (_unembed_grad(unembed_DxV, dunembed) if need_w else None), None, None
 
 
 per_token.defvjp(_per_token_fwd, _per_token_bwd, symbolic_zeros=True)
@@ -347,7 +362,7 @@ def weighted_sum(head, fn, n_blocks, hidden_NxCxD, unembed_DxV, chunks, consts):
 
 
 def _weighted_fwd(head, fn, n_blocks, hidden, unembed, chunks, consts):
-    need_h, need_w = hidden.perturbed, unembed.perturbed
+    need_h, need_w = _perturbed(hidden), _perturbed(unembed)
     hidden_NxCxD, unembed_DxV, chunks, consts = custom_vjp_primal_tree_values(
         (hidden, unembed, chunks, consts)
     )
@@ -370,9 +385,9 @@ def _weighted_fwd(head, fn, n_blocks, hidden, unembed, chunks, consts):
         )
         return (total + chunk_total, dunembed_DxV), (per_C, dhidden_CxD)
 
-    init = (jnp.zeros((), jnp.float32), jnp.zeros(unembed_DxV.shape, jnp.float32) if need_w else None)
+    init = (jnp.zeros((), jnp.float32), _grad_accumulator(unembed_DxV) if need_w else None)
     (total, dunembed), (per_NxC, dhidden) = lax.scan(step, init, (hidden_NxCxD, chunks))
-    dunembed = dunembed.astype(unembed_DxV.dtype) if need_w else None
+    dunembed = _unembed_grad(unembed_DxV, dunembed) if need_w else None
     return (total, per_NxC), (dhidden, dunembed)
 
 
@@ -384,7 +399,7 @@ def _weighted_bwd(head, fn, n_blocks, residuals, cotangents):
         return None, None, None, None
     return (
         None if dhidden is None else (g * dhidden).astype(dhidden.dtype),
-        None if dunembed is None else (g * dunembed).astype(dunembed.dtype),
+        None if dunembed is None else jax.tree.map(lambda d: (g * d).astype(d.dtype), dunembed),
         None,
         None,
     )

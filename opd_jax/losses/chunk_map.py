@@ -186,8 +186,9 @@ def chunked_student_logits_map(
     Args:
       fn: ``fn(student_logits_CxV, teacher_logits_CxV | None, extras_chunk) -> pytree of
         [C, ...]`` float arrays.
-      student_hidden, student_unembed: ``[B, T, D]``, ``[D, V]``.
-      teacher_hidden, teacher_unembed: ``[B, T, D']``, ``[D', V]``, or both ``None``.
+      student_hidden, student_unembed: ``[B, T, D]``, ``[D, V]`` (or a tied model's table as a
+        :class:`~opd_jax.losses.unembedding.TiedUnembedding`: no transposed copy).
+      teacher_hidden, teacher_unembed: ``[B, T, D']``, ``[D', V]`` (or tied), or both ``None``.
       extras: pytree of ``[B, T, ...]`` per-token arrays, or ``None`` (padded rows get zeros).
       chunk_size: token rows per chunk ``C``.
 
