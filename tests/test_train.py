@@ -352,9 +352,10 @@ def test_a_student_sharing_the_teachers_arrays_trains_and_the_teacher_survives(t
 
 
 def test_kept_heap_releases_after_compiles_and_saves_only(tmp_path, monkeypatch):
-    """With the kept heap (host_memory), a stage hands free pages back after a loop phase that
-    compiled (keeping the heap's top chunk), all of them before a synchronous save and at its
-    end; a steady step releases nothing (re-faulting its block would cost more than it saves)."""
+    """With the kept heap (host_memory), a stage hands free pages back once its state exists,
+    after a loop phase that compiled (keeping the heap's top chunk), all of them before a
+    synchronous save and at its end (its optimizer state freed); a steady step releases nothing
+    (re-faulting its block would cost more than it saves)."""
     from opd_jax.train import stages
 
     calls = []
@@ -369,12 +370,20 @@ def test_kept_heap_releases_after_compiles_and_saves_only(tmp_path, monkeypatch)
 
     monkeypatch.setattr(stages, "keeps_freed_memory", lambda: True)
     monkeypatch.setattr(stages, "CompileWatch", FirstCallCompiles)
-    monkeypatch.setattr(stages, "release_free_memory",
-                        lambda keep_top=False: calls.append(keep_top) or True)
+    def release(keep_top=False):
+        calls.append(keep_top)
+        live.append(sum(x.nbytes for x in jax.live_arrays()))
+        return True
+
+    live = []
+    monkeypatch.setattr(stages, "release_free_memory", release)
     run(_cfg(tmp_path), progress=False)
-    # cold start (2 steps, a save at step 2) then OPD (3 steps, saves at 2 and 3): per stage one
-    # release keeping the top after the first phase, a full one before each save and at the end
-    assert calls == [True, False, False] + [True, False, False, False], calls
+    # cold start (2 steps, a save at step 2) then OPD (3 steps, saves at 2 and 3): per stage a full
+    # release once its state exists (the previous stage's weights are gone), one keeping the top
+    # after the first phase, a full one before each save and one at the end
+    assert calls == [False, True, False, False] + [False, True, False, False, False], calls
+    # the end-of-stage release comes after the stage's optimizer state is freed
+    assert live[3] < live[2] and live[8] < live[7], live
 
 
 def test_adam_first_moment_in_bfloat16_halves_it_and_tracks_float32():

@@ -147,6 +147,9 @@ def run_train_stage(ctx: RunContext, index: int, trainable) -> Any:
     else:
         state = tm.init_state(init_fn, trainable, shardings["state"])
     del trainable
+    # the previous stage's weights (and, freed on its return, its optimizer state) left holes the
+    # new state only partly reuses: resident free pages under the first rollout (host_memory)
+    release_free_memory()
     ctx.log.truncate(stage.name, start)
 
     chunk_fn, student_k = kind.chunk_fn(lspec), None
@@ -222,5 +225,7 @@ def run_train_stage(ctx: RunContext, index: int, trainable) -> Any:
     ck.close()
     # with the kept heap, freed host memory goes back between stages, not between steps: a step
     # re-faulting its returned temporaries costs more than it saves (host_memory, BUILD_NOTES)
+    trainable = state.trainable
+    del state   # the optimizer state's pages go back now, not as holes under the next stage
     release_free_memory()
-    return state.trainable
+    return trainable
