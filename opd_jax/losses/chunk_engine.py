@@ -226,16 +226,6 @@ def _apply(head, hidden_CxD, unembed_DxV, extras_C, consts):
     return feats, saved, hidden_CxD, scale_C
 
 
-def _grad_accumulator(unembed) -> jax.Array:
-    """The float32 ``dL/dW`` accumulator, in the weights' own layout (no transpose at the end)."""
-    return jnp.zeros(unemb.weights(unembed).shape, jnp.float32)
-
-
-def _unembed_grad(unembed, dw):
-    """The accumulated gradient as ``unembed``'s cotangent (its dtype, its pytree)."""
-    return unemb.like(unembed, dw.astype(unembed.dtype))
-
-
 def _head_grads(head, saved, dfeats, extras_C, consts, hidden_in_CxD, scale_C, unembed_DxV,
                 dunembed_DxV, need_h, need_w, n_blocks, hidden_dtype):
     """Chunk gradients ``dL/dh = G W^T`` and ``dL/dW += h^T G``, one vocabulary block at a time.
@@ -245,7 +235,8 @@ def _head_grads(head, saved, dfeats, extras_C, consts, hidden_in_CxD, scale_C, u
     second ``[D, V]`` buffer exists.  Returns ``(dL/dh [C, D] or None, dL/dW accumulator)``.
     """
     block = unembed_DxV.shape[1] // n_blocks
-    tied, axis = unemb.is_tied(unembed_DxV), unemb.vocab_axis(unemb.is_tied(unembed_DxV))
+    tied = unemb.is_tied(unembed_DxV)
+    axis = 0 if tied else 1
     if head.blockwise:
         def dlogits_block(start):
             return head.dlogits(saved, dfeats, extras_C[0], consts[0], start, block)
@@ -326,9 +317,9 @@ def _per_token_bwd(head, fn, n_blocks, residuals, ct):
         )
         return dunembed_DxV, dhidden_CxD
 
-    init = _grad_accumulator(unembed_DxV) if need_w else None
+    init = unemb.grad_accumulator(unembed_DxV) if need_w else None
     dunembed, dhidden = lax.scan(step, init, (hidden_NxCxD, chunks, ct))
-    return dhidden, (_unembed_grad(unembed_DxV, dunembed) if need_w else None), None, None
+    return dhidden, (unemb.as_cotangent(unembed_DxV, dunembed) if need_w else None), None, None
 
 
 per_token.defvjp(_per_token_fwd, _per_token_bwd, symbolic_zeros=True)
@@ -385,9 +376,9 @@ def _weighted_fwd(head, fn, n_blocks, hidden, unembed, chunks, consts):
         )
         return (total + chunk_total, dunembed_DxV), (per_C, dhidden_CxD)
 
-    init = (jnp.zeros((), jnp.float32), _grad_accumulator(unembed_DxV) if need_w else None)
+    init = (jnp.zeros((), jnp.float32), unemb.grad_accumulator(unembed_DxV) if need_w else None)
     (total, dunembed), (per_NxC, dhidden) = lax.scan(step, init, (hidden_NxCxD, chunks))
-    dunembed = _unembed_grad(unembed_DxV, dunembed) if need_w else None
+    dunembed = unemb.as_cotangent(unembed_DxV, dunembed) if need_w else None
     return (total, per_NxC), (dhidden, dunembed)
 
 

@@ -57,9 +57,16 @@ def weights(unembed: Unembedding) -> jax.Array:
     return unembed.embed_VxD if is_tied(unembed) else unembed
 
 
-def like(unembed: Unembedding, array: jax.Array) -> Unembedding:
-    """``array`` (same layout as :func:`weights`) wrapped as ``unembed`` is."""
-    return TiedUnembedding(array) if is_tied(unembed) else array
+def grad_accumulator(unembed: Unembedding) -> jax.Array:
+    """Zeros for the float32 ``dL/dW`` accumulator, in :func:`weights`' layout (no transpose)."""
+    return jnp.zeros(weights(unembed).shape, jnp.float32)
+
+
+def as_cotangent(unembed: Unembedding, dw: jax.Array) -> Unembedding:
+    """An accumulated ``dw`` (:func:`weights`' layout) as ``unembed``'s cotangent: its dtype,
+    wrapped as ``unembed`` is."""
+    dw = dw.astype(unembed.dtype)
+    return TiedUnembedding(dw) if is_tied(unembed) else dw
 
 
 def logits(hidden_CxD: jax.Array, unembed: Unembedding) -> jax.Array:
@@ -87,7 +94,3 @@ def weight_grad(hidden_CxD: jax.Array, g_CxB: jax.Array, tied: bool) -> jax.Arra
     """A block's ``dL/dW = h^T G`` (``[D, B]``), or ``dL/dE = G^T h`` (``[B, D]``) when tied."""
     a, b = (g_CxB, hidden_CxD) if tied else (hidden_CxD, g_CxB)
     return lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-
-
-def vocab_axis(tied: bool) -> int:
-    return 0 if tied else 1
