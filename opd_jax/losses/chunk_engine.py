@@ -235,8 +235,7 @@ def _head_grads(head, saved, dfeats, extras_C, consts, hidden_in_CxD, scale_C, u
     second ``[D, V]`` buffer exists.  Returns ``(dL/dh [C, D] or None, dL/dW accumulator)``.
     """
     block = unembed_DxV.shape[1] // n_blocks
-    tied = unemb.is_tied(unembed_DxV)
-    axis = 0 if tied else 1
+    tied, axis = unemb.is_tied(unembed_DxV), unemb.vocab_axis(unembed_DxV)
     if head.blockwise:
         def dlogits_block(start):
             return head.dlogits(saved, dfeats, extras_C[0], consts[0], start, block)

@@ -77,10 +77,14 @@ def logits(hidden_CxD: jax.Array, unembed: Unembedding) -> jax.Array:
     return jnp.dot(hidden_CxD, unembed, preferred_element_type=jnp.float32)
 
 
+def vocab_axis(unembed: Unembedding) -> int:
+    """The vocabulary axis of :func:`weights` (and of the ``dL/dW`` accumulator): 1, or 0 when tied."""
+    return 0 if is_tied(unembed) else 1
+
+
 def block(unembed: Unembedding, start, size: int) -> jax.Array:
     """Vocabulary block ``[start, start + size)`` of :func:`weights` (``[D, B]`` or ``[B, D]``)."""
-    axis = 0 if is_tied(unembed) else 1
-    return lax.dynamic_slice_in_dim(weights(unembed), start, size, axis=axis)
+    return lax.dynamic_slice_in_dim(weights(unembed), start, size, axis=vocab_axis(unembed))
 
 
 def hidden_grad(g_CxB: jax.Array, block_w: jax.Array, tied: bool) -> jax.Array:
