@@ -17,9 +17,10 @@ from opd_jax.config.schema import OptimSpec
 from opd_jax.model import decoder as dec
 from opd_jax.model.config import ModelConfig
 from opd_jax.model.lora import init_lora
+from opd_jax.train import packing
 from opd_jax.train.batch import RolloutBatch
 from opd_jax.train.objectives import make_chunk_fn, sft_chunk_fn
-from opd_jax.train.packing import first_fit, pack_rows, row_count_bucket, row_length_bucket
+from opd_jax.train.packing import ShapeMemory, first_fit, pack_rows, row_count_bucket, row_length_bucket
 from opd_jax.train.rollout import pack_batch
 from opd_jax.train.state import StudentSpec, init_state, make_optimizer
 from opd_jax.train.step import TeacherSpec, loss_and_metrics, make_train_step
@@ -112,6 +113,55 @@ def test_compiled_shapes_stay_few_over_many_batches():
     # most 16 step shapes (13 measured; the unpacked layout: 4 completion buckets x 1 prompt)
     assert all(R == row_length_bucket(R) and M == row_count_bucket(M) for _, M, R in shapes)
     assert len(shapes) <= 16, sorted(shapes)
+
+
+def _flops(shape, config=CS, weight=packing.TRAIN_ATTENTION_WEIGHT):
+    """The packer's cost model of a ``[G, M, R]`` dense-attention layout (written out here)."""
+    _, M, R = shape
+    return M * R * (packing.token_flops(config) + 4.0 * config.n_heads * config.head_dim * weight * R)
+
+
+def test_sticky_shapes_reuse_a_compiled_shape_within_the_slack_only():
+    toks, valid, P, N = _ragged(3, B=8)
+    fresh = pack_rows(toks, valid, N, groups=1, config=CS).tokens.shape
+    _, M, R = fresh
+    bigger = (row_count_bucket(M + 1), R)                  # one row bucket more: same length
+    for reuse, expect in ((0.0, fresh), (10.0, (1,) + bigger)):
+        memory = ShapeMemory(reuse)
+        memory.remember(*bigger)
+        pk = pack_rows(toks, valid, N, groups=1, config=CS, shapes=memory)
+        assert pk.tokens.shape == expect
+        assert set(memory.shapes) == {bigger, expect[1:]}
+    # the reused layout is the same sequences with empty rows after them: the same real tokens
+    # and each completion token's predictor in the same place
+    memory = ShapeMemory(10.0)
+    memory.remember(*bigger)
+    a = jax.tree.map(np.asarray, pack_rows(toks, valid, N, groups=1, config=CS))
+    b = jax.tree.map(np.asarray, pack_rows(toks, valid, N, groups=1, config=CS, shapes=memory))
+    np.testing.assert_array_equal(b.tokens[:, :M], a.tokens)
+    np.testing.assert_array_equal(b.gather, a.gather)
+    assert not b.valid[:, M:].any() and not b.segments[:, M:].any()
+    # a remembered shape the batch does not fit (rows too short) is never taken
+    memory = ShapeMemory(10.0)
+    memory.remember(64, 16)
+    assert pack_rows(toks, valid, N, groups=1, config=CS, shapes=memory).tokens.shape == fresh
+    with pytest.raises(ValueError, match="reuse must be a number >= 0"):
+        ShapeMemory(-1)
+
+
+def test_sticky_shapes_compile_fewer_shapes_at_bounded_extra_cost():
+    memory, plain, sticky = ShapeMemory(0.25), set(), set()
+    for seed in range(60):
+        N = int(np.random.default_rng(seed).integers(4, 64))
+        toks, valid, P, N = _ragged(seed, B=16, P=24, N=N)
+        alone = pack_rows(toks, valid, N, groups=2, config=CS, max_length=512).tokens.shape
+        kept = pack_rows(toks, valid, N, groups=2, config=CS, max_length=512,
+                         shapes=memory).tokens.shape
+        plain.add(alone)
+        sticky.add(kept)
+        assert _flops(kept) <= 1.25 * _flops(alone) + 1e-6, (seed, kept, alone)
+    assert sorted(s[1:] for s in sticky) == sorted(memory.shapes)
+    assert len(sticky) < len(plain), (sorted(sticky), sorted(plain))
 
 
 def test_bad_groups_and_missing_prompt_fail_clearly():

@@ -151,6 +151,13 @@ def test_tiny_run_all_stage_kinds(tmp_path):
     rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     cold = [r for r in rows if r["stage"] == "cold_start"]
     assert all("filter_kept" in r for r in cold)
+    # each record counts the XLA compilations of its step (rollout + update) and their seconds;
+    # a stage's first step compiles its update
+    steps = [r for r in rows if "train_s" in r]
+    assert {r["stage"] for r in steps} == {"cold_start", "opd"}
+    assert all(isinstance(r["compiles"], int) and r["compiles"] >= 0 for r in steps)
+    assert all((r["compile_s"] > 0) == (r["compiles"] > 0) for r in steps)
+    assert all(r["compiles"] > 0 for r in steps if r["step"] == 1)
     # a second call resumes: nothing is retrained, the summary is the same
     again = run(cfg, progress=False)
     assert again["stages"] == summary["stages"]

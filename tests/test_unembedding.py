@@ -18,9 +18,10 @@ from opd_jax.losses.divergences import DIVERGENCES
 from opd_jax.losses.unembedding import TiedUnembedding
 from opd_jax.model import decoder as dec
 from opd_jax.model.config import ModelConfig
+from opd_jax.model.decoder import loss_unembedding
 from opd_jax.train.batch import RolloutBatch
 from opd_jax.train.objectives import make_chunk_fn
-from opd_jax.train.state import StudentSpec, loss_unembedding
+from opd_jax.train.state import StudentSpec
 from opd_jax.train.step import TeacherSpec, loss_and_metrics
 
 B, T, D, DT, V = 2, 11, 8, 6, 40

@@ -286,7 +286,9 @@ class OptimSpec:
     parameters'; "bfloat16" halves its memory, optax's ``mu_dtype``; the second moment stays
     float32). ``pack``: the update runs on packed rows (several sequences per row,
     ``opd_jax.train.packing``; same loss and gradients to float32 rounding) of at most
-    ``pack_max_length`` tokens (or the longest sequence) instead of one padded row per sequence."""
+    ``pack_max_length`` tokens (or the longest sequence) instead of one padded row per sequence;
+    ``pack_reuse``: a batch takes a packed shape the stage already compiled when that costs at
+    most ``1 + pack_reuse`` times the FLOPs of the cheapest new shape (0: only when as cheap)."""
 
     optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
     lr: float = 1e-5
@@ -302,10 +304,13 @@ class OptimSpec:
     grad_accum_steps: int = 1
     pack: bool = True
     pack_max_length: int = 4096
+    pack_reuse: float = 0.25
 
     def validate(self) -> None:
         need(self.lr > 0, "lr", self.lr, "a positive number")
         need_positive(self, "pack_max_length")
+        need(self.pack_reuse >= 0, "pack_reuse", self.pack_reuse,
+             "a number >= 0 (0: reuse a compiled packed shape only when it is as cheap)")
         need(self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, "an integer >= 0")
         need(0 <= self.final_lr_ratio <= 1, "final_lr_ratio", self.final_lr_ratio,
               "a number in [0, 1]")

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from opd_jax.losses.unembedding import TiedUnembedding, Unembedding
 from opd_jax.model import lean_ops
 from opd_jax.model.config import ATTENTION_IMPLS, ModelConfig, param_shapes
 from opd_jax.model.layers import (
@@ -123,6 +124,14 @@ def init_params(config: ModelConfig, key: jax.Array, dtype=jnp.float32) -> Param
 def unembed_matrix(params: Params, config: ModelConfig) -> jax.Array:
     """The ``[D, V]`` unembedding (``embed.T`` when tied)."""
     return params["embed"].T if config.tie_embeddings else params["unembed"]
+
+
+def loss_unembedding(params: Params, config: ModelConfig) -> Unembedding:
+    """The unembedding as the chunked losses read it: the ``[D, V]`` matrix, or a tied model's
+    ``[V, D]`` table as a :class:`~opd_jax.losses.unembedding.TiedUnembedding` (the chunks slice
+    vocabulary blocks of the table itself: no transposed copy, and a gradient accumulates in the
+    table's own layout)."""
+    return TiedUnembedding(params["embed"]) if config.tie_embeddings else params["unembed"]
 
 
 def _project(name: str, x: jax.Array, w: jax.Array, lora_l: dict | None, scale: float) -> jax.Array:

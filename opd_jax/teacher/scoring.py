@@ -27,7 +27,7 @@ from opd_jax.losses import checks
 from opd_jax.losses.chunk_map import chunked_logits_map
 from opd_jax.losses.chunked_scoring import topk_logprobs
 from opd_jax.model.config import ModelConfig
-from opd_jax.model.decoder import Lora, Params, hidden_states, unembed_matrix
+from opd_jax.model.decoder import Lora, Params, hidden_states, loss_unembedding
 from opd_jax.teacher.scores import TeacherScores
 
 __all__ = ["ScoreOutput", "score", "score_completions"]
@@ -91,7 +91,7 @@ def score(params: Params, config: ModelConfig, tokens_BxT: jax.Array, *, valid_B
             out["topk"] = topk_logprobs(z_CxV, k, valid_C, lse_C)
         return out
 
-    out = chunked_logits_map(per_chunk, (hidden_BxTxD,), (unembed_matrix(params, config),),
+    out = chunked_logits_map(per_chunk, (hidden_BxTxD,), (loss_unembedding(params, config),),
                              (next_BxT.astype(jnp.int32), mask_BxT, valid_BxT), chunk_size=chunk_size)
     if k is None:
         return ScoreOutput(out["logprobs"], mask_BxT)
@@ -134,6 +134,6 @@ def score_completions(params: Params, config: ModelConfig, tokens_BxT: jax.Array
         return top, jnp.where(mask_C[:, None], q_lp, 0.0)
 
     q_BxNxQ = jnp.where(mask_BxN[..., None], query_ids_BxNxQ, 0).astype(jnp.int32)
-    top, q_lp = chunked_logits_map(per_chunk, (hidden_BxNxD,), (unembed_matrix(params, config),),
+    top, q_lp = chunked_logits_map(per_chunk, (hidden_BxNxD,), (loss_unembedding(params, config),),
                                    (q_BxNxQ, mask_BxN), chunk_size=chunk_size, remat=False)
     return TeacherScores(top.ids, top.logprobs, top.logsumexp, q_BxNxQ, q_lp)

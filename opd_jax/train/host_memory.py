@@ -39,7 +39,7 @@ from typing import Mapping
 
 __all__ = ["release_free_memory", "keeps_freed_memory", "tuned_malloc_env",
            "reexec_with_tuned_malloc", "heap_top_free_bytes", "CompileWatch",
-           "KEEP_FREED_TUNABLES", "MALLOC_SWITCH"]
+           "compile_totals", "KEEP_FREED_TUNABLES", "MALLOC_SWITCH"]
 
 #: glibc malloc tunables (glibc >= 2.26) that keep freed memory in the process for reuse.
 KEEP_FREED_TUNABLES = ("glibc.malloc.arena_max=1", "glibc.malloc.mmap_max=0",
@@ -98,6 +98,7 @@ class CompileWatch:
 
     _EVENT = "/jax/core/compile/backend_compile_duration"
     _count = 0
+    _seconds = 0.0
     _listening = False
 
     def __init__(self) -> None:
@@ -112,11 +113,18 @@ class CompileWatch:
     def _on_event(event: str, duration: float, **kwargs) -> None:
         if event == CompileWatch._EVENT:
             CompileWatch._count += 1
+            CompileWatch._seconds += float(duration)
 
     def compiled(self) -> bool:
         """``True`` when a compilation finished since this watch was made or last asked."""
         before, self._seen = self._seen, CompileWatch._count
         return self._seen != before
+
+
+def compile_totals() -> tuple[int, float]:
+    """``(XLA compilations, seconds spent in them)`` in this process since the first
+    :class:`CompileWatch` was made (the train loop logs each step's share)."""
+    return CompileWatch._count, CompileWatch._seconds
 
 
 def keeps_freed_memory(environ: Mapping[str, str] | None = None) -> bool:

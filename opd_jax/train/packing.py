@@ -26,6 +26,12 @@ matmul FLOPs; ``4 R H E``: scores and values over the whole row; ``w``: what an 
 costs relative to a matmul FLOP, measured), ``M R mm`` for blocked attention (it skips other
 segments' key blocks). ``R`` and the bucketed ``M`` come from small sets, so repeated steps reuse
 few compiled shapes.
+
+Sticky shapes (:class:`ShapeMemory`): a run remembers the ``(M, R)`` it has packed into; a batch
+that fits a remembered shape at most ``1 + reuse`` times the cheapest new shape's FLOP count takes
+the remembered one. Each new shape is a compilation (seconds to tens of seconds for a model
+step) and a new temporary-buffer size for the host allocator to place (``make demo``'s heap
+grew whenever one fitted no hole: BUILD_NOTES "Session 14").
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ from opd_jax.model.config import ModelConfig
 from opd_jax.sampling.sampler import bucket_length
 from opd_jax.train.batch import PackedRows
 
-__all__ = ["pack_rows", "first_fit", "row_count_bucket", "row_length_bucket", "token_flops",
+__all__ = ["pack_rows", "ShapeMemory", "first_fit", "row_count_bucket", "row_length_bucket", "token_flops",
            "TRAIN_ATTENTION_WEIGHT", "FORWARD_ATTENTION_WEIGHT"]
 
 
@@ -90,22 +96,55 @@ def row_length_bucket(n: int) -> int:
     return bucket_length(n, minimum=16, per_octave=2)
 
 
+class ShapeMemory:
+    """The packed shapes ``(M, R)`` a run has used (so compiled), in first-use order.
+
+    ``reuse``: how much more computation a remembered shape may cost than the cheapest new one
+    and still be taken (0.25: up to 25% more FLOPs to skip a compilation; 0: only an equally cheap
+    one). One memory per packed program input (the student's rows, the teacher's)."""
+
+    def __init__(self, reuse: float = 0.25):
+        if not reuse >= 0:
+            raise ValueError(f"reuse must be a number >= 0, got {reuse!r}")
+        self.reuse = float(reuse)
+        self.shapes: list[tuple[int, int]] = []
+
+    def remember(self, rows: int, length: int) -> None:
+        if (rows, length) not in self.shapes:
+            self.shapes.append((rows, length))
+
+
 def _choose(lengths_by_group: list[list[int]], config: ModelConfig, max_length: int,
-            blocked: bool, attention_weight: float) -> tuple[int, list[list[list[int]]]]:
+            blocked: bool, attention_weight: float, memory: ShapeMemory | None = None
+            ) -> tuple[int, int, list[list[list[int]]]]:
+    """``(M, R, layout)``: the cheapest bucketed shape, or a remembered one within ``reuse``."""
     longest = max((n for g in lengths_by_group for n in g), default=1)
     cap = max(row_length_bucket(longest), row_length_bucket(min(max_length, max(
         (sum(g) for g in lengths_by_group), default=1))))
     mm, attn = token_flops(config), 4.0 * config.n_heads * config.head_dim * attention_weight
+    cost = lambda m, r: m * r * (mm + (0.0 if blocked else attn * r))
     best = None
     r = row_length_bucket(longest)
     while r <= cap:
         layout = [first_fit(g, r) for g in lengths_by_group]
         m = row_count_bucket(max((len(rows) for rows in layout), default=1))
-        cost = m * r * (mm + (0.0 if blocked else attn * r))
-        if best is None or cost < best[0]:
-            best = (cost, r, layout)
+        if best is None or cost(m, r) < best[0]:
+            best = (cost(m, r), m, r, layout)
         r = row_length_bucket(r + 1)
-    return best[1], best[2]
+    if memory is not None:
+        # the cheapest remembered shape the batch fits, if it costs at most 1 + reuse times more
+        reused = None
+        for m, r in memory.shapes:
+            if r < longest or cost(m, r) > (1 + memory.reuse) * best[0]:
+                continue
+            if reused is not None and cost(m, r) >= reused[0]:
+                continue
+            layout = [first_fit(g, r) for g in lengths_by_group]
+            if max((len(rows) for rows in layout), default=1) <= m:
+                reused = (cost(m, r), m, r, layout)
+        best = reused or best
+        memory.remember(best[1], best[2])
+    return best[1], best[2], best[3]
 
 
 # Dense attention's FLOPs cost more time than matmul FLOPs (masking, softmax, exp are memory
@@ -118,12 +157,14 @@ FORWARD_ATTENTION_WEIGHT = 0.5
 
 def pack_rows(tokens_BxT: np.ndarray, valid_BxT: np.ndarray, n_completion: int, *, groups: int,
               config: ModelConfig, max_length: int = 4096, blocked: bool = False,
-              attention_weight: float = TRAIN_ATTENTION_WEIGHT) -> PackedRows:
+              attention_weight: float = TRAIN_ATTENTION_WEIGHT,
+              shapes: ShapeMemory | None = None) -> PackedRows:
     """Pack the ``[prompt | completion]`` rows ``tokens_BxT`` (``valid_BxT``: real tokens; the last
     ``n_completion`` columns are the completion, real tokens a prefix of it) into a
     :class:`~opd_jax.train.batch.PackedRows` of ``groups`` groups. ``attention_weight``: time of
     a dense-attention FLOP relative to a matmul FLOP in the row-length choice (training vs a
-    forward-only teacher)."""
+    forward-only teacher). ``shapes``: the run's :class:`ShapeMemory` (updated in place), so a
+    batch that fits an already compiled shape at little extra cost reuses it."""
     tokens_BxT, valid_BxT = np.asarray(tokens_BxT), np.asarray(valid_BxT, bool)
     B, T = tokens_BxT.shape
     if B % groups:
@@ -139,9 +180,8 @@ def pack_rows(tokens_BxT: np.ndarray, valid_BxT: np.ndarray, n_completion: int, 
     lengths = [[int(p_B[b] + c_B[b]) if c_B[b] > 0 else 0 for b in range(g * per, (g + 1) * per)]
                for g in range(groups)]
     packed_idx = [[i for i, n in enumerate(g) if n > 0] for g in lengths]
-    R, layouts = _choose([[g[i] for i in idx] for g, idx in zip(lengths, packed_idx)], config,
-                         max_length, blocked, attention_weight)
-    M = row_count_bucket(max((len(rows) for rows in layouts), default=1))
+    M, R, layouts = _choose([[g[i] for i in idx] for g, idx in zip(lengths, packed_idx)], config,
+                            max_length, blocked, attention_weight, shapes)
     tokens = np.zeros((groups, M, R), np.int32)
     valid = np.zeros((groups, M, R), bool)
     segments = np.zeros((groups, M, R), np.int32)

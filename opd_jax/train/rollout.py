@@ -26,7 +26,7 @@ from opd_jax.model.decoder import Lora
 from opd_jax.sampling.sampler import Sampler, bucket_length
 from opd_jax.train.batch import RolloutBatch
 from opd_jax.train.distributed import to_host
-from opd_jax.train.packing import FORWARD_ATTENTION_WEIGHT, TRAIN_ATTENTION_WEIGHT, pack_rows
+from opd_jax.train.packing import FORWARD_ATTENTION_WEIGHT, TRAIN_ATTENTION_WEIGHT, ShapeMemory, pack_rows
 
 
 @dataclasses.dataclass
@@ -119,21 +119,34 @@ def assemble(prompts: Prompts, completion: Any, mask: Any, sampler_logprobs: Any
 
 
 def pack_batch(batch: RolloutBatch, *, groups: int, student_config: ModelConfig,
-               teacher_config: ModelConfig | None = None, max_length: int = 4096) -> RolloutBatch:
+               teacher_config: ModelConfig | None = None, max_length: int = 4096,
+               shapes: tuple[ShapeMemory, ShapeMemory] | None = None) -> RolloutBatch:
     """``batch`` with its student (and teacher) sequences packed several per row
     (:func:`~opd_jax.train.packing.pack_rows`, ``groups`` = grad-accumulation micro-batches x
     data-parallel shards). The teacher's rows are packed on their own (forward-only cost model;
-    OPSD's privileged prompts differ anyway)."""
+    OPSD's privileged prompts differ anyway). ``shapes``: the run's (student, teacher)
+    :class:`~opd_jax.train.packing.ShapeMemory` (sticky shapes: fewer compilations). The padded
+    ``[B, P + N]`` rows come back with zero columns (``[B, 0]``): the packed step never reads
+    them, and the prompt length then keys no compilation."""
     n = batch.completion.shape[1]
-    pack = lambda tokens, valid, config, weight: pack_rows(
+    s_shapes, t_shapes = shapes or (None, None)
+    pack = lambda tokens, valid, config, weight, memory: pack_rows(
         np.asarray(tokens), np.asarray(valid), n, groups=groups, config=config,
-        max_length=max_length, blocked=config.attention == "blocked", attention_weight=weight)
+        max_length=max_length, blocked=config.attention == "blocked", attention_weight=weight,
+        shapes=memory)
     student = pack(batch.student_tokens, batch.student_valid, student_config,
-                   TRAIN_ATTENTION_WEIGHT)
+                   TRAIN_ATTENTION_WEIGHT, s_shapes)
     # the teacher only runs forward: its own layout (forward-pass attention is cheaper)
     teacher = pack(batch.teacher_tokens, batch.teacher_valid, teacher_config or student_config,
-                   FORWARD_ATTENTION_WEIGHT)
-    return batch.replace(student_packed=student, teacher_packed=teacher)
+                   FORWARD_ATTENTION_WEIGHT, t_shapes)
+    # the step reads only the packed rows: the padded ones keep zero columns, so their prompt
+    # bucket no longer keys a compilation (nor travels to the devices)
+    empty = lambda x: jnp.zeros((x.shape[0], 0), x.dtype)
+    return batch.replace(student_packed=student, teacher_packed=teacher,
+                         student_tokens=empty(batch.student_tokens),
+                         student_valid=empty(batch.student_valid),
+                         teacher_tokens=empty(batch.teacher_tokens),
+                         teacher_valid=empty(batch.teacher_valid))
 
 
 class StudentAndTeacherRollouts(NamedTuple):

@@ -27,9 +27,10 @@ from opd_jax.sampling.sampler import Sampler
 from opd_jax.teacher.client import TeacherUnavailable
 from opd_jax.teacher.scores import student_topk_needed
 from opd_jax.train import distributed, gkd_mix, remote_teacher, rollout
-from opd_jax.train.host_memory import CompileWatch, keeps_freed_memory, release_free_memory
+from opd_jax.train.host_memory import CompileWatch, compile_totals, keeps_freed_memory, release_free_memory
 from opd_jax.train.metrics_log import to_python
 from opd_jax.train.objectives import reduction_fn, with_teacher_scores
+from opd_jax.train.packing import ShapeMemory
 from opd_jax.train.placement import TrainMesh
 from opd_jax.train.stage_context import RunContext, make_sampler, stage_mesh
 from opd_jax.train.stage_kinds import StageKind, kind_of
@@ -55,6 +56,7 @@ class StageRun:
     student_sampler: Sampler
     teacher_sampler: Sampler
     source: Any = None   # a served / cached teacher's source (gkd_mix.offpolicy_source)
+    packed_shapes: tuple[ShapeMemory, ShapeMemory] | None = None   # (student, teacher): sticky
 
     def batch(self, state, records: list[dict], step: int):
         """Step ``step``'s ``(batch on the mesh, sampler output, extra metrics)`` from the global
@@ -93,7 +95,8 @@ class StageRun:
             batch = rollout.pack_batch(batch, groups=optim.grad_accum_steps * self.tm.batch_shards,
                                        student_config=m.student.config,
                                        teacher_config=teacher_config,
-                                       max_length=optim.pack_max_length)
+                                       max_length=optim.pack_max_length,
+                                       shapes=self.packed_shapes)
             extra["packed_tokens"] = int(batch.student_packed.tokens.size)   # student rows
         return self.tm.place(batch, self.batch_shardings), out, extra
 
@@ -169,11 +172,13 @@ def run_train_stage(ctx: RunContext, index: int, trainable) -> Any:
                                    return_topk=student_k)
     run = StageRun(ctx, index, stage, kind, tm, teacher, teacher_args, n_samples,
                    shardings["batch"], student_sampler,
-                   kind.teacher_sampler(ctx, tm, stage.sampler, student_sampler), source)
+                   kind.teacher_sampler(ctx, tm, stage.sampler, student_sampler), source,
+                   tuple(ShapeMemory(stage.optim.pack_reuse) for _ in range(2)))
     bar = tqdm(total=stage.steps, initial=start, desc=f"{stage.name}",
                disable=not ctx.progress or not distributed.is_primary(), dynamic_ncols=True)
     trim_each_step = not keeps_freed_memory()
     compiles = CompileWatch()   # kept heap: drop what a compilation left behind (host_memory)
+    compiled_before = compile_totals()
     with graceful_stop() as stop:
         for step in range(start, stage.steps):
             t0 = time.perf_counter()
@@ -196,9 +201,13 @@ def run_train_stage(ctx: RunContext, index: int, trainable) -> Any:
             scalars = to_python(jax.device_get(metrics["scalars"]))
             t2 = time.perf_counter()
             gen_tokens = int(np.asarray(out.mask).sum())
+            totals = compile_totals()   # XLA compilations in this step (rollout and update)
+            n_compiled, compile_s = (a - b for a, b in zip(totals, compiled_before))
+            compiled_before = totals
             record = {"stage": stage.name, "kind": stage.kind, "step": step + 1, **scalars,
                       **extra, "gen_tokens": gen_tokens, "gen_s": t1 - t0,
                       "train_s": t2 - t1, "tokens_per_s": gen_tokens / max(t2 - t0, 1e-9),
+                      "compiles": n_compiled, "compile_s": round(compile_s, 3),
                       "curves": to_python(jax.device_get(metrics["curves"]))}
             ctx.log.write(record)
             if trim_each_step:   # glibc's defaults: hand the step's freed pages back now

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import optax
 
 from opd_jax.config.schema import OptimSpec
-from opd_jax.losses.unembedding import TiedUnembedding, Unembedding
+from opd_jax.losses.unembedding import Unembedding
 from opd_jax.model import decoder
 from opd_jax.model.config import ModelConfig
 
@@ -77,14 +77,7 @@ class StudentSpec:
 
     def unembed(self, trainable, frozen) -> Unembedding:
         params, _ = self.params_and_lora(trainable, frozen)
-        return loss_unembedding(params, self.config)
-
-
-def loss_unembedding(params, config: ModelConfig) -> Unembedding:
-    """The unembedding the chunked losses read: the ``[D, V]`` matrix, or a tied model's ``[V, D]``
-    table as a :class:`~opd_jax.losses.unembedding.TiedUnembedding` (no transposed copy, and its
-    gradient accumulates in the table's own layout)."""
-    return TiedUnembedding(params["embed"]) if config.tie_embeddings else params["unembed"]
+        return decoder.loss_unembedding(params, self.config)
 
 
 def make_schedule(spec: OptimSpec, total_steps: int) -> optax.Schedule:

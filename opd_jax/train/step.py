@@ -28,7 +28,7 @@ from opd_jax.model import decoder
 from opd_jax.model.config import ModelConfig
 from opd_jax.train.batch import PackedRows, RolloutBatch
 from opd_jax.train.placement import map_rows_per_device, replicate_embedding, teacher_scope
-from opd_jax.train.state import StudentSpec, TrainState, loss_unembedding
+from opd_jax.train.state import StudentSpec, TrainState
 
 CURVE_KEYS = ("overlap", "token_reverse_kl", "student_entropy", "teacher_entropy")
 #: metrics logged per teacher when several score a batch (``TeacherSpec.routes``)
@@ -93,7 +93,7 @@ def teacher_hidden_and_unembed(teacher: TeacherSpec, student: StudentSpec, teach
             with teacher_scope(teacher.rules):
                 return decoder.forward(teacher_args, teacher.config, tokens, positions,
                                        valid_BxT=valid, segment_ids_BxT=segments)[0]
-        w = loss_unembedding(teacher_args, teacher.config)
+        w = decoder.loss_unembedding(teacher_args, teacher.config)
     else:
         weights = trainable if teacher.mode == "student_live" else teacher_args
         weights = jax.lax.stop_gradient(weights)
