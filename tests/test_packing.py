@@ -275,6 +275,40 @@ def test_packed_step_equals_unpacked(case):
         assert float(jnp.abs(a - b).max()) <= 1e-4 * scale_, case
 
 
+@pytest.mark.parametrize("attention", ["dense", "blocked"])
+def test_step_on_a_reused_larger_packed_shape_equals_unpacked(attention):
+    """Sticky shapes: rows packed into a remembered shape with more and longer rows than the
+    batch needs (empty rows, longer padding tails) give the unpacked step's loss, metrics and
+    gradients."""
+    cs, ct = CS.replace(attention=attention), CT.replace(attention=attention)
+    batch = _batch(5)
+    fresh = pack_batch(batch, groups=1, student_config=cs, teacher_config=ct, max_length=64)
+    memories = []
+    for pk in (fresh.student_packed, fresh.teacher_packed):
+        _, M, R = pk.tokens.shape
+        memory = ShapeMemory(100.0)
+        memory.remember(row_count_bucket(M + 2), row_length_bucket(2 * R))
+        memories.append(memory)
+    packed = pack_batch(batch, groups=1, student_config=cs, teacher_config=ct, max_length=64,
+                        shapes=tuple(memories))
+    for big, small in ((packed.student_packed, fresh.student_packed),
+                       (packed.teacher_packed, fresh.teacher_packed)):
+        assert big.tokens.shape[1] > small.tokens.shape[1]
+        assert big.tokens.shape[2] > small.tokens.shape[2]
+    assert packed.student_tokens.shape == (batch.student_tokens.shape[0], 0)   # rows dropped
+    kw = dict(student=StudentSpec(cs), teacher=TeacherSpec("separate", ct),
+              trainable=dec.init_params(cs, jax.random.key(0)), frozen=None,
+              teacher_args=dec.init_params(ct, jax.random.key(1)),
+              chunk_fn=make_chunk_fn(LossSpec(objective="reverse_kl", top_k=None)))
+    l1, m1, g1 = _grads(batch, **kw)
+    l2, m2, g2 = _grads(packed, **kw)
+    np.testing.assert_allclose(l2, l1, rtol=2e-5, atol=1e-6)
+    for k in m1:
+        np.testing.assert_allclose(m2[k], m1[k], rtol=2e-5, atol=2e-6, err_msg=k)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+        assert float(jnp.abs(a - b).max()) <= 1e-4 * (float(jnp.abs(a).max()) + 1e-12)
+
+
 @pytest.mark.parametrize("accum", [1, 2])
 def test_jitted_step_with_grad_accumulation_packed(accum):
     opt = make_optimizer(OptimSpec(lr=1e-3), 10)
