@@ -154,7 +154,7 @@ def bench_opd_jax(teacher, student, ids, args, pack: bool = True) -> dict:
         if i >= args.warmup:
             times.append((t2 - t0, t1 - t0, t2 - t1))
             gen_tok.append(int(np.asarray(out.mask).sum()))
-            trained.append(int(np.asarray(batch.student_valid).sum()))
+            trained.append(_real_tokens(batch))
             lengths += np.asarray(out.mask).sum(axis=1).astype(int).tolist()
     extra = {"first_iteration_s (incl. compile)": compile_s, "loss_last": float(m["scalars"]["loss"]),
              "compiled_step_shapes": step._cache_size(),
@@ -232,7 +232,7 @@ def phases(teacher, student, sampler_spec, prompts_, tokens, valid, batch, state
         return m
     step_s = _median_s(run_step, repeats)
     batch = full
-    real = int(np.asarray(batch.student_valid).sum())
+    real = _real_tokens(batch)
     rows = batch.student_packed.tokens if batch.student_packed is not None else batch.student_tokens
     computed = int(np.prod(rows.shape))
     return {"phase_prefill_s": prefill, "phase_decode_s": gen - prefill, "phase_host_s": host,
@@ -240,6 +240,13 @@ def phases(teacher, student, sampler_spec, prompts_, tokens, valid, batch, state
             "phase_student_fwd_bwd_loss_s": grad_s - teacher_s,
             "phase_optimizer_s": step_s - grad_s, "real_tokens": real, "computed_tokens": computed,
             "padding_ratio": computed / real}
+
+
+def _real_tokens(batch) -> int:
+    """Real tokens the update trains on: the packed rows' (packing drops the padded rows, and rows
+    with no completion token), else the padded rows' valid tokens."""
+    valid = batch.student_packed.valid if batch.student_packed is not None else batch.student_valid
+    return int(np.asarray(valid).sum())
 
 
 def _micro_batch(batch, groups: int):
