@@ -237,6 +237,17 @@ CASES = {
 }
 
 
+def _assert_same_step(batch, packed, kw):
+    """The packed batch's loss, metrics and gradients equal the padded batch's (float32)."""
+    l1, m1, g1 = _grads(batch, **kw)
+    l2, m2, g2 = _grads(packed, **kw)
+    np.testing.assert_allclose(l2, l1, rtol=2e-5, atol=1e-6)
+    for k in m1:
+        np.testing.assert_allclose(m2[k], m1[k], rtol=2e-5, atol=2e-6, err_msg=k)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+        assert float(jnp.abs(a - b).max()) <= 1e-4 * (float(jnp.abs(a).max()) + 1e-12)
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_packed_step_equals_unpacked(case):
     mode, lspec, attention, lora = CASES[case]
@@ -265,14 +276,7 @@ def test_packed_step_equals_unpacked(case):
     assert packed.student_packed.tokens.size < batch.student_tokens.size   # real savings
     kw = dict(student=student, teacher=teacher, trainable=trainable, frozen=frozen,
               teacher_args=teacher_args, chunk_fn=chunk_fn)
-    l1, m1, g1 = _grads(batch, **kw)
-    l2, m2, g2 = _grads(packed, **kw)
-    np.testing.assert_allclose(l2, l1, rtol=2e-5, atol=1e-6)
-    for k in m1:
-        np.testing.assert_allclose(m2[k], m1[k], rtol=2e-5, atol=2e-6, err_msg=k)
-    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
-        scale_ = float(jnp.abs(a).max()) + 1e-12
-        assert float(jnp.abs(a - b).max()) <= 1e-4 * scale_, case
+    _assert_same_step(batch, packed, kw)
 
 
 @pytest.mark.parametrize("attention", ["dense", "blocked"])
@@ -300,13 +304,7 @@ def test_step_on_a_reused_larger_packed_shape_equals_unpacked(attention):
               trainable=dec.init_params(cs, jax.random.key(0)), frozen=None,
               teacher_args=dec.init_params(ct, jax.random.key(1)),
               chunk_fn=make_chunk_fn(LossSpec(objective="reverse_kl", top_k=None)))
-    l1, m1, g1 = _grads(batch, **kw)
-    l2, m2, g2 = _grads(packed, **kw)
-    np.testing.assert_allclose(l2, l1, rtol=2e-5, atol=1e-6)
-    for k in m1:
-        np.testing.assert_allclose(m2[k], m1[k], rtol=2e-5, atol=2e-6, err_msg=k)
-    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
-        assert float(jnp.abs(a - b).max()) <= 1e-4 * (float(jnp.abs(a).max()) + 1e-12)
+    _assert_same_step(batch, packed, kw)
 
 
 @pytest.mark.parametrize("accum", [1, 2])
