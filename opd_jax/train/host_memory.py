@@ -94,19 +94,22 @@ def release_free_memory(keep_top: bool = False) -> bool:
 class CompileWatch:
     """Whether XLA compiled a program (a backend compilation, counted through
     ``jax.monitoring``) since the last :meth:`compiled` call. A persistent-cache hit is not a
-    compilation. One listener serves every watch in the process."""
+    compilation. One listener serves every watch in the process; each new watch (one per train
+    stage) registers it again, because other code may drop every listener in the process
+    (``jax.monitoring.clear_event_listeners()``: tunix's ``sft/metrics_logger.py`` does)."""
 
     _EVENT = "/jax/core/compile/backend_compile_duration"
     _count = 0
     _seconds = 0.0
-    _listening = False
 
     def __init__(self) -> None:
-        if not CompileWatch._listening:
-            import jax.monitoring
+        import jax.monitoring
 
-            jax.monitoring.register_event_duration_secs_listener(CompileWatch._on_event)
-            CompileWatch._listening = True
+        try:   # at most one registration, whatever happened to the listeners since the last watch
+            jax.monitoring.unregister_event_duration_listener(CompileWatch._on_event)
+        except (AssertionError, ValueError):   # not registered (first watch, or cleared)
+            pass
+        jax.monitoring.register_event_duration_secs_listener(CompileWatch._on_event)
         self._seen = CompileWatch._count
 
     @staticmethod
