@@ -357,17 +357,21 @@ def test_a_student_sharing_the_teachers_arrays_trains_and_the_teacher_survives(t
     assert "teacher_accuracy" in summary["evals"]["eval"]
 
 
-def test_compile_totals_count_backend_compilations_not_cache_hits():
+@pytest.mark.parametrize("can_unregister", [True, False])
+def test_compile_totals_count_backend_compilations_not_cache_hits(monkeypatch, can_unregister):
     """``host_memory.compile_totals`` (what each metrics record's ``compiles`` / ``compile_s``
     come from): a program never seen before adds one compilation and its seconds; calling it
     again adds nothing. A new watch counts again after something dropped every listener (tunix's
-    metrics logger clears them; in the full suite the counter had gone silent), and two watches
-    never count a compilation twice."""
+    metrics logger clears them; in the full suite the counter had gone silent), and several
+    watches never count a compilation twice, also on a jax without
+    ``unregister_event_duration_listener`` (jax 0.7.0, CI's oldest pins)."""
     from opd_jax.train.host_memory import CompileWatch, compile_totals
 
+    if not can_unregister:
+        monkeypatch.delattr(jax.monitoring, "unregister_event_duration_listener", raising=False)
     CompileWatch()
     jax.monitoring.clear_event_listeners()
-    CompileWatch(), CompileWatch()
+    CompileWatch(), CompileWatch(), CompileWatch()
     unique = float(np.random.default_rng().integers(1, 2**30))   # no cache can hold this program
     f = jax.jit(lambda x: x * unique + 1.0)
     x = jax.block_until_ready(jnp.ones(3))

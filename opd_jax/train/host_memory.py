@@ -101,20 +101,28 @@ class CompileWatch:
     _EVENT = "/jax/core/compile/backend_compile_duration"
     _count = 0
     _seconds = 0.0
+    _generation = 0          # only the newest registration counts (older ones may linger)
+    _listener = None
 
     def __init__(self) -> None:
         import jax.monitoring
 
-        try:   # at most one registration, whatever happened to the listeners since the last watch
-            jax.monitoring.unregister_event_duration_listener(CompileWatch._on_event)
-        except (AssertionError, ValueError):   # not registered (first watch, or cleared)
-            pass
-        jax.monitoring.register_event_duration_secs_listener(CompileWatch._on_event)
+        # jax >= 0.7.1 can unregister; on older jax a lingering listener is made inert instead
+        unregister = getattr(jax.monitoring, "unregister_event_duration_listener", None)
+        if CompileWatch._listener is not None and unregister is not None:
+            try:
+                unregister(CompileWatch._listener)
+            except (AssertionError, ValueError):   # already dropped (cleared by other code)
+                pass
+        CompileWatch._generation += 1
+        CompileWatch._listener = functools.partial(CompileWatch._on_event,
+                                                   CompileWatch._generation)
+        jax.monitoring.register_event_duration_secs_listener(CompileWatch._listener)
         self._seen = CompileWatch._count
 
     @staticmethod
-    def _on_event(event: str, duration: float, **kwargs) -> None:
-        if event == CompileWatch._EVENT:
+    def _on_event(generation: int, event: str, duration: float, **kwargs) -> None:
+        if generation == CompileWatch._generation and event == CompileWatch._EVENT:
             CompileWatch._count += 1
             CompileWatch._seconds += float(duration)
 
