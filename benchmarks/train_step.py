@@ -109,9 +109,9 @@ def _pack(batch, student, teacher, pack: bool, groups: int = 1):
                       teacher_config=teacher.config)
 
 
-def bench_opd_jax(teacher, student, ids, args, pack: bool = True) -> dict:
-    import jax
-
+def opd_jax_parts(teacher, student, ids, args):
+    """Our side's pieces for ``args``: prompts, sampler, train step (and its loss keywords),
+    initial state."""
     from opd_jax import losses
     from opd_jax.config.loss import LossSpec
     from opd_jax.config.schema import OptimSpec
@@ -119,7 +119,7 @@ def bench_opd_jax(teacher, student, ids, args, pack: bool = True) -> dict:
     from opd_jax.sampling.sampler import Sampler, bucket_length
     from opd_jax.sampling.strategies import Sampling
     from opd_jax.train.objectives import make_chunk_fn
-    from opd_jax.train.rollout import Prompts, assemble
+    from opd_jax.train.rollout import Prompts
     from opd_jax.train.state import StudentSpec, init_state, make_optimizer
     from opd_jax.train.step import TeacherSpec, make_train_step
 
@@ -135,7 +135,32 @@ def bench_opd_jax(teacher, student, ids, args, pack: bool = True) -> dict:
                                           with_metrics=not args.no_metrics),
                    reduction=losses.token_mean, chunk_size=args.chunk_size)
     step = make_train_step(optimizer=opt, grad_accum=args.grad_accum, **loss_kw)
-    state = init_state(student.params, opt, 0)
+    return prompts_, tokens, valid, sampler, step, loss_kw, init_state(student.params, opt, 0)
+
+
+def demo_step_and_batch(teacher, student, ids, new_tokens: int, no_metrics: bool = False):
+    """The demo's jitted train step, a fresh state and one packed rollout batch (seed 0)."""
+    import jax
+
+    from opd_jax.train.rollout import assemble
+
+    args = argparse.Namespace(new_tokens=new_tokens, remat="none", no_metrics=no_metrics,
+                              chunk_size=512, grad_accum=1)
+    prompts_, tokens, valid, sampler, step, _, state = opd_jax_parts(teacher, student, ids, args)
+    out = sampler(student.params, tokens, valid, jax.random.key(0))
+    batch = _pack(assemble(prompts_, out.tokens, out.mask, out.logprobs_full), student, teacher,
+                  True)
+    return step, state, batch
+
+
+def bench_opd_jax(teacher, student, ids, args, pack: bool = True) -> dict:
+    import jax
+
+    from opd_jax.train.rollout import assemble
+
+    tok = teacher.tokenizer
+    prompts_, tokens, valid, sampler, step, loss_kw, state = opd_jax_parts(teacher, student,
+                                                                           ids, args)
     times, gen_tok, trained, compile_s, lengths, faults = [], [], [], None, [], []
     for i in range(args.warmup + args.repeats):
         t0 = time.perf_counter()
