@@ -454,3 +454,25 @@ def test_adam_first_moment_in_bfloat16_halves_it_and_tracks_float32():
 def test_mu_dtype_is_refused_for_sgd():
     with pytest.raises(ConfigError, match="mu_dtype"):
         load_config(os.path.join(ROOT, TINY), ["optim.optimizer=sgd", "optim.mu_dtype=bfloat16"])
+
+
+@pytest.mark.parametrize("scheduler", ["memory", "concurrency"])
+def test_stage_compiles_its_step_with_the_configured_cpu_scheduler(tmp_path, monkeypatch, scheduler):
+    """``optim.cpu_scheduler`` reaches the train step's ``jax.jit`` (its compiler options), and
+    the run trains the same either way (the scheduler orders instructions, not the math)."""
+    from opd_jax.compile_options import cpu_scheduler_options
+    from opd_jax.train import stages
+
+    seen = []
+
+    def recording(**kwargs):
+        seen.append(kwargs.get("compiler_options"))
+        return make_step(**kwargs)
+
+    make_step = stages.make_train_step
+    monkeypatch.setattr(stages, "make_train_step", recording)
+    cfg = _cfg(tmp_path, f"optim.cpu_scheduler={scheduler}",
+               "stages=[{kind: opd, steps: 2, batch_prompts: 2}]")
+    summary = run(cfg, progress=False)
+    assert summary["stages"]["opd"]["steps"] == 2
+    assert seen == [dict(cpu_scheduler_options(scheduler)) or None]

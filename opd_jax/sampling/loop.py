@@ -13,13 +13,13 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
-import functools
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
+from opd_jax.compile_options import memory_jit
 from opd_jax.model.config import ModelConfig
 from opd_jax.model.decoder import (
     KVCache,
@@ -133,7 +133,7 @@ def _emit(st: DecodeSettings, state: DecodeState, logits_BxV: jax.Array) -> Deco
     return state.replace(**new)
 
 
-@functools.partial(jax.jit, static_argnums=0)
+@memory_jit(static_argnums=0)
 def prefill(st: DecodeSettings, params: Params, lora: Lora | None, tokens_BxP: jax.Array,
              valid_BxP: jax.Array, keys_B: jax.Array, active_B: jax.Array, eos_E: jax.Array
              ) -> DecodeState:
@@ -162,7 +162,7 @@ def prefill(st: DecodeSettings, params: Params, lora: Lora | None, tokens_BxP: j
         return _emit(st, state, logits_BxV)
 
 
-@functools.partial(jax.jit, static_argnums=0, donate_argnums=1)
+@memory_jit(static_argnums=0, donate_argnums=1)
 def decode(st: DecodeSettings, state: DecodeState, params: Params, lora: Lora | None) -> DecodeState:
     TRACE_COUNTS["decode"] += 1
     c, N = st.config, st.max_new_tokens

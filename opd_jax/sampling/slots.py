@@ -30,13 +30,12 @@ Shapes: ``B`` decode slots, ``U`` prompts prefilled by one :func:`admit`, ``P`` 
 
 from __future__ import annotations
 
-import functools
-
 import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from opd_jax.compile_options import memory_jit
 from opd_jax.model.config import ModelConfig
 from opd_jax.model.decoder import (
     KVCache,
@@ -100,7 +99,7 @@ def _rows(x: jax.Array) -> jax.Array:
     return constrain(x, ("batch",) + (None,) * (x.ndim - 1))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
+@memory_jit(static_argnums=(0, 1, 2, 3, 4))
 def init_slots(st: DecodeSettings, slots: int, prompt_len: int, dtype: str, key_impl: str,
                eos_E: jax.Array) -> SlotState:
     """``slots`` empty (done) slots over a ring cache of ``prompt_len + N - 1`` slots, the cache
@@ -163,7 +162,7 @@ def _place_prompts(buf_BxGxSxE: jax.Array, new_UxGxPxE: jax.Array, src_B: jax.Ar
         new_BxPxGxE.astype(buf_BxGxSxE.dtype), mode="drop")
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=2)
+@memory_jit(static_argnums=(0, 1), donate_argnums=2)
 def admit(st: DecodeSettings, key_impl: str, state: SlotState, params: Params, lora: Lora | None,
           tokens_UxP: jax.Array, valid_UxP: jax.Array, src_B: jax.Array, key_data_Bx2: jax.Array
           ) -> SlotState:
@@ -240,7 +239,7 @@ def _ring_step(c: ModelConfig, params: Params, layers: list[dict] | None, lora: 
     return final_norm(params, c, x)[:, 0], new_cache
 
 
-@functools.partial(jax.jit, static_argnums=0, donate_argnums=1)
+@memory_jit(static_argnums=0, donate_argnums=1)
 def decode_chunk(st: DecodeSettings, state: SlotState, params: Params, lora: Lora | None,
                  max_steps: jax.Array, refill_at: jax.Array) -> SlotState:
     """Decode steps of every live slot until ``max_steps`` steps ran, every slot is done, or at

@@ -223,8 +223,12 @@ def train_step(state: TrainState, batch: RolloutBatch, frozen, teacher_args, *,
 def make_train_step(*, student: StudentSpec, teacher: TeacherSpec,
                     optimizer: optax.GradientTransformation, chunk_fn: Callable,
                     reduction: Callable, chunk_size: int, grad_accum: int = 1,
-                    ema_decay: float | None = None, shardings: dict | None = None):
+                    ema_decay: float | None = None, shardings: dict | None = None,
+                    compiler_options: dict | None = None):
     """``train_step`` jitted once with the static parts bound and the state donated.
+
+    ``compiler_options``: XLA options of the compiled step (``jax.jit``'s), e.g. the CPU
+    scheduler's (``host_memory.cpu_scheduler_options``).
 
     ``shardings`` (optional): ``{"state": ..., "batch": ..., "frozen": ..., "teacher": ...}``
     explicit input shardings for a mesh run; outputs keep the state's sharding.
@@ -233,8 +237,8 @@ def make_train_step(*, student: StudentSpec, teacher: TeacherSpec,
                            chunk_fn=chunk_fn, reduction=reduction, chunk_size=chunk_size,
                            grad_accum=grad_accum, ema_decay=ema_decay)
     if shardings is None:
-        return jax.jit(fn, donate_argnums=(0,))
+        return jax.jit(fn, donate_argnums=(0,), compiler_options=compiler_options)
     s = shardings
-    return jax.jit(fn, donate_argnums=(0,),
+    return jax.jit(fn, donate_argnums=(0,), compiler_options=compiler_options,
                    in_shardings=(s["state"], s["batch"], s["frozen"], s["teacher"]),
                    out_shardings=(s["state"], None))

@@ -1,0 +1,75 @@
+"""``opd_jax.compile_options``: XLA CPU's instruction scheduler per program.
+
+The memory-optimized scheduler never keeps more temporaries alive than XLA's default
+(concurrency) one on a program with independent branches, computes the same values, and reaches
+module-level programs through :func:`memory_jit` (made on first use, so the backend is known);
+``optim.cpu_scheduler`` is checked at load time and reaches the train step."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from opd_jax.compile_options import CPU_SCHEDULERS, cpu_scheduler_options, memory_jit
+from opd_jax.config import ConfigError, load_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def branches(x, ws):
+    """Eight independent ``[256, 256] x [256, 512]`` products, each kept until the sum."""
+    return sum(jnp.tanh(x @ w).sum(axis=0) for w in ws)
+
+
+def _temp(options):
+    x, ws = jnp.ones((256, 256)), [jnp.ones((256, 512)) * i for i in range(8)]
+    compiled = jax.jit(branches, compiler_options=options).lower(x, ws).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+
+def test_memory_scheduler_keeps_no_more_live_than_the_default():
+    if not cpu_scheduler_options("memory"):
+        pytest.skip("this jaxlib has no xla_cpu_scheduler_type (XLA's default scheduler is used)")
+    assert cpu_scheduler_options("memory") == (("xla_cpu_scheduler_type",
+                                                CPU_SCHEDULERS["memory"]),)
+    memory = _temp(dict(cpu_scheduler_options("memory")))
+    assert memory <= _temp(dict(cpu_scheduler_options("concurrency")))
+    assert memory <= _temp(None)
+
+
+def test_unknown_scheduler_names_the_choices():
+    with pytest.raises(ValueError, match="concurrency"):
+        cpu_scheduler_options("fastest")
+
+
+def test_memory_jit_is_a_jit_made_on_first_use():
+    calls = []
+
+    @memory_jit(static_argnums=1)
+    def f(x, n):
+        calls.append(n)   # traced once per static value
+        return jnp.tanh(x) * n
+
+    x = jnp.linspace(-2, 2, 7)
+    np.testing.assert_allclose(f(x, 3), np.tanh(np.linspace(-2, 2, 7)) * 3,
+                               rtol=1e-6, atol=1e-6)
+    f(x + 1, 3)
+    assert calls == [3]                                    # cached like jax.jit
+    assert f.__name__ == "f"
+    text = f.lower(x, 2).as_text()                         # attributes reach the jitted function
+    assert "tanh" in text
+
+
+def test_optim_cpu_scheduler_is_checked_and_defaults_to_memory():
+    tiny = os.path.join(ROOT, "configs", "tiny_test.yaml")
+    cfg = load_config(tiny)
+    assert cfg.resolve_stage(0).optim.cpu_scheduler == "memory"
+    cfg = load_config(tiny, ["optim.cpu_scheduler=concurrency"])
+    assert {cfg.resolve_stage(i).optim.cpu_scheduler
+            for i in range(len(cfg.stages))} == {"concurrency"}
+    with pytest.raises(ConfigError, match="cpu_scheduler"):
+        load_config(tiny, ["optim.cpu_scheduler=fastest"])
