@@ -392,10 +392,16 @@ def entry() -> int:
     """The ``opd-jax`` command: :func:`main` after restarting once with glibc malloc tunables that
     keep freed memory for reuse (:func:`opd_jax.train.host_memory.reexec_with_tuned_malloc`;
     ``OPD_JAX_MALLOC=0`` skips it). Tests and other Python callers use :func:`main`, which never
-    restarts the process."""
+    restarts the process. Before jax starts, XLA CPU is told to schedule every program for the
+    smallest live set (:func:`opd_jax.compile_options.memory_scheduler_env`)."""
+    import os
+
+    from opd_jax.compile_options import memory_scheduler_env
     from opd_jax.train.host_memory import reexec_with_tuned_malloc
 
     reexec_with_tuned_malloc()
+    if (env := memory_scheduler_env(os.environ)) is not None:
+        os.environ["XLA_FLAGS"] = env["XLA_FLAGS"]
     return main()
 
 

@@ -8,21 +8,29 @@ module-level programs through :func:`memory_jit` (made on first use, so the back
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from opd_jax.compile_options import CPU_SCHEDULERS, cpu_scheduler_options, memory_jit
+from opd_jax.compile_options import CPU_SCHEDULERS, cpu_scheduler_options, memory_jit, memory_scheduler_env
 from opd_jax.config import ConfigError, load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def branches(x, ws):
-    """Eight independent ``[256, 256] x [256, 512]`` products, each kept until the sum."""
-    return sum(jnp.tanh(x @ w).sum(axis=0) for w in ws)
+    """Eight independent ``tanh(x @ w)`` activations ``[256, 512]``, each reduced through a
+    ``[512, 512]`` Gram matrix: XLA's default scheduler runs the branches side by side (8.9 MB of
+    temporaries), the memory one one after the other (1.6 MB)."""
+    acc = 0.0
+    for w in ws:
+        h = jnp.tanh(x @ w)
+        acc = acc + (h.T @ h).sum()
+    return acc
 
 
 def _temp(options):
@@ -31,14 +39,41 @@ def _temp(options):
     return compiled.memory_analysis().temp_size_in_bytes
 
 
+TEMP_IN_CHILD = """
+import jax, jax.numpy as jnp, sys
+sys.path.insert(0, sys.argv[1])
+from test_compile_options import branches
+x, ws = jnp.ones((256, 256)), [jnp.ones((256, 512)) * i for i in range(8)]
+print(jax.jit(branches).lower(x, ws).compile().memory_analysis().temp_size_in_bytes)
+"""
+
+
 def test_memory_scheduler_keeps_no_more_live_than_the_default():
     if not cpu_scheduler_options("memory"):
         pytest.skip("this jaxlib has no xla_cpu_scheduler_type (XLA's default scheduler is used)")
     assert cpu_scheduler_options("memory") == (("xla_cpu_scheduler_type",
                                                 CPU_SCHEDULERS["memory"]),)
     memory = _temp(dict(cpu_scheduler_options("memory")))
-    assert memory <= _temp(dict(cpu_scheduler_options("concurrency")))
-    assert memory <= _temp(None)
+    assert memory < _temp(dict(cpu_scheduler_options("concurrency")))
+    assert memory < _temp(None)
+    # the opd-jax command's process-wide flag gives every program the same schedule
+    env = memory_scheduler_env({**os.environ, "XLA_FLAGS": ""})
+    child = subprocess.run([sys.executable, "-c", TEMP_IN_CHILD, os.path.dirname(__file__)],
+                           env={**env, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True,
+                           timeout=300)
+    assert child.returncode == 0, child.stderr[-2000:]
+    assert int(child.stdout.split()[-1]) == memory
+
+
+def test_process_flag_only_where_it_applies():
+    flag = f"--xla_cpu_scheduler_type={CPU_SCHEDULERS['memory']}"
+    assert memory_scheduler_env({"XLA_FLAGS": "--xla_cpu_ftz=true"}, "0.10.2")["XLA_FLAGS"] == \
+        f"--xla_cpu_ftz=true {flag}"
+    assert memory_scheduler_env({}, "0.11.0.dev20270101")["XLA_FLAGS"] == flag
+    assert memory_scheduler_env({}, "0.7.0") is None            # 0.7.0 aborts on the flag
+    assert memory_scheduler_env({"OPD_JAX_MALLOC": "0"}, "0.10.2") is None
+    mine = {"XLA_FLAGS": "--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_CONCURRENCY_OPTIMIZED"}
+    assert memory_scheduler_env(mine, "0.10.2") is None          # the user's choice wins
 
 
 def test_unknown_scheduler_names_the_choices():
