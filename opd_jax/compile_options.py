@@ -3,8 +3,9 @@
 XLA CPU's default scheduler orders a program for concurrency: independent instructions run on
 several cores at once, which keeps more temporaries alive at the same time. The memory-optimized
 scheduler orders for the smallest live set. On ``make demo`` (2 cores) it gives the train step
-1.38 GiB of temporaries instead of 1.60 and the run a 3.52 GiB peak resident instead of 4.04,
-for a 1-5% slower step (BUILD_NOTES "Session 15"). The train step takes the stage's
+1.38 GiB of temporaries instead of 1.60, and the run (every program scheduled that way, see
+:func:`memory_scheduler_env`) peaks at 3.52-3.56 GiB resident instead of 3.86-4.04, in the same
+wall time (BUILD_NOTES "Session 15"). The train step takes the stage's
 ``optim.cpu_scheduler``; the sampler and the evaluation scorer are compiled with
 :func:`memory_jit` (the memory scheduler on the CPU, XLA's default elsewhere).
 """
@@ -83,8 +84,8 @@ def _version(text: str) -> tuple[int, ...]:
 def memory_scheduler_env(environ: Mapping[str, str], jaxlib_version: str | None = None
                          ) -> dict | None:
     """``environ`` with ``--xla_cpu_scheduler_type=<memory>`` appended to ``XLA_FLAGS`` (every
-    program of the process, jax's own small ones included: ``make demo`` peaks at 3.52 GiB with
-    it against 3.86 GiB with the per-program options alone), or ``None`` when it does not apply:
+    program of the process, jax's own small ones included: ``make demo`` peaks at 3.52-3.56 GiB
+    with it against 3.86 GiB with the per-program options alone), or ``None`` when it does not apply:
     ``XLA_FLAGS`` already picks a scheduler (the user's wins), ``OPD_JAX_MALLOC=0`` (the host
     memory policy is off), or a jaxlib older than :data:`SCHEDULER_FLAG_SINCE`. Only for a
     program's entry point, before jax starts its backend (the ``opd-jax`` command)."""
