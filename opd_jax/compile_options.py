@@ -19,7 +19,7 @@ from typing import Any, Callable, Mapping
 
 import jax
 
-__all__ = ["CPU_SCHEDULERS", "cpu_scheduler_options", "memory_jit", "LazyJit",
+__all__ = ["CPU_SCHEDULERS", "cpu_scheduler_options", "jit_compiler_options", "memory_jit", "LazyJit",
            "memory_scheduler_env", "SCHEDULER_FLAG_SINCE"]
 
 #: the first jaxlib known to accept ``--xla_cpu_scheduler_type`` in ``XLA_FLAGS`` (0.7.0 aborts
@@ -50,6 +50,12 @@ def cpu_scheduler_options(scheduler: str) -> tuple[tuple[str, str], ...]:
     return items
 
 
+def jit_compiler_options(scheduler: str) -> dict[str, str] | None:
+    """:func:`cpu_scheduler_options` as ``jax.jit``'s ``compiler_options`` argument (``None``
+    where they are empty)."""
+    return dict(cpu_scheduler_options(scheduler)) or None
+
+
 class LazyJit:
     """``jax.jit(fn, compiler_options=..., **jit_kwargs)`` made on first use, so a module-level
     program can take options that depend on the backend (known only once jax runs). Calls and
@@ -62,8 +68,8 @@ class LazyJit:
 
     def jitted(self):
         if self._jitted is None:
-            options = dict(cpu_scheduler_options(self._scheduler)) or None
-            self._jitted = jax.jit(self._fn, compiler_options=options, **self._jit_kwargs)
+            self._jitted = jax.jit(self._fn, compiler_options=jit_compiler_options(self._scheduler),
+                                   **self._jit_kwargs)
         return self._jitted
 
     def __call__(self, *args, **kwargs):

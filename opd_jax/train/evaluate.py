@@ -16,7 +16,7 @@ from typing import Any, Callable, Sequence
 import jax
 
 from opd_jax import losses
-from opd_jax.compile_options import cpu_scheduler_options
+from opd_jax.compile_options import jit_compiler_options
 from opd_jax.config.loss import LossSpec
 from opd_jax.data import PromptTemplate
 from opd_jax.eval import evaluate
@@ -43,7 +43,7 @@ def full_vocab_scorer(student: StudentSpec, teacher: TeacherSpec, objective: str
 @functools.lru_cache(maxsize=8)
 def _scorer(student: StudentSpec, teacher: TeacherSpec, objective: str, chunk_size: int):
     return jax.jit(full_vocab_scorer(student, teacher, objective, chunk_size),
-                   compiler_options=dict(cpu_scheduler_options("memory")) or None)
+                   compiler_options=jit_compiler_options("memory"))
 
 
 def score_rollouts(student: StudentSpec, teacher: TeacherSpec, trainable, frozen, teacher_args,

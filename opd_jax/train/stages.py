@@ -23,7 +23,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from opd_jax.checkpoint import StageCheckpointer, graceful_stop, stage_dir
-from opd_jax.compile_options import cpu_scheduler_options
+from opd_jax.compile_options import jit_compiler_options
 from opd_jax.sampling.sampler import Sampler
 from opd_jax.teacher.client import TeacherUnavailable
 from opd_jax.teacher.scores import student_topk_needed
@@ -168,7 +168,7 @@ def run_train_stage(ctx: RunContext, index: int, trainable) -> Any:
                               grad_accum=stage.optim.grad_accum_steps,
                               ema_decay=stage.ema_decay if with_ema else None,
                               shardings=shardings,
-                              compiler_options=dict(cpu_scheduler_options(stage.optim.cpu_scheduler)) or None)
+                              compiler_options=jit_compiler_options(stage.optim.cpu_scheduler))
     student_sampler = make_sampler(m.student.config, stage.sampler, m.tokenizer, mesh=tm.mesh,
                                    rules=tm.rules, score_temperature=lspec.temperature,
                                    return_topk=student_k)

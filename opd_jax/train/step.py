@@ -228,7 +228,7 @@ def make_train_step(*, student: StudentSpec, teacher: TeacherSpec,
     """``train_step`` jitted once with the static parts bound and the state donated.
 
     ``compiler_options``: XLA options of the compiled step (``jax.jit``'s), e.g. the CPU
-    scheduler's (``host_memory.cpu_scheduler_options``).
+    scheduler's (``opd_jax.compile_options.jit_compiler_options``).
 
     ``shardings`` (optional): ``{"state": ..., "batch": ..., "frozen": ..., "teacher": ...}``
     explicit input shardings for a mesh run; outputs keep the state's sharding.
