@@ -66,8 +66,10 @@ def _dot_flops(shape: str, tail: str, shapes: dict[str, list[int]]) -> float:
 
 
 def parse_hlo(text: str) -> dict[str, dict]:
-    """Instruction name -> ``{"opcode", "flops", "dot"}`` for every instruction of a compiled
-    module's text; a fusion's ``flops`` / ``dot`` cover the dots inside the computation it calls."""
+    """Instruction name -> ``{"opcode", "flops", "dot", "comp", "nested"}`` for every instruction
+    of a compiled module's text; a fusion's ``flops`` / ``dot`` cover the dots inside the
+    computation it calls, and ``nested`` marks the instructions of such a callee (the profiler
+    also reports some of them as events; the fusion's own event already holds their time)."""
     lines, comp = [], None
     for line in text.splitlines():
         if (c := _COMP.match(line)) and "=" not in line.split("(")[0]:
@@ -88,6 +90,9 @@ def parse_hlo(text: str) -> dict[str, dict]:
     for name, callee in calls.items():
         info[name]["flops"] = own.get(callee, 0.0)
         info[name]["dot"] = info[name]["flops"] > 0
+    callees = set(calls.values())
+    for meta in info.values():
+        meta["nested"] = meta["comp"] in callees
     return info
 
 
@@ -107,11 +112,12 @@ def op_class(name: str, meta: dict) -> str:
 
 
 def aggregate(trace_events: list[dict], info: dict[str, dict], steps: int) -> list[dict]:
-    """Complete events named like an instruction of the step, summed per instruction, per step."""
+    """Complete events named like a top-level instruction of the step (not one inside a fusion:
+    the fusion's event covers it), summed per instruction, per step."""
     total, count = collections.defaultdict(float), collections.defaultdict(int)
     for e in trace_events:
-        if e.get("ph") == "X" and e.get("name") in info and \
-                info[e["name"]]["opcode"] not in _CONTROL:
+        meta = info.get(e.get("name"))
+        if e.get("ph") == "X" and meta and meta["opcode"] not in _CONTROL and not meta["nested"]:
             total[e["name"]] += e.get("dur", 0.0) * 1e-6
             count[e["name"]] += 1
     rows = []

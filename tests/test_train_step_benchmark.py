@@ -40,7 +40,7 @@ def test_profile_counts_each_dot_from_its_shapes():
     import jax.numpy as jnp
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    from profile_step import op_class, parse_hlo
+    from profile_step import aggregate, op_class, parse_hlo
 
     f = jax.jit(lambda a, b, c: (jnp.tanh(a @ b) + 1.0, jnp.einsum("bmk,bkn->bmn", c, c)))
     a, b, c = jnp.ones((48, 40)), jnp.ones((40, 24)), jnp.ones((3, 16, 16))
@@ -50,6 +50,14 @@ def test_profile_counts_each_dot_from_its_shapes():
     assert sorted(set(dots + fused)) == sorted({2.0 * 48 * 24 * 40, 2.0 * 3 * 16 * 16 * 16})
     assert all(m["opcode"] for m in info.values())
     assert {op_class(n, m) for n, m in info.items() if m["dot"]} == {"matmul"}
+    # a dot inside a fusion's computation is nested: its own events are not counted again
+    nested = [n for n, m in info.items() if m["nested"] and m["dot"]]
+    outer = [n for n, m in info.items() if m["opcode"] == "fusion" and m["dot"]]
+    assert nested and outer
+    events = [{"ph": "X", "name": n, "dur": 1000.0} for n in nested + outer]
+    rows = aggregate(events, info, steps=1)
+    assert {r["op"] for r in rows} == set(outer)
+    assert sum(r["s_per_step"] for r in rows) == 1e-3 * len(outer)
 
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "OPD_JAX_MALLOC": "0"}
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "profile_step.py"),
