@@ -100,13 +100,15 @@ def length_stats(lengths: list[int]) -> dict:
             "p90": float(np.percentile(a, 90)), "max": int(a.max()), "mean": float(a.mean())}
 
 
-def _pack(batch, student, teacher, pack: bool, groups: int = 1):
+def _pack(batch, student, teacher, pack: bool, groups: int = 1, shapes=None):
+    """``batch`` packed as the train loop packs it (``shapes``: the run's sticky
+    ``(student, teacher)`` shape memories, when given)."""
     from opd_jax.train.rollout import pack_batch
 
     if not pack:
         return batch
     return pack_batch(batch, groups=groups, student_config=student.config,
-                      teacher_config=teacher.config)
+                      teacher_config=teacher.config, shapes=shapes)
 
 
 def opd_jax_parts(teacher, student, ids, args):
@@ -156,18 +158,25 @@ def demo_step_and_batch(teacher, student, ids, new_tokens: int, no_metrics: bool
 def bench_opd_jax(teacher, student, ids, args, pack: bool = True) -> dict:
     import jax
 
+    from opd_jax.config.schema import OptimSpec
+    from opd_jax.train.host_memory import CompileWatch
+    from opd_jax.train.packing import ShapeMemory
     from opd_jax.train.rollout import assemble
 
     tok = teacher.tokenizer
     prompts_, tokens, valid, sampler, step, loss_kw, state = opd_jax_parts(teacher, student,
                                                                            ids, args)
+    # sticky packed shapes, as the train loop keeps them (optim.pack_reuse's default)
+    shapes = tuple(ShapeMemory(OptimSpec().pack_reuse) for _ in range(2))
     times, gen_tok, trained, compile_s, lengths, faults = [], [], [], None, [], []
+    compiled, watch = [], CompileWatch()
     for i in range(args.warmup + args.repeats):
+        watch.compiled()
         t0 = time.perf_counter()
         out = sampler(student.params if i == 0 else _params(state), tokens, valid,
                       jax.random.key(i))
         batch = _pack(assemble(prompts_, out.tokens, out.mask, out.logprobs_full), student,
-                      teacher, pack, args.grad_accum)
+                      teacher, pack, args.grad_accum, shapes)
         jax.block_until_ready(batch)
         t1, f1 = time.perf_counter(), _minor_faults()
         state, m = step(state, batch, None, teacher.params)
@@ -177,6 +186,7 @@ def bench_opd_jax(teacher, student, ids, args, pack: bool = True) -> dict:
         if i == 0:
             compile_s = t2 - t0
         if i >= args.warmup:
+            compiled.append(watch.compiled())
             times.append((t2 - t0, t1 - t0, t2 - t1))
             gen_tok.append(int(np.asarray(out.mask).sum()))
             trained.append(_real_tokens(batch))
@@ -184,14 +194,21 @@ def bench_opd_jax(teacher, student, ids, args, pack: bool = True) -> dict:
     extra = {"first_iteration_s (incl. compile)": compile_s, "loss_last": float(m["scalars"]["loss"]),
              "compiled_step_shapes": step._cache_size(),
              "update_s_each": [round(t[2], 3) for t in times],
+             # a timed iteration that compiled (a new packed shape) is not a steady-state one
+             "timed_iterations_compiling": int(sum(compiled)),
+             "packed_shapes": [list(s.shapes) for s in shapes] if pack else None,
              "update_minor_faults_each": faults[args.warmup:],
              "completion_lengths": length_stats(lengths)}
     if args.phases:
         extra.update(phases(teacher, student, (sampler, args.new_tokens, tok), prompts_, tokens,
                             valid, batch, state, (step, loss_kw), args.repeats, pack,
                             args.grad_accum))
-    return _summary("opd_jax" if pack else "opd_jax unpacked", times, gen_tok, trained, student,
-                    teacher, extra=extra)
+    # the figures are steady-state ones: iterations that compiled a new packed shape are left
+    # out of the medians (their times stay in update_s_each), unless every one compiled
+    steady = [i for i, c in enumerate(compiled) if not c] or list(range(len(times)))
+    pick = lambda xs: [xs[i] for i in steady]
+    return _summary("opd_jax" if pack else "opd_jax unpacked", pick(times), pick(gen_tok),
+                    pick(trained), student, teacher, extra=extra)
 
 
 def _minor_faults() -> int:
@@ -379,7 +396,9 @@ def _announce(row: dict) -> dict:
              if "completion_lengths" in row else "")
           + (f", update_s_each {row['update_s_each']}" if "update_s_each" in row else "")
           + (f", faults {row['update_minor_faults_each']}"
-             if "update_minor_faults_each" in row else ""),
+             if "update_minor_faults_each" in row else "")
+          + (f", packed shapes {row['packed_shapes']} (timed iterations compiling: "
+             f"{row['timed_iterations_compiling']})" if row.get("packed_shapes") else ""),
           flush=True)
     return row
 

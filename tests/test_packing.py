@@ -164,6 +164,25 @@ def test_sticky_shapes_compile_fewer_shapes_at_bounded_extra_cost():
     assert len(sticky) < len(plain), (sorted(sticky), sorted(plain))
 
 
+def test_teacher_takes_the_students_rows_only_for_the_same_sequences():
+    """Without a privileged prompt the teacher's sequences are the student's: it gets the very
+    same rows (one layout keys the step's compilation) and its shape memory stays untouched; with
+    OPSD's own prompt, or another attention implementation, it is packed on its own."""
+    memories = (ShapeMemory(), ShapeMemory())
+    same = pack_batch(_batch(3), groups=1, student_config=CS, teacher_config=CT, max_length=64,
+                      shapes=memories)
+    assert same.teacher_packed is same.student_packed
+    assert memories[0].shapes and not memories[1].shapes
+    opsd = pack_batch(_batch(3, teacher_prompt=True), groups=1, student_config=CS,
+                      teacher_config=CT, max_length=64)
+    assert opsd.teacher_packed is not opsd.student_packed
+    assert not np.array_equal(np.asarray(opsd.teacher_packed.tokens[opsd.teacher_packed.valid]),
+                              np.asarray(opsd.student_packed.tokens[opsd.student_packed.valid]))
+    other = pack_batch(_batch(3), groups=1, student_config=CS,
+                       teacher_config=CT.replace(attention="blocked"), max_length=64)
+    assert other.teacher_packed is not other.student_packed
+
+
 def test_bad_groups_and_missing_prompt_fail_clearly():
     toks, valid, P, N = _ragged(2, B=6)
     with pytest.raises(ValueError, match="6 rows do not split into 4 packing groups"):

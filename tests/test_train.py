@@ -418,6 +418,45 @@ def test_kept_heap_releases_after_compiles_and_saves_only(tmp_path, monkeypatch)
     assert live[3] < live[2] and live[8] < live[7], live
 
 
+def test_kept_heap_releases_before_a_step_on_larger_packed_rows(tmp_path, monkeypatch):
+    """Packed rows larger than the last step's (new temporaries that do not fit the hole the last
+    ones left) hand the free pages back first, keeping the heap's top; equal or smaller rows do
+    not. Here every other batch gets one empty row more (a valid layout: no segment, nothing
+    gathered from it)."""
+    from opd_jax.train import rollout, stages
+
+    calls, sizes = [], []
+
+    class NeverCompiles:
+        def compiled(self):
+            return False
+
+    pack = rollout.pack_batch
+
+    def pack_growing(batch, **kw):
+        out = pack(batch, **kw)
+        if len(sizes) % 2:
+            grow = lambda x: jnp.concatenate([x, jnp.zeros_like(x[:, :1])], axis=1)
+            sp = out.student_packed
+            out = out.replace(student_packed=sp.replace(
+                tokens=grow(sp.tokens), valid=grow(sp.valid), segments=grow(sp.segments),
+                positions=grow(sp.positions)))
+        sizes.append(int(out.student_packed.tokens.size))
+        return out
+
+    monkeypatch.setattr(stages, "keeps_freed_memory", lambda: True)
+    monkeypatch.setattr(stages, "CompileWatch", NeverCompiles)
+    monkeypatch.setattr(rollout, "pack_batch", pack_growing)
+    monkeypatch.setattr(stages, "release_free_memory",
+                        lambda keep_top=False: calls.append((len(sizes), keep_top)))
+    run(_cfg(tmp_path), progress=False)
+    # per stage, before each step after its first: a kept-top release where the rows grew
+    firsts = [0, 2]   # cold start: 2 steps, then OPD: 3 (one pack per step)
+    grew = [i for i in range(1, len(sizes)) if i not in firsts and sizes[i] > sizes[i - 1]]
+    assert grew, sizes
+    assert [n - 1 for n, keep in calls if keep] == grew, (calls, sizes)
+
+
 def test_adam_first_moment_in_bfloat16_halves_it_and_tracks_float32():
     """``optim.mu_dtype: bfloat16`` stores Adam(W)'s first moment in bfloat16 (optax ``mu_dtype``),
     the second in float32. The first step stores exactly the float32 moment rounded; five steps

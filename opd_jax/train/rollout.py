@@ -124,7 +124,8 @@ def pack_batch(batch: RolloutBatch, *, groups: int, student_config: ModelConfig,
     """``batch`` with its student (and teacher) sequences packed several per row
     (:func:`~opd_jax.train.packing.pack_rows`, ``groups`` = grad-accumulation micro-batches x
     data-parallel shards). The teacher's rows are packed on their own (forward-only cost model;
-    OPSD's privileged prompts differ anyway). ``shapes``: the run's (student, teacher)
+    OPSD's privileged prompts) unless they hold the student's very sequences: then they are the
+    student's rows (one layout keys the step's compilation, not two). ``shapes``: the run's (student, teacher)
     :class:`~opd_jax.train.packing.ShapeMemory` (sticky shapes: fewer compilations). The padded
     ``[B, P + N]`` rows come back with zero columns (``[B, 0]``): the packed step never reads
     them, and the prompt length then keys no compilation."""
@@ -136,9 +137,16 @@ def pack_batch(batch: RolloutBatch, *, groups: int, student_config: ModelConfig,
         shapes=memory)
     student = pack(batch.student_tokens, batch.student_valid, student_config,
                    TRAIN_ATTENTION_WEIGHT, s_shapes)
-    # the teacher only runs forward: its own layout (forward-pass attention is cheaper)
-    teacher = pack(batch.teacher_tokens, batch.teacher_valid, teacher_config or student_config,
-                   FORWARD_ATTENTION_WEIGHT, t_shapes)
+    t_config = teacher_config or student_config
+    if (t_config.attention == student_config.attention
+            and np.array_equal(batch.teacher_tokens, batch.student_tokens)
+            and np.array_equal(batch.teacher_valid, batch.student_valid)):
+        # the same sequences (no privileged prompt): the student's rows, so the step's shape is
+        # keyed by one layout, not two (a new teacher shape compiles the whole step again)
+        teacher = student
+    else:   # the teacher only runs forward: its own layout (forward-pass attention is cheaper)
+        teacher = pack(batch.teacher_tokens, batch.teacher_valid, t_config,
+                       FORWARD_ATTENTION_WEIGHT, t_shapes)
     # the step reads only the packed rows: the padded ones keep zero columns, so their prompt
     # bucket no longer keys a compilation (nor travels to the devices)
     empty = lambda x: jnp.zeros((x.shape[0], 0), x.dtype)
