@@ -125,8 +125,9 @@ def pack_batch(batch: RolloutBatch, *, groups: int, student_config: ModelConfig,
     (:func:`~opd_jax.train.packing.pack_rows`, ``groups`` = grad-accumulation micro-batches x
     data-parallel shards). The teacher's rows are packed on their own (forward-only cost model;
     OPSD's privileged prompts) unless they hold the student's very sequences: then they are the
-    student's rows (one layout keys the step's compilation, not two). ``shapes``: the run's (student, teacher)
-    :class:`~opd_jax.train.packing.ShapeMemory` (sticky shapes: fewer compilations). The padded
+    student's rows (one layout keys the step's compilation, not two). ``shapes``: the run's
+    (student, teacher) :class:`~opd_jax.train.packing.ShapeMemory` (sticky shapes: fewer
+    compilations; the teacher's is untouched when it takes the student's rows). The padded
     ``[B, P + N]`` rows come back with zero columns (``[B, 0]``): the packed step never reads
     them, and the prompt length then keys no compilation."""
     n = batch.completion.shape[1]
