@@ -257,7 +257,9 @@ class SamplerSpec:
     ``extra_eos_ids``) when ``stop_at_eos``. ``slots``: continuous batching over this many decode
     slots (a finished row's slot takes the next pending row; a prompt's samples share one
     prefill; same tokens for the same keys); null = one batch of all rows, decoded until its
-    longest row ends."""
+    longest row ends. ``cache_windows``: decode phases, each attending over the part of the KV
+    cache its steps can have filled (null = one per 128 new tokens, at most 8; 1 = the whole
+    cache every step; see ``Sampler``)."""
 
     max_new_tokens: int = 32
     temperature: float = 1.0
@@ -268,10 +270,12 @@ class SamplerSpec:
     stop_at_eos: bool = True
     extra_eos_ids: tuple[int, ...] = ()
     slots: Optional[int] = None
+    cache_windows: Optional[int] = None
 
     def validate(self) -> None:
         need_positive(self, "max_new_tokens", "n_samples")
         need_positive(self, "slots", optional=True)
+        need_positive(self, "cache_windows", optional=True)
         need(self.temperature >= 0, "temperature", self.temperature, "a number >= 0 (0 = greedy)")
         need(self.top_k >= 0, "top_k", self.top_k, "an integer >= 0 (0 = off)")
         need(0 < self.top_p <= 1, "top_p", self.top_p, "a number in (0, 1]")

@@ -65,7 +65,8 @@ class KVCache:
     Attributes:
       k, v: ``[L, B, G, S, E]`` keys and values per slot, heads before slots: a decode step's
         attention reads each (row, head) block contiguously and a write touches one ``E`` run
-        per head, with no per-step transpose of the whole cache.
+        per head, with no per-step transpose of the whole cache. Or tuples of such arrays, chunks
+        along ``S`` (the sampler's decode phases: new tokens go to the last chunk).
       valid: ``[B, S]`` bool, slot holds a real (non-padding) token.
       index: scalar int32, next slot to write (shared by all rows: prompts are left-padded).
       next_pos: ``[B]`` int32, RoPE position of each row's next real token.
@@ -79,7 +80,7 @@ class KVCache:
 
     @property
     def size(self) -> int:
-        return self.k.shape[3]
+        return self.valid.shape[1]
 
 
 def init_cache(config: ModelConfig, batch: int, size: int, dtype=jnp.float32) -> KVCache:
@@ -244,6 +245,17 @@ def final_norm(params: Params, config: ModelConfig, x_BxTxD: jax.Array) -> jax.A
     return rms_norm(x_BxTxD, params["final_norm"], config.rms_eps)
 
 
+def _write_cache(buf, x_BxTxGxE: jax.Array, write_index: jax.Array | int):
+    """``buf`` (``[B, G, S, E]``, or a tuple of chunks along ``S``) with ``x`` written at slot
+    ``write_index``; a chunked cache takes it in its last chunk (the caller guarantees the slots
+    lie there), the earlier chunks are returned untouched."""
+    if isinstance(buf, tuple):
+        before = sum(c.shape[2] for c in buf[:-1])
+        return buf[:-1] + (_write_cache(buf[-1], x_BxTxGxE, write_index - before),)
+    return jax.lax.dynamic_update_slice(buf, x_BxTxGxE.transpose(0, 2, 1, 3).astype(buf.dtype),
+                                        (0, 0, write_index, 0))
+
+
 def layer(config: ModelConfig, inputs: StepInputs, x_BxTxD: jax.Array, weights: dict,
           cache_kv: tuple[jax.Array, jax.Array] | None = None
           ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
@@ -266,11 +278,11 @@ def layer(config: ModelConfig, inputs: StepInputs, x_BxTxD: jax.Array, weights: 
     k = apply_rope(k, positions_BxT, inv_freq)
     q = constrain(q, ("batch", "length", "heads", "head_dim"))
     if cache_kv is not None:
-        # cache layout [B, G, S, E]: the T new rows go in as [B, G, T, E] at slot write_index
-        write = lambda buf, x: jax.lax.dynamic_update_slice(
-            buf, x.transpose(0, 2, 1, 3).astype(buf.dtype), (0, 0, write_index, 0))
-        new_kv = (write(cache_kv[0], k), write(cache_kv[1], v))
-        k_all, v_all = (x.astype(q.dtype) for x in new_kv)
+        # cache layout [B, G, S, E]: the T new rows go in as [B, G, T, E] at slot write_index;
+        # a cache in chunks along S (the sampler's decode phases) takes them in its last chunk
+        new_kv = (_write_cache(cache_kv[0], k, write_index), _write_cache(cache_kv[1], v, write_index))
+        k_all, v_all = (x.astype(q.dtype) if not isinstance(x, tuple)
+                        else tuple(c.astype(q.dtype) for c in x) for x in new_kv)
         if isinstance(mask_BxTxS, BlockedMask):   # prefill: one transpose back per call
             attn = attention_blocked(q, k_all.transpose(0, 2, 1, 3), v_all.transpose(0, 2, 1, 3),
                                      mask_BxTxS.q_slot, mask_BxTxS.kv_valid,

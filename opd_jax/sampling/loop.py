@@ -1,8 +1,9 @@
 """The sampler's jitted program: one prefill call, then a ``lax.while_loop`` decode over a KV cache.
 
 :func:`prefill` runs the left-padded prompts through the decoder into a cache of
-``P + max_new_tokens - 1`` slots, unembeds the last position only and draws token 0;
-:func:`decode` (state donated) steps a :class:`DecodeState` until every row is done. Both are
+``P + max_new_tokens - 1`` slots (the first decode phase's window of them with
+``cache_windows > 1``), unembeds the last position only and draws token 0; :func:`decode` (state
+donated) steps a :class:`DecodeState` until every row is done, phase by phase. Both are
 module-level ``jax.jit`` objects keyed on a hashable :class:`DecodeSettings`, so calls in one shape bucket
 reuse one compiled program. :class:`opd_jax.sampling.sampler.Sampler` is the public face; see its module
 docstring for the design (layer loop, cache layout, keys).
@@ -13,6 +14,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import functools
 
 import flax.struct
 import jax
@@ -34,11 +36,13 @@ from opd_jax.model.decoder import (
     next_token_logits,
     step_inputs,
 )
+from opd_jax.model.layers import kv_chunks
 from opd_jax.sampling.strategies import Sampling, draw, top_logprobs, uniforms
 from opd_jax.sharding import constrain, use_mesh_rules
 
 __all__ = ["DecodeSettings", "DecodeState", "LayerCaches", "TRACE_COUNTS", "prefill", "decode",
-           "mesh_context", "split_layers"]
+           "mesh_context", "split_layers", "decode_windows", "add_chunk",
+           "WINDOW_MULTIPLE"]
 
 # Incremented (in Python, so only while tracing) by the jitted prefill / decode: a test can assert
 # that repeated calls in one bucket do not recompile.
@@ -94,6 +98,7 @@ class DecodeSettings:
     mesh: Mesh | None
     rules: tuple
     layer_loop: str = "unroll"
+    cache_windows: int = 1
 
 
 def mesh_context(st: DecodeSettings):
@@ -142,7 +147,7 @@ def prefill(st: DecodeSettings, params: Params, lora: Lora | None, tokens_BxP: j
     B, P = tokens_BxP.shape
     with mesh_context(st):
         dtype = params["embed"].dtype
-        cache = init_cache(c, B, P + N - 1, dtype)
+        cache = init_cache(c, B, decode_windows(P, N, st.cache_windows)[0][1], dtype)
         kv_axes = ("layers", "batch", "kv_heads", "length", "head_dim")
         cache = cache.replace(k=constrain(cache.k, kv_axes), v=constrain(cache.v, kv_axes))
         hidden_BxPxD, cache = hidden_states(params, c, tokens_BxP, valid_BxP, lora=lora,
@@ -162,13 +167,68 @@ def prefill(st: DecodeSettings, params: Params, lora: Lora | None, tokens_BxP: j
         return _emit(st, state, logits_BxV)
 
 
-@memory_jit(static_argnums=0, donate_argnums=1)
-def decode(st: DecodeSettings, state: DecodeState, params: Params, lora: Lora | None) -> DecodeState:
+# Windows are multiples of 64 slots (a phase shorter than 32 steps merges into the next one).
+WINDOW_MULTIPLE = 64
+
+
+def decode_windows(prompt_len: int, max_new_tokens: int, phases: int) -> list[tuple[int, int]]:
+    """``[(last_step, window)]``: the decode loop's phases for a prompt bucket ``P`` and ``N``
+    new tokens. A step with ``state.step = s`` (``1 <= s < N``) writes slot ``P + s - 1`` and
+    attends over slots ``[0, P + s)``, so phase ``j`` runs the steps ``s <= last_step_j`` over a
+    cache of ``window_j = P + last_step_j`` slots. ``phases`` phases of about equal length,
+    windows rounded up to multiples of ``WINDOW_MULTIPLE``, the last one the whole cache
+    ``S = P + N - 1``; one phase (or small ``N``): ``[(N - 1, S)]``.
+
+    >>> decode_windows(128, 256, 4)
+    [(64, 192), (128, 256), (192, 320), (255, 383)]
+    >>> decode_windows(100, 32, 4)
+    [(31, 131)]
+    """
+    P, N = prompt_len, max_new_tokens
+    S, m = P + N - 1, WINDOW_MULTIPLE
+    out: list[tuple[int, int]] = []
+    for j in range(1, max(phases, 1) + 1):
+        window = min(S, -(-(P + -(-j * (N - 1) // phases)) // m) * m)
+        # a phase before the last one of fewer than m / 2 steps is not worth its compiled loop
+        if window < S and S - window < m // 2:
+            window = S
+        if not out or window > out[-1][1]:
+            out.append((window - P, window))
+    return out
+
+
+def add_chunk(cache: KVCache | LayerCaches, size: int) -> KVCache | LayerCaches:
+    """``cache`` with ``size`` empty slots more, as a new chunk of keys / values (zeros, ``valid``
+    False): the slots written so far stay where they are (no copy)."""
+    if isinstance(cache, LayerCaches):
+        first = kv_chunks(cache.k[0])[0]
+        B, G, _, E = first.shape
+        axes = ("batch", "kv_heads", "length", "head_dim")
+        new = lambda: constrain(jnp.zeros((B, G, size, E), first.dtype), axes)  # noqa: E731
+        k = tuple(kv_chunks(x) + (new(),) for x in cache.k)
+        v = tuple(kv_chunks(x) + (new(),) for x in cache.v)
+    else:
+        first = kv_chunks(cache.k)[0]
+        L, B, G, _, E = first.shape
+        axes = ("layers", "batch", "kv_heads", "length", "head_dim")
+        new = lambda: constrain(jnp.zeros((L, B, G, size, E), first.dtype), axes)  # noqa: E731
+        k, v = kv_chunks(cache.k) + (new(),), kv_chunks(cache.v) + (new(),)
+    valid = jnp.pad(cache.valid, ((0, 0), (0, size)))
+    return cache.replace(k=k, v=v, valid=valid)
+
+
+@memory_jit(static_argnums=(0, 1), donate_argnums=2)
+def decode(st: DecodeSettings, prompt_len: int, state: DecodeState, params: Params,
+           lora: Lora | None) -> DecodeState:
+    """Steps ``state`` (from :func:`prefill` of ``prompt_len``-slot prompts) until every row is
+    done or ``N`` tokens are drawn: one ``while_loop`` per phase of :func:`decode_windows`
+    (``st.cache_windows`` phases). The prefill's cache holds the first phase's window; each
+    later phase adds a chunk of empty slots (:func:`add_chunk`) and attends over all chunks so
+    far, so early steps read the filled part of the cache only and nothing is copied. (Slicing
+    one whole-size cache per phase instead made XLA CPU copy the cache every step.) A phase
+    whose rows are all done runs no step."""
     TRACE_COUNTS["decode"] += 1
     c, N = st.config, st.max_new_tokens
-
-    def cond(s: DecodeState):
-        return (s.step < N) & ~jnp.all(s.done)
 
     with mesh_context(st):
         if st.layer_loop == "unroll":
@@ -184,12 +244,20 @@ def decode(st: DecodeSettings, state: DecodeState, params: Params, lora: Lora | 
                                                     cache=s.cache)
                 return hidden_Bx1xD[:, 0], cache
 
+        def cond(s: DecodeState, last_step: int):
+            return (s.step <= last_step) & ~jnp.all(s.done)
+
         def body(s: DecodeState):
             hidden_BxD, cache = step(s)
             s = s.replace(cache=cache)
             return _emit(st, s, next_token_logits(params, c, hidden_BxD))
 
-        return jax.lax.while_loop(cond, body, state)
+        for last_step, window in decode_windows(prompt_len, N, st.cache_windows):
+            if window > state.cache.valid.shape[1]:
+                state = state.replace(cache=add_chunk(state.cache,
+                                                      window - state.cache.valid.shape[1]))
+            state = jax.lax.while_loop(functools.partial(cond, last_step=last_step), body, state)
+        return state
 
 
 def split_layers(params: Params, lora: Lora | None, n_layers: int) -> list[dict]:

@@ -45,7 +45,7 @@ def make_sampler(config, spec, tokenizer, *, greedy: bool = False, return_topk=N
     eos = eos_ids_of(tokenizer, spec.extra_eos_ids) if spec.stop_at_eos else ()
     return Sampler(config, sampling, spec.max_new_tokens, eos_ids=eos,
                    pad_id=getattr(tokenizer, "pad_id", 0) or 0, return_topk=return_topk,
-                   mesh=mesh, rules=rules, slots=spec.slots)
+                   mesh=mesh, rules=rules, slots=spec.slots, cache_windows=spec.cache_windows)
 
 
 def stage_mesh(ctx: RunContext) -> TrainMesh:
