@@ -132,21 +132,22 @@ def pack_batch(batch: RolloutBatch, *, groups: int, student_config: ModelConfig,
     them, and the prompt length then keys no compilation."""
     n = batch.completion.shape[1]
     s_shapes, t_shapes = shapes or (None, None)
+    host = np.asarray   # each array crosses from the device once
+    s_tokens, s_valid = host(batch.student_tokens), host(batch.student_valid)
     pack = lambda tokens, valid, config, weight, memory: pack_rows(
-        np.asarray(tokens), np.asarray(valid), n, groups=groups, config=config,
-        max_length=max_length, blocked=config.attention == "blocked", attention_weight=weight,
-        shapes=memory)
-    student = pack(batch.student_tokens, batch.student_valid, student_config,
-                   TRAIN_ATTENTION_WEIGHT, s_shapes)
+        tokens, valid, n, groups=groups, config=config, max_length=max_length,
+        blocked=config.attention == "blocked", attention_weight=weight, shapes=memory)
+    student = pack(s_tokens, s_valid, student_config, TRAIN_ATTENTION_WEIGHT, s_shapes)
     t_config = teacher_config or student_config
+    same = lambda t, s, s_host: t is s or np.array_equal(host(t), s_host)
     if (t_config.attention == student_config.attention
-            and np.array_equal(batch.teacher_tokens, batch.student_tokens)
-            and np.array_equal(batch.teacher_valid, batch.student_valid)):
+            and same(batch.teacher_tokens, batch.student_tokens, s_tokens)
+            and same(batch.teacher_valid, batch.student_valid, s_valid)):
         # the same sequences (no privileged prompt): the student's rows, so the step's shape is
         # keyed by one layout, not two (a new teacher shape compiles the whole step again)
         teacher = student
     else:   # the teacher only runs forward: its own layout (forward-pass attention is cheaper)
-        teacher = pack(batch.teacher_tokens, batch.teacher_valid, t_config,
+        teacher = pack(host(batch.teacher_tokens), host(batch.teacher_valid), t_config,
                        FORWARD_ATTENTION_WEIGHT, t_shapes)
     # the step reads only the packed rows: the padded ones keep zero columns, so their prompt
     # bucket no longer keys a compilation (nor travels to the devices)
