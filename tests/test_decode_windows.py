@@ -180,3 +180,22 @@ def test_cache_windows_validation_and_config():
         load_config("configs/tiny_test.yaml", ["sampler.cache_windows=0"])
     cfg = load_config("configs/tiny_test.yaml", ["sampler.cache_windows=3"])
     assert cfg.sampler.cache_windows == 3
+
+
+def test_benchmark_small_run(tmp_path):
+    """``benchmarks/decode_windows.py --small`` runs end to end and reports every variant."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import decode_windows as bench
+
+    out = bench.main(["--small", "--windows", "1,4", "--repeats", "1",
+                      "--out", str(tmp_path / "w.json")])
+    one, four = out["rows"]
+    assert (one["phases"], four["phases"]) == (1, 2)
+    assert four["mean_slots"] < one["mean_slots"] == 287.0
+    assert one["same_tokens_as_first"] and one["x_first"] == 1.0
+    assert (tmp_path / "w.json").exists() and four["min_s"] > 0
+    assert bench.mean_slots(128, 256, 4) == np.mean([192] * 64 + [256] * 64 + [320] * 64
+                                                    + [383] * 63)
