@@ -199,3 +199,39 @@ def test_benchmark_small_run(tmp_path):
     assert (tmp_path / "w.json").exists() and four["min_s"] > 0
     assert bench.mean_slots(128, 256, 4) == np.mean([192] * 64 + [256] * 64 + [320] * 64
                                                     + [383] * 63)
+
+
+EIGHT_DEVICES = """
+import os, json, types, sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+os.environ["JAX_PLATFORMS"] = "cpu"
+sys.path.insert(0, {path!r})
+import jax
+from tests.test_decode_windows import CFG, PARAMS, PROMPTS, N
+from opd_jax.sampling.generation import generate
+from opd_jax.sharding import make_mesh
+assert len(jax.devices()) == 8
+m = types.SimpleNamespace(config=CFG, params=PARAMS)
+prompts = [[int(t) for t in p if t] for p in PROMPTS]
+res = {{}}
+for name, mesh, w in [("one", None, 1), ("mesh_phases", make_mesh((2, 4, 1)), 4)]:
+    o = generate(m, prompts, max_new_tokens=N, temperature=1.0, top_k=20, eos_ids=[], seed=2,
+                 mesh=mesh, cache_windows=w)
+    res[name] = [o.tokens, o.logprobs.tolist()]
+print("RESULT" + json.dumps(res))
+"""
+
+
+def test_phases_on_eight_fake_devices_match_one_device():
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", EIGHT_DEVICES.format(path=root)],
+                          capture_output=True, text=True, cwd=root, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout.split("RESULT", 1)[1])
+    assert res["mesh_phases"][0] == res["one"][0]
+    np.testing.assert_allclose(res["mesh_phases"][1], res["one"][1], atol=1e-4)

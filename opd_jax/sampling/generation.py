@@ -63,8 +63,8 @@ def generate(model: Any, prompts: Sequence[Sequence[int]], *, max_new_tokens: in
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
              min_p: float | None = None, seed: int = 0, eos_ids: Sequence[int] | None = None,
              n_samples: int = 1, return_topk: int | None = None, mesh: Mesh | None = None,
-             rules: str | dict = "fsdp", pad_id: int = 0, slots: int | None = None
-             ) -> GenerateOutput:
+             rules: str | dict = "fsdp", pad_id: int = 0, slots: int | None = None,
+             cache_windows: int | None = None) -> GenerateOutput:
     """Generate completions for token-id prompts.
 
     Args:
@@ -85,6 +85,8 @@ def generate(model: Any, prompts: Sequence[Sequence[int]], *, max_new_tokens: in
         slot takes the next row; the samples of a prompt share its prefill); same completions
         and log-probs (see :class:`opd_jax.sampling.Sampler`). Pays off when rows outnumber
         slots or end at ragged lengths (EOS).
+      cache_windows: decode phases, each attending over the part of the KV cache its steps can
+        have filled (``None``: one per 128 new tokens, at most 8; see :class:`Sampler`).
 
     Returns:
       :class:`GenerateOutput` (``out.tokens`` is the list of completion id lists).
@@ -107,7 +109,8 @@ def generate(model: Any, prompts: Sequence[Sequence[int]], *, max_new_tokens: in
     tok = getattr(model, "tokenizer", None)
     eos = eos_ids_of(tok) if eos_ids is None else tuple(eos_ids)
     sampler = Sampler(config, sampling, max_new_tokens, eos_ids=eos, return_topk=return_topk,
-                      pad_id=pad_id, mesh=mesh, rules=rules, slots=slots)
+                      pad_id=pad_id, mesh=mesh, rules=rules, slots=slots,
+                      cache_windows=cache_windows)
     sampler.check_lengths([len(p) for p in prompts])
 
     prompt_index = np.repeat(np.arange(len(prompts)), n_samples)
