@@ -131,3 +131,12 @@ def write_json(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
     return path
+
+
+def write_results(name: str, payload: dict[str, Any], *, small: bool = False,
+                  out: str | os.PathLike | None = None) -> Path:
+    """Write ``payload`` to ``out`` or ``RESULTS_DIR / "<name>[_small].json"`` and say where."""
+    path = write_json(out or RESULTS_DIR / (f"{name}_small.json" if small else f"{name}.json"),
+                      payload)
+    print(f"wrote {path}")
+    return path

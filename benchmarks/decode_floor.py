@@ -32,7 +32,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import RESULTS_DIR, load_report, machine_info, print_table, write_json  # noqa: E402
+from _common import load_report, machine_info, print_table, write_results  # noqa: E402
 
 SMOLLM2 = dict(d_model=576, ffn_dim=1536, n_heads=9, n_kv_heads=3, head_dim=64, n_layers=30,
                vocab_size=49152)
@@ -142,9 +142,7 @@ def main(argv=None) -> dict[str, Any]:
     payload = {"benchmark": "decode_floor", "small": args.small, "machine": machine_info(),
                "load": load, "shapes": c, "layer_bytes": layer_bytes,
                "stream_read_GBs": round(stream_gbs, 2), "repeats": repeats, "rows": rows}
-    out = args.out or RESULTS_DIR / ("decode_floor_small.json" if args.small else
-                                     "decode_floor.json")
-    print(f"wrote {write_json(out, payload)}")
+    write_results("decode_floor", payload, small=args.small, out=args.out)
     return payload
 
 

@@ -30,7 +30,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import RESULTS_DIR, load_report, machine_info, print_table, write_json  # noqa: E402
+from _common import load_report, machine_info, print_table, write_results  # noqa: E402
 
 from opd_jax.sampling.loop import decode_windows  # noqa: E402
 from opd_jax.sampling.sampler import Sampler, bucket_length  # noqa: E402
@@ -101,9 +101,7 @@ def main(argv=None) -> dict[str, Any]:
         print("WARNING: the machine was busy; timings are unreliable.")
     payload = {"benchmark": "decode_windows", "small": args.small, "machine": machine_info(),
                "load": load, "prompt_len": P, "repeats": repeats, "rows": rows}
-    out = args.out or RESULTS_DIR / ("decode_windows_small.json" if args.small else
-                                     "decode_windows.json")
-    print(f"wrote {write_json(out, payload)}")
+    write_results("decode_windows", payload, small=args.small, out=args.out)
     return payload
 
 

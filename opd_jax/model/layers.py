@@ -139,7 +139,6 @@ def _one_query_attention(q_Bx1xHxE: jax.Array, ks: tuple, vs: tuple,
     B, _, H, E = q_Bx1xHxE.shape
     G = ks[0].shape[1]
     q_BxGxRxE = q_Bx1xHxE.reshape(B, G, H // G, E).astype(jnp.float32)
-    masks = _split_slots(mask_Bx1xS, [k.shape[2] for k in ks])
     if len(ks) == 1:
         scores_BxGxRxS = jnp.sum(q_BxGxRxE[:, :, :, None, :] * ks[0][:, :, None, :, :],
                                  axis=-1) / math.sqrt(E)
@@ -148,7 +147,7 @@ def _one_query_attention(q_Bx1xHxE: jax.Array, ks: tuple, vs: tuple,
         out_BxGxRxE = jnp.sum(probs_BxGxRxS[..., None] * vs[0][:, :, None, :, :], axis=-2)
         return out_BxGxRxE.reshape(B, 1, H, E)
     parts = []
-    for k, v, m in zip(ks, vs, masks):
+    for k, v, m in zip(ks, vs, _split_slots(mask_Bx1xS, [k.shape[2] for k in ks])):
         # a barrier per chunk: XLA CPU would otherwise share (and materialise) the broadcast of
         # q between chunks of equal size (6.6 ms instead of 0.7 a layer at B = 32, S = 2 x 128)
         q_c, k = jax.lax.optimization_barrier((q_BxGxRxE, k))

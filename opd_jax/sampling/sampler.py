@@ -234,8 +234,9 @@ class Sampler:
         tokens, at most 8), each attending over the part of the KV cache its steps can have filled (a
         chunk of empty slots is added per phase, nothing is copied): early steps of long
         rollouts do not read the empty end of the cache. 1 = one loop over the whole cache.
-        More phases: more compiled loop bodies (≈1 s each for the 27-layer student on 2 CPU
-        cores). Values agree with one phase to float32 rounding. Not used with ``slots``.
+        More phases: more compiled loop bodies (≈1.5-4.5 s each for the 27-layer student on
+        2 CPU cores, :func:`default_cache_windows`). Values agree with one phase to float32
+        rounding. Not used with ``slots``.
     """
 
     def __init__(self, config: ModelConfig, sampling: Sampling, max_new_tokens: int, *,

@@ -132,23 +132,23 @@ def pack_batch(batch: RolloutBatch, *, groups: int, student_config: ModelConfig,
     them, and the prompt length then keys no compilation."""
     n = batch.completion.shape[1]
     s_shapes, t_shapes = shapes or (None, None)
-    host = np.asarray   # each array crosses from the device once
-    s_tokens, s_valid = host(batch.student_tokens), host(batch.student_valid)
+    # each array crosses from the device once (the teacher's are often the student's arrays)
+    s_tokens, s_valid = np.asarray(batch.student_tokens), np.asarray(batch.student_valid)
+    host = lambda t, s, s_host: s_host if t is s else np.asarray(t)
+    t_tokens = host(batch.teacher_tokens, batch.student_tokens, s_tokens)
+    t_valid = host(batch.teacher_valid, batch.student_valid, s_valid)
     pack = lambda tokens, valid, config, weight, memory: pack_rows(
         tokens, valid, n, groups=groups, config=config, max_length=max_length,
         blocked=config.attention == "blocked", attention_weight=weight, shapes=memory)
     student = pack(s_tokens, s_valid, student_config, TRAIN_ATTENTION_WEIGHT, s_shapes)
     t_config = teacher_config or student_config
-    same = lambda t, s, s_host: t is s or np.array_equal(host(t), s_host)
     if (t_config.attention == student_config.attention
-            and same(batch.teacher_tokens, batch.student_tokens, s_tokens)
-            and same(batch.teacher_valid, batch.student_valid, s_valid)):
+            and np.array_equal(t_tokens, s_tokens) and np.array_equal(t_valid, s_valid)):
         # the same sequences (no privileged prompt): the student's rows, so the step's shape is
         # keyed by one layout, not two (a new teacher shape compiles the whole step again)
         teacher = student
     else:   # the teacher only runs forward: its own layout (forward-pass attention is cheaper)
-        teacher = pack(host(batch.teacher_tokens), host(batch.teacher_valid), t_config,
-                       FORWARD_ATTENTION_WEIGHT, t_shapes)
+        teacher = pack(t_tokens, t_valid, t_config, FORWARD_ATTENTION_WEIGHT, t_shapes)
     # the step reads only the packed rows: the padded ones keep zero columns, so their prompt
     # bucket no longer keys a compilation (nor travels to the devices)
     empty = lambda x: jnp.zeros((x.shape[0], 0), x.dtype)
