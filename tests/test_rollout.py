@@ -114,3 +114,87 @@ def test_assemble_trims_completion_to_longest_real_bucket():
     assert int(np.asarray(batch.mask).sum()) == int(mask.sum())  # no real token dropped
     full = rollout.assemble(prompts, completion, np.ones((B, N), bool), logp)
     assert full.completion.shape == (B, N)  # never longer than what was sampled
+
+
+class _Counting:
+    """A sampler wrapper counting its calls."""
+
+    def __init__(self, sampler):
+        self.sampler, self.calls = sampler, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.sampler(*args, **kwargs)
+
+
+def _tiny_run():
+    from opd_jax.train.models import build_models
+    from opd_jax.train.run import make_template
+    from opd_jax.train.stage_context import make_sampler
+
+    cfg = load_config(TINY, ["sampler.max_new_tokens=6"])
+    m = build_models(cfg.teacher, cfg.student, seed=0)
+    # prompts of unequal lengths (byte tokenizer): packing puts a short and a long one together
+    recs = [make_record(f"p{i}", "Add. " * (1 + 40 * (i % 2)) + f"{i} + {i + 3}?", source="t",
+                        answer=2 * i + 3) for i in range(4)]
+    samplers = (make_sampler(m.student.config, cfg.sampler, m.tokenizer, greedy=True),
+                make_sampler(m.teacher.config, cfg.sampler, m.tokenizer, greedy=True))
+    return m, make_template(cfg), recs, samplers
+
+
+def test_teacher_memo_hands_back_the_teachers_answers_without_sampling_again():
+    m, template, recs, (s_sampler, t_sampler) = _tiny_run()
+    tok, t_counting = m.tokenizer, _Counting(t_sampler)
+    s_params, s_lora = m.student.params_and_lora(m.trainable, m.frozen)
+    call = lambda recs_, memo, key: rollout.sample_student_and_teacher(
+        recs_, tok, template, max_prompt_len=320, n_samples=1, key=jax.random.key(key),
+        student_sampler=s_sampler, student_params=s_params, student_lora=s_lora,
+        teacher_sampler=t_counting, teacher_params=m.teacher.params, pad_id=pad_id_of(tok),
+        teacher_memo=memo)
+    memo: dict = {}
+    first = call(recs[:2], memo, 0)
+    assert t_counting.calls == 1 and len(memo) == 1
+    again = call(recs[:2], memo, 5)   # another key: a greedy teacher answers the same
+    assert t_counting.calls == 1
+    _same(again.teacher, first.teacher)
+    assert again.teacher_texts == first.teacher_texts
+    _same(call(recs[:2], None, 5).teacher, first.teacher)   # what sampling again gives
+    assert t_counting.calls == 2
+    call(recs[2:], memo, 0)   # other prompts: sampled and kept
+    assert t_counting.calls == 3 and len(memo) == 2
+
+
+def test_packed_evaluation_matches_padded_rows():
+    """The eval scorer on packed rows gives the padded rows' figures (float32 rounding)."""
+    import functools
+
+    from opd_jax.train.evaluate import EvalModels, EvalSettings, evaluate_student
+    from opd_jax.train.packing import ShapeMemory
+
+    m, template, recs, (s_sampler, t_sampler) = _tiny_run()
+    teacher = TeacherSpec("separate", m.teacher.config)
+    models = EvalModels(m.student, teacher, m.frozen, m.teacher.params, s_sampler, t_sampler,
+                        teacher_params=m.teacher.params)
+    pack = functools.partial(rollout.pack_batch, groups=1, student_config=m.student.config,
+                             teacher_config=m.teacher.config,
+                             shapes=(ShapeMemory(), ShapeMemory()))
+    packed_rows = []
+
+    def packing(batch):
+        out = pack(batch)
+        packed_rows.append(out.student_packed.tokens.shape[1] < batch.student_tokens.shape[0])
+        return out
+
+    settings = dict(tokenizer=m.tokenizer, template=template, max_prompt_len=320,
+                    batch_prompts=4, chunk_size=8, pad_id=pad_id_of(m.tokenizer))
+    key = jax.random.key(1)
+    padded = evaluate_student(recs, m.trainable, key, EvalSettings(**settings), models)
+    packed = evaluate_student(recs, m.trainable, key, EvalSettings(**settings, pack=packing),
+                              models)
+    # one batch of four; the student's and the teacher's samples each fit in fewer rows
+    assert packed_rows == [True, True]
+    assert padded["samples"] == packed["samples"]
+    for k, v in padded.items():
+        if isinstance(v, float):
+            assert packed[k] == pytest.approx(v, rel=1e-5, abs=1e-6), k
+    assert padded["onpolicy_reverse_kl"] > 0 and padded["teacher_samples_forward_kl"] > 0

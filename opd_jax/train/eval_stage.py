@@ -7,6 +7,7 @@ import jax
 
 from opd_jax.checkpoint import StageCheckpointer, stage_dir
 from opd_jax.model.tokenizer import pad_id_of
+from opd_jax.train import rollout
 from opd_jax.train.evaluate import EvalModels, EvalSettings, evaluate_student
 from opd_jax.train.stage_context import RunContext, make_sampler, separate_teacher, stage_mesh
 
@@ -40,9 +41,10 @@ def run_eval_stage(ctx: RunContext, index: int, trainable, *, name: str | None =
         settings = EvalSettings(tok, ctx.template, stage.data.max_prompt_len, ks=tuple(stage.ks),
                                 batch_prompts=stage.batch_prompts,
                                 chunk_size=stage.loss.chunk_size, pad_id=pad_id_of(tok),
-                                place=tm.place_rows)
+                                place=tm.place_rows, pack=_packer(ctx, stage, tm))
         models = EvalModels(m.student, separate_teacher(ctx), m.frozen, m.teacher.params,
-                            s_sampler, t_sampler, teacher_params=m.teacher.params)
+                            s_sampler, t_sampler, teacher_params=m.teacher.params,
+                            teacher_memo=ctx.eval_teacher_answers.setdefault(repr(sspec), {}))
         key = jax.random.fold_in(jax.random.key(cfg.seed), 10_000 + index)
         result = evaluate_student(records, trainable, key, settings, models)
     ctx.log.write({"stage": name, "kind": "eval", "step": 0,
@@ -51,3 +53,21 @@ def run_eval_stage(ctx: RunContext, index: int, trainable, *, name: str | None =
     ck.wait()
     ck.close()
     return result
+
+
+def _packer(ctx: RunContext, stage, tm):
+    """The eval scorer's packing (the stage's ``optim.pack`` settings, as a train stage packs;
+    ``None`` when off): one packing group per data-parallel shard when the batch's rows split
+    over them, else one group (the rows are then replicated, as unpacked ones are)."""
+    if not stage.optim.pack:
+        return None
+    shards, m = tm.batch_shards, ctx.models
+
+    def pack(batch):
+        rows = batch.completion.shape[0]
+        return rollout.pack_batch(batch, groups=shards if rows % shards == 0 else 1,
+                                  student_config=m.student.config,
+                                  teacher_config=m.teacher.config,
+                                  max_length=stage.optim.pack_max_length,
+                                  shapes=ctx.eval_packed_shapes)
+    return pack

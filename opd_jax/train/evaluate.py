@@ -69,7 +69,10 @@ class EvalSettings:
     """How held-out evaluation encodes, batches and scores prompts (built once per eval stage).
 
     ``place`` puts a scoring batch on the mesh (``TrainMesh.place_rows``; identity on one
-    device)."""
+    device). ``pack`` (``RolloutBatch -> RolloutBatch``, e.g. :func:`~opd_jax.train.rollout.
+    pack_batch` with the stage's settings): the scorer runs on packed rows (several sequences per
+    row, as the train step does) instead of one padded row per sequence; ``None`` scores the
+    padded rows. Both give the same figures up to float32 rounding."""
 
     tokenizer: Any
     template: PromptTemplate
@@ -80,13 +83,17 @@ class EvalSettings:
     privileged_teacher: bool = False
     pad_id: int = 0
     place: Callable = lambda x: x
+    pack: Callable | None = None
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class EvalModels:
     """The student and teacher evaluation samples from and scores with (``teacher_args``: the
     teacher's weights as the scorer takes them; ``teacher_params``: as the teacher sampler takes
-    them). Without ``teacher_sampler`` the teacher only scores the student's samples."""
+    them). Without ``teacher_sampler`` the teacher only scores the student's samples.
+    ``teacher_memo``: a dict kept across the evaluations of one run (its teacher and greedy
+    teacher sampler): the teacher's answers to prompts it has answered before are reused
+    (:func:`~opd_jax.train.rollout.sample_student_and_teacher`)."""
 
     student: StudentSpec
     teacher: TeacherSpec
@@ -95,6 +102,7 @@ class EvalModels:
     student_sampler: Any
     teacher_sampler: Any = None
     teacher_params: Any = None
+    teacher_memo: dict | None = None
 
 
 def evaluate_student(records: Sequence[dict], trainable, key: jax.Array, settings: EvalSettings,
@@ -106,7 +114,8 @@ def evaluate_student(records: Sequence[dict], trainable, key: jax.Array, setting
     keys) and the forward KL on them is reported.
     """
     st, m = settings, models
-    ks, batch_prompts, chunk_size, place = st.ks, st.batch_prompts, st.chunk_size, st.place
+    ks, batch_prompts, chunk_size = st.ks, st.batch_prompts, st.chunk_size
+    place = st.place if st.pack is None else (lambda batch: st.place(st.pack(batch)))
     student, teacher, frozen, teacher_args = m.student, m.teacher, m.frozen, m.teacher_args
     teacher_sampler = m.teacher_sampler
     n = max(ks)
@@ -121,7 +130,7 @@ def evaluate_student(records: Sequence[dict], trainable, key: jax.Array, setting
             key=jax.random.fold_in(key, start), student_sampler=m.student_sampler,
             student_params=s_params, student_lora=s_lora, teacher_sampler=teacher_sampler,
             teacher_params=m.teacher_params, privileged_teacher=st.privileged_teacher,
-            pad_id=st.pad_id)
+            pad_id=st.pad_id, teacher_memo=m.teacher_memo)
         completions += [ro.student_texts[i * n:(i + 1) * n] for i in range(len(recs))]
         rkl_parts.append(score_rollouts(student, teacher, trainable, frozen, teacher_args,
                                         place(ro.student), "reverse_kl", chunk_size))

@@ -176,11 +176,17 @@ def sample_student_and_teacher(records: Sequence[dict], tokenizer, template: Pro
                                student_sampler: Sampler, student_params,
                                student_lora: Lora | None = None,
                                teacher_sampler: Sampler | None = None, teacher_params=None,
-                               privileged_teacher: bool = False,
-                               pad_id: int = 0) -> StudentAndTeacherRollouts:
+                               privileged_teacher: bool = False, pad_id: int = 0,
+                               teacher_memo: dict | None = None) -> StudentAndTeacherRollouts:
     """``n_samples`` student rollouts per record drawn with ``key`` and, with ``teacher_sampler``,
     one teacher rollout per record (on the teacher's prompt) drawn with ``fold_in(key, 1)``: the
-    batches held-out evaluation and prompt selection score."""
+    batches held-out evaluation and prompt selection score.
+
+    ``teacher_memo``: a dict that keeps the teacher's rollouts by their encoded prompts and hands
+    them back on a later call with the same prompts instead of sampling again. Share one only
+    between calls whose teacher answers depend on the prompts alone: the same teacher weights and
+    a greedy teacher sampler with the same settings (held-out evaluation's teacher, evaluated
+    again at every eval stage of a run)."""
     enc = dict(max_prompt_len=max_prompt_len, privileged_teacher=privileged_teacher, pad_id=pad_id)
     prompts = encode_prompts(records, tokenizer, template, n_samples=n_samples, **enc)
     out = sample(student_sampler, student_params, prompts, key, lora=student_lora)
@@ -189,11 +195,18 @@ def sample_student_and_teacher(records: Sequence[dict], tokenizer, template: Pro
     if teacher_sampler is None:
         return StudentAndTeacherRollouts(student, texts)
     single = encode_prompts(records, tokenizer, template, **enc)
+    memo_key = (single.teacher_tokens.shape, single.teacher_tokens.tobytes(),
+                single.teacher_valid.tobytes())
+    if teacher_memo is not None and memo_key in teacher_memo:
+        teacher, teacher_texts = teacher_memo[memo_key]
+        return StudentAndTeacherRollouts(student, texts, teacher, list(teacher_texts))
     t_out = sample(teacher_sampler, teacher_params, single, jax.random.fold_in(key, 1),
-                    from_teacher_prompt=True)
-    return StudentAndTeacherRollouts(
-        student, texts, assemble(single, t_out.tokens, t_out.mask, t_out.logprobs_full),
-        decode_rows(tokenizer, t_out.tokens, t_out.mask))
+                   from_teacher_prompt=True)
+    answers = (assemble(single, t_out.tokens, t_out.mask, t_out.logprobs_full),
+               decode_rows(tokenizer, t_out.tokens, t_out.mask))
+    if teacher_memo is not None:
+        teacher_memo[memo_key] = answers
+    return StudentAndTeacherRollouts(student, texts, *answers)
 
 
 def decode_rows(tokenizer, completion: np.ndarray, mask: np.ndarray) -> list[str]:

@@ -14,6 +14,7 @@ from opd_jax.sharding import rules_key
 from opd_jax.train import distributed
 from opd_jax.train.metrics_log import MemoryLog, MetricsLog
 from opd_jax.train.models import Models
+from opd_jax.train.packing import ShapeMemory
 from opd_jax.train.placement import TrainMesh, single_device_mesh
 from opd_jax.train.step import TeacherSpec
 
@@ -33,6 +34,12 @@ class RunContext:
     log: MetricsLog | MemoryLog
     progress: bool = True
     mesh: TrainMesh | None = None
+    # kept across the run's eval stages: the teacher's held-out answers by sampler settings (a
+    # greedy teacher with fixed weights answers the same prompts the same way every time) and
+    # the eval scorer's packed shapes (sticky: the later evaluations compile nothing new)
+    eval_teacher_answers: dict = dataclasses.field(default_factory=dict)
+    eval_packed_shapes: tuple[ShapeMemory, ShapeMemory] = dataclasses.field(
+        default_factory=lambda: (ShapeMemory(), ShapeMemory()))
 
 
 def make_sampler(config, spec, tokenizer, *, greedy: bool = False, return_topk=None, mesh=None,
