@@ -37,6 +37,13 @@ def _load(args):
     return load_config(args.config, args.overrides)
 
 
+def _compilation_cache(cfg):
+    """JAX's persistent compilation cache in ``cfg.compilation_cache`` while a command runs."""
+    from opd_jax.compile_options import compilation_cache
+
+    return compilation_cache(cfg.compilation_cache)
+
+
 def cmd_train(args) -> int:
     from opd_jax.analyze import write_report
     from opd_jax.train import distributed as mesh_lib
@@ -50,7 +57,8 @@ def cmd_train(args) -> int:
         if mesh_lib.is_primary() and cfg.run_dir.exists():
             shutil.rmtree(cfg.run_dir)
         mesh_lib.barrier("fresh_run_dir")
-    summary = run(cfg, progress=not args.no_progress)
+    with _compilation_cache(cfg):
+        summary = run(cfg, progress=not args.no_progress)
     if mesh_lib.is_primary():
         print(format_summary(summary))
         report = write_report(cfg.run_dir)
@@ -69,7 +77,9 @@ def cmd_eval(args) -> int:
                          "stages: [{kind: eval, n_prompts: 40}]")
     cfg = dataclasses.replace(cfg, stages=evals)
     # a partial config: it must neither be checked against nor replace the run's record
-    print(format_summary(run(cfg, progress=not args.no_progress, record=False)))
+    with _compilation_cache(cfg):
+        summary = run(cfg, progress=not args.no_progress, record=False)
+    print(format_summary(summary))
     return 0
 
 
@@ -93,8 +103,9 @@ def cmd_sample(args) -> int:
 
         params, lora = models.student.params_and_lora(models.trainable, models.frozen)
         model = Model(models.student.config, params, tok, lora)
-    out = generate(model, [prompt], max_new_tokens=args.max_new_tokens,
-                   temperature=args.temperature, seed=args.seed, eos_ids=tok.eos_ids)
+    with _compilation_cache(cfg):
+        out = generate(model, [prompt], max_new_tokens=args.max_new_tokens,
+                       temperature=args.temperature, seed=args.seed, eos_ids=tok.eos_ids)
     print(tok.decode(out.tokens[0]))
     return 0
 
@@ -122,8 +133,10 @@ def cmd_rank_prompts(args) -> int:
 def cmd_build_cold_start(args) -> int:
     from opd_jax.cold_start import build_cold_start, format_summary
 
-    summary = build_cold_start(_load(args), stage=args.stage, out=args.out, force=args.force,
-                               batch_rows=args.batch_rows, progress=not args.no_progress)
+    cfg = _load(args)
+    with _compilation_cache(cfg):
+        summary = build_cold_start(cfg, stage=args.stage, out=args.out, force=args.force,
+                                   batch_rows=args.batch_rows, progress=not args.no_progress)
     print(format_summary(summary))
     return 0
 
@@ -193,17 +206,21 @@ def cmd_export(args) -> int:
 def cmd_serve_teacher(args) -> int:
     from opd_jax.teacher.server import serve_from_config
 
-    serve_from_config(_load(args), host=args.host, port=args.port, token_env=args.token_env,
-                      k_max=args.k_max, max_request_bytes=int(args.max_request_mb * (1 << 20)))
+    cfg = _load(args)
+    with _compilation_cache(cfg):
+        serve_from_config(cfg, host=args.host, port=args.port, token_env=args.token_env,
+                          k_max=args.k_max, max_request_bytes=int(args.max_request_mb * (1 << 20)))
     return 0
 
 
 def cmd_cache_teacher(args) -> int:
     from opd_jax.teacher.cache_build import build_cache
 
-    summary = build_cache(_load(args), out=args.out, dataset=args.dataset, k=args.k,
-                          batch_rows=args.batch_rows, force=args.force,
-                          progress=not args.no_progress)
+    cfg = _load(args)
+    with _compilation_cache(cfg):
+        summary = build_cache(cfg, out=args.out, dataset=args.dataset, k=args.k,
+                              batch_rows=args.batch_rows, force=args.force,
+                              progress=not args.no_progress)
     print("\n".join(f"{k}: {v}" for k, v in summary.items()))
     print(f"train from it: opd-jax train CONFIG teacher.source={args.out}")
     return 0

@@ -1,4 +1,5 @@
-"""``opd_jax.compile_options``: XLA CPU's instruction scheduler per program.
+"""``opd_jax.compile_options``: XLA CPU's instruction scheduler per program, and JAX's
+persistent compilation cache around the ``opd-jax`` commands.
 
 The memory-optimized scheduler never keeps more temporaries alive than XLA's default
 (concurrency) one on a program with independent branches, computes the same values, and reaches
@@ -16,7 +17,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from opd_jax.compile_options import CPU_SCHEDULERS, cpu_scheduler_options, memory_jit, memory_scheduler_env
+from opd_jax import compile_options
+from opd_jax.compile_options import (
+    CPU_SCHEDULERS,
+    compilation_cache,
+    cpu_scheduler_options,
+    memory_jit,
+    memory_scheduler_env,
+)
 from opd_jax.config import ConfigError, load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -108,3 +116,44 @@ def test_optim_cpu_scheduler_is_checked_and_defaults_to_memory():
             for i in range(len(cfg.stages))} == {"concurrency"}
     with pytest.raises(ConfigError, match="cpu_scheduler"):
         load_config(tiny, ["optim.cpu_scheduler=fastest"])
+
+
+def _entries(path) -> list[str]:
+    return sorted(p.name for p in path.iterdir()) if path.exists() else []
+
+
+def test_compilation_cache_writes_programs_and_restores_jax_settings(tmp_path):
+    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+    before = {k: getattr(jax.config, k) for k in keys}
+    with compilation_cache(None):   # off: nothing changes
+        assert {k: getattr(jax.config, k) for k in keys} == before
+    cache = tmp_path / "xla"
+    with compilation_cache(str(cache), min_compile_secs=0):
+        assert jax.config.jax_compilation_cache_dir == str(cache)
+        x = jnp.arange(7.0)
+        np.testing.assert_allclose(jax.jit(lambda v: jnp.sin(v) * 3.25 + 0.125)(x),
+                                   np.sin(np.arange(7.0)) * 3.25 + 0.125, rtol=1e-6)
+    assert _entries(cache), "the compiled program was not written"
+    assert {k: getattr(jax.config, k) for k in keys} == before
+    n = len(_entries(cache))
+    jax.jit(lambda v: jnp.cos(v) * 1.5)(x)   # outside: not written
+    assert len(_entries(cache)) == n
+
+
+def test_cli_commands_use_the_configs_compilation_cache(tmp_path, monkeypatch, capsys):
+    """``opd-jax sample`` compiles into ``compilation_cache`` (here every program, however fast
+    it compiled), writes nothing with ``compilation_cache=null``, and leaves JAX's settings as
+    they were."""
+    from opd_jax import cli
+
+    monkeypatch.setattr(compile_options, "CACHE_MIN_COMPILE_SECS", 0.0)
+    before = jax.config.jax_compilation_cache_dir
+    cache = tmp_path / "xla"
+    argv = ["sample", "configs/tiny_test.yaml", "--prompt", "What is 2+3?", "--max-new-tokens"]
+    assert cli.main([*argv, "3", "compilation_cache=null"]) == 0
+    assert not cache.exists()
+    # another length: new programs to compile (the process keeps those it compiled already)
+    assert cli.main([*argv, "5", f"compilation_cache={cache}"]) == 0
+    assert _entries(cache)
+    assert jax.config.jax_compilation_cache_dir == before
+    assert load_config("configs/tiny_test.yaml").compilation_cache == "~/.cache/opd_jax/xla"

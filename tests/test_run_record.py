@@ -68,9 +68,11 @@ def test_cli_names_the_keys_and_exits_2(finished, capsys):
 
 
 def test_config_changes_ignores_execution_keys():
-    a = {"name": "x", "mesh": {"shape": {"fsdp": 1}}, "optim": {"lr": 1.0}, "stages": [{"k": 1}]}
+    a = {"name": "x", "mesh": {"shape": {"fsdp": 1}}, "optim": {"lr": 1.0}, "stages": [{"k": 1}],
+         "compilation_cache": "~/.cache/opd_jax/xla"}
     b = {"name": "y", "mesh": {"shape": {"fsdp": 8}}, "optim": {"lr": 2.0}, "stages": [{"k": 1},
-                                                                                     {"k": 2}]}
+                                                                                     {"k": 2}],
+         "compilation_cache": None}
     assert config_changes(a, b) == [("optim.lr", 1.0, 2.0), ("stages.1.k", "<absent>", 2)]
 
 

@@ -9,6 +9,7 @@ import jax
 import numpy as np
 import pytest
 
+from opd_jax.compile_options import compilation_cache
 from opd_jax.config import ConfigError
 from opd_jax.data import load_records
 from opd_jax.study import load_study_config
@@ -26,7 +27,6 @@ from opd_jax.study.capability import (
 )
 from opd_jax.study.capability.arms import Student, run_seed
 from opd_jax.study.capability.stats import Interval
-from opd_jax.study.xla_cache import compilation_cache
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "study_capability.yaml")

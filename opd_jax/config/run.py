@@ -255,10 +255,16 @@ class RunConfig:
     ``config.yaml``, ``checkpoints/<stage>/<step>/`` and metrics. ``teacher`` is unused by opsd
     stages (the student with privileged context is its own teacher). ``teachers``: several
     teachers, each scoring the prompts of its data sources (:mod:`opd_jax.config.teachers`), in
-    place of ``teacher``."""
+    place of ``teacher``. ``compilation_cache``: the directory of JAX's persistent compilation
+    cache for the ``opd-jax`` commands that run this config (``train``, ``demo``, ``eval``,
+    ``sample``, ``serve-teacher``, ``cache-teacher``, ``build-cold-start``): a second run loads
+    the programs the first compiled; null
+    turns it off (:func:`opd_jax.compile_options.compilation_cache`; Python callers of
+    ``train.run`` choose for themselves)."""
 
     name: str = "run"
     out_dir: str = "runs/{name}"
+    compilation_cache: Optional[str] = "~/.cache/opd_jax/xla"
     seed: int = 0
     teacher: ModelSpec = ModelSpec()
     teachers: tuple[TeacherRoute, ...] = ()

@@ -31,7 +31,7 @@ their evaluation points.
 
 Modules: :mod:`.config` (the ``study:`` section), :mod:`.arms` (one arm's stages, run and
 series), :mod:`.run` (the whole study), :mod:`.findings` (the verdicts), :mod:`.report` (plots and
-markdown), :mod:`.xla_cache` (the persistent compilation cache).
+markdown); the persistent compilation cache is :func:`opd_jax.compile_options.compilation_cache`.
 """
 
 from opd_jax.study.arms import HELDOUT, TRAIN, arm_config, arm_series, arm_stages, run_arm, with_student

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from opd_jax.compile_options import compilation_cache
 from opd_jax.config.core import to_dict
 from opd_jax.config.run import RunConfig
 from opd_jax.data import read_jsonl
@@ -20,7 +21,6 @@ from opd_jax.study.config import ARMS, StudyConfig
 from opd_jax.study.findings import judge
 from opd_jax.study.report import write_study_report
 from opd_jax.study.workdir import prepare_out_dir
-from opd_jax.study.xla_cache import compilation_cache
 from opd_jax.train.models import build_models
 from opd_jax.train.run import load_data
 

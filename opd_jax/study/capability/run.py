@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from opd_jax.align_prompts import AlignConfig, PromptSetSpec, align_prompts
+from opd_jax.compile_options import compilation_cache
 from opd_jax.config.core import to_dict
 from opd_jax.config.run import RunConfig
 from opd_jax.data import read_jsonl
@@ -22,7 +23,6 @@ from opd_jax.study.capability.heldout import Evaluator
 from opd_jax.study.capability.report import write_capability_report
 from opd_jax.study.capability.teacher import post_train_teacher
 from opd_jax.study.workdir import prepare_out_dir
-from opd_jax.study.xla_cache import compilation_cache
 from opd_jax.train.models import build_models
 from opd_jax.train.run import load_data, make_template
 
