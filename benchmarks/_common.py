@@ -133,10 +133,15 @@ def write_json(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
     return path
 
 
+def results_path(name: str, *, small: bool = False, out: str | os.PathLike | None = None) -> Path:
+    """``out``, or ``RESULTS_DIR / "<name>[_small].json"`` (a ``--small`` run never overwrites
+    the full run's figures)."""
+    return Path(out) if out else RESULTS_DIR / (f"{name}_small.json" if small else f"{name}.json")
+
+
 def write_results(name: str, payload: dict[str, Any], *, small: bool = False,
                   out: str | os.PathLike | None = None) -> Path:
-    """Write ``payload`` to ``out`` or ``RESULTS_DIR / "<name>[_small].json"`` and say where."""
-    path = write_json(out or RESULTS_DIR / (f"{name}_small.json" if small else f"{name}.json"),
-                      payload)
+    """Write ``payload`` to :func:`results_path` and say where."""
+    path = write_json(results_path(name, small=small, out=out), payload)
     print(f"wrote {path}")
     return path

@@ -47,11 +47,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (  # noqa: E402
-    RESULTS_DIR,
     compile_with_memory,
     fmt_bytes,
     machine_info,
     print_table,
+    results_path,
     time_calls,
     write_json,
 )
@@ -418,8 +418,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=None, help="JSON path (default: results/)")
     args = ap.parse_args(argv)
     args.sections = tuple(args.sections.split(","))
-    if args.out is None:
-        args.out = RESULTS_DIR / ("device_smoke.json" if args.smoke else "device.json")
+    args.out = results_path("device", small=args.smoke, out=args.out)
     if jax.default_backend() == "cpu" and not args.smoke:
         print("device.py: no accelerator (JAX sees only the CPU); nothing measured "
               "(--smoke runs tiny shapes on the CPU)")

@@ -28,12 +28,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (  # noqa: E402
     F32_MATMUL_PEAK_GFLOPS,
-    RESULTS_DIR,
     load_report,
     machine_info,
     print_table,
     time_calls,
-    write_json,
+    write_results,
 )
 
 
@@ -140,17 +139,14 @@ def main(argv=None) -> int:
         print(f"max |logit difference| opd_jax vs transformers: {max_diff:.3g}")
     load_after = load_report(args.max_load_per_core)
 
-    out = Path(args.out) if args.out else RESULTS_DIR / ("forward_small.json" if args.small
-                                                         else "forward.json")
-    write_json(out, {
+    write_results("forward", {
         "benchmark": "forward", "batch": B, "seq": T, "dtype": "float32",
         "model": str(args.model or "default_teacher (SmolLM2-135M-Instruct Q4_1, dequantized)"),
         "n_params": config.n_params, "flops_per_call": flops_per_call,
         "peak_gflops": F32_MATMUL_PEAK_GFLOPS, "results": results,
         "max_abs_logit_diff": max_diff, "load_before": load_before, "load_after": load_after,
         "machine": machine_info(), "jax_devices": len(jax.devices()),
-    })
-    print(f"wrote {out}")
+    }, small=args.small, out=args.out)
     return 0
 
 

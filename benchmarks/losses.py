@@ -45,13 +45,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (  # noqa: E402
     F32_MATMUL_PEAK_GFLOPS,
-    RESULTS_DIR,
     available_memory_bytes,
     compile_with_memory,
     fmt_bytes,
     load_report,
     machine_info,
     print_table,
+    results_path,
     time_calls,
     write_json,
 )
@@ -394,9 +394,7 @@ def parse_args(argv=None):
         args.batch, args.seq, args.vocab, args.dim = 1, 512, 32768, 128
         args.teacher_dim = None
         args.chunk_sizes, args.topk, args.repeats = [64, 128], [16], 2
-    if args.out is None:
-        name = "losses_small.json" if args.small else "losses.json"
-        args.out = str(RESULTS_DIR / name)
+    args.out = str(results_path("losses", small=args.small, out=args.out))
     return args
 
 

@@ -29,7 +29,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import F32_MATMUL_PEAK_GFLOPS, RESULTS_DIR, load_report, machine_info, print_table, write_json  # noqa: E402
+from _common import F32_MATMUL_PEAK_GFLOPS, load_report, machine_info, print_table, write_results  # noqa: E402
 
 _COMP = re.compile(r"^\s*(?:ENTRY\s+)?%?([\w.\-]+)\s*\(.*\)\s*->\s*.*\{\s*$")
 _INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")
@@ -189,9 +189,9 @@ def main() -> None:
     print_table(top, [("op", "instruction"), ("class", "class"), ("s_per_step", "s / step"),
                       ("share", "of step"), ("calls_per_step", "calls"),
                       ("gflop_per_step", "GFLOP"), ("pct_of_peak", "of f32 peak")])
-    write_json(RESULTS_DIR / ("profile_step_small.json" if args.small else "profile_step.json"),
-               {"machine": machine_info(), "load": load, "step_wall_s": wall,
-                "traced_s_per_step": traced, "classes": classes, "ops": rows})
+    write_results("profile_step", {"machine": machine_info(), "load": load, "step_wall_s": wall,
+                                   "traced_s_per_step": traced, "classes": classes, "ops": rows},
+                  small=args.small)
 
 
 if __name__ == "__main__":

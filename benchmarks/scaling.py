@@ -38,7 +38,7 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import RESULTS_DIR, fmt_bytes, load_report, machine_info, print_table, time_calls, write_json  # noqa: E402
+from _common import fmt_bytes, load_report, machine_info, print_table, time_calls, write_results  # noqa: E402
 
 MESHES = [((1, 1, 1), "fsdp"), ((8, 1, 1), "fsdp"), ((1, 8, 1), "fsdp"), ((2, 4, 1), "fsdp"),
           ((2, 2, 2), "fsdp_tp")]
@@ -156,16 +156,14 @@ def main(argv=None) -> int:
                  ("teacher", "teacher/dev"), ("arg", "args/dev"), ("temp", "temp/dev"),
                  ("peak", "peak/dev"), ("compile_s", "compile s"), ("step_s", "step s")])
     print(f"\nloss after the timed steps, every mesh: {min(losses):.6f} .. {max(losses):.6f}")
-    out = Path(args.out) if args.out else RESULTS_DIR / (
-        "scaling_small.json" if args.small else "scaling.json")
-    write_json(out, {"benchmark": "scaling", "small": args.small, "load": load,
+    write_results("scaling", {"benchmark": "scaling", "small": args.small, "load": load,
                      "machine": machine_info(),
                      "note": "8 fake CPU devices share the host cores: step time shows overhead, "
                              "not speedup; memory per device is what a real mesh holds",
                      "student": {"n_params": cs.n_params, **dataclasses.asdict(cs)},
                      "teacher": {"n_params": ct.n_params, **dataclasses.asdict(ct)},
-                     "batch": {"rows": B, "prompt": P, "completion": N}, "rows": rows})
-    print(f"wrote {out}")
+                     "batch": {"rows": B, "prompt": P, "completion": N}, "rows": rows},
+                  small=args.small, out=args.out)
     return 0
 
 

@@ -67,11 +67,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (  # noqa: E402
     F32_MATMUL_PEAK_GFLOPS,
-    RESULTS_DIR,
     fmt_bytes,
     load_report,
     machine_info,
     print_table,
+    results_path,
     write_json,
 )
 
@@ -484,9 +484,7 @@ def main(argv=None) -> int:
     ap.add_argument("--sections", default="wire,iteration,server")
     args = ap.parse_args(argv)
     sections = set(args.sections.split(","))
-    if args.out is None:
-        args.out = RESULTS_DIR / ("teacher_service_small.json" if args.small
-                                  else "teacher_service.json")
+    args.out = results_path("teacher_service", small=args.small, out=args.out)
     plan = dict(PLANS[args.small])
     config = str(ROOT / plan["config"])
     start = time.perf_counter()
