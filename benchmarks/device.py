@@ -418,7 +418,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=None, help="JSON path (default: results/)")
     args = ap.parse_args(argv)
     args.sections = tuple(args.sections.split(","))
-    args.out = results_path("device", small=args.smoke, out=args.out)
+    args.out = results_path("device_smoke" if args.smoke else "device", out=args.out)
     if jax.default_backend() == "cpu" and not args.smoke:
         print("device.py: no accelerator (JAX sees only the CPU); nothing measured "
               "(--smoke runs tiny shapes on the CPU)")

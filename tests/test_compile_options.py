@@ -147,13 +147,21 @@ def test_cli_commands_use_the_configs_compilation_cache(tmp_path, monkeypatch, c
     from opd_jax import cli
 
     monkeypatch.setattr(compile_options, "CACHE_MIN_COMPILE_SECS", 0.0)
+    seen = []   # the cache directory JAX had while each command ran
+
+    def recording(path, *args, **kwargs):
+        seen.append(path)
+        return compilation_cache(path, *args, **kwargs)
+
+    monkeypatch.setattr(compile_options, "compilation_cache", recording)
     before = jax.config.jax_compilation_cache_dir
     cache = tmp_path / "xla"
     argv = ["sample", "configs/tiny_test.yaml", "--prompt", "What is 2+3?", "--max-new-tokens"]
     assert cli.main([*argv, "3", "compilation_cache=null"]) == 0
-    assert not cache.exists()
-    # another length: new programs to compile (the process keeps those it compiled already)
-    assert cli.main([*argv, "5", f"compilation_cache={cache}"]) == 0
+    assert seen == [None] and jax.config.jax_compilation_cache_dir == before
+    # another (unusual) length: new programs to compile (a process keeps what it compiled)
+    assert cli.main([*argv, "13", f"compilation_cache={cache}"]) == 0
+    assert seen == [None, str(cache)]
     assert _entries(cache)
     assert jax.config.jax_compilation_cache_dir == before
     assert load_config("configs/tiny_test.yaml").compilation_cache == "~/.cache/opd_jax/xla"

@@ -142,10 +142,27 @@ def _cfg(tmp_path, *overrides):
     return load_config(os.path.join(ROOT, TINY), [f"out_dir={tmp_path}/run", *overrides])
 
 
-def test_tiny_run_all_stage_kinds(tmp_path):
+def test_tiny_run_all_stage_kinds(tmp_path, monkeypatch):
+    import inspect
+
+    from opd_jax.train import rollout
+
+    sample, eval_teacher_calls = rollout.sample, []
+
+    def counting(*args, from_teacher_prompt=False, **kwargs):
+        if from_teacher_prompt and any(f.function == "evaluate_student" for f in inspect.stack()):
+            eval_teacher_calls.append(1)
+        return sample(*args, from_teacher_prompt=from_teacher_prompt, **kwargs)
+
+    monkeypatch.setattr(rollout, "sample", counting)
     cfg = _cfg(tmp_path)
     summary = run(cfg, progress=False)
     assert set(summary["evals"]) == {"eval_initial", "eval"}
+    # the greedy teacher answers the 4 held-out prompts (2 batches) once: the second eval stage
+    # reuses its answers, and finds the same teacher accuracy
+    assert len(eval_teacher_calls) == 2
+    assert (summary["evals"]["eval"]["teacher_accuracy"]
+            == summary["evals"]["eval_initial"]["teacher_accuracy"])
     assert summary["stages"]["opd"]["steps"] == 3
     assert "teacher_accuracy" in summary["evals"]["eval"]
     rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

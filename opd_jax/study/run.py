@@ -56,7 +56,8 @@ def run_study(cfg: RunConfig, study: StudyConfig, sel: SelectConfig, *, progress
         return run_capability_study(cfg, study, progress=progress, fresh=fresh)
     out = Path(study.out_dir.replace("{name}", cfg.name))
     resolved = {"run": to_dict(cfg), "study": to_dict(study), "select": to_dict(sel)}
-    resolved["study"].pop("compilation_cache")
+    for section in ("study", "run"):   # where programs are cached never changes results
+        resolved[section].pop("compilation_cache")
     prepare_out_dir(out, resolved, fresh=fresh)
     with compilation_cache(study.compilation_cache):
         summary = _run_arms(cfg, study, sel, out, progress=progress, fresh=fresh)

@@ -62,6 +62,8 @@ def _packer(ctx: RunContext, stage, tm):
     if not stage.optim.pack:
         return None
     shards, m = tm.batch_shards, ctx.models
+    for memory in ctx.eval_packed_shapes:
+        memory.reuse = stage.optim.pack_reuse
 
     def pack(batch):
         rows = batch.completion.shape[0]

@@ -195,8 +195,9 @@ def sample_student_and_teacher(records: Sequence[dict], tokenizer, template: Pro
     if teacher_sampler is None:
         return StudentAndTeacherRollouts(student, texts)
     single = encode_prompts(records, tokenizer, template, **enc)
-    memo_key = (single.teacher_tokens.shape, single.teacher_tokens.tobytes(),
-                single.teacher_valid.tobytes())
+    memo_key = tuple(x.tobytes() for x in (single.student_tokens, single.student_valid,
+                                           single.teacher_tokens, single.teacher_valid))
+    memo_key += (single.student_tokens.shape, single.teacher_tokens.shape)
     if teacher_memo is not None and memo_key in teacher_memo:
         teacher, teacher_texts = teacher_memo[memo_key]
         return StudentAndTeacherRollouts(student, texts, teacher, list(teacher_texts))
@@ -204,8 +205,8 @@ def sample_student_and_teacher(records: Sequence[dict], tokenizer, template: Pro
                    from_teacher_prompt=True)
     answers = (assemble(single, t_out.tokens, t_out.mask, t_out.logprobs_full),
                decode_rows(tokenizer, t_out.tokens, t_out.mask))
-    if teacher_memo is not None:
-        teacher_memo[memo_key] = answers
+    if teacher_memo is not None:   # on the host: nothing held on a device between evaluations
+        teacher_memo[memo_key] = (jax.device_get(answers[0]), answers[1])
     return StudentAndTeacherRollouts(student, texts, *answers)
 
 

@@ -36,7 +36,7 @@ class RunContext:
     mesh: TrainMesh | None = None
     # kept across the run's eval stages: the teacher's held-out answers by sampler settings (a
     # greedy teacher with fixed weights answers the same prompts the same way every time) and
-    # the eval scorer's packed shapes (sticky: the later evaluations compile nothing new)
+    # the eval scorer's packed shapes (sticky: later evaluations reuse the shapes compiled)
     eval_teacher_answers: dict = dataclasses.field(default_factory=dict)
     eval_packed_shapes: tuple[ShapeMemory, ShapeMemory] = dataclasses.field(
         default_factory=lambda: (ShapeMemory(), ShapeMemory()))

@@ -33,7 +33,8 @@ def run_capability_study(cfg: RunConfig, study: CapabilityConfig, *, progress: b
     pieces are read back); returns the summary (also ``study_summary.json``) with ``out_dir``."""
     out = Path(study.out_dir.replace("{name}", cfg.name))
     resolved = {"run": to_dict(cfg), "study": to_dict(study)}
-    resolved["study"].pop("compilation_cache")
+    for section in ("study", "run"):   # where programs are cached never changes results
+        resolved[section].pop("compilation_cache")
     prepare_out_dir(out, resolved, fresh=fresh)
     with compilation_cache(study.compilation_cache):
         summary = _run(cfg, study, out, progress=progress)
