@@ -36,7 +36,7 @@ import jax.numpy as jnp
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import RESULTS_DIR, print_table, time_calls, write_json  # noqa: E402
+from _common import print_table, results_path, time_calls, write_json  # noqa: E402
 from device import EXIT_NO_ACCELERATOR, device_facts, plan, random_params  # noqa: E402
 
 from opd_jax.model import layers  # noqa: E402
@@ -214,7 +214,7 @@ def main(argv=None) -> int:
                  for r in out["rows"]],
                 [("part", "part"), ("ms", "ms"), ("bound_ms", "bound ms"),
                  ("of_bound", "of bound"), ("error", "error")])
-    print(write_json(args.out or RESULTS_DIR / "device_decode.json", out))
+    print(write_json(results_path("device_decode", out=args.out), out))
     return 0
 
 

@@ -52,7 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import jax  # noqa: E402
-from _common import RESULTS_DIR, load_report, machine_info, print_table, write_json  # noqa: E402
+from _common import load_report, machine_info, print_table, results_path, write_json  # noqa: E402
 
 from opd_jax.data.padding import pad_left  # noqa: E402
 from opd_jax.model.config import ModelConfig  # noqa: E402
@@ -377,7 +377,7 @@ def main(argv=None) -> dict[str, Any]:
     ap.add_argument("--tunix-python", default=None,
                     help="python of a virtualenv with tunix (default /tmp/tunix_venv/bin/python "
                          "if present); 'none' skips tunix")
-    ap.add_argument("--out", default=str(RESULTS_DIR / "sampler.json"))
+    ap.add_argument("--out", default=str(results_path("sampler")))
     ap.add_argument("--slots", default=None,
                     help="comma-separated decode-slot counts: run the continuous-batching "
                          "comparison (ragged, EOS on) instead of the table above")

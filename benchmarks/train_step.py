@@ -34,7 +34,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import F32_MATMUL_PEAK_GFLOPS, RESULTS_DIR, load_report, machine_info, print_table, write_json  # noqa: E402
+from _common import F32_MATMUL_PEAK_GFLOPS, load_report, machine_info, print_table, write_results  # noqa: E402
 
 
 def build(small: bool, attention: str | None = None):
@@ -504,9 +504,9 @@ def main() -> None:
         if "completion_lengths" in row:
             print(f"{row['impl']} completion lengths (tokens, over the timed iterations): "
                   f"{row['completion_lengths']}")
-    name = f"train_step{'_ragged' if ragged else ''}{'_small' if args.small else ''}.json"
-    write_json(RESULTS_DIR / name, {"load": load, "machine": machine_info(), "args": vars(args),
-                                    "rows": rows})
+    write_results(f"train_step{'_ragged' if ragged else ''}",
+                  {"load": load, "machine": machine_info(), "args": vars(args), "rows": rows},
+                  small=args.small)
 
 
 if __name__ == "__main__":

@@ -198,3 +198,33 @@ def test_packed_evaluation_matches_padded_rows():
         if isinstance(v, float):
             assert packed[k] == pytest.approx(v, rel=1e-5, abs=1e-6), k
     assert padded["onpolicy_reverse_kl"] > 0 and padded["teacher_samples_forward_kl"] > 0
+
+
+def test_eval_packer_groups_by_shard_when_rows_split_and_follows_the_stage():
+    """The eval stage's packing: one group per data-parallel shard when the rows split over
+    them, else one group; off with ``optim.pack: false``; the run's sticky shapes take the
+    stage's ``pack_reuse``."""
+    from opd_jax.train.eval_stage import eval_packer
+    from opd_jax.train.run import make_template
+    from opd_jax.train.stage_context import RunContext
+
+    cfg = load_config(TINY, ["stages.2.optim.pack_reuse=0.5"])
+    m, template, recs, (s_sampler, _) = _tiny_run()
+    ctx = RunContext(cfg, m, [], recs, make_template(cfg), log=None)
+    stage = cfg.resolve_stage(2)
+    two_shards = types.SimpleNamespace(batch_shards=2)
+    pack = eval_packer(ctx, stage, two_shards)
+    assert [s.reuse for s in ctx.eval_packed_shapes] == [0.5, 0.5]
+    s_params, s_lora = m.student.params_and_lora(m.trainable, m.frozen)
+    for rows, groups in ((4, 2), (3, 1)):
+        batch = rollout.sample_student_and_teacher(
+            recs[:rows], m.tokenizer, template, max_prompt_len=320, n_samples=1,
+            key=jax.random.key(0), student_sampler=s_sampler, student_params=s_params,
+            student_lora=s_lora, pad_id=pad_id_of(m.tokenizer)).student
+        packed = pack(batch)
+        assert packed.student_packed.tokens.shape[0] == groups
+        assert packed.teacher_packed is packed.student_packed   # the teacher sees the same rows
+        assert int(np.asarray(packed.student_packed.valid).sum()) == int(
+            np.asarray(batch.student_valid).sum())   # every real token packed once
+    off = load_config(TINY, ["stages.2.optim.pack=false"])
+    assert eval_packer(ctx, off.resolve_stage(2), two_shards) is None

@@ -258,9 +258,9 @@ class RunConfig:
     place of ``teacher``. ``compilation_cache``: the directory of JAX's persistent compilation
     cache for the ``opd-jax`` commands that run this config (``train``, ``demo``, ``eval``,
     ``sample``, ``serve-teacher``, ``cache-teacher``, ``build-cold-start``): a second run loads
-    the programs the first compiled; null
-    turns it off (:func:`opd_jax.compile_options.compilation_cache`; Python callers of
-    ``train.run`` choose for themselves)."""
+    the programs the first compiled; null turns it off
+    (:func:`opd_jax.compile_options.compilation_cache`; Python callers of ``train.run`` choose
+    for themselves)."""
 
     name: str = "run"
     out_dir: str = "runs/{name}"

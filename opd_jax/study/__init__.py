@@ -34,6 +34,7 @@ series), :mod:`.run` (the whole study), :mod:`.findings` (the verdicts), :mod:`.
 markdown); the persistent compilation cache is :func:`opd_jax.compile_options.compilation_cache`.
 """
 
+from opd_jax.compile_options import compilation_cache
 from opd_jax.study.arms import HELDOUT, TRAIN, arm_config, arm_series, arm_stages, run_arm, with_student
 from opd_jax.study.config import ARMS, SMALL, FindingRules, StudyConfig, load_study_config
 from opd_jax.study.findings import judge
@@ -45,7 +46,7 @@ from opd_jax.study.report import (
                                 plot_study,
                                 write_study_report,
 )
-from opd_jax.study.run import compilation_cache, run_study
+from opd_jax.study.run import run_study
 
 __all__ = ["ARMS", "SMALL", "FindingRules", "StudyConfig", "load_study_config", "HELDOUT",
            "TRAIN", "with_student", "arm_stages", "arm_config", "run_arm", "arm_series",

@@ -11,7 +11,7 @@ from opd_jax.train import rollout
 from opd_jax.train.evaluate import EvalModels, EvalSettings, evaluate_student
 from opd_jax.train.stage_context import RunContext, make_sampler, separate_teacher, stage_mesh
 
-__all__ = ["run_eval_stage"]
+__all__ = ["run_eval_stage", "eval_packer"]
 
 
 def run_eval_stage(ctx: RunContext, index: int, trainable, *, name: str | None = None,
@@ -41,7 +41,7 @@ def run_eval_stage(ctx: RunContext, index: int, trainable, *, name: str | None =
         settings = EvalSettings(tok, ctx.template, stage.data.max_prompt_len, ks=tuple(stage.ks),
                                 batch_prompts=stage.batch_prompts,
                                 chunk_size=stage.loss.chunk_size, pad_id=pad_id_of(tok),
-                                place=tm.place_rows, pack=_packer(ctx, stage, tm))
+                                place=tm.place_rows, pack=eval_packer(ctx, stage, tm))
         models = EvalModels(m.student, separate_teacher(ctx), m.frozen, m.teacher.params,
                             s_sampler, t_sampler, teacher_params=m.teacher.params,
                             teacher_memo=ctx.eval_teacher_answers.setdefault(repr(sspec), {}))
@@ -55,10 +55,11 @@ def run_eval_stage(ctx: RunContext, index: int, trainable, *, name: str | None =
     return result
 
 
-def _packer(ctx: RunContext, stage, tm):
+def eval_packer(ctx: RunContext, stage, tm):
     """The eval scorer's packing (the stage's ``optim.pack`` settings, as a train stage packs;
     ``None`` when off): one packing group per data-parallel shard when the batch's rows split
-    over them, else one group (the rows are then replicated, as unpacked ones are)."""
+    over them, else one group (the rows are then replicated, as unpacked ones are). ``tm``: the
+    stage's ``TrainMesh`` (only its ``batch_shards`` is read)."""
     if not stage.optim.pack:
         return None
     shards, m = tm.batch_shards, ctx.models

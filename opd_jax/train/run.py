@@ -111,9 +111,9 @@ def run(cfg: RunConfig, *, progress: bool = True, models=None, mesh=None,
 
 # Config keys that change how a run executes or what it records, never what it computes: a
 # resumed run may change them (a preempted run resumed on another mesh, other logging).
-EXECUTION_KEYS = ("name", "out_dir", "compilation_cache", "log.", "checkpoint.", "mesh.", "teacher.attention",
-                  "teacher.service_wait_s", "student.attention", "student.remat", "optim.pack",
-                  "sampler.slots")
+EXECUTION_KEYS = ("name", "out_dir", "compilation_cache", "log.", "checkpoint.", "mesh.",
+                  "teacher.attention", "teacher.service_wait_s", "student.attention",
+                  "student.remat", "optim.pack", "sampler.slots")
 
 
 def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
