@@ -4,7 +4,10 @@ Run layout: ``<run_dir>/checkpoints/<stage_name>/<step>/{state,data}``. ``state`
 arrays (typed PRNG keys from ``jax.random.key`` included); ``data`` is a JSON dict with the data
 iterator state, metrics so far, etc. (``bytes`` values, e.g. a grain iterator state, and numpy
 scalars / small arrays are encoded transparently). The last save of a stage carries
-``"done": true`` so a multi-stage run knows where to resume (:func:`first_incomplete_stage`).
+``"done": true`` so a multi-stage run knows where to resume (:func:`first_incomplete_stage`);
+it may hold the weights alone (``"weights_only": true`` in its extra, :data:`WEIGHTS_ONLY`): a
+finished stage's optimizer state is never read back, and :meth:`StageCheckpointer.restore` then
+reads the tree its ``weights_only`` argument describes.
 The teacher is never checkpointed (it is a frozen input, not training state).
 
 Typical loop::
@@ -39,7 +42,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-__all__ = ["StageCheckpointer", "Restored", "RUNNING_MARKER", "CheckpointStructureError",
+__all__ = ["StageCheckpointer", "Restored", "RUNNING_MARKER", "WEIGHTS_ONLY", "CheckpointStructureError",
            "check_structure", "stage_dir", "first_incomplete_stage", "graceful_stop", "StopFlag"]
 
 _BYTES = "__bytes_b64__"
@@ -47,6 +50,8 @@ _BYTES = "__bytes_b64__"
 # (``{"pid", "host", "started"}``), removed when it exits; readers (``opd-jax export``) refuse a run
 # whose trainer is alive
 RUNNING_MARKER = ".running"
+#: extra key of a checkpoint whose state tree holds the weights alone (a finished stage's)
+WEIGHTS_ONLY = "weights_only"
 
 
 class CheckpointStructureError(ValueError):
@@ -232,14 +237,20 @@ class StageCheckpointer:
         except Exception:  # noqa: BLE001 - a corrupt latest step means "not done"
             return False
 
-    def restore(self, step: int, abstract_state: Any) -> Restored:
+    def restore(self, step: int, abstract_state: Any, *, weights_only: Any = None) -> Restored:
         """Restore ``step`` into ``abstract_state`` (a pytree of ``jax.ShapeDtypeStruct`` with the
         target ``sharding``, or None to read only the JSON extra).
 
+        ``weights_only``: the abstract tree to read instead when the step was saved with
+        ``extra[WEIGHTS_ONLY]`` true (a finished stage's weights, e.g. ``{"trainable": ...}``).
+
         Raises:
-          CheckpointStructureError: the saved tree differs from ``abstract_state``.
+          CheckpointStructureError: the saved tree differs from the tree it is read into.
         """
         self._mgr.wait_until_finished()
+        if weights_only is not None and abstract_state is not None \
+                and self._read_extra(step).get(WEIGHTS_ONLY):
+            abstract_state = weights_only
         items = {"data": ocp.args.JsonRestore()}
         if abstract_state is not None:
             where = self.directory / str(step)
@@ -269,8 +280,9 @@ class StageCheckpointer:
             state=ocp.args.StandardRestore(abstract)))
         return restored.state
 
-    def restore_latest(self, abstract_state: Any) -> Restored | None:
-        """Restore the newest readable step, or None when the stage has no checkpoint.
+    def restore_latest(self, abstract_state: Any, *, weights_only: Any = None) -> Restored | None:
+        """Restore the newest readable step, or None when the stage has no checkpoint
+        (``weights_only``: as for :meth:`restore`).
 
         A step that fails to read (truncated or missing file) is moved to ``<dir>/corrupt/`` with a
         warning naming it and the error, and the previous step is tried. A structure mismatch is
@@ -280,7 +292,7 @@ class StageCheckpointer:
         failures = []
         for step in reversed(self.all_steps()):
             try:
-                return self.restore(step, abstract_state)
+                return self.restore(step, abstract_state, weights_only=weights_only)
             except CheckpointStructureError:
                 raise
             except Exception as e:  # noqa: BLE001 - any read failure means a corrupt step

@@ -13,6 +13,7 @@ import optax
 import pytest
 
 from opd_jax.checkpoint import (
+    WEIGHTS_ONLY,
     CheckpointStructureError,
     StageCheckpointer,
     first_incomplete_stage,
@@ -100,6 +101,32 @@ def test_corrupt_latest_falls_back_with_warning(tmp_path):
         assert ckpt.all_steps() == [1]
         assert len(list((directory / "corrupt").iterdir())) == 2
         assert ckpt.save(2, _state(2), {"step": 2}, force=True)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_weights_only_final_step_restores_into_its_own_tree(tmp_path):
+    """A step saved with ``extra[WEIGHTS_ONLY]`` is read into ``weights_only``; other steps into
+    the whole state; without ``weights_only`` it is a structure error; a corrupt one falls back
+    to the whole state before it."""
+    directory = tmp_path / "s"
+    full, weights = _state(1), {"params": _state(2)["params"]}
+    with StageCheckpointer(directory, keep_last_n=3, async_save=False) as ckpt:
+        ckpt.save(1, full, {"step": 1}, force=True)
+        ckpt.save(2, weights, {"step": 2, WEIGHTS_ONLY: True}, done=True)
+        step, restored, extra = ckpt.restore_latest(_abstract(full),
+                                                    weights_only=_abstract(weights))
+        assert step == 2 and extra["done"] and extra[WEIGHTS_ONLY]
+        _assert_same(restored, weights)
+        _assert_same(ckpt.restore(1, _abstract(full), weights_only=_abstract(weights)).state, full)
+        with pytest.raises(CheckpointStructureError, match="opt"):
+            ckpt.restore_latest(_abstract(full))
+    (directory / "2" / "state" / "manifest.ocdbt").write_bytes(b"")  # truncated
+    with StageCheckpointer(directory, keep_last_n=3, async_save=False) as ckpt:
+        with pytest.warns(RuntimeWarning, match="step 2"):
+            step, restored, extra = ckpt.restore_latest(_abstract(full),
+                                                        weights_only=_abstract(weights))
+        assert step == 1 and not extra["done"]
+        _assert_same(restored, full)
 
 
 def test_all_steps_corrupt_raises(tmp_path):

@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import shutil
 
+import jax
+import numpy as np
 import pytest
 
 from opd_jax.checkpoint import stage_dir
@@ -80,3 +82,46 @@ def test_stage_sections_and_packing_are_execution_keys():
     a = {"optim": {"pack": True, "lr": 1.0}, "stages": [{"optim": {"pack": True, "lr": 1.0}}]}
     b = {"optim": {"pack": False, "lr": 1.0}, "stages": [{"optim": {"pack": False, "lr": 3.0}}]}
     assert config_changes(a, b) == [("stages.0.optim.lr", 1.0, 3.0)]
+
+
+def _saved(run_dir, stage, step):
+    from opd_jax.checkpoint import StageCheckpointer
+
+    with StageCheckpointer(stage_dir(run_dir, stage), keep_last_n=10, async_save=False) as ck:
+        return ck.restore_as_saved(step), ck.restore(step, None).extra
+
+
+def test_a_finished_stage_saves_its_weights_only(finished):
+    """The last checkpoint of a finished stage holds the trainable weights (what a later stage,
+    a resumed run and `opd-jax export` read); the mid-stage one the whole state."""
+    mid, mid_extra = _saved(finished, "opd", 1)
+    last, extra = _saved(finished, "opd", 2)
+    assert {"trainable", "opt_state", "rng", "step"} <= set(mid) and not mid_extra["done"]
+    assert set(last) == {"trainable"} and extra["done"] and extra["weights_only"]
+    assert jax.tree.structure(last["trainable"]) == jax.tree.structure(mid["trainable"])
+
+
+def test_the_next_stage_starts_from_a_weights_only_checkpoint(tmp_path):
+    """Two stages; the second's checkpoints removed (killed before it saved): the resumed run
+    reads stage one's weights-only checkpoint and computes the second stage as before;
+    ``checkpoint.final_optimizer_state=true`` keeps the whole state there."""
+    two = ("stages=[{kind: opd, name: first, steps: 2, batch_prompts: 2}, "
+           "{kind: opd, name: again, steps: 1, batch_prompts: 2}]")
+    ref = run(_cfg(tmp_path / "ref", two), progress=False)
+    res_dir = tmp_path / "res"
+    run(_cfg(res_dir, two), progress=False)
+    shutil.rmtree(stage_dir(res_dir, "again"))
+    rows = (res_dir / "metrics.jsonl").read_text().splitlines()
+    (res_dir / "metrics.jsonl").write_text("\n".join(rows[:2]) + "\n")
+    resumed = run(_cfg(res_dir, two), progress=False)
+    assert resumed["stages"]["again"] == ref["stages"]["again"]
+    again, _ = _saved(res_dir, "again", 1)
+    want, _ = _saved(tmp_path / "ref", "again", 1)
+    jax.tree.map(np.testing.assert_array_equal, again["trainable"], want["trainable"])
+    full_dir = tmp_path / "full"
+    run(_cfg(full_dir, two, "checkpoint.final_optimizer_state=true"), progress=False)
+    full, extra = _saved(full_dir, "first", 2)
+    assert "opt_state" in full and extra["done"] and not extra.get("weights_only")
+    shutil.rmtree(stage_dir(full_dir, "again"))
+    assert run(_cfg(full_dir, two, "checkpoint.final_optimizer_state=true"),
+               progress=False)["stages"]["again"] == ref["stages"]["again"]

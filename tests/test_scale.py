@@ -104,6 +104,7 @@ result = {}
 for shape, rules in meshes:
     name = "x".join(map(str, shape))
     cfg = load_config(tiny, [f"out_dir={out_dir}/{name}", stages, "checkpoint.async_save=false",
+                             "checkpoint.final_optimizer_state=true",
                              f"mesh.shape.data={shape[0]}", f"mesh.shape.fsdp={shape[1]}",
                              f"mesh.shape.tensor={shape[2]}", f"mesh.rules={rules}"])
     devices = jax.devices()[:int(np.prod(shape))]

@@ -154,12 +154,17 @@ class CheckpointSpec:
     keeping the ``keep_last_n`` most recent; ``async_save`` writes in the background.
     ``save_concurrent_gb``: at most this many GB of arrays in flight to storage at once (null =
     Orbax's default, 96): a save otherwise copies the whole state into write buffers first
-    (+0.9 GB for ``make demo``'s 1.4 GB state; BUILD_NOTES "Session 12")."""
+    (+0.9 GB for ``make demo``'s 1.4 GB state; BUILD_NOTES "Session 12").
+    ``final_optimizer_state``: a finished stage's last checkpoint also holds the optimizer state
+    (AdamW's moments: twice the weights' bytes), the step, RNG and EMA; false (default): the
+    trainable weights only, all that a later stage, ``opd-jax export`` or a resumed run reads
+    back from a finished stage (its mid-stage checkpoints always hold the whole state)."""
 
     every_n_steps: int = 50
     keep_last_n: int = 2
     async_save: bool = True
     save_concurrent_gb: Optional[float] = None
+    final_optimizer_state: bool = False
 
     def validate(self) -> None:
         need(self.every_n_steps >= 0, "every_n_steps", self.every_n_steps,

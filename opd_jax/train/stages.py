@@ -22,7 +22,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from opd_jax.checkpoint import StageCheckpointer, graceful_stop, stage_dir
+from opd_jax.checkpoint import WEIGHTS_ONLY, StageCheckpointer, graceful_stop, stage_dir
 from opd_jax.compile_options import jit_compiler_options
 from opd_jax.sampling.sampler import Sampler
 from opd_jax.teacher.client import TeacherUnavailable
@@ -141,12 +141,12 @@ def run_train_stage(ctx: RunContext, index: int, trainable) -> Any:
                            save_concurrent_gb=cfg.checkpoint.save_concurrent_gb)
     ck.check_fits(abstract)   # a save bound below the largest array fails now, not at a save
     start = 0
-    restored = ck.restore_latest(abstract)
+    restored = ck.restore_latest(abstract, weights_only={"trainable": abstract.trainable})
     if restored is not None:
         state, start = restored.state, restored.step
         if restored.extra.get("done"):
             ck.close()
-            return state.trainable
+            return state["trainable"] if restored.extra.get(WEIGHTS_ONLY) else state.trainable
         it.set_state(restored.extra["data"])
     else:
         state = tm.init_state(init_fn, trainable, shardings["state"])
@@ -230,7 +230,11 @@ def run_train_stage(ctx: RunContext, index: int, trainable) -> Any:
             done = step + 1 == stage.steps
             if not trim_each_step and not ck.async_save and (done or ck.should_save(step + 1)):
                 release_free_memory()   # the save's buffers land on a trimmed heap (host_memory)
-            ck.save(step + 1, state, {"data": it.get_state()}, done=done)
+            if done and not cfg.checkpoint.final_optimizer_state:   # what a finished stage is read for
+                ck.save(step + 1, {"trainable": state.trainable},
+                        {"data": it.get_state(), WEIGHTS_ONLY: True}, done=True)
+            else:
+                ck.save(step + 1, state, {"data": it.get_state()}, done=done)
             if stop.requested and not done:
                 ck.save(step + 1, state, {"data": it.get_state()}, force=True)
                 ck.wait()
