@@ -124,7 +124,8 @@ def cmd_rank_prompts(args) -> int:
         print("opd-jax: note: select-prompts is now rank-prompts (it ranks a pool by teacher "
               "signals); the paper's teacher-aligned selection is align-prompts", file=sys.stderr)
     cfg, sel = load_select_config(args.config, args.overrides)
-    summary = select_prompts(cfg, sel, progress=not args.no_progress)
+    with _compilation_cache(cfg):
+        summary = select_prompts(cfg, sel, progress=not args.no_progress)
     print(f"selected {summary['selected_count']} of {summary['pool']} prompts; "
           f"report: {summary['out_dir']}/report.md")
     return 0

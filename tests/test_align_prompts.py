@@ -6,6 +6,7 @@ command end to end on tiny files; rank-prompts keeps the old select-prompts name
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -436,9 +437,12 @@ def test_precomputed_rows_must_match_the_sets(tmp_path):
 
 def test_rank_prompts_and_the_select_prompts_alias(monkeypatch, capsys):
     import opd_jax.select_prompts as sp
+    from opd_jax import compile_options
     from opd_jax.cli import main, parse_args
 
-    calls = []
+    calls, caches = [], []   # the compilation cache each command ran in
+    monkeypatch.setattr(compile_options, "compilation_cache", lambda path: caches.append(path)
+                        or contextlib.nullcontext())
     monkeypatch.setattr(sp, "select_prompts", lambda cfg, sel, progress: calls.append(sel) or {
         "selected_count": 2, "pool": 5, "out_dir": "x"})
     assert parse_args(["rank-prompts"]).config == "configs/select_demo.yaml"
@@ -451,3 +455,4 @@ def test_rank_prompts_and_the_select_prompts_alias(monkeypatch, capsys):
     assert "selected 2 of 5 prompts" in out.out
     assert out.err.count("\n") == 1 and "select-prompts is now rank-prompts" in out.err
     assert calls[0].rule.top_n == 2 and len(calls) == 2
+    assert caches == ["~/.cache/opd_jax/xla"] * 2

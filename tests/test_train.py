@@ -174,6 +174,9 @@ def test_tiny_run_all_stage_kinds(tmp_path, monkeypatch):
     assert {r["stage"] for r in steps} == {"cold_start", "opd"}
     assert all(isinstance(r["compiles"], int) and r["compiles"] >= 0 for r in steps)
     assert all((r["compile_s"] > 0) == (r["compiles"] > 0) for r in steps)
+    evals = [r for r in rows if r["kind"] == "eval"]   # each records its seconds
+    assert [r["stage"] for r in evals] == ["eval_initial", "eval"]
+    assert all(r["eval_s"] > 0 for r in evals)
     # a second call resumes: nothing is retrained, the summary is the same
     again = run(cfg, progress=False)
     assert again["stages"] == summary["stages"]

@@ -3,6 +3,8 @@ JSON-only checkpoint so a resumed run does not evaluate twice."""
 
 from __future__ import annotations
 
+import time
+
 import jax
 
 from opd_jax.checkpoint import StageCheckpointer, stage_dir
@@ -26,6 +28,7 @@ def run_eval_stage(ctx: RunContext, index: int, trainable, *, name: str | None =
         result = ck.restore_latest(None).extra["result"]
         ck.close()
         return result
+    t0 = time.perf_counter()
     records = ctx.heldout_records[:stage.n_prompts]
     if not records:
         raise ValueError("the eval stage has no held-out prompts: set data.heldout_size > 0")
@@ -48,7 +51,8 @@ def run_eval_stage(ctx: RunContext, index: int, trainable, *, name: str | None =
         key = jax.random.fold_in(jax.random.key(cfg.seed), 10_000 + index)
         result = evaluate_student(records, trainable, key, settings, models)
     ctx.log.write({"stage": name, "kind": "eval", "step": 0,
-                   **{k: v for k, v in result.items() if k != "samples"}})
+                   **{k: v for k, v in result.items() if k != "samples"},
+                   "eval_s": round(time.perf_counter() - t0, 2)})
     ck.save(0, None, {"result": result}, done=True)
     ck.wait()
     ck.close()
