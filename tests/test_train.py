@@ -403,11 +403,11 @@ def test_compile_totals_count_backend_compilations_not_cache_hits(monkeypatch, c
     assert compile_totals() == (n1, s1)
 
 
-def test_kept_heap_releases_after_compiles_and_saves_only(tmp_path, monkeypatch):
+def test_kept_heap_releases_around_steps_compiles_and_saves(tmp_path, monkeypatch):
     """With the kept heap (host_memory), a stage hands free pages back once its state exists,
-    after a loop phase that compiled (keeping the heap's top chunk), all of them before a
-    synchronous save and at its end (its optimizer state freed); a steady step releases nothing
-    (re-faulting its block would cost more than it saves)."""
+    before every step and after a step that compiled (keeping the heap's top chunk, so a step
+    does not re-fault its block), all of them before a synchronous save and at its end (its
+    optimizer state freed)."""
     from opd_jax.train import stages
 
     calls = []
@@ -432,49 +432,35 @@ def test_kept_heap_releases_after_compiles_and_saves_only(tmp_path, monkeypatch)
     run(_cfg(tmp_path), progress=False)
     # cold start (2 steps, a save at step 2) then OPD (3 steps, saves at 2 and 3): per stage a full
     # release once its state exists (the previous stage's weights are gone), one keeping the top
-    # after the first phase, a full one before each save and one at the end
-    assert calls == [False, True, False, False] + [False, True, False, False, False], calls
+    # before each step and after the step that compiled (the first), a full one before each save
+    # and one at the end
+    assert calls == ([False, True, True, True, False, False]
+                     + [False, True, True, True, False, True, False, False]), calls
     # the end-of-stage release comes after the stage's optimizer state is freed
-    assert live[3] < live[2] and live[8] < live[7], live
+    assert live[5] < live[4] and live[13] < live[12], live
 
 
-def test_kept_heap_releases_before_a_step_on_larger_packed_rows(tmp_path, monkeypatch):
-    """Packed rows larger than the last step's (new temporaries that do not fit the hole the last
-    ones left) hand the free pages back first, keeping the heap's top; equal or smaller rows do
-    not. Here every other batch gets one empty row more (a valid layout: no segment, nothing
-    gathered from it)."""
+def test_kept_heap_releases_the_holes_before_every_step(tmp_path, monkeypatch):
+    """With the kept heap, each train step is preceded by a release that keeps the heap's top
+    (the rollout's host work and compilations leave holes a step's temporaries may not fit),
+    placed after the rollout and before the step: exactly one per step, whatever the rows."""
     from opd_jax.train import rollout, stages
 
-    calls, sizes = [], []
+    calls, packs = [], []
 
     class NeverCompiles:
         def compiled(self):
             return False
 
     pack = rollout.pack_batch
-
-    def pack_growing(batch, **kw):
-        out = pack(batch, **kw)
-        if len(sizes) % 2:
-            grow = lambda x: jnp.concatenate([x, jnp.zeros_like(x[:, :1])], axis=1)
-            sp = out.student_packed
-            out = out.replace(student_packed=sp.replace(
-                tokens=grow(sp.tokens), valid=grow(sp.valid), segments=grow(sp.segments),
-                positions=grow(sp.positions)))
-        sizes.append(int(out.student_packed.tokens.size))
-        return out
-
+    monkeypatch.setattr(rollout, "pack_batch", lambda batch, **kw: packs.append(1) or pack(batch, **kw))
     monkeypatch.setattr(stages, "keeps_freed_memory", lambda: True)
     monkeypatch.setattr(stages, "CompileWatch", NeverCompiles)
-    monkeypatch.setattr(rollout, "pack_batch", pack_growing)
     monkeypatch.setattr(stages, "release_free_memory",
-                        lambda keep_top=False: calls.append((len(sizes), keep_top)))
+                        lambda keep_top=False: calls.append((len(packs), keep_top)))
     run(_cfg(tmp_path, "stages.2.optim.pack=false"), progress=False)   # only the train steps pack
-    # per stage, before each step after its first: a kept-top release where the rows grew
-    firsts = [0, 2]   # cold start: 2 steps, then OPD: 3 (one pack per step)
-    grew = [i for i in range(1, len(sizes)) if i not in firsts and sizes[i] > sizes[i - 1]]
-    assert grew, sizes
-    assert [n - 1 for n, keep in calls if keep] == grew, (calls, sizes)
+    # cold start: 2 steps, then OPD: 3; each kept-top release follows that step's packing
+    assert [n for n, keep in calls if keep] == [1, 2, 3, 4, 5], calls
 
 
 def test_adam_first_moment_in_bfloat16_halves_it_and_tracks_float32():

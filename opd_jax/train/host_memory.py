@@ -17,17 +17,18 @@ the same number of faults (BUILD_NOTES "Session 11"). :data:`KEEP_FREED_TUNABLES
 memory in the process instead: one arena (``arena_max=1``), no ``mmap``'d chunks (``mmap_max=0``:
 large blocks come from the heap and are reused) and no automatic trim; the train loop then hands
 the freed pages back between stages (:func:`release_free_memory`; without the tunables, after
-every step: :func:`keeps_freed_memory`), and inside a stage after any loop phase during which
-XLA compiled (:class:`CompileWatch`) and before a step on larger packed rows than the last one
-(its temporaries fit no hole the last ones left; ``make demo``: 3.91 → 3.49 GiB with session
-16's row lengths): a compilation's own transient memory and a new program's
-first placement leave free holes in the heap that steady-state steps never touch again (``make
-demo``: 5.75 GB of heap for 3.9 GB in use at a step's peak), so those pages go back while the
-heap's top free chunk, where the last program's temporaries were freed to and the next one's are
-taken from, stays resident (``release_free_memory(keep_top=True)``), and all of them before a
-synchronous checkpoint save, so its write buffers do not add to a step's resident peak. glibc
-reads tunables only at start-up, so :func:`reexec_with_tuned_malloc` restarts the process (same
-pid, ``execv``) with them added; the ``opd-jax`` command does that first. ``OPD_JAX_MALLOC=0`` turns it off.
+every step: :func:`keeps_freed_memory`), and inside a stage before every train step and after any
+step during which XLA compiled (:class:`CompileWatch`): a compilation's own transient memory, a
+new program's first placement and the rollout's host work leave free holes in the heap that a
+step's temporaries may not fit (the heap then grows: ``make demo`` peaked anywhere between 3.58
+and 3.79 GiB when only compilations and larger packed rows triggered this, a flat 3.42 GiB now,
+BUILD_NOTES "Session 19"; 5.75 GB of heap for 3.9 GB in use at a step's peak before any of it), so
+those pages go back while the heap's top free chunk, where the last program's temporaries were
+freed to and the next one's are taken from, stays resident
+(``release_free_memory(keep_top=True)``), and all of them before a synchronous checkpoint save, so
+its write buffers do not add to a step's resident peak. glibc reads tunables only at start-up, so
+:func:`reexec_with_tuned_malloc` restarts the process (same pid, ``execv``) with them added; the
+``opd-jax`` command does that first. ``OPD_JAX_MALLOC=0`` turns it off.
 """
 
 from __future__ import annotations
