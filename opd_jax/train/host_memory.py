@@ -21,7 +21,7 @@ every step: :func:`keeps_freed_memory`), and inside a stage before every train s
 step during which XLA compiled (:class:`CompileWatch`): a compilation's own transient memory, a
 new program's first placement and the rollout's host work leave free holes in the heap that a
 step's temporaries may not fit (the heap then grows: ``make demo`` peaked anywhere between 3.58
-and 3.79 GiB when only compilations and larger packed rows triggered this, 3.41-3.50 GiB now,
+and 3.79 GiB when only compilations and larger packed rows triggered this, 3.41-3.51 GiB now,
 BUILD_NOTES "Session 19"; 5.75 GB of heap for 3.9 GB in use at a step's peak before any of it), so
 those pages go back while the heap's top free chunk, where the last program's temporaries were
 freed to and the next one's are taken from, stays resident

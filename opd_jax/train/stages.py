@@ -196,7 +196,7 @@ def run_train_stage(ctx: RunContext, index: int, trainable) -> Any:
             jax.block_until_ready(batch)
             # the rollout's host work and any compilation leave holes under the heap's top, and
             # a step whose temporaries fit none of them grows the heap: hand the holes back,
-            # keep the top chunk the last step freed (``make demo``: 3.41-3.50 GiB instead of
+            # keep the top chunk the last step freed (``make demo``: 3.41-3.51 GiB instead of
             # 3.58-3.79 GiB peaks, BUILD_NOTES "Session 19")
             if not trim_each_step:
                 release_free_memory(keep_top=True)
