@@ -127,7 +127,7 @@ class _Counting:
         return self.sampler(*args, **kwargs)
 
 
-def _tiny_run():
+def _tiny_run(return_hidden: bool = False):
     from opd_jax.train.models import build_models
     from opd_jax.train.run import make_template
     from opd_jax.train.stage_context import make_sampler
@@ -137,8 +137,10 @@ def _tiny_run():
     # prompts of unequal lengths (byte tokenizer): packing puts a short and a long one together
     recs = [make_record(f"p{i}", "Add. " * (1 + 40 * (i % 2)) + f"{i} + {i + 3}?", source="t",
                         answer=2 * i + 3) for i in range(4)]
-    samplers = (make_sampler(m.student.config, cfg.sampler, m.tokenizer, greedy=True),
-                make_sampler(m.teacher.config, cfg.sampler, m.tokenizer, greedy=True))
+    samplers = (make_sampler(m.student.config, cfg.sampler, m.tokenizer, greedy=True,
+                             return_hidden=return_hidden),
+                make_sampler(m.teacher.config, cfg.sampler, m.tokenizer, greedy=True,
+                             return_hidden=return_hidden))
     return m, make_template(cfg), recs, samplers
 
 
@@ -228,3 +230,84 @@ def test_eval_packer_groups_by_shard_when_rows_split_and_follows_the_stage():
             np.asarray(batch.student_valid).sum())   # every real token packed once
     off = load_config(TINY, ["stages.2.optim.pack=false"])
     assert eval_packer(ctx, off.resolve_stage(2), two_shards) is None
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_evaluation_reuses_the_samplers_hidden_states(packed, monkeypatch):
+    """Samplers that record their hidden states give the scorer each model's states on its own
+    samples (no forward of that model); the figures equal a scorer that runs both forwards, and
+    the teacher's memoised answers keep theirs within ``MEMO_HIDDEN_BYTES``."""
+    import functools
+
+    from opd_jax.train.evaluate import EvalModels, EvalSettings, evaluate_student
+    from opd_jax.train.packing import ShapeMemory
+
+    teacher_spec = None
+    results = {}
+    for hidden in (False, True, "memo over budget"):
+        m, template, recs, (s_sampler, t_sampler) = _tiny_run(return_hidden=bool(hidden))
+        teacher_spec = TeacherSpec("separate", m.teacher.config)
+        if hidden == "memo over budget":
+            monkeypatch.setattr(rollout, "MEMO_HIDDEN_BYTES", 0)
+        memo: dict = {}
+        models = EvalModels(m.student, teacher_spec, m.frozen, m.teacher.params, s_sampler,
+                            t_sampler, teacher_params=m.teacher.params, teacher_memo=memo)
+        pack = None if not packed else functools.partial(
+            rollout.pack_batch, groups=1, student_config=m.student.config,
+            teacher_config=m.teacher.config, shapes=(ShapeMemory(), ShapeMemory()))
+        settings = EvalSettings(m.tokenizer, template, 320, batch_prompts=2, chunk_size=8,
+                                pad_id=pad_id_of(m.tokenizer), pack=pack)
+        first = evaluate_student(recs, m.trainable, jax.random.key(1), settings, models)
+        kept = [v[2] for v in memo.values()]
+        assert len(kept) == 2
+        if hidden is True:   # [B, N, D] host arrays, the completion's columns
+            assert all(isinstance(h, np.ndarray) and h.shape[0] == 2 for h in kept)
+        else:
+            assert kept == [None, None]
+        again = evaluate_student(recs, m.trainable, jax.random.key(1), settings, models)  # memo
+        if hidden != "memo over budget":
+            assert again == first
+        results[hidden], results[(hidden, "again")] = first, again
+    ref = results[False]
+    for hidden in (True, "memo over budget", ("memo over budget", "again")):
+        assert results[hidden]["samples"] == ref["samples"]
+        for k, v in ref.items():
+            if isinstance(v, float):
+                assert results[hidden][k] == pytest.approx(v, rel=1e-5, abs=1e-6), (hidden, k)
+    assert ref["onpolicy_reverse_kl"] > 0 and ref["teacher_samples_forward_kl"] > 0
+
+
+def test_scorer_skips_the_forward_of_a_model_whose_hidden_states_are_given(monkeypatch):
+    """``loss_and_metrics(student_hidden=, teacher_hidden=)`` runs no forward of that model
+    (counted while tracing) and scores with the given states."""
+    from opd_jax.model import decoder
+    from opd_jax.train.evaluate import full_vocab_scorer
+
+    m, template, recs, (s_sampler, t_sampler) = _tiny_run(return_hidden=True)
+    s_params, s_lora = m.student.params_and_lora(m.trainable, m.frozen)
+    ro = rollout.sample_student_and_teacher(
+        recs, m.tokenizer, template, max_prompt_len=320, n_samples=1, key=jax.random.key(0),
+        student_sampler=s_sampler, student_params=s_params, student_lora=s_lora,
+        teacher_sampler=t_sampler, teacher_params=m.teacher.params, pad_id=pad_id_of(m.tokenizer))
+    assert ro.student_hidden.shape == ro.student.completion.shape + (m.student.config.d_model,)
+    assert ro.teacher_hidden.shape == ro.teacher.completion.shape + (m.teacher.config.d_model,)
+    forwards = []
+    real_forward = decoder.forward
+    monkeypatch.setattr(decoder, "forward", lambda *a, **k: forwards.append(1) or
+                        real_forward(*a, **k))
+    teacher = TeacherSpec("separate", m.teacher.config)
+    args = (m.trainable, m.frozen, m.teacher.params)
+    figures = {}
+    for name, batch, kw in (("rkl", ro.student, {}),
+                            ("rkl_hidden", ro.student, dict(student_hidden=ro.student_hidden)),
+                            ("fkl", ro.teacher, {}),
+                            ("fkl_hidden", ro.teacher, dict(teacher_hidden=ro.teacher_hidden))):
+        objective = "reverse_kl" if name.startswith("rkl") else "forward_kl"
+        forwards.clear()
+        fn = jax.jit(full_vocab_scorer(m.student, teacher, objective, 8))
+        loss, outs = fn(*args, batch, **kw)
+        figures[name] = (float(loss), np.asarray(outs["overlap"]))
+        assert len(forwards) == (1 if kw else 2), (name, len(forwards))
+    for name in ("rkl", "fkl"):
+        assert figures[name + "_hidden"][0] == pytest.approx(figures[name][0], rel=1e-5)
+        np.testing.assert_allclose(figures[name + "_hidden"][1], figures[name][1], atol=1e-5)

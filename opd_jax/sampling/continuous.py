@@ -31,6 +31,7 @@ import dataclasses
 from typing import Callable, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
@@ -81,6 +82,7 @@ class SlotResult(NamedTuple):
     topk_ids: np.ndarray       # [Q, N, K] int32 (K = 0 when not recorded)
     topk_logprobs: np.ndarray  # [Q, N, K] float32
     stats: SlotStats
+    hidden: np.ndarray | None = None  # [Q, N, D] with ``return_hidden``
 
 
 #: ``on_rows_done(rows_R, result)``: rows ``rows_R`` of ``result`` are final (:func:`run_slots`)
@@ -90,13 +92,13 @@ RowsDone = Callable[[np.ndarray, SlotResult], None]
 def host_result(out, stats: SlotStats) -> SlotResult:
     """A :class:`~opd_jax.sampling.sampler.SampleOutput`'s rows as a :class:`SlotResult` of host
     arrays (``K = 0`` top-k when not recorded): what the plain sampler hands ``on_rows_done``."""
-    tokens, mask, lp, lp_full, ids, tlp = fetch((out.tokens, out.mask, out.logprobs,
-                                                 out.logprobs_full, out.topk_ids,
-                                                 out.topk_logprobs))
+    tokens, mask, lp, lp_full, ids, tlp, hidden = fetch((
+        out.tokens, out.mask, out.logprobs, out.logprobs_full, out.topk_ids, out.topk_logprobs,
+        out.hidden))
     if ids is None:
         ids = np.zeros(tokens.shape + (0,), np.int32)
         tlp = np.zeros(tokens.shape + (0,), np.float32)
-    return SlotResult(tokens, mask, lp, lp_full, ids, tlp, stats)
+    return SlotResult(tokens, mask, lp, lp_full, ids, tlp, stats, hidden)
 
 
 def fetch(x):
@@ -168,7 +170,9 @@ def run_slots(st: DecodeSettings, params: Params, lora: Lora | None, tokens_QxP:
         tokens=np.full((Q, N), st.pad_id, np.int32), mask=np.zeros((Q, N), bool),
         logprobs=np.zeros((Q, N), np.float32), logprobs_full=np.zeros((Q, N), np.float32),
         topk_ids=np.zeros((Q, N, K), np.int32), topk_logprobs=np.zeros((Q, N, K), np.float32),
-        stats=SlotStats(rows=Q, slots=B))
+        stats=SlotStats(rows=Q, slots=B),
+        hidden=(np.zeros((Q, N, st.config.d_model), jnp.dtype(dtype_name(params)))
+                if st.return_hidden else None))
     stats = out.stats
 
     state = init_slots(st, B, P, dtype_name(params), key_impl, np.asarray(eos_E, np.int32))
@@ -208,9 +212,10 @@ def run_slots(st: DecodeSettings, params: Params, lora: Lora | None, tokens_QxP:
         finished = np.flatnonzero(fetch(state.done) & (row_B >= 0))
         if finished.size:
             got = fetch((state.tokens, state.mask, state.logprobs, state.logprobs_full,
-                         state.topk_ids, state.topk_logprobs))
+                         state.topk_ids, state.topk_logprobs)
+                        + ((state.hidden,) if st.return_hidden else ()))
             done_R = row_B[finished]
-            for dst, src in zip(out[:6], got):
+            for dst, src in zip(out[:6] + out[7:8], got):
                 dst[done_R] = src[finished]
             row_B[finished] = -1
             if on_rows_done is not None:

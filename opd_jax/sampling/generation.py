@@ -41,6 +41,8 @@ class GenerateOutput:
       topk_ids, topk_logprobs: ``[R, N, K]`` or ``None``.
       lengths: ``[R]`` completion lengths.
       texts: decoded completions when the model has a tokenizer with ``decode``, else ``None``.
+      hidden: ``[R, N, D]`` the final hidden state each token was drawn from
+        (``return_hidden=True``), else ``None``.
       raw: the device-side :class:`SampleOutput`.
     """
 
@@ -56,6 +58,7 @@ class GenerateOutput:
     topk_logprobs: np.ndarray | None
     lengths: np.ndarray
     texts: list[str] | None = None
+    hidden: np.ndarray | None = None
     raw: SampleOutput | None = dataclasses.field(default=None, repr=False)
 
 
@@ -64,7 +67,7 @@ def generate(model: Any, prompts: Sequence[Sequence[int]], *, max_new_tokens: in
              min_p: float | None = None, seed: int = 0, eos_ids: Sequence[int] | None = None,
              n_samples: int = 1, return_topk: int | None = None, mesh: Mesh | None = None,
              rules: str | dict = "fsdp", pad_id: int = 0, slots: int | None = None,
-             cache_windows: int | None = None) -> GenerateOutput:
+             cache_windows: int | None = None, return_hidden: bool = False) -> GenerateOutput:
     """Generate completions for token-id prompts.
 
     Args:
@@ -87,6 +90,8 @@ def generate(model: Any, prompts: Sequence[Sequence[int]], *, max_new_tokens: in
         slots or end at ragged lengths (EOS).
       cache_windows: decode phases, each attending over the part of the KV cache its steps can
         have filled (``None``: one per 128 new tokens, at most 8; see :class:`Sampler`).
+      return_hidden: also return the final (normed) hidden state each token was drawn from
+        (``out.hidden``; the model's logits at that step are its unembedding).
 
     Returns:
       :class:`GenerateOutput` (``out.tokens`` is the list of completion id lists).
@@ -110,7 +115,7 @@ def generate(model: Any, prompts: Sequence[Sequence[int]], *, max_new_tokens: in
     eos = eos_ids_of(tok) if eos_ids is None else tuple(eos_ids)
     sampler = Sampler(config, sampling, max_new_tokens, eos_ids=eos, return_topk=return_topk,
                       pad_id=pad_id, mesh=mesh, rules=rules, slots=slots,
-                      cache_windows=cache_windows)
+                      cache_windows=cache_windows, return_hidden=return_hidden)
     sampler.check_lengths([len(p) for p in prompts])
 
     prompt_index = np.repeat(np.arange(len(prompts)), n_samples)
@@ -135,4 +140,5 @@ def generate(model: Any, prompts: Sequence[Sequence[int]], *, max_new_tokens: in
         logprobs=np.asarray(host.logprobs), logprobs_full=np.asarray(host.logprobs_full),
         topk_ids=None if host.topk_ids is None else np.asarray(host.topk_ids),
         topk_logprobs=None if host.topk_logprobs is None else np.asarray(host.topk_logprobs),
-        lengths=lengths, texts=texts, raw=out)
+        lengths=lengths, texts=texts,
+        hidden=None if host.hidden is None else np.asarray(host.hidden), raw=out)

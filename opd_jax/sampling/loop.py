@@ -83,6 +83,8 @@ class DecodeState:
     logprobs_full: jax.Array  # [B, N]
     topk_ids: jax.Array       # [B, N, K] (K = 0 when not requested)
     topk_logprobs: jax.Array  # [B, N, K]
+    hidden: jax.Array         # [B, N, H]: the final hidden state each token was drawn from
+                              # (H = D with ``return_hidden``, else 0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,6 +101,7 @@ class DecodeSettings:
     rules: tuple
     layer_loop: str = "unroll"
     cache_windows: int = 1
+    return_hidden: bool = False
 
 
 def mesh_context(st: DecodeSettings):
@@ -113,8 +116,10 @@ def mesh_context(st: DecodeSettings):
 # ----------------------------------------------------------------------------------------------
 
 
-def _emit(st: DecodeSettings, state: DecodeState, logits_BxV: jax.Array) -> DecodeState:
-    """Draw token ``state.step`` for every row and record it."""
+def _emit(st: DecodeSettings, state: DecodeState, logits_BxV: jax.Array, hidden_BxD: jax.Array
+          ) -> DecodeState:
+    """Draw token ``state.step`` for every row (``logits_BxV``, unembedded from ``hidden_BxD``)
+    and record it."""
     step = state.step
     step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(state.keys, step)
     d = draw(logits_BxV, uniforms(step_keys), st.sampling)
@@ -133,6 +138,8 @@ def _emit(st: DecodeSettings, state: DecodeState, logits_BxV: jax.Array) -> Deco
         ids, lps = top_logprobs(logits_BxV, st.return_topk)
         new["topk_ids"] = put(state.topk_ids, jnp.where(live[:, None], ids, 0))
         new["topk_logprobs"] = put(state.topk_logprobs, jnp.where(live[:, None], lps, 0.0))
+    if st.return_hidden:
+        new["hidden"] = put(state.hidden, jnp.where(live[:, None], hidden_BxD, 0))
     hit_eos = jnp.any(d.token[:, None] == state.eos_ids[None, :], axis=-1)
     new["done"] = state.done | (live & hit_eos)
     return state.replace(**new)
@@ -153,6 +160,7 @@ def prefill(st: DecodeSettings, params: Params, lora: Lora | None, tokens_BxP: j
         hidden_BxPxD, cache = hidden_states(params, c, tokens_BxP, valid_BxP, lora=lora,
                                             cache=cache)
         logits_BxV = next_token_logits(params, c, hidden_BxPxD[:, -1])
+        H = hidden_BxPxD.shape[-1] if st.return_hidden else 0
         if st.layer_loop == "unroll":
             cache = LayerCaches.from_stacked(cache)
         def zeros(shape, dt):
@@ -163,8 +171,9 @@ def prefill(st: DecodeSettings, params: Params, lora: Lora | None, tokens_BxP: j
             done=~active_B.astype(bool), keys=keys_B, eos_ids=eos_E.astype(jnp.int32),
             tokens=zeros((B, N), jnp.int32), mask=zeros((B, N), bool),
             logprobs=zeros((B, N), jnp.float32), logprobs_full=zeros((B, N), jnp.float32),
-            topk_ids=zeros((B, N, K), jnp.int32), topk_logprobs=zeros((B, N, K), jnp.float32))
-        return _emit(st, state, logits_BxV)
+            topk_ids=zeros((B, N, K), jnp.int32), topk_logprobs=zeros((B, N, K), jnp.float32),
+            hidden=zeros((B, N, H), hidden_BxPxD.dtype))
+        return _emit(st, state, logits_BxV, hidden_BxPxD[:, -1])
 
 
 # Windows are multiples of 64 slots (a phase shorter than 32 steps merges into the next one).
@@ -250,7 +259,7 @@ def decode(st: DecodeSettings, prompt_len: int, state: DecodeState, params: Para
         def body(s: DecodeState):
             hidden_BxD, cache = step(s)
             s = s.replace(cache=cache)
-            return _emit(st, s, next_token_logits(params, c, hidden_BxD))
+            return _emit(st, s, next_token_logits(params, c, hidden_BxD), hidden_BxD)
 
         for last_step, window in decode_windows(prompt_len, N, st.cache_windows):
             if window > state.cache.valid.shape[1]:

@@ -104,6 +104,9 @@ class SampleOutput:
       prompt_valid: ``[B, P]`` bool.
       num_steps: scalar int32, tokens generated per row by the loop (``< N`` after an early
         exit, when every row hit EOS); with ``slots``: the longest row's length (the same number).
+      hidden: ``[B, N, D]`` the final (normed) hidden state each token was drawn from (its
+        logits are its unembedding; 0 where ``mask`` is False), with ``return_hidden``; else
+        ``None``.
     """
 
     tokens: jax.Array
@@ -116,6 +119,7 @@ class SampleOutput:
     prompt_tokens: jax.Array
     prompt_valid: jax.Array
     num_steps: jax.Array
+    hidden: jax.Array | None = None
 
     def sequences(self) -> tuple[jax.Array, jax.Array]:
         """``[prompt; completion]`` as ``(tokens [B, P+N], valid [B, P+N])``, ready for scoring.
@@ -237,13 +241,16 @@ class Sampler:
         More phases: more compiled loop bodies (≈1.5-4.5 s each for the 27-layer student on
         2 CPU cores, :func:`default_cache_windows`). Values agree with one phase to float32
         rounding. Not used with ``slots``.
+      return_hidden: also record the final hidden state each token was drawn from
+        (``SampleOutput.hidden``): a scorer of the samples under this model needs no forward.
     """
 
     def __init__(self, config: ModelConfig, sampling: Sampling, max_new_tokens: int, *,
                  eos_ids: Sequence[int] = (), return_topk: int | None = None, pad_id: int = 0,
                  mesh: Mesh | None = None, rules: str | dict = "fsdp",
                  layer_loop: str = "auto", slots: int | None = None, chunk_steps: int = 16,
-                 refill_at: int | None = None, cache_windows: int | None = None):
+                 refill_at: int | None = None, cache_windows: int | None = None,
+                 return_hidden: bool = False):
         max_new_tokens = positive_int("max_new_tokens", max_new_tokens)
         if cache_windows is None:
             cache_windows = default_cache_windows(max_new_tokens)
@@ -283,7 +290,8 @@ class Sampler:
         self._static = DecodeSettings(
             config=config, sampling=sampling, max_new_tokens=max_new_tokens,
             return_topk=int(return_topk or 0), pad_id=int(pad_id), mesh=mesh,
-            rules=rules_key(rules_d), layer_loop=layer_loop, cache_windows=cache_windows)
+            rules=rules_key(rules_d), layer_loop=layer_loop, cache_windows=cache_windows,
+            return_hidden=bool(return_hidden))
 
     @property
     def max_new_tokens(self) -> int:
@@ -378,7 +386,8 @@ class Sampler:
             topk_logprobs=state.topk_logprobs[:B] if K else None,
             lengths=state.mask[:B].sum(1).astype(jnp.int32),
             prompt_tokens=jnp.asarray(prompt_tokens_BxP, jnp.int32),
-            prompt_valid=jnp.asarray(prompt_valid_BxP, bool), num_steps=state.step)
+            prompt_valid=jnp.asarray(prompt_valid_BxP, bool), num_steps=state.step,
+            hidden=state.hidden[:B] if st.return_hidden else None)
         if on_rows_done is not None:   # no slots: every row is final at the end
             on_rows_done(np.arange(B), host_result(out, SlotStats(rows=B, slots=Bb)))
         return out
@@ -420,4 +429,5 @@ class Sampler:
             topk_logprobs=jnp.asarray(res.topk_logprobs) if K else None,
             lengths=jnp.asarray(lengths), prompt_tokens=jnp.asarray(tokens_BxP, jnp.int32),
             prompt_valid=jnp.asarray(valid_BxP, bool),
-            num_steps=jnp.asarray(lengths.max(initial=0), jnp.int32))
+            num_steps=jnp.asarray(lengths.max(initial=0), jnp.int32),
+            hidden=None if res.hidden is None else jnp.asarray(res.hidden))

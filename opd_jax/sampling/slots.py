@@ -75,6 +75,8 @@ class SlotState:
       tokens, mask, logprobs, logprobs_full: ``[B, N]`` the current rows' outputs so far
         (``pad_id`` / False / 0 where nothing was drawn).
       topk_ids, topk_logprobs: ``[B, N, K]`` (``K = 0`` when not recorded).
+      hidden: ``[B, N, H]`` the final hidden state each token was drawn from (``H = D`` with
+        ``return_hidden``, else 0).
       decode_steps: scalar int32, decode steps run since :func:`init_slots`.
       live_slot_steps: scalar int32, the sum over those steps of the slots that were live.
     """
@@ -91,6 +93,7 @@ class SlotState:
     logprobs_full: jax.Array
     topk_ids: jax.Array
     topk_logprobs: jax.Array
+    hidden: jax.Array
     decode_steps: jax.Array
     live_slot_steps: jax.Array
 
@@ -121,13 +124,15 @@ def init_slots(st: DecodeSettings, slots: int, prompt_len: int, dtype: str, key_
             tokens=_rows(jnp.full((B, N), st.pad_id, jnp.int32)), mask=zeros((B, N), bool),
             logprobs=zeros((B, N), jnp.float32), logprobs_full=zeros((B, N), jnp.float32),
             topk_ids=zeros((B, N, K), jnp.int32), topk_logprobs=zeros((B, N, K), jnp.float32),
+            hidden=zeros((B, N, c.d_model if st.return_hidden else 0), jnp.dtype(dtype)),
             decode_steps=jnp.zeros((), jnp.int32), live_slot_steps=jnp.zeros((), jnp.int32))
 
 
-def _emit(st: DecodeSettings, state: SlotState, logits_BxV: jax.Array, draw_B: jax.Array
-          ) -> SlotState:
-    """Draw token ``state.step[b]`` of every slot with ``draw_B[b]`` and record it in column
-    ``state.step[b]`` (the other slots are left as they are)."""
+def _emit(st: DecodeSettings, state: SlotState, logits_BxV: jax.Array, hidden_BxD: jax.Array,
+          draw_B: jax.Array) -> SlotState:
+    """Draw token ``state.step[b]`` of every slot with ``draw_B[b]`` (``logits_BxV``, unembedded
+    from ``hidden_BxD``) and record it in column ``state.step[b]`` (the other slots are left as
+    they are)."""
     N, B = st.max_new_tokens, draw_B.shape[0]
     step_keys = jax.vmap(jax.random.fold_in)(state.keys, state.step)
     d = draw(logits_BxV, uniforms(step_keys), st.sampling)
@@ -144,6 +149,8 @@ def _emit(st: DecodeSettings, state: SlotState, logits_BxV: jax.Array, draw_B: j
         ids, lps = top_logprobs(logits_BxV, st.return_topk)
         new["topk_ids"] = put(state.topk_ids, ids)
         new["topk_logprobs"] = put(state.topk_logprobs, lps)
+    if st.return_hidden:
+        new["hidden"] = put(state.hidden, hidden_BxD)
     step = state.step + draw_B.astype(jnp.int32)
     hit_eos = jnp.any(d.token[:, None] == state.eos_ids[None, :], axis=-1)
     return state.replace(
@@ -205,8 +212,8 @@ def admit(st: DecodeSettings, key_impl: str, state: SlotState, params: Params, l
             done=state.done & ~new_B, tokens=reset(state.tokens, st.pad_id),
             mask=reset(state.mask, False), logprobs=reset(state.logprobs, 0.0),
             logprobs_full=reset(state.logprobs_full, 0.0), topk_ids=reset(state.topk_ids, 0),
-            topk_logprobs=reset(state.topk_logprobs, 0.0))
-        return _emit(st, state, logits_UxV[src], new_B)
+            topk_logprobs=reset(state.topk_logprobs, 0.0), hidden=reset(state.hidden, 0.0))
+        return _emit(st, state, logits_UxV[src], hidden_UxPxD[src, -1], new_B)
 
 
 def _ring_step(c: ModelConfig, params: Params, layers: list[dict] | None, lora: Lora | None,
@@ -261,7 +268,7 @@ def decode_chunk(st: DecodeSettings, state: SlotState, params: Params, lora: Lor
             hidden_BxD, cache = _ring_step(c, params, layers, lora, s.last_token, s.cache)
             s = s.replace(cache=cache, decode_steps=s.decode_steps + 1,
                           live_slot_steps=s.live_slot_steps + jnp.sum(live_B.astype(jnp.int32)))
-            return t + 1, _emit(st, s, next_token_logits(params, c, hidden_BxD), live_B)
+            return t + 1, _emit(st, s, next_token_logits(params, c, hidden_BxD), hidden_BxD, live_B)
 
         _, state = jax.lax.while_loop(cond, body, (jnp.zeros((), jnp.int32), state))
         return state

@@ -36,10 +36,11 @@ def run_eval_stage(ctx: RunContext, index: int, trainable, *, name: str | None =
     greedy = sspec.temperature == 0.0
     tok = m.tokenizer
     tm = stage_mesh(ctx)
+    # both samplers record their hidden states: the scorer reuses them on their own samples
     s_sampler = make_sampler(m.student.config, sspec, tok, greedy=greedy, mesh=tm.mesh,
-                             rules=tm.rules)
+                             rules=tm.rules, return_hidden=True)
     t_sampler = make_sampler(m.teacher.config, sspec, tok, greedy=True, mesh=tm.mesh,
-                             rules=tm.teacher_rules) if with_teacher else None
+                             rules=tm.teacher_rules, return_hidden=True) if with_teacher else None
     with tm.scope():
         settings = EvalSettings(tok, ctx.template, stage.data.max_prompt_len, ks=tuple(stage.ks),
                                 batch_prompts=stage.batch_prompts,

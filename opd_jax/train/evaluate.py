@@ -47,10 +47,15 @@ def _scorer(student: StudentSpec, teacher: TeacherSpec, objective: str, chunk_si
 
 
 def score_rollouts(student: StudentSpec, teacher: TeacherSpec, trainable, frozen, teacher_args,
-                   batch, objective: str, chunk_size: int = 512) -> dict[str, float]:
-    """Token-mean full-vocabulary ``objective`` plus mechanism metrics on given rollouts."""
-    loss, outs = _scorer(student, teacher, objective, chunk_size)(trainable, frozen, teacher_args,
-                                                                  batch)
+                   batch, objective: str, chunk_size: int = 512, *, student_hidden=None,
+                   teacher_hidden=None) -> dict[str, float]:
+    """Token-mean full-vocabulary ``objective`` plus mechanism metrics on given rollouts.
+    ``student_hidden`` / ``teacher_hidden`` (``[B, N, D]``, placed like the batch): a model's
+    hidden states at the completion positions when known (its sampler's ``return_hidden`` on
+    its own samples); that model's forward is then skipped."""
+    fn = _scorer(student, teacher, objective, chunk_size)
+    loss, outs = fn(trainable, frozen, teacher_args, batch, student_hidden=student_hidden,
+                    teacher_hidden=teacher_hidden)
     out = {objective: float(loss), "tokens": int(batch.mask.sum())}
     for k in SUMMARY_KEYS:
         out[k] = float(losses.token_mean(outs[k], batch.mask))
@@ -116,6 +121,7 @@ def evaluate_student(records: Sequence[dict], trainable, key: jax.Array, setting
     st, m = settings, models
     ks, batch_prompts, chunk_size = st.ks, st.batch_prompts, st.chunk_size
     place = st.place if st.pack is None else (lambda batch: st.place(st.pack(batch)))
+    hidden_of = lambda h: None if h is None else st.place(h)  # noqa: E731
     student, teacher, frozen, teacher_args = m.student, m.teacher, m.frozen, m.teacher_args
     teacher_sampler = m.teacher_sampler
     n = max(ks)
@@ -132,12 +138,16 @@ def evaluate_student(records: Sequence[dict], trainable, key: jax.Array, setting
             teacher_params=m.teacher_params, privileged_teacher=st.privileged_teacher,
             pad_id=st.pad_id, teacher_memo=m.teacher_memo)
         completions += [ro.student_texts[i * n:(i + 1) * n] for i in range(len(recs))]
+        # each model's own samples: the hidden states its sampler recorded stand in for its
+        # forward (half the scoring's matmuls)
         rkl_parts.append(score_rollouts(student, teacher, trainable, frozen, teacher_args,
-                                        place(ro.student), "reverse_kl", chunk_size))
+                                        place(ro.student), "reverse_kl", chunk_size,
+                                        student_hidden=hidden_of(ro.student_hidden)))
         if teacher_sampler is not None:
             teacher_texts += [[t] for t in ro.teacher_texts]
             fkl_parts.append(score_rollouts(student, teacher, trainable, frozen, teacher_args,
-                                            place(ro.teacher), "forward_kl", chunk_size))
+                                            place(ro.teacher), "forward_kl", chunk_size,
+                                            teacher_hidden=hidden_of(ro.teacher_hidden)))
     result = evaluate(list(records), completions, ks=tuple(ks))
     summary = {k: v for k, v in result.items() if k not in ("per_prompt", "per_source")}
     summary["onpolicy_reverse_kl"] = _weighted(rkl_parts)["reverse_kl"]

@@ -163,12 +163,28 @@ class StudentAndTeacherRollouts(NamedTuple):
     """One batch's student rollouts and (optionally) the teacher's answers, assembled and decoded.
 
     ``student`` / ``student_texts``: ``n_samples`` rows per record (prompt-major); ``teacher`` /
-    ``teacher_texts``: one row per record, ``None`` when no teacher sampler was given."""
+    ``teacher_texts``: one row per record, ``None`` when no teacher sampler was given.
+    ``student_hidden`` / ``teacher_hidden``: ``[B, N, D]`` each model's final hidden states at
+    its own completion's positions (``N`` = the batch's completion columns), when its sampler
+    records them (``Sampler(return_hidden=True)``), else ``None``: a scorer of these samples
+    under the model that drew them needs no forward of that model."""
 
     student: RolloutBatch
     student_texts: list[str]
     teacher: RolloutBatch | None = None
     teacher_texts: list[str] | None = None
+    student_hidden: jax.Array | None = None
+    teacher_hidden: jax.Array | None = None
+
+
+#: the teacher's hidden states a ``teacher_memo`` keeps at most (host bytes, all prompts);
+#: answers memoised beyond it keep their tokens only (the scorer runs the teacher again)
+MEMO_HIDDEN_BYTES = 1 << 30
+
+
+def _completion_hidden(out, batch: RolloutBatch):
+    """A sampler output's hidden states trimmed to ``batch``'s completion columns, or ``None``."""
+    return None if out.hidden is None else out.hidden[:, :batch.completion.shape[1]]
 
 
 def sample_student_and_teacher(records: Sequence[dict], tokenizer, template: PromptTemplate, *,
@@ -192,22 +208,30 @@ def sample_student_and_teacher(records: Sequence[dict], tokenizer, template: Pro
     out = sample(student_sampler, student_params, prompts, key, lora=student_lora)
     student = assemble(prompts, out.tokens, out.mask, out.logprobs_full)
     texts = decode_rows(tokenizer, out.tokens, out.mask)
+    s_hidden = _completion_hidden(out, student)
     if teacher_sampler is None:
-        return StudentAndTeacherRollouts(student, texts)
+        return StudentAndTeacherRollouts(student, texts, student_hidden=s_hidden)
     single = encode_prompts(records, tokenizer, template, **enc)
     memo_key = tuple(x.tobytes() for x in (single.student_tokens, single.student_valid,
                                            single.teacher_tokens, single.teacher_valid))
     memo_key += (single.student_tokens.shape, single.teacher_tokens.shape)
     if teacher_memo is not None and memo_key in teacher_memo:
-        teacher, teacher_texts = teacher_memo[memo_key]
-        return StudentAndTeacherRollouts(student, texts, teacher, list(teacher_texts))
+        teacher, teacher_texts, t_hidden = teacher_memo[memo_key]
+        return StudentAndTeacherRollouts(student, texts, teacher, list(teacher_texts), s_hidden,
+                                         t_hidden)
     t_out = sample(teacher_sampler, teacher_params, single, jax.random.fold_in(key, 1),
                    from_teacher_prompt=True)
-    answers = (assemble(single, t_out.tokens, t_out.mask, t_out.logprobs_full),
-               decode_rows(tokenizer, t_out.tokens, t_out.mask))
+    teacher = assemble(single, t_out.tokens, t_out.mask, t_out.logprobs_full)
+    answers = (teacher, decode_rows(tokenizer, t_out.tokens, t_out.mask),
+               _completion_hidden(t_out, teacher))
     if teacher_memo is not None:   # on the host: nothing held on a device between evaluations
-        teacher_memo[memo_key] = (jax.device_get(answers[0]), answers[1])
-    return StudentAndTeacherRollouts(student, texts, *answers)
+        t_hidden = answers[2]
+        if t_hidden is not None:
+            kept = sum(v[2].nbytes for v in teacher_memo.values() if v[2] is not None)
+            t_hidden = (np.asarray(t_hidden)
+                        if kept + t_hidden.nbytes <= MEMO_HIDDEN_BYTES else None)
+        teacher_memo[memo_key] = (jax.device_get(answers[0]), answers[1], t_hidden)
+    return StudentAndTeacherRollouts(student, texts, answers[0], answers[1], s_hidden, answers[2])
 
 
 def decode_rows(tokenizer, completion: np.ndarray, mask: np.ndarray) -> list[str]:

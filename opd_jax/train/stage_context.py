@@ -43,16 +43,19 @@ class RunContext:
 
 
 def make_sampler(config, spec, tokenizer, *, greedy: bool = False, return_topk=None, mesh=None,
-                 rules="fsdp", score_temperature: float = 1.0) -> Sampler:
+                 rules="fsdp", score_temperature: float = 1.0,
+                 return_hidden: bool = False) -> Sampler:
     """The sampler of ``spec``; ``score_temperature``: the temperature of the recorded
-    log-probs (a training stage passes its loss temperature, see ``Sampling``)."""
+    log-probs (a training stage passes its loss temperature, see ``Sampling``);
+    ``return_hidden``: it records its final hidden states (a scorer of its samples reuses them)."""
     sampling = Sampling(temperature=0.0 if greedy else spec.temperature, top_k=spec.top_k or None,
                         top_p=spec.top_p if spec.top_p < 1 else None,
                         min_p=spec.min_p or None, score_temperature=score_temperature)
     eos = eos_ids_of(tokenizer, spec.extra_eos_ids) if spec.stop_at_eos else ()
     return Sampler(config, sampling, spec.max_new_tokens, eos_ids=eos,
                    pad_id=getattr(tokenizer, "pad_id", 0) or 0, return_topk=return_topk,
-                   mesh=mesh, rules=rules, slots=spec.slots, cache_windows=spec.cache_windows)
+                   mesh=mesh, rules=rules, slots=spec.slots, cache_windows=spec.cache_windows,
+                   return_hidden=return_hidden)
 
 
 def stage_mesh(ctx: RunContext) -> TrainMesh:

@@ -83,8 +83,10 @@ def completion_hidden(hidden_fn: Callable, tokens, valid, packed: PackedRows | N
 
 
 def teacher_hidden_and_unembed(teacher: TeacherSpec, student: StudentSpec, teacher_args: Any,
-                               trainable: Any, frozen: Any, batch: RolloutBatch):
-    """Teacher hidden states at the completion positions ``[B, N, D']`` and its unembedding."""
+                               trainable: Any, frozen: Any, batch: RolloutBatch,
+                               hidden: jax.Array | None = None):
+    """Teacher hidden states at the completion positions ``[B, N, D']`` and its unembedding;
+    ``hidden`` given (the same states, e.g. from the teacher's sampler): no forward."""
     n = batch.completion.shape[1]
     if teacher.mode in ("none", "scores"):
         return None, None
@@ -99,21 +101,30 @@ def teacher_hidden_and_unembed(teacher: TeacherSpec, student: StudentSpec, teach
         weights = jax.lax.stop_gradient(weights)
         run = functools.partial(student.hidden, weights, frozen)
         w = student.unembed(weights, frozen)
-    h = completion_hidden(run, batch.teacher_tokens, batch.teacher_valid, batch.teacher_packed, n)
+    h = hidden if hidden is not None else completion_hidden(
+        run, batch.teacher_tokens, batch.teacher_valid, batch.teacher_packed, n)
     return jax.lax.stop_gradient(h), jax.lax.stop_gradient(w)
 
 
 def loss_and_metrics(trainable, frozen, teacher_args, batch: RolloutBatch, *,
                      student: StudentSpec, teacher: TeacherSpec, chunk_fn: Callable,
-                     reduction: Callable, chunk_size: int):
-    """Scalar loss and per-token outputs (``[B, N]`` each) of one (micro-)batch."""
+                     reduction: Callable, chunk_size: int, student_hidden: jax.Array | None = None,
+                     teacher_hidden: jax.Array | None = None):
+    """Scalar loss and per-token outputs (``[B, N]`` each) of one (micro-)batch.
+
+    ``student_hidden`` / ``teacher_hidden`` (``[B, N, D]``, scoring only): that model's hidden
+    states at the completion positions when they are already known (a sampler's
+    ``return_hidden`` on its own samples), so its forward is skipped; the loss then has no
+    gradient through the student's layers."""
     n = batch.completion.shape[1]
     # on a mesh: look tokens up in a gathered table (no [B, T, D] gathers across the batch)
     trainable, frozen, teacher_args = map(replicate_embedding, (trainable, frozen, teacher_args))
-    hs = completion_hidden(functools.partial(student.hidden, trainable, frozen),
-                           batch.student_tokens, batch.student_valid, batch.student_packed, n)
+    hs = student_hidden if student_hidden is not None else completion_hidden(
+        functools.partial(student.hidden, trainable, frozen), batch.student_tokens,
+        batch.student_valid, batch.student_packed, n)
     ws = student.unembed(trainable, frozen)
-    ht, wt = teacher_hidden_and_unembed(teacher, student, teacher_args, trainable, frozen, batch)
+    ht, wt = teacher_hidden_and_unembed(teacher, student, teacher_args, trainable, frozen, batch,
+                                        teacher_hidden)
     extras = {"tokens": batch.completion, "mask": batch.mask,
               "sampler_logprobs": batch.sampler_logprobs}
     if batch.outcome_advantage is not None:
