@@ -23,11 +23,14 @@ from opd_jax.train.step import TeacherSpec
 @functools.lru_cache(maxsize=8)
 def make_batch_scorer(student: StudentSpec, teacher: TeacherSpec, n_samples: int,
                       chunk_size: int, metrics_k: int):
-    """Jitted ``fn(trainable, frozen, teacher_args, student_batch, teacher_batch) -> {signal: [P]}``.
+    """Jitted ``fn(trainable, frozen, teacher_args, student_batch, teacher_batch, student_hidden=None,
+    teacher_hidden=None) -> {signal: [P]}``.
 
     ``student_batch``: ``P * n_samples`` student rollouts (prompt-major); ``teacher_batch``: ``P``
     teacher greedy answers. Both go through the trainer's chunked ``loss_and_metrics`` (full-vocab
     reverse KL, resp. forward KL, plus mechanism metrics); outputs are per-prompt token means.
+    ``student_hidden`` / ``teacher_hidden``: each sampler's hidden states on its own rollouts
+    (``return_hidden``), which stand in for that model's forward.
     """
     rkl = full_vocab_scorer(student, teacher, "reverse_kl", chunk_size, metrics_k)
     fkl = full_vocab_scorer(student, teacher, "forward_kl", chunk_size, metrics_k)
@@ -37,9 +40,9 @@ def make_batch_scorer(student: StudentSpec, teacher: TeacherSpec, n_samples: int
         count = mask_BxN.reshape(-1, n * x_BxN.shape[1]).sum(1)
         return x.sum(1) / jnp.maximum(count, 1)
 
-    def fn(trainable, frozen, teacher_args, s_batch, t_batch):
-        _, s = rkl(trainable, frozen, teacher_args, s_batch)
-        _, t = fkl(trainable, frozen, teacher_args, t_batch)
+    def fn(trainable, frozen, teacher_args, s_batch, t_batch, s_hidden=None, t_hidden=None):
+        _, s = rkl(trainable, frozen, teacher_args, s_batch, student_hidden=s_hidden)
+        _, t = fkl(trainable, frozen, teacher_args, t_batch, teacher_hidden=t_hidden)
         sm, tm = s_batch.mask, t_batch.mask
         out = {"reverse_kl": per_prompt(s["loss"], sm, n_samples)}
         # the mechanism metrics that are signals, as held-out evaluation reports them
@@ -66,8 +69,9 @@ def score_pool(records, models, template, *, sampler_spec, max_prompt_len: int, 
     teacher's greedy completion under ``"teacher_completion"``."""
     tok, m = models.tokenizer, models
     n = sampler_spec.n_samples
-    s_sampler = make_sampler(m.student.config, sampler_spec, tok)
-    t_sampler = make_sampler(m.teacher.config, sampler_spec, tok, greedy=True)
+    # both record their hidden states: the scorer runs neither model on its own rollouts
+    s_sampler = make_sampler(m.student.config, sampler_spec, tok, return_hidden=True)
+    t_sampler = make_sampler(m.teacher.config, sampler_spec, tok, greedy=True, return_hidden=True)
     teacher = TeacherSpec("separate", m.teacher.config)
     fn = make_batch_scorer(m.student, teacher, n, chunk_size, metrics_k)
     s_params, s_lora = m.student.params_and_lora(m.trainable, m.frozen)
@@ -83,7 +87,8 @@ def score_pool(records, models, template, *, sampler_spec, max_prompt_len: int, 
             key=jax.random.fold_in(key, 20_000 + b), student_sampler=s_sampler,
             student_params=s_params, student_lora=s_lora, teacher_sampler=t_sampler,
             teacher_params=m.teacher.params, pad_id=pad_id_of(tok))
-        vals = jax.device_get(fn(m.trainable, m.frozen, m.teacher.params, ro.student, ro.teacher))
+        vals = jax.device_get(fn(m.trainable, m.frozen, m.teacher.params, ro.student, ro.teacher,
+                                 ro.student_hidden, ro.teacher_hidden))
         s_texts, t_texts = ro.student_texts, ro.teacher_texts
         for i, rec in enumerate(real):
             row = {k: float(v[i]) for k, v in vals.items()}

@@ -182,7 +182,7 @@ class StudentAndTeacherRollouts(NamedTuple):
 MEMO_HIDDEN_BYTES = 1 << 30
 
 
-def _completion_hidden(out, batch: RolloutBatch):
+def sampled_hidden(out, batch: RolloutBatch) -> jax.Array | None:
     """A sampler output's hidden states trimmed to ``batch``'s completion columns, or ``None``."""
     return None if out.hidden is None else out.hidden[:, :batch.completion.shape[1]]
 
@@ -202,13 +202,14 @@ def sample_student_and_teacher(records: Sequence[dict], tokenizer, template: Pro
     them back on a later call with the same prompts instead of sampling again. Share one only
     between calls whose teacher answers depend on the prompts alone: the same teacher weights and
     a greedy teacher sampler with the same settings (held-out evaluation's teacher, evaluated
-    again at every eval stage of a run)."""
+    again at every eval stage of a run). It keeps the teacher's hidden states too (samplers with
+    ``return_hidden``) while they total at most :data:`MEMO_HIDDEN_BYTES`."""
     enc = dict(max_prompt_len=max_prompt_len, privileged_teacher=privileged_teacher, pad_id=pad_id)
     prompts = encode_prompts(records, tokenizer, template, n_samples=n_samples, **enc)
     out = sample(student_sampler, student_params, prompts, key, lora=student_lora)
     student = assemble(prompts, out.tokens, out.mask, out.logprobs_full)
     texts = decode_rows(tokenizer, out.tokens, out.mask)
-    s_hidden = _completion_hidden(out, student)
+    s_hidden = sampled_hidden(out, student)
     if teacher_sampler is None:
         return StudentAndTeacherRollouts(student, texts, student_hidden=s_hidden)
     single = encode_prompts(records, tokenizer, template, **enc)
@@ -223,7 +224,7 @@ def sample_student_and_teacher(records: Sequence[dict], tokenizer, template: Pro
                    from_teacher_prompt=True)
     teacher = assemble(single, t_out.tokens, t_out.mask, t_out.logprobs_full)
     answers = (teacher, decode_rows(tokenizer, t_out.tokens, t_out.mask),
-               _completion_hidden(t_out, teacher))
+               sampled_hidden(t_out, teacher))
     if teacher_memo is not None:   # on the host: nothing held on a device between evaluations
         t_hidden = answers[2]
         if t_hidden is not None:

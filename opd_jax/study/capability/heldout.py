@@ -42,16 +42,18 @@ MEANS = {"onpolicy_reverse_kl": ("rkl", "rkl_tokens"),
 
 @functools.lru_cache(maxsize=8)
 def row_scorer(student: StudentSpec, teacher: TeacherSpec, chunk_size: int):
-    """Jitted ``fn(trainable, frozen, teacher_params, student_batch, teacher_batch) -> {key: [B]}``:
-    per-row sums of the full-vocabulary reverse KL and mechanism metrics on the student's
-    rollouts, of the forward KL on the teacher's answers, and both rows' token counts."""
+    """Jitted ``fn(trainable, frozen, teacher_params, student_batch, teacher_batch,
+    student_hidden=None, teacher_hidden=None) -> {key: [B]}``: per-row sums of the
+    full-vocabulary reverse KL and mechanism metrics on the student's rollouts, of the forward KL
+    on the teacher's answers, and both rows' token counts. The hidden states (``[B, N, D]``, each
+    sampler's on its own rollouts) stand in for that model's forward."""
     rkl = full_vocab_scorer(student, teacher, "reverse_kl", chunk_size)
     fkl = full_vocab_scorer(student, teacher, "forward_kl", chunk_size)
     row_sum = lambda x, mask: jnp.where(mask, x, 0.0).sum(1)
 
-    def fn(trainable, frozen, teacher_params, s_batch, t_batch):
-        _, s = rkl(trainable, frozen, teacher_params, s_batch)
-        _, t = fkl(trainable, frozen, teacher_params, t_batch)
+    def fn(trainable, frozen, teacher_params, s_batch, t_batch, s_hidden=None, t_hidden=None):
+        _, s = rkl(trainable, frozen, teacher_params, s_batch, student_hidden=s_hidden)
+        _, t = fkl(trainable, frozen, teacher_params, t_batch, teacher_hidden=t_hidden)
         out = {"rkl": row_sum(s["loss"], s_batch.mask),
                "rkl_tokens": s_batch.mask.sum(1).astype(jnp.float32),
                "fkl": row_sum(t["loss"], t_batch.mask),
@@ -65,11 +67,13 @@ def row_scorer(student: StudentSpec, teacher: TeacherSpec, chunk_size: int):
 @dataclasses.dataclass
 class TeacherAnswers:
     """One teacher's greedy answers to the evaluator's prompts: the assembled rollout batch of
-    each evaluation batch, the texts, and per-prompt correctness."""
+    each evaluation batch, the texts, per-prompt correctness and each batch's teacher hidden
+    states at its answers' positions (``[B, N, D]``: the scorer runs no teacher forward on them)."""
 
     batches: list
     texts: list[str]
     correct: list[float]
+    hidden: list
 
 
 def token_means(per_prompt: dict[str, list[float]]) -> dict[str, float | None]:
@@ -110,7 +114,8 @@ class Evaluator:
     def _sampler(self, config, greedy: bool):
         key = (config, greedy)
         if key not in self._samplers:
-            self._samplers[key] = make_sampler(config, self.sampler_spec, self.tok, greedy=greedy)
+            self._samplers[key] = make_sampler(config, self.sampler_spec, self.tok, greedy=greedy,
+                                               return_hidden=True)
         return self._samplers[key]
 
     def _batches(self, n: int) -> list[tuple[list[dict], int]]:
@@ -139,16 +144,17 @@ class Evaluator:
         if cached is not None and len(cached.texts) >= n:
             return cached
         sampler = self._sampler(teacher.config, True)
-        batches, texts, correct = [], [], []
+        batches, texts, correct, hidden = [], [], [], []
         for b, (recs, real) in enumerate(self._bar(self._batches(n), f"teacher {name}")):
             prompts = self._encode(recs)
             out = rollout.sample(sampler, teacher.params, prompts,
                                  jax.random.fold_in(jax.random.key(self.seed), 2 * b + 1))
             batches.append(rollout.assemble(prompts, out.tokens, out.mask, out.logprobs_full))
+            hidden.append(rollout.sampled_hidden(out, batches[-1]))
             got = rollout.decode_rows(self.tok, out.tokens, out.mask)[:real]
             texts += got
             correct += [float(is_correct(r, t)) for r, t in zip(recs, got)]
-        self._answers[name] = TeacherAnswers(batches, texts, correct)
+        self._answers[name] = TeacherAnswers(batches, texts, correct, hidden)
         return self._answers[name]
 
     def student(self, student: StudentSpec, trainable, frozen, teacher_name: str, teacher,
@@ -170,7 +176,8 @@ class Evaluator:
             batch = rollout.assemble(prompts, out.tokens, out.mask, out.logprobs_full)
             texts = rollout.decode_rows(self.tok, out.tokens, out.mask)[:real]
             vals = jax.device_get(fn(trainable, frozen, teacher.params, batch,
-                                     answers.batches[b]))
+                                     answers.batches[b], rollout.sampled_hidden(out, batch),
+                                     answers.hidden[b]))
             for k, v in vals.items():
                 per.setdefault(k, []).extend(float(x) for x in np.asarray(v)[:real])
             per["correct"] += [float(is_correct(r, t)) for r, t in zip(recs, texts)]
