@@ -34,7 +34,14 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import F32_MATMUL_PEAK_GFLOPS, load_report, machine_info, print_table, write_results  # noqa: E402
+from _common import (  # noqa: E402
+    F32_MATMUL_PEAK_GFLOPS,
+    load_report,
+    machine_info,
+    matmul_peak_gflops,
+    print_table,
+    write_results,
+)
 
 
 def build(small: bool, attention: str | None = None):
@@ -131,7 +138,8 @@ def opd_jax_parts(teacher, student, ids, args):
     sampler = Sampler(student.config, Sampling(temperature=1.0), args.new_tokens,
                       eos_ids=tok.eos_ids, pad_id=tok.pad_id)
     opt = make_optimizer(OptimSpec(lr=5e-5, grad_clip_norm=None), 100)
-    loss_kw = dict(student=StudentSpec(student.config, remat=args.remat),
+    compute = None if args.precision == "float32" else args.precision   # mixed precision
+    loss_kw = dict(student=StudentSpec(student.config, remat=args.remat, compute_dtype=compute),
                    teacher=TeacherSpec("separate", teacher.config),
                    chunk_fn=make_chunk_fn(LossSpec(objective="reverse_kl", top_k=None),
                                           with_metrics=not args.no_metrics),
@@ -147,7 +155,7 @@ def demo_step_and_batch(teacher, student, ids, new_tokens: int, no_metrics: bool
     from opd_jax.train.rollout import assemble
 
     args = argparse.Namespace(new_tokens=new_tokens, remat="none", no_metrics=no_metrics,
-                              chunk_size=512, grad_accum=1)
+                              chunk_size=512, grad_accum=1, precision="float32")
     prompts_, tokens, valid, sampler, step, _, state = opd_jax_parts(teacher, student, ids, args)
     out = sampler(student.params, tokens, valid, jax.random.key(0))
     batch = _pack(assemble(prompts_, out.tokens, out.mask, out.logprobs_full), student, teacher,
@@ -173,8 +181,9 @@ def bench_opd_jax(teacher, student, ids, args, pack: bool = True) -> dict:
     for i in range(args.warmup + args.repeats):
         watch.compiled()
         t0 = time.perf_counter()
-        out = sampler(student.params if i == 0 else _params(state), tokens, valid,
-                      jax.random.key(i))
+        # the sampler runs the weights as the step does (cast to the compute dtype)
+        out = sampler(loss_kw["student"].params_and_lora(_params(state), None)[0], tokens,
+                      valid, jax.random.key(i))
         batch = _pack(assemble(prompts_, out.tokens, out.mask, out.logprobs_full), student,
                       teacher, pack, args.grad_accum, shapes)
         jax.block_until_ready(batch)
@@ -252,10 +261,11 @@ def phases(teacher, student, sampler_spec, prompts_, tokens, valid, batch, state
 
     key = jax.random.key(0)
     params = state.trainable
-    gen = _median_s(lambda: sampler(params, tokens, valid, key).tokens, repeats)
+    s_params = loss_kw["student"].params_and_lora(params, None)[0]   # as the sampler runs them
+    gen = _median_s(lambda: sampler(s_params, tokens, valid, key).tokens, repeats)
     one = Sampler(student.config, Sampling(temperature=1.0), 1, eos_ids=tok.eos_ids, pad_id=tok.pad_id)
-    prefill = _median_s(lambda: one(params, tokens, valid, key).tokens, repeats)
-    out = sampler(params, tokens, valid, key)
+    prefill = _median_s(lambda: one(s_params, tokens, valid, key).tokens, repeats)
+    out = sampler(s_params, tokens, valid, key)
     host = _median_s(lambda: _pack(assemble(prompts_, out.tokens, out.mask, out.logprobs_full),
                                    student, teacher, pack, groups), repeats)
     full, batch = batch, _micro_batch(batch, groups)
@@ -338,7 +348,8 @@ def bench_trl(teacher, student, ids, texts, args) -> dict:
                                  gradient_accumulation_steps=args.grad_accum,
                                  beta=1.0, temperature=1.0, max_completion_length=args.new_tokens,
                                  learning_rate=5e-5, use_cpu=True, report_to=[],
-                                 gradient_checkpointing=args.remat != "none", bf16=False,
+                                 gradient_checkpointing=args.remat != "none",
+                                 bf16=args.precision == "bfloat16",
                                  fp16=False)
         trainer = DistillationTrainer(model=s_hf, teacher_model=t_hf, args=cfg, train_dataset=ds,
                                       processing_class=hf_tok)
@@ -437,6 +448,10 @@ def main() -> None:
     p.add_argument("--trl-malloc", default="hugetlb", choices=tuple(TRL_MALLOC),
                    help="glibc malloc tunables of TRL's process: hugetlb (transparent huge pages, "
                         "TRL's fastest here), default (none), keep (ours: freed memory kept)")
+    p.add_argument("--precision", default="float32", choices=("float32", "bfloat16"),
+                   help="compute dtype of both sides: bfloat16 is mixed precision (float32 master "
+                        "weights and optimizer; ours: student.precision / teacher.precision, the "
+                        "teacher's weights cast; TRL: bf16=True, torch autocast)")
     p.add_argument("--row-out", default=None, help=argparse.SUPPRESS)   # child -> parent
     p.add_argument("--attention", default=None, choices=("dense", "blocked"),
                    help="our models' full-sequence attention (default: the config's, dense); TRL "
@@ -461,6 +476,15 @@ def main() -> None:
         args.batch, args.new_tokens, args.repeats = 2, 8 if not ragged else 24, 2
     load = load_report()
     teacher, student = build(args.small, args.attention)
+    if args.precision != "float32" and args.side != "trl":   # a teacher keeps no master weights
+        import dataclasses
+
+        import jax.numpy as jnp
+
+        from opd_jax.train.state import cast_floating
+
+        teacher = dataclasses.replace(teacher, params=cast_floating(teacher.params,
+                                                                     jnp.dtype(args.precision)))
     ids, texts = prompts(teacher.tokenizer, args.batch, ragged=ragged)
     # n samples of a prompt = n rows of it (each row draws its own tokens); TRL gets the same rows
     ids, texts = [x for x in ids for _ in range(args.samples)], [t for t in texts
@@ -475,6 +499,10 @@ def main() -> None:
         row["glibc_tunables"] = os.environ.get("GLIBC_TUNABLES")
         Path(args.row_out).write_text(json.dumps(row))
         return
+    # this machine's matmul speed in each dtype (the reference constant is float32 on another host)
+    peaks = {dt: matmul_peak_gflops(dt) for dt in ("float32", "bfloat16")}
+    print("measured matmul peak GFLOP/s: " + ", ".join(f"{k} {v:.0f}" for k, v in peaks.items()),
+          flush=True)
     rows = [_announce(bench_opd_jax(teacher, student, ids, args, pack=not args.no_pack))]
     if args.pack_ab:
         rows.append(_announce(bench_opd_jax(teacher, student, ids, args, pack=False)))
@@ -487,10 +515,14 @@ def main() -> None:
     if trl is not None:
         for r in rows:
             r["speedup_vs_trl"] = trl["iter_s"] / r["iter_s"]
+    for r in rows:   # against this machine's matmul speed in the run's compute dtype
+        r["update_pct_measured_peak"] = 100 * r["update_gflop_per_s"] / peaks[args.precision]
     print_table(rows, [("impl", "impl"), ("iter_s", "s/iter"), ("gen_s", "gen s"),
                        ("update_s", "update s"), ("gen_tok_per_s", "gen tok/s"),
                        ("trained_tok_per_s", "trained tok/s"), ("update_gflop_per_s", "GFLOP/s"),
-                       ("update_pct_peak", "% peak"), ("speedup_vs_trl", "x TRL"),
+                       ("update_pct_peak", "% ref f32 peak"),
+                       ("update_pct_measured_peak", f"% {args.precision} peak here"),
+                       ("speedup_vs_trl", "x TRL"),
                        ("compiled_step_shapes", "step shapes")])
     for row in rows if args.phases else ():
         if "computed_tokens" not in row:
@@ -505,7 +537,8 @@ def main() -> None:
             print(f"{row['impl']} completion lengths (tokens, over the timed iterations): "
                   f"{row['completion_lengths']}")
     write_results(f"train_step{'_ragged' if ragged else ''}",
-                  {"load": load, "machine": machine_info(), "args": vars(args), "rows": rows},
+                  {"load": load, "machine": machine_info(), "args": vars(args),
+                   "matmul_peak_gflops": peaks, "rows": rows},
                   small=args.small)
 
 

@@ -60,6 +60,20 @@ def test_project_values_and_gradients(dtype, tol, x_shape, w_shape, n_in):
         np.testing.assert_allclose(np.asarray(g, np.float64), r, atol=tol * scale(r))
 
 
+def test_bfloat16_projection_dots_return_float32_sums():
+    """A bfloat16 projection's forward dot returns its float32 sums (then cast): XLA CPU's fast
+    bfloat16 path (AMX) takes only that form, and the sums keep float32 precision; float32
+    operands lower to the same single dot as before."""
+    for dtype, out in ((jnp.bfloat16, "f32"), (jnp.float32, "f32")):
+        x, w = _rand((2, 3, 8), 0, dtype), _rand((8, 4, 5), 1, dtype)
+        text = jax.jit(lambda a, b: lean_ops.project(a, b, 1)).lower(x, w).as_text()
+        dots = re.findall(r"dot_general.*?->\s*tensor<([0-9x]+)(\w+)>", text)
+        assert dots and all(t == out for _, t in dots), (dtype, dots)
+    # 4096 products of 1 x 1: a bfloat16 running sum would stop at 256; float32 sums give 4096
+    y = lean_ops.project(jnp.ones((1, 1, 4096), jnp.bfloat16), jnp.ones((4096, 2), jnp.bfloat16), 1)
+    assert y.dtype == jnp.bfloat16 and np.asarray(y, np.float32).tolist() == [[[4096.0, 4096.0]]]
+
+
 @pytest.mark.parametrize("dtype,tol", [(jnp.float32, 2e-5), (jnp.bfloat16, 5e-2)])
 def test_swiglu_down_values_and_gradients(dtype, tol):
     g, u, w = _rand((2, 5, 16), 3, dtype), _rand((2, 5, 16), 4, dtype), _rand((16, 8), 5, dtype)

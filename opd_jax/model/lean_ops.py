@@ -38,7 +38,11 @@ _TN = (((0,), (0,)), ((), ()))   # [M, K]^T @ [M, N]
 
 
 def _dot(a, b, dims):
-    return lax.dot_general(a, b, dims, preferred_element_type=a.dtype)
+    # accumulated (and returned by the dot) in float32, then cast: the same HLO for float32
+    # operands; for bfloat16 ones XLA CPU runs ``[M, K] @ [K, N]`` on its fast bfloat16 path
+    # (AMX where the CPU has it: ≈1,100 vs ≈210 GFLOP/s with a bfloat16 result, BUILD_NOTES
+    # "Session 20") and the sums keep float32 precision
+    return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32).astype(a.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
