@@ -69,6 +69,12 @@ def test_bfloat16_projection_dots_return_float32_sums():
         text = jax.jit(lambda a, b: lean_ops.project(a, b, 1)).lower(x, w).as_text()
         dots = re.findall(r"dot_general.*?->\s*tensor<([0-9x]+)(\w+)>", text)
         assert dots and all(t == out for _, t in dots), (dtype, dots)
+    # the backward's dots too, as row-major [M, K] @ [K, N] (transposed operands copied first)
+    x, w = _rand((2, 3, 8), 0, jnp.bfloat16), _rand((8, 4, 5), 1, jnp.bfloat16)
+    grad = jax.grad(lambda a, b: jnp.sum(lean_ops.project(a, b, 1).astype(jnp.float32)), (0, 1))
+    text = jax.jit(grad).lower(x, w).as_text()
+    dims = re.findall(r"contracting_dims = \[(\d)\] x \[(\d)\]", text)
+    assert len(dims) == 2 and set(dims) == {("1", "0")}, dims   # dx and dw
     # 4096 products of 1 x 1: a bfloat16 running sum would stop at 256; float32 sums give 4096
     y = lean_ops.project(jnp.ones((1, 1, 4096), jnp.bfloat16), jnp.ones((4096, 2), jnp.bfloat16), 1)
     assert y.dtype == jnp.bfloat16 and np.asarray(y, np.float32).tolist() == [[[4096.0, 4096.0]]]

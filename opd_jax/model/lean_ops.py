@@ -11,7 +11,7 @@ temporaries (``BUILD_NOTES.md`` "make demo's memory").
 :func:`project` saves the operands as given (``x [B, T, *in]``, ``w [*in, *out]``: the scan's own
 inputs, which it forwards without a copy) and redoes the free reshapes in the backward pass.
 :func:`swiglu_down` saves ``g`` and ``u`` only and recomputes ``silu(g) * u`` (elementwise) for
-the weight gradient. Same dots, same FLOPs as before:
+the weight gradient. Same dots, same FLOPs as before (bfloat16 on the CPU: see :func:`_dot`):
 
 .. math:: y = x W,\\quad \\partial x = \\partial y\\, W^\\top,\\quad \\partial W = x^\\top \\partial y
 
@@ -38,11 +38,29 @@ _TN = (((0,), (0,)), ((), ()))   # [M, K]^T @ [M, N]
 
 
 def _dot(a, b, dims):
-    # accumulated (and returned by the dot) in float32, then cast: the same HLO for float32
-    # operands; for bfloat16 ones XLA CPU runs ``[M, K] @ [K, N]`` on its fast bfloat16 path
-    # (AMX where the CPU has it: ≈1,100 vs ≈210 GFLOP/s with a bfloat16 result, BUILD_NOTES
-    # "Session 20") and the sums keep float32 precision
+    """``dot_general(a, b, dims)`` summed and returned in float32, then cast to ``a``'s dtype.
+
+    The same single dot for float32 operands. For bfloat16 ones XLA CPU runs only a row-major
+    ``[M, K] @ [K, N]`` dot with a float32 result on its fast bfloat16 path (AMX where the CPU
+    has it: ≈900-1,400 GFLOP/s on a Sapphire Rapids VM, against ≈210-250 for every other form,
+    which it converts to float32 first; BUILD_NOTES "Session 20"), so on the CPU the backward's
+    transposed operands are made row-major copies first (:func:`_row_major_transpose`)."""
+    if a.dtype == jnp.bfloat16 and jax.default_backend() == "cpu" and dims != _NN:
+        if dims == _NT:
+            a, b = a, _row_major_transpose(b)
+        else:   # _TN
+            a, b = _row_major_transpose(a), b
+        dims = _NN
     return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32).astype(a.dtype)
+
+
+def _row_major_transpose(x_MxN: jax.Array) -> jax.Array:
+    """``x.T`` ``[N, M]`` as a row-major copy. A plain transpose feeding a dot is folded into the
+    dot's dimensions (or given a column-major layout), which takes XLA CPU's bfloat16 dot off its
+    fast path; flattened to one dimension behind an optimisation barrier, the copy is made
+    (``[640, 1536] @ [576, 1536]^T``: 1.3 ms with the copy, 4.9 ms converted to float32)."""
+    flat = lax.optimization_barrier(x_MxN.T.reshape(-1))
+    return flat.reshape(x_MxN.shape[::-1])
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
