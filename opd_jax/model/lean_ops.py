@@ -44,8 +44,10 @@ def _dot(a, b, dims):
     ``[M, K] @ [K, N]`` dot with a float32 result on its fast bfloat16 path (AMX where the CPU
     has it: ≈900-1,400 GFLOP/s on a Sapphire Rapids VM, against ≈210-250 for every other form,
     which it converts to float32 first; BUILD_NOTES "Session 20"), so on the CPU the backward's
-    transposed operands are made row-major copies first (:func:`_row_major_transpose`)."""
-    if a.dtype == jnp.bfloat16 and jax.default_backend() == "cpu" and dims != _NN:
+    transposed operands are made row-major copies first (:func:`_row_major_transpose`; on one
+    device only: flattening a sharded operand would gather it)."""
+    if (a.dtype == jnp.bfloat16 and dims != _NN and jax.default_backend() == "cpu"
+            and jax.device_count() == 1):
         if dims == _NT:
             a, b = a, _row_major_transpose(b)
         else:   # _TN
