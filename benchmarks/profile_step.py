@@ -29,7 +29,13 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import F32_MATMUL_PEAK_GFLOPS, load_report, machine_info, print_table, write_results  # noqa: E402
+from _common import (  # noqa: E402
+    load_report,
+    machine_info,
+    matmul_peak_gflops,
+    print_table,
+    write_results,
+)
 
 _COMP = re.compile(r"^\s*(?:ENTRY\s+)?%?([\w.\-]+)\s*\(.*\)\s*->\s*.*\{\s*$")
 _INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")
@@ -145,6 +151,10 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--top", type=int, default=30)
     p.add_argument("--no-metrics", action="store_true")
+    p.add_argument("--precision", default="float32", choices=("float32", "bfloat16"),
+                   help="compute dtype of both models (bfloat16: mixed precision, as "
+                        "train_step.py --precision); percentages read against this machine's "
+                        "measured matmul speed in that dtype")
     args = p.parse_args()
     from opd_jax.train.host_memory import reexec_with_tuned_malloc
 
@@ -154,9 +164,20 @@ def main() -> None:
 
     load = load_report()
     teacher, student = build(args.small)
+    if args.precision != "float32":   # a teacher keeps no master weights
+        import dataclasses
+
+        import jax.numpy as jnp
+
+        from opd_jax.train.state import cast_floating
+
+        teacher = dataclasses.replace(teacher, params=cast_floating(teacher.params,
+                                                                     jnp.dtype(args.precision)))
+    peak = matmul_peak_gflops(args.precision)
     ids, _ = prompts(teacher.tokenizer, 2 if args.small else 8)
     step, state, batch = demo_step_and_batch(teacher, student, ids, 8 if args.small else 32,
-                                             no_metrics=args.no_metrics)
+                                             no_metrics=args.no_metrics,
+                                             precision=args.precision)
     hlo = step.lower(state, batch, None, teacher.params).compile().as_text()
     info = parse_hlo(hlo)
     for _ in range(2):   # compile, then one warm step
@@ -177,19 +198,21 @@ def main() -> None:
         by_class[r["class"]][0] += r["s_per_step"]
         by_class[r["class"]][1] += r["gflop_per_step"]
     classes = [{"class": k, "s_per_step": round(s, 3), "share": f"{s / wall:.1%}",
-                "gflop": round(g, 1), "pct_of_peak": f"{g / s / F32_MATMUL_PEAK_GFLOPS:.1%}"
+                "gflop": round(g, 1), "pct_of_peak": f"{g / s / peak:.1%}"
                 if g else ""} for k, (s, g) in sorted(by_class.items(), key=lambda kv: -kv[1][0])]
-    print(f"step wall {wall:.3f} s, ops traced {traced:.3f} s/step; load {load}")
+    print(f"step wall {wall:.3f} s, ops traced {traced:.3f} s/step; {args.precision} matmul "
+          f"{peak:.0f} GFLOP/s here; load {load}")
     print_table(classes, [("class", "class"), ("s_per_step", "s / step"), ("share", "of step"),
-                          ("gflop", "GFLOP"), ("pct_of_peak", "of f32 peak")])
+                          ("gflop", "GFLOP"), ("pct_of_peak", "of peak")])
     top = [{**r, "s_per_step": round(r["s_per_step"], 4), "share": f"{r['s_per_step'] / wall:.1%}",
             "gflop_per_step": round(r["gflop_per_step"], 2),
-            "pct_of_peak": f"{r['gflops'] / F32_MATMUL_PEAK_GFLOPS:.0%}" if r["gflops"] else ""}
+            "pct_of_peak": f"{r['gflops'] / peak:.0%}" if r["gflops"] else ""}
            for r in rows[:args.top]]
     print_table(top, [("op", "instruction"), ("class", "class"), ("s_per_step", "s / step"),
                       ("share", "of step"), ("calls_per_step", "calls"),
-                      ("gflop_per_step", "GFLOP"), ("pct_of_peak", "of f32 peak")])
+                      ("gflop_per_step", "GFLOP"), ("pct_of_peak", "of peak")])
     write_results("profile_step", {"machine": machine_info(), "load": load, "step_wall_s": wall,
+                                   "precision": args.precision, "matmul_peak_gflops": peak,
                                    "traced_s_per_step": traced, "classes": classes, "ops": rows},
                   small=args.small)
 

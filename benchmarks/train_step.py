@@ -148,16 +148,19 @@ def opd_jax_parts(teacher, student, ids, args):
     return prompts_, tokens, valid, sampler, step, loss_kw, init_state(student.params, opt, 0)
 
 
-def demo_step_and_batch(teacher, student, ids, new_tokens: int, no_metrics: bool = False):
+def demo_step_and_batch(teacher, student, ids, new_tokens: int, no_metrics: bool = False,
+                        precision: str = "float32"):
     """The demo's jitted train step, a fresh state and one packed rollout batch (seed 0)."""
     import jax
 
     from opd_jax.train.rollout import assemble
 
     args = argparse.Namespace(new_tokens=new_tokens, remat="none", no_metrics=no_metrics,
-                              chunk_size=512, grad_accum=1, precision="float32")
-    prompts_, tokens, valid, sampler, step, _, state = opd_jax_parts(teacher, student, ids, args)
-    out = sampler(student.params, tokens, valid, jax.random.key(0))
+                              chunk_size=512, grad_accum=1, precision=precision)
+    prompts_, tokens, valid, sampler, step, loss_kw, state = opd_jax_parts(teacher, student, ids,
+                                                                           args)
+    out = sampler(loss_kw["student"].params_and_lora(_params(state), None)[0], tokens, valid,
+                  jax.random.key(0))
     batch = _pack(assemble(prompts_, out.tokens, out.mask, out.logprobs_full), student, teacher,
                   True)
     return step, state, batch

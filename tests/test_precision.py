@@ -89,7 +89,7 @@ def test_tiny_updates_move_the_float32_master_weights():
     assert float(jnp.mean((w16 != w0).astype(jnp.float32))) < 0.05   # almost every update lost
 
 
-_BYTES = {"f32": 4, "bf16": 2, "i32": 4, "bool": 1, "u32": 4}
+_BYTES = {"f32": 4, "bf16": 2, "u16": 2, "i32": 4, "bool": 1, "u32": 4}
 
 
 def _residual_bytes(spec, params, toks, valid):

@@ -235,6 +235,12 @@ def layer_weights(params: Params, lora: Lora | None) -> dict:
     return layers
 
 
+def _cast(tree, dtype):
+    """``tree``'s floating-point leaves in ``dtype``."""
+    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+                        tree)
+
+
 def embed(params: Params, tokens_BxT: jax.Array) -> jax.Array:
     """The input embeddings ``[B, T, D]``."""
     return constrain(params["embed"][tokens_BxT], ("batch", "length", "embed"))
@@ -315,7 +321,8 @@ def forward(params: Params, config: ModelConfig, tokens_BxT: jax.Array,
             positions_BxT: jax.Array | None = None, *, valid_BxT: jax.Array | None = None,
             cache: KVCache | None = None, lora: Lora | None = None,
             remat: str = "none", attention: str | None = None,
-            segment_ids_BxT: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
+            segment_ids_BxT: jax.Array | None = None,
+            compute_dtype=None) -> tuple[jax.Array, KVCache | None]:
     """Run the decoder.
 
     Args:
@@ -335,6 +342,11 @@ def forward(params: Params, config: ModelConfig, tokens_BxT: jax.Array,
         runs ``jax.nn.dot_product_attention`` without a cache and dense with one.
       segment_ids_BxT: packed rows (several sequences per row, no cache): attention stays inside
         each segment; ``positions_BxT`` must restart at 0 per segment (``train.packing``).
+      compute_dtype: mixed precision over parameters kept in their own dtype (float32 master
+        weights): run in this dtype, casting the other parameters up front and each layer's
+        weights inside the layer scan (the projections inside their VJP), so a gradient comes
+        back per layer in the parameters' dtype, never as a stack of ``compute_dtype`` ones
+        (XLA CPU writes those at O(layers^2) cost: BUILD_NOTES "Session 21").
 
     Returns:
       ``(hidden_BxTxD, new_cache)``: final-norm hidden states and the updated cache (or ``None``).
@@ -350,8 +362,14 @@ def forward(params: Params, config: ModelConfig, tokens_BxT: jax.Array,
                          cache=cache, lora=lora, blocked=attention == "blocked" and T > 1,
                          segment_ids_BxT=segment_ids_BxT, platform=platform)
 
+    if compute_dtype is not None:
+        params = {k: v if k == "layers" else _cast(v, compute_dtype) for k, v in params.items()}
+
     def step(x, xs):
         weights, kv = xs
+        if compute_dtype is not None:   # the projections cast their weights themselves
+            weights = {**weights, "p": {k: v if k in PROJECTIONS else _cast(v, compute_dtype)
+                                        for k, v in weights["p"].items()}}
         return layer(config, inputs, x, weights, kv)
 
     policy = REMAT_POLICIES[remat]

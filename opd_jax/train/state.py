@@ -58,9 +58,10 @@ class StudentSpec:
     remat: str = "none"
     compute_dtype: str | None = None
 
-    def params_and_lora(self, trainable, frozen):
-        """``(params, lora)`` as the model runs them (cast to ``compute_dtype``)."""
-        if self.compute_dtype is not None:
+    def params_and_lora(self, trainable, frozen, cast: bool = True):
+        """``(params, lora)`` as the model runs them (cast to ``compute_dtype``; ``cast=False``:
+        as stored, for ``decoder.forward(compute_dtype=)`` to cast)."""
+        if self.compute_dtype is not None and cast:
             dtype = jnp.dtype(self.compute_dtype)
             trainable, frozen = cast_floating(trainable, dtype), cast_floating(frozen, dtype)
         if self.lora_scale is None:
@@ -70,9 +71,10 @@ class StudentSpec:
     def hidden(self, trainable, frozen, tokens_BxT, valid_BxT, positions_BxT=None,
                segment_ids_BxT=None):
         """Final hidden states ``[B, T, D]``; packed rows pass their positions and segments."""
-        params, lora = self.params_and_lora(trainable, frozen)
+        params, lora = self.params_and_lora(trainable, frozen, cast=False)
         h, _ = decoder.forward(params, self.config, tokens_BxT, positions_BxT, valid_BxT=valid_BxT,
-                               lora=lora, remat=self.remat, segment_ids_BxT=segment_ids_BxT)
+                               lora=lora, remat=self.remat, segment_ids_BxT=segment_ids_BxT,
+                               compute_dtype=self.compute_dtype)
         return h
 
     def unembed(self, trainable, frozen) -> Unembedding:
