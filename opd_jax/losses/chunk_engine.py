@@ -245,12 +245,13 @@ def _head_grads(head, saved, dfeats, extras_C, consts, hidden_in_CxD, scale_C, u
         def dlogits_block(start):
             return lax.dynamic_slice_in_dim(dlogits_CxV, start, block, axis=1)
 
-    h_CxD = hidden_in_CxD.astype(jnp.float32)
+    dt = unemb.product_dtype(hidden_in_CxD, unembed_DxV)   # float32, or bfloat16 when mixed
+    h_CxD = hidden_in_CxD.astype(dt)
 
     def body(j, carry):
         dh_CxD, dw_DxV = carry
         start = j * block
-        g_CxB = dlogits_block(start).astype(jnp.float32)
+        g_CxB = dlogits_block(start).astype(dt)
         if need_h:   # w: [D, B], or the tied table's [B, D] rows
             w = unemb.block(unembed_DxV, start, block)
             dh_CxD = dh_CxD + unemb.hidden_grad(g_CxB, w, tied)

@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from opd_jax import dots
+
 __all__ = ["TiedUnembedding", "Unembedding"]
 
 
@@ -87,14 +89,24 @@ def block(unembed: Unembedding, start, size: int) -> jax.Array:
     return lax.dynamic_slice_in_dim(weights(unembed), start, size, axis=vocab_axis(unembed))
 
 
+def product_dtype(hidden: jax.Array, unembed: Unembedding):
+    """The dtype the gradient products take their operands in: the unembedding's when it and the
+    hidden states are the same 2-byte float (mixed precision: XLA CPU's fast bfloat16 path, as
+    autocast does on accelerators), float32 otherwise. Sums are float32 either way."""
+    dt = jnp.dtype(unembed.dtype)
+    narrow = jnp.issubdtype(dt, jnp.floating) and dt.itemsize == 2 and hidden.dtype == dt
+    return dt if narrow else jnp.dtype(jnp.float32)
+
+
 def hidden_grad(g_CxB: jax.Array, block_w: jax.Array, tied: bool) -> jax.Array:
-    """A block's share of ``dL/dh = G W^T`` (``G E`` when tied): ``[C, D]`` float32."""
-    contract = (((1,), (0,)), ((), ())) if tied else (((1,), (1,)), ((), ()))
-    return lax.dot_general(g_CxB, block_w.astype(jnp.float32), contract,
-                           preferred_element_type=jnp.float32)
+    """A block's share of ``dL/dh = G W^T`` (``G E`` when tied), in ``G``'s dtype (see
+    :func:`product_dtype`): ``[C, D]`` float32."""
+    return dots.dot(g_CxB, block_w.astype(g_CxB.dtype), dots.NN if tied else dots.NT,
+                    out_dtype=jnp.float32)
 
 
 def weight_grad(hidden_CxD: jax.Array, g_CxB: jax.Array, tied: bool) -> jax.Array:
-    """A block's ``dL/dW = h^T G`` (``[D, B]``), or ``dL/dE = G^T h`` (``[B, D]``) when tied."""
+    """A block's ``dL/dW = h^T G`` (``[D, B]``), or ``dL/dE = G^T h`` (``[B, D]``) when tied;
+    float32."""
     a, b = (g_CxB, hidden_CxD) if tied else (hidden_CxD, g_CxB)
-    return lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    return dots.dot(a, b, dots.TN, out_dtype=jnp.float32)

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from opd_jax.losses.unembedding import TiedUnembedding, Unembedding
-from opd_jax.model import lean_ops
+from opd_jax.model import bits, lean_ops
 from opd_jax.model.config import ATTENTION_IMPLS, ModelConfig, param_shapes
 from opd_jax.model.layers import (
     apply_rope,
@@ -258,8 +258,7 @@ def _write_cache(buf, x_BxTxGxE: jax.Array, write_index: jax.Array | int):
     if isinstance(buf, tuple):
         before = sum(c.shape[2] for c in buf[:-1])
         return buf[:-1] + (_write_cache(buf[-1], x_BxTxGxE, write_index - before),)
-    return jax.lax.dynamic_update_slice(buf, x_BxTxGxE.transpose(0, 2, 1, 3).astype(buf.dtype),
-                                        (0, 0, write_index, 0))
+    return bits.update_slice(buf, x_BxTxGxE.transpose(0, 2, 1, 3), (0, 0, write_index, 0))
 
 
 def layer(config: ModelConfig, inputs: StepInputs, x_BxTxD: jax.Array, weights: dict,
@@ -322,7 +321,7 @@ def forward(params: Params, config: ModelConfig, tokens_BxT: jax.Array,
             cache: KVCache | None = None, lora: Lora | None = None,
             remat: str = "none", attention: str | None = None,
             segment_ids_BxT: jax.Array | None = None,
-            compute_dtype=None) -> tuple[jax.Array, KVCache | None]:
+            compute_dtype=None, differentiable: bool = True) -> tuple[jax.Array, KVCache | None]:
     """Run the decoder.
 
     Args:
@@ -347,6 +346,9 @@ def forward(params: Params, config: ModelConfig, tokens_BxT: jax.Array,
         weights inside the layer scan (the projections inside their VJP), so a gradient comes
         back per layer in the parameters' dtype, never as a stack of ``compute_dtype`` ones
         (XLA CPU writes those at O(layers^2) cost: BUILD_NOTES "Session 21").
+      differentiable: ``False`` when nothing differentiates through ``params`` (a teacher, a
+        sampler): 2-byte float weights then cross the layer scan as ``uint16`` bits, which XLA
+        CPU slices in place (it converts a whole bfloat16 stack to float32 first otherwise).
 
     Returns:
       ``(hidden_BxTxD, new_cache)``: final-norm hidden states and the updated cache (or ``None``).
@@ -364,19 +366,28 @@ def forward(params: Params, config: ModelConfig, tokens_BxT: jax.Array,
 
     if compute_dtype is not None:
         params = {k: v if k == "layers" else _cast(v, compute_dtype) for k, v in params.items()}
+    kv_xs = (cache.k, cache.v) if cache is not None else None
+    # 2-byte floats cross the scan as uint16 bits where no gradient needs them: XLA CPU would
+    # convert a whole bfloat16 stack to float32 to slice it, and rebuild a stacked cache per layer
+    xs = (layer_weights(params, lora), kv_xs)
+    dtypes = jax.tree.map(lambda a: a.dtype, xs)
+    as_bits = ((lambda t: t) if differentiable else bits.to_bits, bits.to_bits)
 
-    def step(x, xs):
-        weights, kv = xs
+    def step(x, xs_bits):
+        weights, kv = jax.tree.map(bits.from_bits, xs_bits, dtypes)
         if compute_dtype is not None:   # the projections cast their weights themselves
             weights = {**weights, "p": {k: v if k in PROJECTIONS else _cast(v, compute_dtype)
                                         for k, v in weights["p"].items()}}
-        return layer(config, inputs, x, weights, kv)
+        x, new_kv = layer(config, inputs, x, weights, kv)
+        return x, jax.tree.map(bits.to_bits, new_kv)
 
     policy = REMAT_POLICIES[remat]
     if remat != "none":
         step = jax.checkpoint(step, policy=policy, prevent_cse=False)
-    kv_xs = (cache.k, cache.v) if cache is not None else None
-    x, new_kv = jax.lax.scan(step, embed(params, tokens_BxT), (layer_weights(params, lora), kv_xs))
+    xs = tuple(jax.tree.map(f, t) for f, t in zip(as_bits, xs))
+    x, new_kv = jax.lax.scan(step, embed(params, tokens_BxT), xs)
+    if new_kv is not None:
+        new_kv = jax.tree.map(bits.from_bits, new_kv, dtypes[1])
     hidden = final_norm(params, config, x)
 
     new_cache = None
@@ -393,15 +404,16 @@ def logits(params: Params, config: ModelConfig, hidden_BxTxD: jax.Array) -> jax.
 
 
 def hidden_states(params: Params, config: ModelConfig, tokens_BxT: jax.Array, valid_BxT: jax.Array,
-                  *, lora: Lora | None = None, cache: KVCache | None = None
-                  ) -> tuple[jax.Array, KVCache | None]:
+                  *, lora: Lora | None = None, cache: KVCache | None = None,
+                  differentiable: bool = True) -> tuple[jax.Array, KVCache | None]:
     """Final-norm hidden states ``[B, T, D]`` of (left-padded) sequences, and the filled cache.
 
     The one forward both the sampler's prefill and :func:`score` use: padding tokens are masked
     out of attention and RoPE positions count real tokens only (position 0 is each row's first
     real token), so a row's values do not depend on how much padding it got.
     """
-    return forward(params, config, tokens_BxT, None, valid_BxT=valid_BxT, cache=cache, lora=lora)
+    return forward(params, config, tokens_BxT, None, valid_BxT=valid_BxT, cache=cache, lora=lora,
+                   differentiable=differentiable)
 
 
 def next_token_logits(params: Params, config: ModelConfig, hidden_BxD: jax.Array) -> jax.Array:

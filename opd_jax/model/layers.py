@@ -10,11 +10,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from opd_jax.model import dense_attention
 from opd_jax.model.config import RopeScaling
 
 # Finite "minus infinity" for masked attention scores: a fully masked row (a padding query) then
 # gives a uniform softmax instead of NaN, and NaN can never reach the gradients.
-MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+MASK_VALUE = dense_attention.MASK_VALUE
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -92,10 +93,12 @@ def _gqa_attention(q_BxTxHxE: jax.Array, k, v, mask_BxTxS: jax.Array, kv_spec: s
 def attention(q_BxTxHxE: jax.Array, k_BxSxGxE: jax.Array, v_BxSxGxE: jax.Array,
               mask_BxTxS: jax.Array) -> jax.Array:
     """Grouped-query softmax attention with a boolean mask (True = may attend); float32 softmax.
+    Its backward saves ``q``, ``k``, ``v`` and the probabilities once
+    (:mod:`opd_jax.model.dense_attention`).
 
     .. math:: o_t = \\sum_s \\mathrm{softmax}_s(q_t \\cdot k_s / \\sqrt{E} + m_{ts})\\, v_s
     """
-    return _gqa_attention(q_BxTxHxE, k_BxSxGxE, v_BxSxGxE, mask_BxTxS, "bsge")
+    return dense_attention.attention(q_BxTxHxE, k_BxSxGxE, v_BxSxGxE, mask_BxTxS)
 
 
 def attention_over_cache(q_BxTxHxE: jax.Array, k_BxGxSxE, v_BxGxSxE,

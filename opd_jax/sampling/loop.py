@@ -158,7 +158,7 @@ def prefill(st: DecodeSettings, params: Params, lora: Lora | None, tokens_BxP: j
         kv_axes = ("layers", "batch", "kv_heads", "length", "head_dim")
         cache = cache.replace(k=constrain(cache.k, kv_axes), v=constrain(cache.v, kv_axes))
         hidden_BxPxD, cache = hidden_states(params, c, tokens_BxP, valid_BxP, lora=lora,
-                                            cache=cache)
+                                            cache=cache, differentiable=False)
         logits_BxV = next_token_logits(params, c, hidden_BxPxD[:, -1])
         H = hidden_BxPxD.shape[-1] if st.return_hidden else 0
         if st.layer_loop == "unroll":

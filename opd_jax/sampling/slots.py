@@ -183,7 +183,7 @@ def admit(st: DecodeSettings, key_impl: str, state: SlotState, params: Params, l
     with mesh_context(st):
         prompt_cache = init_cache(c, U, P, params["embed"].dtype)
         hidden_UxPxD, prompt_cache = hidden_states(params, c, tokens_UxP, valid_UxP, lora=lora,
-                                                   cache=prompt_cache)
+                                                   cache=prompt_cache, differentiable=False)
         logits_UxV = next_token_logits(params, c, hidden_UxPxD[:, -1])
         cache = state.cache
         S = cache.valid.shape[1]

@@ -94,7 +94,8 @@ def teacher_hidden_and_unembed(teacher: TeacherSpec, student: StudentSpec, teach
         def run(tokens, valid, positions, segments):
             with teacher_scope(teacher.rules):
                 return decoder.forward(teacher_args, teacher.config, tokens, positions,
-                                       valid_BxT=valid, segment_ids_BxT=segments)[0]
+                                       valid_BxT=valid, segment_ids_BxT=segments,
+                                       differentiable=False)[0]
         w = decoder.loss_unembedding(teacher_args, teacher.config)
     else:
         weights = trainable if teacher.mode == "student_live" else teacher_args

@@ -1,0 +1,94 @@
+"""The training forward's dense attention, with a hand-written backward that saves four tensors.
+
+Autodiff of the masked grouped-query softmax saves the float32 probabilities *and* their cast
+copy beside ``q``, ``k`` and ``v``; inside the decoder's layer scan each is stacked over the
+layers. This VJP saves ``q``, ``k``, ``v`` and the probabilities once, in the operands' dtype
+(2-byte floats as ``uint16`` bits, :mod:`opd_jax.model.bits`, which XLA CPU stacks in place),
+and recomputes nothing:
+
+.. math:: S = Q K^\\top / \\sqrt{E}\\ (\\text{masked}),\\quad P = \\mathrm{softmax}(S),\\quad O = P V
+
+.. math:: \\partial V = P^\\top \\partial O,\\quad \\partial P = \\partial O\\, V^\\top,\\quad
+   \\partial S = P \\odot (\\partial P - \\textstyle\\sum_s \\partial P \\odot P)\\ (0\\text{ where masked}),
+
+.. math:: \\partial Q = \\partial S\\, K / \\sqrt{E},\\quad \\partial K = \\partial S^\\top Q / \\sqrt{E}
+
+Softmax and ``dS`` run in float32; the products take float32 sums. Same values as autodiff of
+:func:`opd_jax.model.layers.attention` (float32: to rounding; bfloat16: the softmax backward reads
+the bfloat16 probabilities the forward used).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from opd_jax.model import bits
+
+__all__ = ["attention"]
+
+MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+def _probs(q_BxTxGxRxE, k_BxSxGxE, mask_BxTxS):
+    """Softmax probabilities ``[B, G, R, T, S]`` (float32) of the masked scaled scores."""
+    E = q_BxTxGxRxE.shape[-1]
+    scores = jnp.einsum("btgre,bsge->bgrts", q_BxTxGxRxE, k_BxSxGxE,
+                        preferred_element_type=jnp.float32) / math.sqrt(E)
+    scores = jnp.where(mask_BxTxS[:, None, None, :, :], scores, MASK_VALUE)
+    return jax.nn.softmax(scores, axis=-1)
+
+
+def _out(p_BxGxRxTxS, v_BxSxGxE, dtype):
+    B, G, R, T, _ = p_BxGxRxTxS.shape
+    out = jnp.einsum("bgrts,bsge->btgre", p_BxGxRxTxS, v_BxSxGxE,
+                     preferred_element_type=jnp.float32)
+    return out.reshape(B, T, G * R, -1).astype(dtype)
+
+
+@jax.custom_vjp
+def attention(q_BxTxHxE: jax.Array, k_BxSxGxE: jax.Array, v_BxSxGxE: jax.Array,
+              mask_BxTxS: jax.Array) -> jax.Array:
+    """Grouped-query softmax attention with a boolean mask (True = may attend): ``[B, T, H, E]``
+    in ``q``'s dtype. ``o_t = sum_s softmax_s(q_t . k_s / sqrt(E) + m_ts) v_s``."""
+    return _forward(q_BxTxHxE, k_BxSxGxE, v_BxSxGxE, mask_BxTxS)[0]
+
+
+def _forward(q, k, v, mask):
+    if not q.dtype == k.dtype == v.dtype:
+        raise TypeError(f"attention takes q, k, v of one dtype, got {q.dtype}, {k.dtype}, "
+                        f"{v.dtype}; cast them to the compute dtype first")
+    B, T, H, E = q.shape
+    G = k.shape[2]
+    q5 = q.reshape(B, T, G, H // G, E)
+    p = _probs(q5, k, mask).astype(v.dtype)
+    return _out(p, v, q.dtype), p
+
+
+def _fwd(q, k, v, mask):
+    out, p = _forward(q, k, v, mask)
+    return out, (bits.to_bits(q), bits.to_bits(k), bits.to_bits(v), bits.to_bits(p), mask)
+
+
+def _bwd(res, do_BxTxHxE):
+    dtype = do_BxTxHxE.dtype      # the output's dtype = q's
+    q, k, v, p = (bits.from_bits(r, dtype) for r in res[:4])   # q, k, v share one dtype
+    mask = res[4]
+    B, T, H, E = q.shape
+    G = k.shape[2]
+    q5 = q.reshape(B, T, G, H // G, E)
+    do5 = do_BxTxHxE.reshape(B, T, G, H // G, E)
+    dv = jnp.einsum("bgrts,btgre->bsge", p, do5, preferred_element_type=jnp.float32)
+    dp = jnp.einsum("btgre,bsge->bgrts", do5, v, preferred_element_type=jnp.float32)
+    p32 = p.astype(jnp.float32)
+    ds = p32 * (dp - jnp.sum(dp * p32, axis=-1, keepdims=True))
+    ds = jnp.where(mask[:, None, None, :, :], ds, 0.0) / math.sqrt(E)
+    ds = ds.astype(dtype)
+    dq = jnp.einsum("bgrts,bsge->btgre", ds, k, preferred_element_type=jnp.float32)
+    dk = jnp.einsum("bgrts,btgre->bsge", ds, q5, preferred_element_type=jnp.float32)
+    return dq.reshape(B, T, H, E).astype(dtype), dk.astype(dtype), dv.astype(dtype), None
+
+
+attention.defvjp(_fwd, _bwd)
