@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from opd_jax.compile_options import memory_jit
+from opd_jax.model import bits
 from opd_jax.model.config import ModelConfig
 from opd_jax.model.decoder import (
     KVCache,
@@ -125,7 +126,8 @@ def _emit(st: DecodeSettings, state: DecodeState, logits_BxV: jax.Array, hidden_
     d = draw(logits_BxV, uniforms(step_keys), st.sampling)
     live = ~state.done
     token = jnp.where(live, d.token, st.pad_id)
-    put = lambda buf, x: jax.lax.dynamic_update_index_in_dim(buf, x.astype(buf.dtype), step, 1)
+    def put(buf, x):   # column ``step``; a bfloat16 buffer (hidden states) written as bits
+        return bits.update_slice(buf, x[:, None], (0, step) + (0,) * (buf.ndim - 2))
     new = dict(
         step=step + 1,
         last_token=token,

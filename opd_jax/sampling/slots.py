@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from opd_jax.compile_options import memory_jit
+from opd_jax.model import bits
 from opd_jax.model.config import ModelConfig
 from opd_jax.model.decoder import (
     KVCache,
@@ -140,7 +141,7 @@ def _emit(st: DecodeSettings, state: SlotState, logits_BxV: jax.Array, hidden_Bx
     rows_B = jnp.arange(B)
 
     def put(buf, x):
-        return buf.at[rows_B, col_B].set(x.astype(buf.dtype), mode="drop")
+        return bits.scatter_set(buf, (rows_B, col_B), x, mode="drop")
 
     new = dict(tokens=put(state.tokens, d.token), mask=put(state.mask, jnp.ones((B,), bool)),
                logprobs=put(state.logprobs, d.logprob),
@@ -165,8 +166,8 @@ def _place_prompts(buf_BxGxSxE: jax.Array, new_UxGxPxE: jax.Array, src_B: jax.Ar
     B = buf_BxGxSxE.shape[0]
     target_B = jnp.where(src_B >= 0, jnp.arange(B), B)  # row B is out of range: dropped
     new_BxPxGxE = new_UxGxPxE[jnp.maximum(src_B, 0)].transpose(0, 2, 1, 3)
-    return buf_BxGxSxE.at[target_B[:, None], :, ring_P[None, :], :].set(
-        new_BxPxGxE.astype(buf_BxGxSxE.dtype), mode="drop")
+    return bits.scatter_set(buf_BxGxSxE, (target_B[:, None], slice(None), ring_P[None, :]),
+                            new_BxPxGxE, mode="drop")
 
 
 @memory_jit(static_argnums=(0, 1), donate_argnums=2)
