@@ -10,12 +10,15 @@ formulation (the weights cast before the scan).
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
+from opd_jax import losses
 from opd_jax.losses import unembedding as unemb
 from opd_jax.model import decoder as dec
 from opd_jax.model.config import ModelConfig
@@ -109,11 +112,15 @@ def test_unembedding_gradient_products_take_the_compute_dtype():
     table = jax.random.normal(jax.random.key(1), (96, 64)) * 0.1
     g = jax.random.normal(jax.random.key(2), (8, 32)) * 1e-3
     f32 = jnp.float32
+    bf = jnp.bfloat16
     assert unemb.product_dtype(h, unemb.TiedUnembedding(table)) == f32
-    assert unemb.product_dtype(h.astype(jnp.bfloat16), unemb.TiedUnembedding(table)) == f32
-    bf = unemb.product_dtype(h.astype(jnp.bfloat16),
-                             unemb.TiedUnembedding(table.astype(jnp.bfloat16)))
-    assert bf == jnp.bfloat16
+    assert unemb.product_dtype(h, unemb.TiedUnembedding(table.astype(bf))) == f32
+    assert unemb.product_dtype(h.astype(bf), unemb.TiedUnembedding(table.astype(bf))) == bf
+    # mixed precision: bfloat16 hidden states over the float32 master table
+    assert unemb.product_dtype(h.astype(bf), unemb.TiedUnembedding(table)) == bf
+    z = unemb.logits(h.astype(bf), unemb.TiedUnembedding(table))
+    np.testing.assert_array_equal(np.asarray(z), np.asarray(unemb.logits(
+        h.astype(bf), unemb.TiedUnembedding(table.astype(bf)))))
     block = table[:32]
     # float32: exactly the float32 products
     np.testing.assert_array_equal(np.asarray(unemb.hidden_grad(g, block, True)),
@@ -130,3 +137,21 @@ def test_unembedding_gradient_products_take_the_compute_dtype():
     for got, ref in ((dh, ref_dh), (dw, ref_dw), (untied_dh, ref_dh), (untied_dw, ref_dw.T)):
         assert got.dtype == f32
         np.testing.assert_allclose(np.asarray(got), ref, atol=2e-2 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_mixed_precision_unembedding_gradient_is_float32_without_bfloat16_rounding(tied):
+    c = dataclasses.replace(C, tie_embeddings=tied)
+    spec = StudentSpec(c, compute_dtype="bfloat16")
+    params = dec.init_params(c, jax.random.key(0))
+    w = spec.unembed(params, None)
+    assert w.dtype == jnp.float32                  # the master table; products cast it
+    h = jax.random.normal(jax.random.key(1), (2, 4, 64)).astype(jnp.bfloat16)
+    toks = jax.random.randint(jax.random.key(2), (2, 4), 0, 96)
+    def loss(p):
+        return losses.chunked_token_logprobs(h, spec.unembed(p, None), toks, chunk_size=4).sum()
+
+    g = jax.grad(loss)(params)["embed" if tied else "unembed"]
+    assert g.dtype == jnp.float32 and float(jnp.abs(g).max()) > 0
+    gb = np.asarray(g.astype(jnp.bfloat16).astype(jnp.float32))
+    assert np.mean(np.asarray(g) != gb) > 0.5

@@ -72,11 +72,13 @@ def as_cotangent(unembed: Unembedding, dw: jax.Array) -> Unembedding:
 
 
 def logits(hidden_CxD: jax.Array, unembed: Unembedding) -> jax.Array:
-    """``[C, V]`` logits ``h W`` (``h E^T`` when tied), accumulated in float32."""
+    """``[C, V]`` logits ``h W`` (``h E^T`` when tied), accumulated in float32, with operands in
+    :func:`product_dtype`."""
+    dt = product_dtype(hidden_CxD, unembed)
+    h, w = hidden_CxD.astype(dt), weights(unembed).astype(dt)
     if is_tied(unembed):
-        return lax.dot_general(hidden_CxD, unembed.embed_VxD, (((1,), (1,)), ((), ())),
-                               preferred_element_type=jnp.float32)
-    return jnp.dot(hidden_CxD, unembed, preferred_element_type=jnp.float32)
+        return lax.dot_general(h, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    return jnp.dot(h, w, preferred_element_type=jnp.float32)
 
 
 def vocab_axis(unembed: Unembedding) -> int:
@@ -90,11 +92,12 @@ def block(unembed: Unembedding, start, size: int) -> jax.Array:
 
 
 def product_dtype(hidden: jax.Array, unembed: Unembedding):
-    """The dtype the gradient products take their operands in: the unembedding's when it and the
-    hidden states are the same 2-byte float (mixed precision: XLA CPU's fast bfloat16 path, as
-    autocast does on accelerators), float32 otherwise. Sums are float32 either way."""
-    dt = jnp.dtype(unembed.dtype)
-    narrow = jnp.issubdtype(dt, jnp.floating) and dt.itemsize == 2 and hidden.dtype == dt
+    """The dtype the logits and gradient products take their operands in: the hidden states'
+    when they are a 2-byte float and the unembedding is too or is float32 (mixed precision's
+    master weights; XLA CPU's fast bfloat16 path, as autocast does on accelerators), float32
+    otherwise. Sums are float32 either way."""
+    dt, w = jnp.dtype(hidden.dtype), jnp.dtype(unembed.dtype)
+    narrow = jnp.issubdtype(dt, jnp.floating) and dt.itemsize == 2 and w in (dt, jnp.float32)
     return dt if narrow else jnp.dtype(jnp.float32)
 
 

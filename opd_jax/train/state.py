@@ -78,7 +78,10 @@ class StudentSpec:
         return h
 
     def unembed(self, trainable, frozen) -> Unembedding:
-        params, _ = self.params_and_lora(trainable, frozen)
+        """The unembedding the losses read; under mixed precision the float32 table itself (the
+        losses take bfloat16 products of it, ``losses.unembedding.product_dtype``, and return
+        its gradient in float32 without a bfloat16 round trip)."""
+        params, _ = self.params_and_lora(trainable, frozen, cast=False)
         return decoder.loss_unembedding(params, self.config)
 
 
