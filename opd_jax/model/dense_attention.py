@@ -14,8 +14,9 @@ and recomputes nothing:
 .. math:: \\partial Q = \\partial S\\, K / \\sqrt{E},\\quad \\partial K = \\partial S^\\top Q / \\sqrt{E}
 
 Softmax and ``dS`` run in float32; the products take float32 sums. Same values as autodiff of
-:func:`opd_jax.model.layers.attention` (float32: to rounding; bfloat16: the softmax backward reads
-the bfloat16 probabilities the forward used).
+the plain formula (float32: to rounding; bfloat16: the softmax backward reads the bfloat16
+probabilities the forward used); ``tests/test_dense_attention.py`` checks both against float64.
+:func:`opd_jax.model.layers.attention` is this function.
 """
 
 from __future__ import annotations
