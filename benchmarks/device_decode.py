@@ -40,7 +40,8 @@ from _common import print_table, results_path, time_calls, write_json  # noqa: E
 from device import EXIT_NO_ACCELERATOR, device_facts, plan, random_params  # noqa: E402
 
 from opd_jax.model import layers  # noqa: E402
-from opd_jax.model.decoder import layer, layer_weights, next_token_logits, step_inputs  # noqa: E402
+from opd_jax.model.decoder import layer, layer_weights, next_token_logits  # noqa: E402
+from opd_jax.model.inputs import step_inputs  # noqa: E402
 from opd_jax.sampling import Sampler, Sampling  # noqa: E402
 from opd_jax.sampling.loop import LayerCaches  # noqa: E402
 from opd_jax.sampling.strategies import draw, uniforms  # noqa: E402

@@ -484,7 +484,7 @@ def main() -> None:
 
         import jax.numpy as jnp
 
-        from opd_jax.train.state import cast_floating
+        from opd_jax.model.dtypes import cast_floating
 
         teacher = dataclasses.replace(teacher, params=cast_floating(teacher.params,
                                                                      jnp.dtype(args.precision)))

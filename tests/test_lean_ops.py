@@ -18,6 +18,7 @@ from jax.ad_checkpoint import print_saved_residuals
 
 from opd_jax.model import decoder, lean_ops
 from opd_jax.model.config import ModelConfig
+from opd_jax.model.inputs import step_inputs
 
 
 def _plain_project(x, w, n_in):
@@ -121,7 +122,7 @@ def test_a_layer_saves_two_mlp_tensors_and_no_weight_copies():
     params = decoder.init_params(CFG, jax.random.key(0))
     weights = jax.tree.map(lambda x: x[0], decoder.layer_weights(params, None))
     tokens = jnp.zeros((2, 7), jnp.int32)
-    inputs = decoder.step_inputs(CFG, tokens)
+    inputs = step_inputs(CFG, tokens)
     x = _rand((2, 7, CFG.d_model), 1)
     out = io.StringIO()
     with contextlib.redirect_stdout(out):   # the public API prints them

@@ -20,10 +20,11 @@ from opd_jax.config import load_config
 from opd_jax.config.loss import LossSpec
 from opd_jax.model import decoder as dec
 from opd_jax.model.config import ModelConfig
+from opd_jax.model.dtypes import cast_floating
 from opd_jax.train.batch import RolloutBatch
 from opd_jax.train.models import build_models
 from opd_jax.train.objectives import make_chunk_fn
-from opd_jax.train.state import StudentSpec, cast_floating, init_state
+from opd_jax.train.state import StudentSpec, init_state
 from opd_jax.train.step import TeacherSpec, make_train_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

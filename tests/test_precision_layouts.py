@@ -22,7 +22,8 @@ from opd_jax import losses
 from opd_jax.losses import unembedding as unemb
 from opd_jax.model import decoder as dec
 from opd_jax.model.config import ModelConfig
-from opd_jax.train.state import StudentSpec, cast_floating
+from opd_jax.model.dtypes import cast_floating
+from opd_jax.train.state import StudentSpec
 
 L = 3
 C = ModelConfig(n_layers=L, vocab_size=96, d_model=64, ffn_dim=128, n_heads=4, n_kv_heads=2,

@@ -28,25 +28,37 @@ import jax.numpy as jnp
 
 from opd_jax.model import bits
 
-__all__ = ["attention"]
+__all__ = ["attention", "probabilities", "weighted_values", "MASK_VALUE"]
 
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
-def _probs(q_BxTxGxRxE, k_BxSxGxE, mask_BxTxS):
-    """Softmax probabilities ``[B, G, R, T, S]`` (float32) of the masked scaled scores."""
+def probabilities(q_BxTxGxRxE: jax.Array, ks: tuple, mask_BxTxS: jax.Array,
+                  kv_spec: str = "bsge") -> jax.Array:
+    """Softmax probabilities ``[B, G, R, T, S]`` (float32) of the masked scaled scores
+    ``q_t . k_s / sqrt(E)``. ``ks``: the keys as a tuple of chunks along ``s`` in the layout
+    ``kv_spec`` (``"bsge"``, or the KV cache's ``"bgse"``), each read in place; the chunks'
+    slots together are the mask's ``S``."""
     E = q_BxTxGxRxE.shape[-1]
-    scores = jnp.einsum("btgre,bsge->bgrts", q_BxTxGxRxE, k_BxSxGxE,
-                        preferred_element_type=jnp.float32) / math.sqrt(E)
+    parts = [jnp.einsum(f"btgre,{kv_spec}->bgrts", q_BxTxGxRxE, kc,
+                        preferred_element_type=jnp.float32) for kc in ks]
+    scores = (parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=-1)) / math.sqrt(E)
     scores = jnp.where(mask_BxTxS[:, None, None, :, :], scores, MASK_VALUE)
     return jax.nn.softmax(scores, axis=-1)
 
 
-def _out(p_BxGxRxTxS, v_BxSxGxE, dtype):
+def weighted_values(p_BxGxRxTxS: jax.Array, vs: tuple, kv_spec: str = "bsge") -> jax.Array:
+    """``o_t = sum_s p_ts v_s`` as ``[B, T, G * R, E]`` float32 sums, over the value chunks ``vs``
+    (layout ``kv_spec``; ``p``'s slots cut to match them)."""
     B, G, R, T, _ = p_BxGxRxTxS.shape
-    out = jnp.einsum("bgrts,bsge->btgre", p_BxGxRxTxS, v_BxSxGxE,
-                     preferred_element_type=jnp.float32)
-    return out.reshape(B, T, G * R, -1).astype(dtype)
+    out, start = None, 0
+    for vc in vs:
+        size = vc.shape[kv_spec.index("s")]
+        p = p_BxGxRxTxS if len(vs) == 1 else jax.lax.slice_in_dim(p_BxGxRxTxS, start,
+                                                                  start + size, axis=4)
+        o = jnp.einsum(f"bgrts,{kv_spec}->btgre", p, vc, preferred_element_type=jnp.float32)
+        out, start = o if out is None else out + o, start + size
+    return out.reshape(B, T, G * R, -1)
 
 
 @jax.custom_vjp
@@ -64,8 +76,8 @@ def _forward(q, k, v, mask):
     B, T, H, E = q.shape
     G = k.shape[2]
     q5 = q.reshape(B, T, G, H // G, E)
-    p = _probs(q5, k, mask).astype(v.dtype)
-    return _out(p, v, q.dtype), p
+    p = probabilities(q5, (k,), mask).astype(v.dtype)
+    return weighted_values(p, (v,)).astype(q.dtype), p
 
 
 def _fwd(q, k, v, mask):

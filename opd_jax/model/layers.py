@@ -57,10 +57,6 @@ def kv_chunks(x) -> tuple:
     return tuple(x) if isinstance(x, (tuple, list)) else (x,)
 
 
-def _concat_slots(parts: list) -> jax.Array:
-    return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=-1)
-
-
 def _split_slots(x: jax.Array, sizes: list[int]) -> list[jax.Array]:
     if len(sizes) == 1:
         return [x]
@@ -78,16 +74,9 @@ def _gqa_attention(q_BxTxHxE: jax.Array, k, v, mask_BxTxS: jax.Array, kv_spec: s
     ks, vs = kv_chunks(k), kv_chunks(v)
     G = ks[0].shape[kv_spec.index("g")]
     q_BxTxGxRxE = q_BxTxHxE.reshape(B, T, G, H // G, E)
-    scores = _concat_slots([jnp.einsum(f"btgre,{kv_spec}->bgrts", q_BxTxGxRxE, kc,
-                                       preferred_element_type=jnp.float32) for kc in ks]
-                           ) / math.sqrt(E)
-    scores = jnp.where(mask_BxTxS[:, None, None, :, :], scores, MASK_VALUE)
-    probs = jax.nn.softmax(scores, axis=-1).astype(vs[0].dtype)
-    parts = _split_slots(probs, [kc.shape[kv_spec.index("s")] for kc in ks])
-    out = functools.reduce(operator.add, [
-        jnp.einsum(f"bgrts,{kv_spec}->btgre", p, vc, preferred_element_type=jnp.float32)
-        for p, vc in zip(parts, vs)])
-    return out.reshape(B, T, H, E).astype(q_BxTxHxE.dtype)
+    probs = dense_attention.probabilities(q_BxTxGxRxE, ks, mask_BxTxS, kv_spec)
+    out = dense_attention.weighted_values(probs.astype(vs[0].dtype), vs, kv_spec)
+    return out.astype(q_BxTxHxE.dtype)
 
 
 def attention(q_BxTxHxE: jax.Array, k_BxSxGxE: jax.Array, v_BxSxGxE: jax.Array,

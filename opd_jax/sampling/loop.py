@@ -35,8 +35,8 @@ from opd_jax.model.decoder import (
     layer,
     layer_weights,
     next_token_logits,
-    step_inputs,
 )
+from opd_jax.model.inputs import step_inputs
 from opd_jax.model.layers import kv_chunks
 from opd_jax.sampling.strategies import Sampling, draw, top_logprobs, uniforms
 from opd_jax.sharding import constrain, use_mesh_rules

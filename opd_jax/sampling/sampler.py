@@ -37,7 +37,7 @@ rebuild the stacked cache every step: about 2.5x the memory traffic of a step on
 4.8x the step time on an H200 (Qwen3-1.7B shapes, B = 64, bf16: 14.5 vs 3.05 ms per step,
 ``benchmarks/device_decode.py``; BUILD_NOTES.md "Accelerator figures").
 Both run the decoder's public ``decoder.layer`` on the masks / positions of
-``decoder.step_inputs``, so they compute the same values. The cache is laid out ``[B, G, S, E]``
+``inputs.step_inputs``, so they compute the same values. The cache is laid out ``[B, G, S, E]``
 per layer (heads before slots, :class:`opd_jax.model.decoder.KVCache`) so the attention einsums
 read it in place; the earlier ``[B, S, G, E]`` layout made XLA transpose
 every layer's K and V once per step (≈1.7 ms per cache slot at B = 32, see BUILD_NOTES.md).

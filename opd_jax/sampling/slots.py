@@ -49,8 +49,8 @@ from opd_jax.model.decoder import (
     layer,
     layer_weights,
     next_token_logits,
-    step_inputs,
 )
+from opd_jax.model.inputs import step_inputs
 from opd_jax.sampling.loop import TRACE_COUNTS, DecodeSettings, LayerCaches, mesh_context, split_layers
 from opd_jax.sampling.strategies import draw, top_logprobs, uniforms
 from opd_jax.sharding import constrain
@@ -221,7 +221,7 @@ def _ring_step(c: ModelConfig, params: Params, layers: list[dict] | None, lora: 
                token_B: jax.Array, cache: KVCache | LayerCaches
                ) -> tuple[jax.Array, KVCache | LayerCaches]:
     """One decode step of every slot over the ring cache: ``(hidden [B, D], cache)``. The
-    decoder's :func:`~opd_jax.model.decoder.layer` on :func:`~opd_jax.model.decoder.step_inputs`
+    decoder's :func:`~opd_jax.model.decoder.layer` on :func:`~opd_jax.model.inputs.step_inputs`
     with the mask replaced by the row's validity (see the module docstring); ``layers`` are the
     per-layer weights for the unrolled loop, ``None`` for the layer scan."""
     tokens_Bx1 = token_B[:, None]

@@ -14,13 +14,14 @@ from opd_jax.model.assets import default_teacher
 from opd_jax.model.byte_tokenizer import ByteTokenizer
 from opd_jax.model.config import ModelConfig
 from opd_jax.model.derive import derive_student, random_student
+from opd_jax.model.dtypes import cast_floating
 from opd_jax.model.fingerprint import tokenizer_fingerprint
 from opd_jax.model.loading import Model, check_same_vocab, load_model
 from opd_jax.model.lora import init_lora
 from opd_jax.model.tokenizer import load_tokenizer
 from opd_jax.teacher.router import TeacherRouter
 from opd_jax.teacher.source import LocalTeacher, open_teacher_source, source_kind
-from opd_jax.train.state import StudentSpec, cast_floating
+from opd_jax.train.state import StudentSpec
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 

@@ -21,6 +21,7 @@ from opd_jax.config.schema import OptimSpec
 from opd_jax.losses.unembedding import Unembedding
 from opd_jax.model import decoder
 from opd_jax.model.config import ModelConfig
+from opd_jax.model.dtypes import cast_floating
 
 
 @flax.struct.dataclass
@@ -34,14 +35,6 @@ class TrainState:
     rng: jax.Array
     skipped: jax.Array
     ema: Any = None
-
-
-def cast_floating(tree, dtype):
-    """``tree`` with its floating-point leaves cast to ``dtype`` (others untouched; a no-op for
-    leaves already in ``dtype``)."""
-    def cast(x):
-        return x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != dtype else x
-    return jax.tree.map(cast, tree)
 
 
 @dataclasses.dataclass(frozen=True)
