@@ -524,9 +524,11 @@ def test_loss_and_grad_memory_is_bounded(path):
     loss, k, max_chunks = _token_mean_losses()[path]
     grad = jax.grad(loss, argnums=(0, 1))
     temp = _temp_bytes(grad, *_mem_inputs(k=k))
-    # a few [C, V] buffers at most (one for the top-k paths); never a second [D, V] buffer
+    # a few [C, V] buffers at most (one for the top-k paths); never a second [D, V] buffer. The
+    # dense paths hold 4: the CPU's vocabulary sums are products (``vocab_sum``), whose input is
+    # materialised where a reduction fused it (3 before); the logits here are 16 chunks
     assert temp <= max_chunks * CHUNK_BYTES + HEAD_BYTES / 2, (temp / CHUNK_BYTES, path)
-    assert temp < LOGIT_BYTES / 4, (temp, LOGIT_BYTES)
+    assert temp < LOGIT_BYTES / 3, (temp, LOGIT_BYTES)
     if path in ("dense_teacher", "teacher_topk_fused"):
         # independent of B*T: 4x the tokens, the same scratch (up to small per-token arrays)
         assert _temp_bytes(grad, *_mem_inputs(k=k, rows=4 * MEM_BT)) <= temp + CHUNK_BYTES / 8

@@ -474,3 +474,52 @@ def test_bad_weights_and_mismatched_reward():
     r = losses.topk_reward(rand_logits(0), rand_logits(1), k=2)
     with pytest.raises(ValueError, match="same token positions"):
         losses.topk_policy_gradient_loss(rand_logits(0, (3, 2, 13)), r)
+
+
+# --- the package's top-k: two exact passes over blocks of ids --------------------------------
+
+def _plain_top_k(x, k):
+    return jax.lax.top_k(x, k)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("kind", ["normal", "ties", "neg_inf", "one_block"])
+@pytest.mark.parametrize("k", [1, 5, 16])
+def test_top_k_two_pass_equals_lax_top_k(dtype, kind, k):
+    """Values and ids equal ``lax.top_k`` exactly, ties included (lower id first)."""
+    from opd_jax.losses.support import TOPK_BLOCK, top_k
+
+    rng = np.random.default_rng(k)
+    V = TOPK_BLOCK * 4 * 16           # the two-pass path for every k here
+    if kind == "normal":
+        x = rng.standard_normal((3, 7, V))
+    elif kind == "ties":              # a few distinct values: many ties inside and across blocks
+        x = rng.integers(0, 4, (3, 7, V)).astype(np.float64)
+    elif kind == "neg_inf":           # most ids impossible, some rows entirely
+        x = np.where(rng.random((3, 7, V)) < 0.995, -np.inf, rng.standard_normal((3, 7, V)))
+        x[0, 0] = -np.inf
+    else:                             # the whole top-k inside one block
+        x = rng.standard_normal((3, 7, V)) - 10.0
+        x[..., 5 * TOPK_BLOCK:5 * TOPK_BLOCK + 20] += 20.0
+    x = jnp.asarray(x, dtype)
+    got_v, got_i = jax.jit(top_k, static_argnums=1)(x, k)
+    ref_v, ref_i = _plain_top_k(x, k)
+    np.testing.assert_array_equal(np.asarray(got_i), np.asarray(ref_i))
+    np.testing.assert_array_equal(np.asarray(got_v, np.float32), np.asarray(ref_v, np.float32))
+    assert got_i.dtype == jnp.int32 and got_v.dtype == dtype
+
+
+def test_top_k_small_or_ragged_vocab_uses_lax_top_k_and_gradients_match():
+    """Vocabularies that are no multiple of the block (or too few blocks) take ``lax.top_k``
+    as is; the two-pass values carry the same gradient as ``lax.top_k``'s."""
+    from opd_jax.losses.support import TOPK_BLOCK, top_k
+
+    rng = np.random.default_rng(0)
+    for V in (TOPK_BLOCK * 4 * 3 + 1, TOPK_BLOCK * 3):
+        x = jnp.asarray(rng.standard_normal((2, V)), jnp.float32)
+        np.testing.assert_array_equal(np.asarray(top_k(x, 4)[1]), np.asarray(_plain_top_k(x, 4)[1]))
+    x = jnp.asarray(rng.standard_normal((2, 5, TOPK_BLOCK * 64)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((2, 5, 8)), jnp.float32)
+    g = jax.grad(lambda x: jnp.sum(w * jnp.exp(top_k(x, 8)[0])))(x)
+    g_ref = jax.grad(lambda x: jnp.sum(w * jnp.exp(_plain_top_k(x, 8)[0])))(x)
+    np.testing.assert_array_equal(np.asarray(g), np.asarray(g_ref))

@@ -21,6 +21,7 @@ from jax import lax
 from opd_jax.losses.chunk_map import chunked_logits_map
 from opd_jax.losses.chunked_scoring import TeacherTopK
 from opd_jax.losses.divergences import mask_tokens
+from opd_jax.losses.elementwise import vocab_sum
 from opd_jax.losses.support import top_k
 from opd_jax.metrics.per_token import logprob_gap, shared_mass, topk_overlap
 
@@ -51,7 +52,7 @@ def _side_from_logprobs(logp: jax.Array, tokens: jax.Array, k: int) -> _Side:
     top, ids = top_k(logp, k)
     p = jnp.exp(logp)
     tok = jnp.take_along_axis(logp, tokens[..., None].astype(jnp.int32), axis=-1)[..., 0]
-    return _Side(top, ids, tok, -jnp.sum(p * jnp.where(p > 0, logp, 0.0), -1))
+    return _Side(top, ids, tok, -vocab_sum(p * jnp.where(p > 0, logp, 0.0)))
 
 
 def _topk_metrics(s_top, s_ids, t_top, t_ids, where) -> dict[str, jax.Array]:
