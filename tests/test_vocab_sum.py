@@ -75,3 +75,18 @@ def test_no_recompile_on_repeated_calls():
     for _ in range(3):
         f(x + 1.0)
     assert f._cache_size() == n
+
+
+def test_logsumexp_matches_float64_and_handles_neg_inf_rows():
+    from opd_jax.losses.elementwise import logsumexp
+
+    x = np.random.default_rng(3).standard_normal((4, 700)).astype(np.float32) * 5
+    x[1, ::2] = -np.inf
+    x[2] = -np.inf
+    got = np.asarray(jax.jit(logsumexp)(jnp.asarray(x)))
+    x64 = x.astype(np.float64)
+    with np.errstate(divide="ignore"):
+        ref = np.log(np.exp(x64).sum(-1))
+    np.testing.assert_allclose(got[[0, 1, 3]], ref[[0, 1, 3]], rtol=1e-6)
+    assert got[2] == -np.inf
+    np.testing.assert_allclose(got, np.asarray(jax.nn.logsumexp(jnp.asarray(x), axis=-1)), rtol=1e-6)

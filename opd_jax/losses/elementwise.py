@@ -3,7 +3,7 @@ r"""Element-level building blocks shared by every token-level divergence.
 * :func:`normalized_logprobs` -- ``log_softmax(logits / temperature)`` in float32 with masked
   rows replaced before the softmax; :func:`mask_tokens` -- exact zeros at masked positions.
 * :func:`vocab_sum` -- the sum over the last axis, as a matrix-vector product on the CPU, and
-  :func:`log_softmax` built on it (forward and backward).
+  :func:`logsumexp` / :func:`log_softmax` built on it (the latter forward and backward).
 * ``*_terms(student_logp, teacher_logp)`` -> ``[..., V]``: the per-vocabulary summands of a
   divergence from normalised log-probs (``0 * log 0 = 0`` with zero gradient), and
   :func:`sum_terms`, the vocabulary sum with OPSD's point-wise clip.
@@ -29,6 +29,7 @@ __all__ = [
     "generalized_jsd_terms",
     "kl_terms",
     "log_softmax",
+    "logsumexp",
     "mask_tokens",
     "mixture_logprobs",
     "normalized_logprobs",
@@ -69,6 +70,15 @@ def vocab_sum(x_xV: Array) -> Array:
                               precision=jax.lax.Precision.HIGHEST,
                               preferred_element_type=x_xV.dtype)
     return out[..., 0]
+
+
+def logsumexp(x_xV: Array) -> Array:
+    r""":math:`\log \sum_v e^{x_v}` over the last axis (``[..., V]`` -> ``[...]``), the sum taken
+    by :func:`vocab_sum`. A row of ``-inf`` gives ``-inf`` (as ``jax.nn.logsumexp``). Not for
+    differentiation through rows holding ``+inf``."""
+    m = jax.lax.stop_gradient(jnp.max(x_xV, axis=-1))
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    return m + jnp.log(vocab_sum(jnp.exp(x_xV - m[..., None])))
 
 
 @jax.custom_vjp

@@ -44,6 +44,7 @@ import numpy as np
 from jax import lax
 
 from opd_jax.checks import positive_int
+from opd_jax.losses.elementwise import logsumexp, vocab_sum
 from opd_jax.losses.support import top_k
 
 __all__ = ["Sampling", "Greedy", "Temperature", "TopK", "TopP", "MinP", "Draw", "draw",
@@ -196,7 +197,7 @@ def _inverse_cdf_blocked(w_BxV: jax.Array, u_B: jax.Array) -> jax.Array:
     c = _block_size(V)
     nb = -(-V // c)
     w = jnp.pad(w_BxV, ((0, 0), (0, nb * c - V))).reshape(B, nb, c)
-    block_BxN = jnp.sum(w, axis=-1)
+    block_BxN = vocab_sum(w)
     cum_block = _cumsum_small(block_BxN)
     target_B = u_B * cum_block[:, -1]
     b_B = _pick(cum_block, target_B, block_BxN > 0)
@@ -247,7 +248,7 @@ def _min_p_keep(z: jax.Array, min_p: float) -> jax.Array:
 
 
 def _drawn_logprob(z_sel_B: jax.Array, z_kept: jax.Array) -> jax.Array:
-    return z_sel_B - jax.nn.logsumexp(z_kept, axis=-1)
+    return z_sel_B - logsumexp(z_kept)
 
 
 def _draw_candidates(z_BxK, ids_BxK, keep_BxK, u_B):
@@ -289,7 +290,7 @@ def draw(logits_BxV: jax.Array, u_B: jax.Array, sampling: Sampling) -> Draw:
     logits = logits_BxV.astype(jnp.float32)
     s = sampling
     scored = logits if s.score_temperature == 1.0 else logits / s.score_temperature
-    lse_score_B = jax.nn.logsumexp(scored, axis=-1)
+    lse_score_B = logsumexp(scored)
     if s.greedy:
         token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
         lp = jnp.take_along_axis(scored, token[:, None], axis=-1)[:, 0] - lse_score_B
@@ -307,7 +308,7 @@ def draw(logits_BxV: jax.Array, u_B: jax.Array, sampling: Sampling) -> Draw:
     elif s.top_p is not None:
         cap = min(s.top_p_cap, z.shape[-1])
         zk, ids = top_k(z, cap)
-        lse_B = jax.nn.logsumexp(z, axis=-1)
+        lse_B = logsumexp(z)
         fits = jnp.all(jnp.sum(jnp.exp(zk - lse_B[:, None]), axis=-1) >= s.top_p)
 
         def from_candidates(_):
@@ -339,7 +340,7 @@ def top_logprobs(logits_BxV: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     """The ``k`` most probable ids and their temperature-1 log-probs: ``([B, k] int32, [B, k])``."""
     logits = logits_BxV.astype(jnp.float32)
     vals, ids = top_k(logits, k)
-    return ids.astype(jnp.int32), vals - jax.nn.logsumexp(logits, axis=-1, keepdims=True)
+    return ids.astype(jnp.int32), vals - logsumexp(logits)[:, None]
 
 
 def uniforms(step_keys_B: jax.Array) -> jax.Array:
