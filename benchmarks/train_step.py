@@ -247,9 +247,11 @@ def phases(teacher, student, sampler_spec, prompts_, tokens, valid, batch, state
     """Where one iteration's time goes, each part jitted and timed on its own (medians):
     prefill (a 1-token sampler call), decode (the rest of generation), host assembly of the
     batch, teacher forward, student forward + backward + loss (the loss's gradient minus the
-    teacher forward inside it), optimizer and step bookkeeping (the step minus the gradient); and
-    real vs computed tokens (the padding ratio of the update's rows). With ``groups`` > 1
-    (gradient accumulation) the teacher forward and the gradient are timed on the first
+    teacher forward inside it), the mechanism metrics (the gradient with its per-token outputs
+    kept minus the bare gradient, from which XLA drops them as dead code), optimizer and step
+    bookkeeping (the step minus the gradient with its metrics); and real vs computed tokens (the
+    padding ratio of the update's rows). With ``groups`` > 1 (gradient accumulation) the teacher
+    forward and the gradients are timed on the first
     micro-batch and multiplied by ``groups``."""
     import jax
 
@@ -280,6 +282,11 @@ def phases(teacher, student, sampler_spec, prompts_, tokens, valid, batch, state
     teacher_s = groups * _median_s(lambda: t_fwd(teacher.params, batch), repeats)
     grad = jax.jit(jax.grad(lambda p, t, b: loss_and_metrics(p, None, t, b, **loss_kw)[0]))
     grad_s = groups * _median_s(lambda: grad(params, teacher.params, batch), repeats)
+    # the same gradient with the per-token outputs kept: XLA drops the metrics from ``grad``
+    # above as dead code, so their cost shows only here
+    grad_m = jax.jit(jax.grad(lambda p, t, b: loss_and_metrics(p, None, t, b, **loss_kw),
+                              has_aux=True))
+    grad_m_s = groups * _median_s(lambda: grad_m(params, teacher.params, batch), repeats)
     holder = {"state": jax.tree.map(lambda x: x.copy(), state)}
 
     def run_step():
@@ -293,7 +300,8 @@ def phases(teacher, student, sampler_spec, prompts_, tokens, valid, batch, state
     return {"phase_prefill_s": prefill, "phase_decode_s": gen - prefill, "phase_host_s": host,
             "phase_teacher_forward_s": teacher_s,
             "phase_student_fwd_bwd_loss_s": grad_s - teacher_s,
-            "phase_optimizer_s": step_s - grad_s, "real_tokens": real, "computed_tokens": computed,
+            "phase_metrics_s": grad_m_s - grad_s, "phase_optimizer_s": step_s - grad_m_s,
+            "real_tokens": real, "computed_tokens": computed,
             "padding_ratio": computed / real}
 
 
