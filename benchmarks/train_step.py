@@ -386,8 +386,10 @@ def bench_trl(teacher, student, ids, texts, args) -> dict:
     return row
 
 
-#: GLIBC_TUNABLES of TRL's process by ``--trl-malloc`` (``None``: unset).
-TRL_MALLOC = {"hugetlb": "glibc.malloc.hugetlb=1", "default": None, "keep": "keep"}
+#: GLIBC_TUNABLES of TRL's process by ``--trl-malloc`` (``None``: unset; "tcmalloc": glibc's
+#: defaults, tcmalloc preloaded with ours, TCMALLOC_SETTINGS).
+TRL_MALLOC = {"hugetlb": "glibc.malloc.hugetlb=1", "default": None, "keep": "keep",
+              "tcmalloc": None}
 
 
 def _trl_in_child(args) -> dict:
@@ -396,13 +398,19 @@ def _trl_in_child(args) -> dict:
     one it runs fastest with."""
     import subprocess
 
-    from opd_jax.train.host_memory import KEEP_FREED_TUNABLES, MALLOC_SWITCH
+    from opd_jax.train import host_memory as hm
 
-    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
-    env[MALLOC_SWITCH] = "0"   # the child must not restart into our tunables
+    ours = ("GLIBC_TUNABLES", "LD_PRELOAD", *hm.TCMALLOC_SETTINGS)
+    env = {k: v for k, v in os.environ.items() if k not in ours}
+    env[hm.MALLOC_SWITCH] = "0"   # the child must not restart into our allocator
     tunables = TRL_MALLOC[args.trl_malloc]
     if tunables is not None:
-        env["GLIBC_TUNABLES"] = ":".join(KEEP_FREED_TUNABLES) if tunables == "keep" else tunables
+        env["GLIBC_TUNABLES"] = ":".join(hm.KEEP_FREED_TUNABLES) if tunables == "keep" else tunables
+    if args.trl_malloc == "tcmalloc":
+        if hm.find_tcmalloc() is None:
+            raise SystemExit("--trl-malloc tcmalloc: this machine has no tcmalloc "
+                             "(Debian/Ubuntu: apt install libtcmalloc-minimal4)")
+        env.update(LD_PRELOAD=hm.find_tcmalloc(), **hm.TCMALLOC_SETTINGS)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "trl.json"
         subprocess.run([sys.executable, str(Path(__file__).resolve()), *sys.argv[1:], "--side", "trl",
@@ -457,8 +465,9 @@ def main() -> None:
     p.add_argument("--side", default="both", choices=("both", "opd_jax", "trl"),
                    help="which side to run (both: TRL in a child process with its own allocator)")
     p.add_argument("--trl-malloc", default="hugetlb", choices=tuple(TRL_MALLOC),
-                   help="glibc malloc tunables of TRL's process: hugetlb (transparent huge pages, "
-                        "TRL's fastest here), default (none), keep (ours: freed memory kept)")
+                   help="allocator of TRL's process: glibc with hugetlb (transparent huge pages, "
+                        "TRL's fastest with glibc here), default (glibc, no tunables), keep (glibc "
+                        "with our tunables), tcmalloc (preloaded as for ours)")
     p.add_argument("--precision", default="float32", choices=("float32", "bfloat16"),
                    help="compute dtype of both sides: bfloat16 is mixed precision (float32 master "
                         "weights and optimizer; ours: student.precision / teacher.precision, the "
@@ -470,7 +479,7 @@ def main() -> None:
     args = p.parse_args()
     # our side as the opd-jax command runs it: glibc keeps freed memory; TRL runs in a child
     # process with its own tunables (ours slow torch's CPU allocator down 1.8x here)
-    from opd_jax.train.host_memory import reexec_with_tuned_malloc
+    from opd_jax.train.host_memory import allocator, reexec_with_tuned_malloc
 
     if args.side != "trl":
         reexec_with_tuned_malloc()
@@ -503,11 +512,13 @@ def main() -> None:
     print(f"setting {args.setting}: {len(ids)} rows ({args.batch} prompts x {args.samples}), "
           f"up to {args.new_tokens} new tokens, remat {args.remat}, grad_accum {args.grad_accum}, "
           f"loss chunk {args.chunk_size}, "
-          f"attention {student.config.attention}, GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES')}; "
+          f"attention {student.config.attention}, allocator {allocator()} "
+          f"(GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES')}); "
           f"load {load}", flush=True)
     if args.side == "trl":   # the child: one row to the parent
         row = bench_trl(teacher, student, ids, texts, args)
         row["glibc_tunables"] = os.environ.get("GLIBC_TUNABLES")
+        row["allocator"] = allocator()
         Path(args.row_out).write_text(json.dumps(row))
         return
     # this machine's matmul speed in each dtype (the reference constant is float32 on another host)
@@ -517,6 +528,8 @@ def main() -> None:
     rows = [_announce(bench_opd_jax(teacher, student, ids, args, pack=not args.no_pack))]
     if args.pack_ab:
         rows.append(_announce(bench_opd_jax(teacher, student, ids, args, pack=False)))
+    for r in rows:
+        r["allocator"] = allocator()
     if not args.no_trl and args.side == "both":
         try:
             rows.append(_announce(_trl_in_child(args)))

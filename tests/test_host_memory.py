@@ -42,7 +42,11 @@ def test_without_malloc_trim_it_is_a_no_op(monkeypatch):
 
 
 def test_tuned_malloc_env_adds_the_missing_tunables_once_and_respects_the_switch():
-    from opd_jax.train.host_memory import KEEP_FREED_TUNABLES, tuned_malloc_env
+    from opd_jax.train.host_memory import KEEP_FREED_TUNABLES
+    from opd_jax.train.host_memory import tuned_malloc_env as probed
+
+    def tuned_malloc_env(environ, **kw):   # a machine without tcmalloc
+        return probed(environ, tcmalloc=None, **kw)
 
     ours = ":".join(KEEP_FREED_TUNABLES)
     env = tuned_malloc_env({"PATH": "/bin"}, glibc_ok=True)
@@ -59,6 +63,28 @@ def test_tuned_malloc_env_adds_the_missing_tunables_once_and_respects_the_switch
     assert tuned_malloc_env({}, glibc_ok=False) is None
 
 
+def test_tuned_malloc_env_preloads_tcmalloc_where_found_unless_told_glibc():
+    from opd_jax.train.host_memory import TCMALLOC_SETTINGS, tuned_malloc_env
+
+    lib = "libtcmalloc_minimal.so.4"
+    env = tuned_malloc_env({"PATH": "/bin"}, tcmalloc=lib, glibc_ok=True)
+    assert env == {"PATH": "/bin", "LD_PRELOAD": lib, **TCMALLOC_SETTINGS}
+    # a user's preload stays (after ours), and a user's own tcmalloc setting wins
+    env2 = tuned_malloc_env({"LD_PRELOAD": "/x/libfoo.so", "TCMALLOC_RELEASE_RATE": "2"},
+                            tcmalloc=lib, glibc_ok=True)
+    assert env2["LD_PRELOAD"] == f"{lib}:/x/libfoo.so" and env2["TCMALLOC_RELEASE_RATE"] == "2"
+    # restarted (or an allocator the user preloads: jemalloc, mimalloc): nothing to change
+    assert tuned_malloc_env(env, tcmalloc=lib, glibc_ok=True) is None
+    assert tuned_malloc_env({"LD_PRELOAD": "/usr/lib/libjemalloc.so.2"}, tcmalloc=lib,
+                            glibc_ok=True) is None
+    # OPD_JAX_MALLOC=glibc: the tunables instead; 0: nothing
+    glibc = tuned_malloc_env({"OPD_JAX_MALLOC": "glibc"}, tcmalloc=lib, glibc_ok=True)
+    assert "LD_PRELOAD" not in glibc and "GLIBC_TUNABLES" in glibc
+    assert tuned_malloc_env({"OPD_JAX_MALLOC": "0"}, tcmalloc=lib, glibc_ok=True) is None
+    with pytest.raises(ValueError, match="OPD_JAX_MALLOC='tc' is not a choice.*glibc"):
+        tuned_malloc_env({"OPD_JAX_MALLOC": "tc"}, tcmalloc=lib)
+
+
 def test_reexec_restarts_the_process_with_the_tunables_where_they_apply():
     import os
     import subprocess
@@ -66,7 +92,9 @@ def test_reexec_restarts_the_process_with_the_tunables_where_they_apply():
 
     from opd_jax.train.host_memory import KEEP_FREED_TUNABLES, tuned_malloc_env
 
-    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "OPD_JAX_MALLOC")}
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("GLIBC_TUNABLES", "OPD_JAX_MALLOC", "LD_PRELOAD")}
+    env["OPD_JAX_MALLOC"] = "glibc"
     code = ("import os, sys; print('start', flush=True); "
             "from opd_jax.train.host_memory import reexec_with_tuned_malloc; "
             "reexec_with_tuned_malloc(); print(os.environ.get('GLIBC_TUNABLES'), sys.argv[1:])")
@@ -198,3 +226,52 @@ def test_compile_watch_sees_compilations_not_cache_hits():
     late = CompileWatch()                                # a new watch starts from now
     f(jnp.ones((5, 3))).block_until_ready()              # a new shape compiles
     assert watch.compiled() and late.compiled()
+
+
+_UNDER_TCMALLOC = """
+import ctypes, os
+from opd_jax.train import host_memory as hm
+print("start", flush=True)
+hm.reexec_with_tuned_malloc()
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096
+libc = ctypes.CDLL(None)                 # the process's malloc: tcmalloc's, preloaded
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+size = 256 << 20
+b = libc.malloc(size)
+ctypes.memset(b, 1, size)
+before = rss()
+libc.free(b)
+kept = rss()
+top = hm.release_free_memory(keep_top=True)
+after_top = rss()
+full = hm.release_free_memory()
+print(hm.allocator(), hm.keeps_freed_memory(), top, full, (before - kept) >> 20,
+      (before - after_top) >> 20, (before - rss()) >> 20)
+"""
+
+
+@pytest.mark.skipif(host_memory.find_tcmalloc() is None,
+                    reason="no tcmalloc here (Debian/Ubuntu: libtcmalloc-minimal4)")
+def test_the_restart_preloads_tcmalloc_which_keeps_a_freed_block_until_released():
+    """Where the machine has tcmalloc the restart preloads it; with our settings a freed block as
+    large as a step's temporaries stays resident (``keep_top`` too: tcmalloc reuses it) until a
+    full release hands it back."""
+    import os
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("GLIBC_TUNABLES", "OPD_JAX_MALLOC", "LD_PRELOAD", "TCMALLOC_RELEASE_RATE")}
+    out = subprocess.run([sys.executable, "-c", _UNDER_TCMALLOC], env=env, capture_output=True,
+                         text=True, check=True).stdout.split()
+    assert out[:2] == ["start", "start"], out                   # restarted once
+    name, keeps, top, full, on_free, on_top, on_release = out[2:]
+    assert (name, keeps, top, full) == ("tcmalloc", "True", "False", "True"), out
+    assert int(on_free) < 16 and int(on_top) < 16 and int(on_release) > 200, out
+    # asked for glibc: no preload, the tunables
+    glibc = subprocess.run([sys.executable, "-c", _UNDER_TCMALLOC.split("def rss")[0]
+                            + "print(hm.allocator(), os.environ.get('LD_PRELOAD'))"],
+                           env={**env, "OPD_JAX_MALLOC": "glibc"}, capture_output=True, text=True,
+                           check=True).stdout.split()
+    assert glibc[2:] == ["glibc", "None"], glibc

@@ -29,25 +29,72 @@ freed to and the next one's are taken from, stays resident
 its write buffers do not add to a step's resident peak. glibc reads tunables only at start-up, so
 :func:`reexec_with_tuned_malloc` restarts the process (same pid, ``execv``) with them added; the
 ``opd-jax`` command does that first. ``OPD_JAX_MALLOC=0`` turns it off.
+
+Where the machine has gperftools' tcmalloc (Debian/Ubuntu ``libtcmalloc-minimal4``), the restart
+preloads it instead (``LD_PRELOAD``, :data:`TCMALLOC_SETTINGS`): its per-thread caches serve XLA's
+worker threads without the one arena's lock, which costs the decode 20-30% here, and with
+``TCMALLOC_RELEASE_RATE=0`` it keeps freed spans for reuse as the tunables do (the demo's bf16
+iteration 3.35 -> 3.04 s, BUILD_NOTES "Session 23"). Under it :func:`release_free_memory` hands
+every free page back (``MallocExtension_ReleaseFreeMemory``) and ``keep_top`` releases nothing:
+tcmalloc reuses freed spans of any size, so a step's temporaries need no kept top chunk.
+``OPD_JAX_MALLOC=glibc`` keeps glibc (with the tunables); :func:`allocator` names the one running.
 """
 
 from __future__ import annotations
 
 import ctypes
+import ctypes.util
 import functools
 import os
 import platform
 import sys
 from typing import Mapping
 
-__all__ = ["release_free_memory", "keeps_freed_memory", "tuned_malloc_env",
+__all__ = ["release_free_memory", "keeps_freed_memory", "tuned_malloc_env", "uses_tcmalloc",
            "reexec_with_tuned_malloc", "heap_top_free_bytes", "CompileWatch",
-           "compile_totals", "KEEP_FREED_TUNABLES", "MALLOC_SWITCH"]
+           "compile_totals", "allocator", "find_tcmalloc", "KEEP_FREED_TUNABLES",
+           "TCMALLOC_SETTINGS", "MALLOC_SWITCH"]
 
 #: glibc malloc tunables (glibc >= 2.26) that keep freed memory in the process for reuse.
 KEEP_FREED_TUNABLES = ("glibc.malloc.arena_max=1", "glibc.malloc.mmap_max=0",
                        "glibc.malloc.trim_threshold=68719476736")
-MALLOC_SWITCH = "OPD_JAX_MALLOC"   # "0": never re-execute with the tunables
+#: tcmalloc's environment when preloaded: freed spans are never handed back on tcmalloc's own
+#: (the train loop releases between stages) and blocks over 1 GiB are not reported on stderr.
+TCMALLOC_SETTINGS = {"TCMALLOC_RELEASE_RATE": "0",
+                     "TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD": str(1 << 40)}
+#: "0": never re-execute; "glibc": glibc with the tunables only; unset / "1" / "tcmalloc":
+#: tcmalloc where the machine has it, glibc with the tunables otherwise.
+MALLOC_SWITCH = "OPD_JAX_MALLOC"
+_TCMALLOC_LIBRARIES = ("tcmalloc_minimal", "tcmalloc")
+
+
+@functools.lru_cache(maxsize=None)
+def find_tcmalloc() -> str | None:
+    """The shared tcmalloc library's name as ``LD_PRELOAD`` takes it (``libtcmalloc_minimal.so.4``),
+    ``None`` where the machine has none or is not Linux."""
+    if not sys.platform.startswith("linux"):
+        return None
+    for name in _TCMALLOC_LIBRARIES:
+        found = ctypes.util.find_library(name)
+        if found:
+            return found
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _tcmalloc_release():
+    """tcmalloc's ``MallocExtension_ReleaseFreeMemory`` when it is this process's malloc."""
+    try:
+        return ctypes.CDLL(None).MallocExtension_ReleaseFreeMemory
+    except (OSError, AttributeError):
+        return None
+
+
+def allocator() -> str:
+    """The malloc this process runs on: ``"tcmalloc"`` (preloaded), ``"glibc"`` or ``"other"``."""
+    if _tcmalloc_release() is not None:
+        return "tcmalloc"
+    return "glibc" if _glibc_with_tunables() else "other"
 
 
 @functools.lru_cache(maxsize=None)
@@ -86,7 +133,13 @@ def release_free_memory(keep_top: bool = False) -> bool:
     ``keep_top``: leave the main heap's top free chunk (:func:`heap_top_free_bytes`) resident and
     release the free pages below it only (``malloc_trim(pad)`` with ``pad`` = that chunk). With
     the kept heap a step's temporaries are freed into the top chunk and the next step takes them
-    from there, so this drops the holes without making the next step fault its block back."""
+    from there, so this drops the holes without making the next step fault its block back.
+    Under tcmalloc every free page goes back, and ``keep_top`` releases nothing (module doc)."""
+    tcmalloc_release = _tcmalloc_release()
+    if tcmalloc_release is not None:
+        if not keep_top:
+            tcmalloc_release()
+        return not keep_top
     trim = _malloc_trim()
     if trim is None:
         return False
@@ -143,10 +196,13 @@ def compile_totals() -> tuple[int, float]:
 
 def keeps_freed_memory(environ: Mapping[str, str] | None = None) -> bool:
     """Whether this process started with every one of :data:`KEEP_FREED_TUNABLES` at our value
-    (glibc read ``GLIBC_TUNABLES`` at start-up). The train loop then returns free pages once per
+    (glibc read ``GLIBC_TUNABLES`` at start-up), or with tcmalloc preloaded and
+    ``TCMALLOC_RELEASE_RATE=0``. The train loop then returns free pages once per
     stage; otherwise (a notebook, a library caller, ``OPD_JAX_MALLOC=0``) after every step, where
     glibc's defaults would keep a growing, fragmented heap (BUILD_NOTES "make demo's memory")."""
     environ = os.environ if environ is None else environ
+    if uses_tcmalloc(environ):
+        return environ.get("TCMALLOC_RELEASE_RATE") == TCMALLOC_SETTINGS["TCMALLOC_RELEASE_RATE"]
     present = dict(t.split("=", 1) for t in environ.get("GLIBC_TUNABLES", "").split(":")
                    if "=" in t)
     return all(present.get(name) == value
@@ -161,14 +217,45 @@ def _glibc_with_tunables() -> bool:
         return False
 
 
-def tuned_malloc_env(environ: Mapping[str, str], *, glibc_ok: bool | None = None) -> dict | None:
-    """The environment to restart with: ``environ`` with each of :data:`KEEP_FREED_TUNABLES` whose
-    name ``GLIBC_TUNABLES`` does not already set appended to it (a user's own value wins), or
-    ``None`` when there is nothing to add (so a restarted process never restarts again), off
-    Linux + glibc >= 2.26, or with ``OPD_JAX_MALLOC=0``. ``glibc_ok`` overrides the probe
-    (tests)."""
-    if environ.get(MALLOC_SWITCH, "1") == "0" or not sys.platform.startswith("linux"):
+def uses_tcmalloc(environ: Mapping[str, str]) -> bool:
+    """Whether ``environ`` preloads tcmalloc (``LD_PRELOAD``)."""
+    return "tcmalloc" in _preloaded(environ)
+
+
+def _preloaded(environ: Mapping[str, str]) -> str:
+    return " ".join(os.path.basename(x) for x in
+                    environ.get("LD_PRELOAD", "").replace(" ", ":").split(":") if x)
+
+
+_PROBE = object()
+
+
+def tuned_malloc_env(environ: Mapping[str, str], *, glibc_ok: bool | None = None,
+                     tcmalloc=_PROBE) -> dict | None:
+    """The environment to restart with, or ``None`` when there is nothing to change (so a
+    restarted process never restarts again), off Linux, or with ``OPD_JAX_MALLOC=0``:
+
+    * tcmalloc found (:func:`find_tcmalloc`, or the ``tcmalloc`` argument in tests) and
+      ``OPD_JAX_MALLOC`` not ``glibc``: ``environ`` with it first in ``LD_PRELOAD`` and
+      :data:`TCMALLOC_SETTINGS` (a user's own value of each wins); nothing when ``LD_PRELOAD``
+      already names an allocator (``*malloc*``: the user's choice, or a restarted process);
+    * otherwise, on glibc >= 2.26 (``glibc_ok`` overrides the probe): ``environ`` with each of
+      :data:`KEEP_FREED_TUNABLES` whose name ``GLIBC_TUNABLES`` does not already set appended
+      to it (a user's own value wins)."""
+    switch = environ.get(MALLOC_SWITCH, "1")
+    if switch not in ("0", "1", "glibc"):
+        raise ValueError(f"{MALLOC_SWITCH}={switch!r} is not a choice: set it to 1 (tcmalloc where "
+                         "the machine has it, else glibc with tunables; the default), glibc, or 0 "
+                         "(leave the allocator alone)")
+    if switch == "0" or not sys.platform.startswith("linux") or "malloc" in _preloaded(environ):
         return None
+    library = find_tcmalloc() if tcmalloc is _PROBE else tcmalloc
+    if switch != "glibc" and library:
+        env = dict(environ)
+        env["LD_PRELOAD"] = ":".join([library, *filter(None, [environ.get("LD_PRELOAD")])])
+        for name, value in TCMALLOC_SETTINGS.items():
+            env.setdefault(name, value)
+        return env
     tunables = environ.get("GLIBC_TUNABLES", "")
     present = {t.split("=", 1)[0] for t in tunables.split(":") if t}
     missing = [t for t in KEEP_FREED_TUNABLES if t.split("=", 1)[0] not in present]
@@ -183,7 +270,10 @@ def reexec_with_tuned_malloc() -> None:
     """Restart this Python process with :func:`tuned_malloc_env` (``os.execv``: same pid, same
     command line) when it applies; returns without doing anything otherwise. Call it first thing
     in a program's entry point, never from library code or inside a test run."""
-    env = tuned_malloc_env(os.environ)
+    try:
+        env = tuned_malloc_env(os.environ)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     if env is None or not getattr(sys, "orig_argv", None):
         return
     sys.stdout.flush()
