@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from opd_jax.losses import chunk_engine as engine
+from opd_jax.losses import chunk_layout as layout
 from opd_jax.losses import topk as topk_lib
 from opd_jax.losses.chunk_map import chunked_logits_map, chunked_student_logits_map
 from opd_jax.losses.chunked_divergences import (
@@ -274,17 +274,51 @@ def test_topk_support_divergence_and_policy_gradient_chunked_match_dense():
 
 def test_vocab_blocks_divide_the_vocabulary():
     for v in (151936, 49152, 32000, 32768):
-        n = engine.vocab_blocks(v)
-        assert v % n == 0 and v // n <= engine.VOCAB_BLOCK and v // n > engine.VOCAB_BLOCK // 8
-    assert engine.vocab_blocks(8192) == 1
-    assert engine.vocab_blocks(49152) == 6 and engine.vocab_blocks(32000) == 4
-    assert engine.vocab_blocks(65521) == 1  # prime: one block
-    assert engine.vocab_blocks(40, target=8) == 5
+        n = layout.vocab_blocks(v)
+        assert v % n == 0 and v // n <= layout.VOCAB_BLOCK and v // n > layout.VOCAB_BLOCK // 8
+    assert layout.vocab_blocks(8192) == 1
+    assert layout.vocab_blocks(49152) == 6 and layout.vocab_blocks(32000) == 4
+    assert layout.vocab_blocks(65521) == 1  # prime: one block
+    assert layout.vocab_blocks(40, target=8) == 5
+
+
+def test_balanced_chunks_cover_the_rows_in_as_few_chunks_with_less_padding():
+    assert layout.balanced_chunk_size(704, 512) == 352          # 2 x 352, not 512 + 512
+    assert layout.balanced_chunk_size(2112, 512) == 432         # 5 chunks: 2,160 rows, not 2,560
+    assert layout.balanced_chunk_size(100, 512) == 112
+    assert layout.balanced_chunk_size(1024, 512) == 512
+    assert layout.balanced_chunk_size(7, 4) == 4                # above chunk_size never
+    for rows in range(1, 1200, 7):
+        for cs in (1, 5, 16, 100, 128, 512):
+            c = layout.balanced_chunk_size(rows, cs)
+            n = layout.num_chunks(rows, c)
+            assert c <= cs and n == layout.num_chunks(rows, cs) and n * c >= rows
+            assert c == cs or c % layout.CHUNK_ALIGN == 0
+            assert n * c - rows < n * layout.CHUNK_ALIGN or c == cs   # padding under one tile each
+
+
+def test_balanced_chunks_scan_the_even_split():
+    """The scan runs ``ceil(rows / chunk_size)`` chunks of the balanced length (no 512-row chunk
+    for a 192-row remainder), and the values equal one chunk over every row."""
+    rows, vocab, dim = 44, 64, 8
+    h = jax.random.normal(jax.random.PRNGKey(0), (1, rows, dim))
+    w = jax.random.normal(jax.random.PRNGKey(1), (dim, vocab))
+
+    def fn(z, ex):
+        del ex
+        return jax.nn.logsumexp(z, axis=-1)
+
+    jaxpr = jax.make_jaxpr(lambda h, w: chunked_logits_map(fn, (h,), (w,), chunk_size=32))(h, w)
+    scans = [e for e in jaxpr.eqns if e.primitive.name == "scan"]
+    assert scans and scans[0].params["length"] == 2
+    assert any(v.aval.shape[:2] == (2, 32) for v in scans[0].invars)   # 2 x 32 (>= 22, aligned)
+    out = chunked_logits_map(fn, (h,), (w,), chunk_size=32)
+    np.testing.assert_allclose(out, jax.nn.logsumexp(h @ w, axis=-1), rtol=1e-6)
 
 
 def test_blockwise_gradients_match_dense(monkeypatch):
     """Several vocabulary blocks (V=40 in blocks of 8): dense and sparse heads, both drivers."""
-    monkeypatch.setattr(engine, "VOCAB_BLOCK", 8)
+    monkeypatch.setattr(layout, "VOCAB_BLOCK", 8)
     hs, ws, ht, wt, where, cot = _inputs(seed=12, v=40)
     top = chunked_teacher_topk(ht, wt, k=6, chunk_size=8)
     weights = jnp.where(where, jnp.abs(cot), 0.0)
@@ -385,6 +419,52 @@ def test_student_logits_map_matches_checkpoint_map():
         np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-6)
     for a, b in zip(gw, gl):
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
+
+
+def test_student_logits_map_where_skips_the_masked_rows_chunks():
+    """``where``: the masked rows go behind the others and chunks holding none are never run
+    (counted in both passes); values equal the unmasked map's at ``where`` and are exactly 0
+    elsewhere; gradients equal the unmasked map's (whose loss is masked) to rounding."""
+    b, t = 4, 12
+    hs, ws, ht, wt, _, cot = _inputs(seed=21, b=b, t=t)
+    lengths = np.array([12, 3, 0, 5])                     # ragged completions: 20 of 48 rows
+    where = jnp.asarray(np.arange(t)[None, :] < lengths[:, None])
+    tokens = jnp.asarray(np.random.default_rng(21).integers(0, V, (b, t)), jnp.int32)
+    runs = []
+
+    def fn(s_logits, t_logits, ex):
+        jax.debug.callback(lambda: runs.append(1))
+        t_logits = jax.lax.stop_gradient(t_logits)
+        return {
+            "loss": DIVERGENCES["reverse_kl"](s_logits, t_logits, where=ex["mask"]),
+            "logp": jax.lax.stop_gradient(jax.nn.log_softmax(s_logits))[
+                jnp.arange(s_logits.shape[0]), ex["tokens"]
+            ] * ex["mask"],
+        }
+
+    extras = {"tokens": tokens, "mask": where}
+    cots = {"loss": cot, "logp": jnp.zeros_like(cot)}
+
+    def run(h, w, masked):
+        return chunked_student_logits_map(fn, h, w, ht, wt, extras, chunk_size=8,
+                                          where=where if masked else None)
+
+    (want, g_want) = _value_and_vjp(lambda h, w: run(h, w, False), cots, hs, ws)
+    jax.effects_barrier()
+    assert len(runs) == 2 * 6, len(runs)                  # 6 chunks of 8, forward + backward
+    runs.clear()
+    (got, g_got) = _value_and_vjp(lambda h, w: run(h, w, True), cots, hs, ws)
+    jax.effects_barrier()
+    assert len(runs) == 2 * 3, len(runs)                  # ceil(20 / 8) = 3 chunks each pass
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-6)
+        assert np.all(np.asarray(got[name])[~np.asarray(where)] == 0.0)
+    for a, c in zip(g_want, g_got):
+        np.testing.assert_allclose(c, a, rtol=1e-4, atol=1e-6)
+    assert np.all(np.asarray(g_got[0])[~np.asarray(where)] == 0.0)   # skipped rows: no gradient
+    with pytest.raises(ValueError, match=r"where has shape \(4, 5\)"):
+        chunked_student_logits_map(fn, hs, ws, ht, wt, extras, chunk_size=8,
+                                   where=where[:, :5])
 
 
 # ------------------------------------------------------------------------------------------

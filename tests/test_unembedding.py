@@ -10,7 +10,7 @@ import pytest
 
 from opd_jax import losses
 from opd_jax.config.loss import LossSpec
-from opd_jax.losses import chunk_engine as engine
+from opd_jax.losses import chunk_layout as layout
 from opd_jax.losses.chunk_map import chunked_student_logits_map
 from opd_jax.losses.chunked_divergences import chunked_divergence, chunked_divergence_loss
 from opd_jax.losses.chunked_scoring import chunked_teacher_topk, chunked_token_logprobs
@@ -49,7 +49,7 @@ def test_tied_unembedding_reads_as_d_by_v():
 @pytest.mark.parametrize("blocks", [1, 5])
 def test_every_path_matches_the_transposed_table(monkeypatch, blocks):
     """Dense and sparse heads, both drivers, the metrics map: values equal, dL/dE = (dL/dW)^T."""
-    monkeypatch.setattr(engine, "VOCAB_BLOCK", V // blocks)
+    monkeypatch.setattr(layout, "VOCAB_BLOCK", V // blocks)
     hs, es, ht, et, where, cot = _inputs()
     ids = jnp.asarray(np.random.default_rng(1).integers(0, V, (B, T)), jnp.int32)
     kw = dict(where=where, temperature=1.3, chunk_size=7)

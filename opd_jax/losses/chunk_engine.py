@@ -31,7 +31,7 @@ matmul (symbolic zeros).  ``W`` is a ``[D, V]`` matrix or a tied model's ``[V, D
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -40,55 +40,15 @@ from jax.custom_derivatives import SymbolicZero, custom_vjp_primal_tree_values
 
 from opd_jax.losses import unembedding as unemb
 
-VOCAB_BLOCK = 8192
-
-
 # --------------------------------------------------------------------------------------------
-# chunk layout
+# logits
 # --------------------------------------------------------------------------------------------
-
-
-def num_chunks(rows: int, chunk_size: int) -> int:
-    return -(-rows // chunk_size)
-
-
-def to_chunks(x: jax.Array, chunk_size: int, fill: Any = 0) -> jax.Array:
-    """``[B, T, ...]`` -> ``[N, C, ...]``: flatten token rows, pad the last chunk with ``fill``."""
-    rows = x.shape[0] * x.shape[1]
-    flat = x.reshape((rows,) + x.shape[2:])
-    pad = num_chunks(rows, chunk_size) * chunk_size - rows
-    if pad:
-        widths = [(0, pad)] + [(0, 0)] * (flat.ndim - 1)
-        flat = jnp.pad(flat, widths, constant_values=fill)
-    return flat.reshape((-1, chunk_size) + x.shape[2:])
-
-
-def from_chunks(y: jax.Array, batch: int, time: int) -> jax.Array:
-    """``[N, C, ...]`` -> ``[B, T, ...]``: drop the padded rows."""
-    flat = y.reshape((-1,) + y.shape[2:])
-    return flat[: batch * time].reshape((batch, time) + y.shape[2:])
 
 
 def logits(hidden_CxD: jax.Array, unembed_DxV: unemb.Unembedding) -> jax.Array:
     """One chunk's logits, accumulated in float32 whatever the input dtype (``unembed_DxV`` a
     ``[D, V]`` matrix or a :class:`~opd_jax.losses.unembedding.TiedUnembedding`)."""
     return unemb.logits(hidden_CxD, unembed_DxV)
-
-
-def vocab_blocks(vocab: int, target: int | None = None) -> int:
-    """Number of equal vocabulary blocks (a divisor of V) of at most ~``target`` ids each.
-
-    ``target`` defaults to :data:`VOCAB_BLOCK`.  A V with no divisor near it (e.g. a prime)
-    gets one block.
-    """
-    target = VOCAB_BLOCK if target is None else target
-    if vocab <= target:
-        return 1
-    lo = -(-vocab // target)
-    for n in range(lo, 8 * lo + 1):
-        if vocab % n == 0:
-            return n
-    return 1  # no usable divisor (e.g. a prime V): one block
 
 
 # --------------------------------------------------------------------------------------------
@@ -270,42 +230,63 @@ def _head_grads(head, saved, dfeats, extras_C, consts, hidden_in_CxD, scale_C, u
     return dh_CxD, dunembed_DxV
 
 
-def _per_token_forward(head, fn, hidden_NxCxD, unembed_DxV, chunks, consts):
-    def step(carry, x):
-        hidden_CxD, extras_C = x
-        feats = _apply(head, hidden_CxD, unembed_DxV, extras_C, consts)[0]
-        return carry, fn(feats, extras_C[1], consts[1])
+def _unless_dead(live, compute: Callable, operands, default: Callable):
+    """``compute(*operands)``, or ``default(*operands)`` without computing it when the traced
+    bool ``live`` is False (a chunk with no row to compute); ``live`` None: always computed."""
+    if live is None:
+        return compute(*operands)
+    return lax.cond(live, compute, default, *operands)
 
-    return lax.scan(step, None, (hidden_NxCxD, chunks))[1]
+
+def _zeros_like_output(compute: Callable):
+    """A ``default`` for :func:`_unless_dead`: zeros shaped as ``compute``'s outputs."""
+    def default(*operands):
+        shapes = jax.eval_shape(compute, *operands)
+        return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
+    return default
+
+
+def _per_token_forward(head, fn, hidden_NxCxD, unembed_DxV, chunks, consts, live_N):
+    def outputs(hidden_CxD, extras_C):
+        feats = _apply(head, hidden_CxD, unembed_DxV, extras_C, consts)[0]
+        return fn(feats, extras_C[1], consts[1])
+
+    def step(carry, x):
+        hidden_CxD, extras_C, live = x
+        return carry, _unless_dead(live, outputs, (hidden_CxD, extras_C),
+                                   _zeros_like_output(outputs))
+
+    return lax.scan(step, None, (hidden_NxCxD, chunks, live_N))[1]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def per_token(head, fn, n_blocks, hidden_NxCxD, unembed_DxV, chunks, consts):
+def per_token(head, fn, n_blocks, hidden_NxCxD, unembed_DxV, chunks, consts, live_N=None):
     """``[N, C, ...]`` outputs ``fn(head.features(h W), extras)``; remat backward pass.
 
     ``chunks = (head_extras, loss_extras)`` (leaves ``[N, C, ...]``) and ``consts =
     (head_consts, loss_consts)``; gradients flow to ``hidden_NxCxD`` and ``unembed_DxV`` only.
+    ``live_N`` (``[N]`` bool, or None: every chunk): a chunk marked False is not computed in
+    either pass; its outputs are zeros and it adds no gradient.
     """
     del n_blocks
-    return _per_token_forward(head, fn, hidden_NxCxD, unembed_DxV, chunks, consts)
+    return _per_token_forward(head, fn, hidden_NxCxD, unembed_DxV, chunks, consts, live_N)
 
 
-def _per_token_fwd(head, fn, n_blocks, hidden, unembed, chunks, consts):
+def _per_token_fwd(head, fn, n_blocks, hidden, unembed, chunks, consts, live_N):
     del n_blocks
-    values = custom_vjp_primal_tree_values((hidden, unembed, chunks, consts))
+    values = custom_vjp_primal_tree_values((hidden, unembed, chunks, consts, live_N))
     out = _per_token_forward(head, fn, *values)
     return out, (values, _flag(_perturbed(hidden)), _flag(_perturbed(unembed)))
 
 
 def _per_token_bwd(head, fn, n_blocks, residuals, ct):
-    (hidden_NxCxD, unembed_DxV, chunks, consts), need_h, need_w = residuals
+    (hidden_NxCxD, unembed_DxV, chunks, consts, live_N), need_h, need_w = residuals
     if all(_is_zero(c) for c in jax.tree.leaves(ct, is_leaf=_is_zero)):
-        return None, None, None, None
+        return None, None, None, None, None
     ct = _instantiate(ct)
     need_h, need_w = need_h is not None, need_w is not None
 
-    def step(dunembed_DxV, x):
-        hidden_CxD, extras_C, ct_C = x
+    def grads(dunembed_DxV, hidden_CxD, extras_C, ct_C):
         feats, saved, hidden_in_CxD, scale_C = _apply(
             head, hidden_CxD, unembed_DxV, extras_C, consts
         )
@@ -317,9 +298,18 @@ def _per_token_bwd(head, fn, n_blocks, residuals, ct):
         )
         return dunembed_DxV, dhidden_CxD
 
+    def skipped(dunembed_DxV, hidden_CxD, extras_C, ct_C):
+        del extras_C, ct_C
+        return dunembed_DxV, jnp.zeros(hidden_CxD.shape, hidden_CxD.dtype) if need_h else None
+
+    def step(dunembed_DxV, x):
+        hidden_CxD, extras_C, ct_C, live = x
+        return _unless_dead(live, grads, (dunembed_DxV, hidden_CxD, extras_C, ct_C), skipped)
+
     init = unemb.grad_accumulator(unembed_DxV) if need_w else None
-    dunembed, dhidden = lax.scan(step, init, (hidden_NxCxD, chunks, ct))
-    return dhidden, (unemb.as_cotangent(unembed_DxV, dunembed) if need_w else None), None, None
+    dunembed, dhidden = lax.scan(step, init, (hidden_NxCxD, chunks, ct, live_N))
+    return (dhidden, (unemb.as_cotangent(unembed_DxV, dunembed) if need_w else None), None, None,
+            None)
 
 
 per_token.defvjp(_per_token_fwd, _per_token_bwd, symbolic_zeros=True)

@@ -38,6 +38,7 @@ from jax import lax
 
 from opd_jax.losses import checks
 from opd_jax.losses import chunk_engine as engine
+from opd_jax.losses import chunk_layout as layout
 
 # the maps; ChunkLoss, run_per_token, run_weighted and inv_temperature serve the chunked losses
 __all__ = ["chunked_logits_map", "chunked_student_logits_map"]
@@ -65,7 +66,7 @@ class ChunkLoss(NamedTuple):
 
 
 def _chunks(loss: ChunkLoss, chunk_size: int):
-    to = lambda x: engine.to_chunks(x, chunk_size)  # noqa: E731
+    to = lambda x: layout.to_chunks(x, chunk_size)  # noqa: E731
     return (jax.tree.map(to, loss.head_extras), jax.tree.map(to, loss.loss_extras))
 
 
@@ -79,27 +80,72 @@ def _prepare(loss: ChunkLoss, unembed, chunk_size: int):
     return chunks, fn, consts
 
 
-def run_per_token(loss: ChunkLoss, hidden, unembed, chunk_size: int):
-    """``[B, T, ...]`` outputs of ``loss`` (remat backward pass)."""
+def run_per_token(loss: ChunkLoss, hidden, unembed, chunk_size: int, where=None):
+    """``[B, T, ...]`` outputs of ``loss`` (remat backward pass), in chunks of at most
+    ``chunk_size`` rows split evenly (:func:`~opd_jax.losses.chunk_layout.balanced_chunk_size`).
+
+    ``where`` (``[B, T]`` bool): only these rows are computed (:func:`_live_rows_first`); the
+    outputs elsewhere are zeros."""
     batch, time = hidden.shape[:2]
+    chunk_size = layout.balanced_chunk_size(batch * time, chunk_size)
+    live_N, restore = None, None
+    if where is not None:
+        (hidden, loss), live_N, restore = _live_rows_first(hidden, loss, where, chunk_size)
     chunks, fn, consts = _prepare(loss, unembed, chunk_size)
     out = engine.per_token(
-        loss.head, fn, engine.vocab_blocks(unembed.shape[1]),
-        engine.to_chunks(hidden, chunk_size), unembed, chunks, consts,
+        loss.head, fn, layout.vocab_blocks(unembed.shape[1]),
+        layout.to_chunks(hidden, chunk_size), unembed, chunks, consts, live_N,
     )
-    return jax.tree.map(lambda y: engine.from_chunks(y, batch, time), out)
+    out = jax.tree.map(lambda y: layout.from_chunks(y, *hidden.shape[:2]), out)
+    return out if restore is None else restore(out)
+
+
+def _live_rows_first(hidden, loss: ChunkLoss, where, chunk_size: int):
+    """Put the ``where`` rows first (a stable permutation of the ``B T`` rows into one row of
+    ``[1, B T]``), so that every chunk after the last such row holds none and is skipped.
+
+    Returns ``((hidden, loss) permuted, live_N [N] bool, restore)``: ``restore`` takes the
+    ``[1, B T, ...]`` outputs back to ``[B, T, ...]`` in the original order, zero outside
+    ``where``. A chunk's cost does not depend on what it holds, so with ``R`` rows in ``where``
+    this computes ``ceil(R / C)`` chunks instead of ``ceil(B T / C)``: a batch of completions
+    padded to the longest one skips the padding's chunks."""
+    batch, time = where.shape
+    if hidden.shape[:2] != (batch, time):
+        raise ValueError(f"where has shape {where.shape}; it must be the rows' [B, T] "
+                         f"{hidden.shape[:2]}")
+    valid = where.reshape(-1).astype(jnp.bool_)
+    order = jnp.argsort(~valid, stable=True)      # where-rows first, each group in order
+    inverse = jnp.argsort(order)
+
+    def first(x):
+        return x.reshape((batch * time,) + x.shape[2:])[order][None]
+
+    moved = (first(hidden), loss._replace(head_extras=jax.tree.map(first, loss.head_extras),
+                                          loss_extras=jax.tree.map(first, loss.loss_extras)))
+    live_N = layout.to_chunks(valid[order][None], chunk_size, fill=False).any(axis=1)
+
+    def restore(out):
+        def back(y):
+            y = y[0][inverse].reshape((batch, time) + y.shape[2:])
+            keep = where.reshape((batch, time) + (1,) * (y.ndim - 2))
+            return jnp.where(keep, y, jnp.zeros((), y.dtype))
+        return jax.tree.map(back, out)
+
+    return moved, live_N, restore
 
 
 def run_weighted(loss: ChunkLoss, hidden, unembed, weights, chunk_size: int):
-    """``(sum_t w_t y_t, y [B, T])`` with the gradient formed in the forward pass."""
+    """``(sum_t w_t y_t, y [B, T])`` with the gradient formed in the forward pass (chunks as
+    :func:`run_per_token`'s)."""
     batch, time = hidden.shape[:2]
+    chunk_size = layout.balanced_chunk_size(batch * time, chunk_size)
     chunks, fn, consts = _prepare(loss, unembed, chunk_size)
-    w_chunks = engine.to_chunks(lax.stop_gradient(weights.astype(jnp.float32)), chunk_size)
+    w_chunks = layout.to_chunks(lax.stop_gradient(weights.astype(jnp.float32)), chunk_size)
     total, per_NxC = engine.weighted_sum(
-        loss.head, fn, engine.vocab_blocks(unembed.shape[1]),
-        engine.to_chunks(hidden, chunk_size), unembed, (chunks, w_chunks), consts,
+        loss.head, fn, layout.vocab_blocks(unembed.shape[1]),
+        layout.to_chunks(hidden, chunk_size), unembed, (chunks, w_chunks), consts,
     )
-    return total, lax.stop_gradient(engine.from_chunks(per_NxC, batch, time))
+    return total, lax.stop_gradient(layout.from_chunks(per_NxC, batch, time))
 
 
 def _scan(body: Callable, xs: Any, *, remat: bool) -> Any:
@@ -136,7 +182,8 @@ def chunked_logits_map(
       unembeds: tuple of ``[D_i, V]`` unembeddings, same order.
       extras: pytree of ``[B, T, ...]`` per-token arrays (masks, ids, ...), or ``None``.
         Padded rows get zeros (``False`` for masks), so ``fn`` must give finite values there.
-      chunk_size: ``C``, token rows per chunk.
+      chunk_size: ``C``, token rows per chunk at most (the ``B T`` rows are split evenly over
+        the fewest chunks this allows, :func:`~opd_jax.losses.chunk_layout.balanced_chunk_size`).
       remat: recompute the chunk in the backward pass (``jax.checkpoint``); turn off only for
         functions that are never differentiated.
 
@@ -151,8 +198,9 @@ def chunked_logits_map(
         checks.check_head(h, w, "model")
         if h.shape[:2] != (batch, time):
             raise ValueError(f"all hiddens must share [B, T]; got {h.shape[:2]} vs {(batch, time)}")
-    h_chunks = tuple(engine.to_chunks(h, chunk_size) for h in hiddens)
-    e_chunks = jax.tree.map(lambda x: engine.to_chunks(x, chunk_size), extras)
+    chunk_size = layout.balanced_chunk_size(batch * time, chunk_size)
+    h_chunks = tuple(layout.to_chunks(h, chunk_size) for h in hiddens)
+    e_chunks = jax.tree.map(lambda x: layout.to_chunks(x, chunk_size), extras)
 
     def body(xs):
         hs, ex = xs
@@ -160,7 +208,7 @@ def chunked_logits_map(
         return fn(*logits, ex)
 
     ys = _scan(body, (h_chunks, e_chunks), remat=remat)
-    return jax.tree.map(lambda y: engine.from_chunks(y, batch, time), ys)
+    return jax.tree.map(lambda y: layout.from_chunks(y, batch, time), ys)
 
 
 def chunked_student_logits_map(
@@ -172,6 +220,7 @@ def chunked_student_logits_map(
     extras: Any = None,
     *,
     chunk_size: int = 512,
+    where: jax.Array | None = None,
 ) -> Any:
     """:func:`chunked_logits_map` for a student + frozen teacher, on the lean custom VJP.
 
@@ -191,6 +240,9 @@ def chunked_student_logits_map(
       teacher_hidden, teacher_unembed: ``[B, T, D']``, ``[D', V]`` (or tied), or both ``None``.
       extras: pytree of ``[B, T, ...]`` per-token arrays, or ``None`` (padded rows get zeros).
       chunk_size: token rows per chunk ``C``.
+      where: ``[B, T]`` bool, or ``None``: the rows to compute. The others are never computed
+        (chunks holding none of them are skipped in both passes, after a permutation that puts
+        these rows first) and their outputs are zeros.
 
     Returns:
       The pytree returned by ``fn``, leaves ``[B, T, ...]``.
@@ -220,5 +272,5 @@ def chunked_student_logits_map(
     loss = ChunkLoss(
         engine.DENSE_HEAD, loss_fn, None, (teacher_hidden, extras), loss_consts=teacher_unembed
     )
-    return run_per_token(loss, student_hidden, student_unembed, chunk_size)
+    return run_per_token(loss, student_hidden, student_unembed, chunk_size, where=where)
 

@@ -137,9 +137,12 @@ def loss_and_metrics(trainable, frozen, teacher_args, batch: RolloutBatch, *,
         hs_, ht_, extras_ = rows_
         rows = hs_.shape[0] * n  # a chunk longer than the input would only add padding
         # lean custom VJP: no second [D, V] buffer in the backward pass, metrics free in
-        # backward; teacher None (SFT) skips the teacher's logits entirely
+        # backward; teacher None (SFT) skips the teacher's logits entirely; the completions'
+        # padding (masked: every output 0 there) goes behind the real tokens, and its chunks
+        # are skipped
         return chunked_student_logits_map(chunk_fn, hs_, shared[0], ht_, shared[1], extras_,
-                                          chunk_size=min(chunk_size, rows))
+                                          chunk_size=min(chunk_size, rows),
+                                          where=extras_["mask"])
 
     # on a mesh each device runs the chunks of its own rows (no gather of every row's tokens)
     out = map_rows_per_device(per_device, (hs, ht, extras), (ws, wt))
