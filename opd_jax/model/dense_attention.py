@@ -28,7 +28,7 @@ import jax.numpy as jnp
 
 from opd_jax.model import bits
 
-__all__ = ["attention", "probabilities", "weighted_values", "MASK_VALUE"]
+__all__ = ["attention", "probabilities", "weighted_values", "split_slots", "MASK_VALUE"]
 
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
@@ -47,17 +47,27 @@ def probabilities(q_BxTxGxRxE: jax.Array, ks: tuple, mask_BxTxS: jax.Array,
     return jax.nn.softmax(scores, axis=-1)
 
 
+def split_slots(x: jax.Array, sizes: list[int]) -> list[jax.Array]:
+    """``x`` cut along its last (slot) axis into consecutive pieces of ``sizes`` (the KV cache's
+    chunks); one size: ``[x]``."""
+    if len(sizes) == 1:
+        return [x]
+    offsets = [0]
+    for size in sizes:
+        offsets.append(offsets[-1] + int(size))
+    return [jax.lax.slice_in_dim(x, a, b, axis=x.ndim - 1)
+            for a, b in zip(offsets[:-1], offsets[1:])]
+
+
 def weighted_values(p_BxGxRxTxS: jax.Array, vs: tuple, kv_spec: str = "bsge") -> jax.Array:
     """``o_t = sum_s p_ts v_s`` as ``[B, T, G * R, E]`` float32 sums, over the value chunks ``vs``
     (layout ``kv_spec``; ``p``'s slots cut to match them)."""
     B, G, R, T, _ = p_BxGxRxTxS.shape
-    out, start = None, 0
-    for vc in vs:
-        size = vc.shape[kv_spec.index("s")]
-        p = p_BxGxRxTxS if len(vs) == 1 else jax.lax.slice_in_dim(p_BxGxRxTxS, start,
-                                                                  start + size, axis=4)
+    ps = split_slots(p_BxGxRxTxS, [vc.shape[kv_spec.index("s")] for vc in vs])
+    out = None
+    for p, vc in zip(ps, vs):
         o = jnp.einsum(f"bgrts,{kv_spec}->btgre", p, vc, preferred_element_type=jnp.float32)
-        out, start = o if out is None else out + o, start + size
+        out = o if out is None else out + o
     return out.reshape(B, T, G * R, -1)
 
 

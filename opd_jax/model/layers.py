@@ -57,14 +57,6 @@ def kv_chunks(x) -> tuple:
     return tuple(x) if isinstance(x, (tuple, list)) else (x,)
 
 
-def _split_slots(x: jax.Array, sizes: list[int]) -> list[jax.Array]:
-    if len(sizes) == 1:
-        return [x]
-    offsets = np.cumsum([0] + sizes)
-    return [jax.lax.slice_in_dim(x, int(a), int(b), axis=x.ndim - 1)
-            for a, b in zip(offsets[:-1], offsets[1:])]
-
-
 def _gqa_attention(q_BxTxHxE: jax.Array, k, v, mask_BxTxS: jax.Array, kv_spec: str) -> jax.Array:
     """Masked grouped-query attention with keys/values laid out as ``kv_spec`` (``"bsge"`` or
     ``"bgse"``): the einsums read that layout directly, so no transpose of ``k`` / ``v``.
@@ -139,7 +131,7 @@ def _one_query_attention(q_Bx1xHxE: jax.Array, ks: tuple, vs: tuple,
         out_BxGxRxE = jnp.sum(probs_BxGxRxS[..., None] * vs[0][:, :, None, :, :], axis=-2)
         return out_BxGxRxE.reshape(B, 1, H, E)
     parts = []
-    for k, v, m in zip(ks, vs, _split_slots(mask_Bx1xS, [k.shape[2] for k in ks])):
+    for k, v, m in zip(ks, vs, dense_attention.split_slots(mask_Bx1xS, [k.shape[2] for k in ks])):
         # a barrier per chunk: XLA CPU would otherwise share (and materialise) the broadcast of
         # q between chunks of equal size (6.6 ms instead of 0.7 a layer at B = 32, S = 2 x 128)
         q_c, k = jax.lax.optimization_barrier((q_BxGxRxE, k))
