@@ -464,6 +464,9 @@ def main() -> None:
                    help="micro-batches per update, both sides (default 1 for demo, 4 for ragged)")
     p.add_argument("--side", default="both", choices=("both", "opd_jax", "trl"),
                    help="which side to run (both: TRL in a child process with its own allocator)")
+    p.add_argument("--malloc", default=None, choices=("glibc", "tcmalloc"),
+                   help="our side's allocator, as OPD_JAX_MALLOC picks it for the opd-jax command "
+                        "(default: its fastest here, tcmalloc where the machine has it)")
     p.add_argument("--trl-malloc", default=None, choices=tuple(TRL_MALLOC),
                    help="allocator of TRL's process (default: its fastest here, tcmalloc where "
                         "the machine has it, else hugetlb): tcmalloc (preloaded as for ours; "
@@ -479,15 +482,17 @@ def main() -> None:
                    help="our models' full-sequence attention (default: the config's, dense); TRL "
                         "keeps transformers' default (sdpa)")
     args = p.parse_args()
+    from opd_jax.train.host_memory import MALLOC_SWITCH, allocator, find_tcmalloc, reexec_with_tuned_malloc
+
     if args.trl_malloc is None:
-        from opd_jax.train.host_memory import find_tcmalloc
-
         args.trl_malloc = "tcmalloc" if find_tcmalloc() else "hugetlb"
-    # our side as the opd-jax command runs it: glibc keeps freed memory; TRL runs in a child
-    # process with its own tunables (ours slow torch's CPU allocator down 1.8x here)
-    from opd_jax.train.host_memory import allocator, reexec_with_tuned_malloc
-
+    if args.malloc is None:
+        args.malloc = "tcmalloc" if find_tcmalloc() else "glibc"
+    # our side as the opd-jax command runs it with OPD_JAX_MALLOC=--malloc (glibc: freed memory
+    # kept by tunables); TRL runs in a child process with its own allocator (our glibc tunables
+    # slow torch's CPU allocator down 1.8x here)
     if args.side != "trl":
+        os.environ.setdefault(MALLOC_SWITCH, args.malloc)
         reexec_with_tuned_malloc()
     ragged = args.setting == "ragged"
     if args.samples is None:

@@ -63,25 +63,30 @@ def test_tuned_malloc_env_adds_the_missing_tunables_once_and_respects_the_switch
     assert tuned_malloc_env({}, glibc_ok=False) is None
 
 
-def test_tuned_malloc_env_preloads_tcmalloc_where_found_unless_told_glibc():
+def test_tuned_malloc_env_preloads_tcmalloc_only_when_asked_and_found():
     from opd_jax.train.host_memory import TCMALLOC_SETTINGS, tuned_malloc_env
 
     lib = "libtcmalloc_minimal.so.4"
-    env = tuned_malloc_env({"PATH": "/bin"}, tcmalloc=lib, glibc_ok=True)
-    assert env == {"PATH": "/bin", "LD_PRELOAD": lib, **TCMALLOC_SETTINGS}
+    ask = {"OPD_JAX_MALLOC": "tcmalloc"}
+    env = tuned_malloc_env({"PATH": "/bin", **ask}, tcmalloc=lib, glibc_ok=True)
+    assert env == {"PATH": "/bin", **ask, "LD_PRELOAD": lib, **TCMALLOC_SETTINGS}
     # a user's preload stays (after ours), and a user's own tcmalloc setting wins
-    env2 = tuned_malloc_env({"LD_PRELOAD": "/x/libfoo.so", "TCMALLOC_RELEASE_RATE": "2"},
+    env2 = tuned_malloc_env({**ask, "LD_PRELOAD": "/x/libfoo.so", "TCMALLOC_RELEASE_RATE": "2"},
                             tcmalloc=lib, glibc_ok=True)
     assert env2["LD_PRELOAD"] == f"{lib}:/x/libfoo.so" and env2["TCMALLOC_RELEASE_RATE"] == "2"
     # restarted (or an allocator the user preloads: jemalloc, mimalloc): nothing to change
     assert tuned_malloc_env(env, tcmalloc=lib, glibc_ok=True) is None
-    assert tuned_malloc_env({"LD_PRELOAD": "/usr/lib/libjemalloc.so.2"}, tcmalloc=lib,
+    assert tuned_malloc_env({**ask, "LD_PRELOAD": "/usr/lib/libjemalloc.so.2"}, tcmalloc=lib,
                             glibc_ok=True) is None
-    # OPD_JAX_MALLOC=glibc: the tunables instead; 0: nothing
-    glibc = tuned_malloc_env({"OPD_JAX_MALLOC": "glibc"}, tcmalloc=lib, glibc_ok=True)
-    assert "LD_PRELOAD" not in glibc and "GLIBC_TUNABLES" in glibc
+    # asked but not on the machine: glibc with the tunables
+    missing = tuned_malloc_env(ask, tcmalloc=None, glibc_ok=True)
+    assert "LD_PRELOAD" not in missing and "GLIBC_TUNABLES" in missing
+    # the default (unset, 1) and glibc: the tunables even where tcmalloc is found; 0: nothing
+    for switch in ({}, {"OPD_JAX_MALLOC": "1"}, {"OPD_JAX_MALLOC": "glibc"}):
+        glibc = tuned_malloc_env(switch, tcmalloc=lib, glibc_ok=True)
+        assert "LD_PRELOAD" not in glibc and "GLIBC_TUNABLES" in glibc, switch
     assert tuned_malloc_env({"OPD_JAX_MALLOC": "0"}, tcmalloc=lib, glibc_ok=True) is None
-    with pytest.raises(ValueError, match="OPD_JAX_MALLOC='tc' is not a choice.*glibc"):
+    with pytest.raises(ValueError, match="OPD_JAX_MALLOC='tc' is not a choice.*tcmalloc"):
         tuned_malloc_env({"OPD_JAX_MALLOC": "tc"}, tcmalloc=lib)
 
 
@@ -247,31 +252,36 @@ kept = rss()
 top = hm.release_free_memory(keep_top=True)
 after_top = rss()
 full = hm.release_free_memory()
+b = libc.malloc(size)
+ctypes.memset(b, 1, size)
+libc.free(b)
+leftovers = hm.release_compile_leftovers()
 print(hm.allocator(), hm.keeps_freed_memory(), top, full, (before - kept) >> 20,
-      (before - after_top) >> 20, (before - rss()) >> 20)
+      (before - after_top) >> 20, (before - rss()) >> 20, leftovers)
 """
 
 
 @pytest.mark.skipif(host_memory.find_tcmalloc() is None,
                     reason="no tcmalloc here (Debian/Ubuntu: libtcmalloc-minimal4)")
 def test_the_restart_preloads_tcmalloc_which_keeps_a_freed_block_until_released():
-    """Where the machine has tcmalloc the restart preloads it; with our settings a freed block as
-    large as a step's temporaries stays resident (``keep_top`` too: tcmalloc reuses it) until a
-    full release hands it back."""
+    """Asked for (``OPD_JAX_MALLOC=tcmalloc``) where the machine has it, the restart preloads
+    tcmalloc; with our settings a freed block as large as a step's temporaries stays resident
+    (``keep_top`` too: tcmalloc reuses it) until a full release hands it back, and so does
+    :func:`release_compile_leftovers`."""
     import os
     import subprocess
 
     env = {k: v for k, v in os.environ.items()
            if k not in ("GLIBC_TUNABLES", "OPD_JAX_MALLOC", "LD_PRELOAD", "TCMALLOC_RELEASE_RATE")}
-    out = subprocess.run([sys.executable, "-c", _UNDER_TCMALLOC], env=env, capture_output=True,
+    out = subprocess.run([sys.executable, "-c", _UNDER_TCMALLOC],
+                         env={**env, "OPD_JAX_MALLOC": "tcmalloc"}, capture_output=True,
                          text=True, check=True).stdout.split()
     assert out[:2] == ["start", "start"], out                   # restarted once
-    name, keeps, top, full, on_free, on_top, on_release = out[2:]
-    assert (name, keeps, top, full) == ("tcmalloc", "True", "False", "True"), out
+    name, keeps, top, full, on_free, on_top, on_release, leftovers = out[2:]
+    assert (name, keeps, top, full, leftovers) == ("tcmalloc", "True", "False", "True", "True"), out
     assert int(on_free) < 16 and int(on_top) < 16 and int(on_release) > 200, out
-    # asked for glibc: no preload, the tunables
+    # by default: no preload, glibc with the tunables
     glibc = subprocess.run([sys.executable, "-c", _UNDER_TCMALLOC.split("def rss")[0]
                             + "print(hm.allocator(), os.environ.get('LD_PRELOAD'))"],
-                           env={**env, "OPD_JAX_MALLOC": "glibc"}, capture_output=True, text=True,
-                           check=True).stdout.split()
+                           env=env, capture_output=True, text=True, check=True).stdout.split()
     assert glibc[2:] == ["glibc", "None"], glibc

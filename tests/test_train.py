@@ -429,6 +429,8 @@ def test_kept_heap_releases_around_steps_compiles_and_saves(tmp_path, monkeypatc
 
     live = []
     monkeypatch.setattr(stages, "release_free_memory", release)
+    # after a compilation: glibc's form (keep the top; tcmalloc releases all, tests/test_host_memory)
+    monkeypatch.setattr(stages, "release_compile_leftovers", lambda: release(keep_top=True))
     run(_cfg(tmp_path), progress=False)
     # cold start (2 steps, a save at step 2) then OPD (3 steps, saves at 2 and 3): per stage a full
     # release once its state exists (the previous stage's weights are gone), one keeping the top

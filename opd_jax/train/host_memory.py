@@ -30,14 +30,17 @@ its write buffers do not add to a step's resident peak. glibc reads tunables onl
 :func:`reexec_with_tuned_malloc` restarts the process (same pid, ``execv``) with them added; the
 ``opd-jax`` command does that first. ``OPD_JAX_MALLOC=0`` turns it off.
 
-Where the machine has gperftools' tcmalloc (Debian/Ubuntu ``libtcmalloc-minimal4``), the restart
-preloads it instead (``LD_PRELOAD``, :data:`TCMALLOC_SETTINGS`): its per-thread caches serve XLA's
-worker threads without the one arena's lock, which costs the decode 20-30% here, and with
-``TCMALLOC_RELEASE_RATE=0`` it keeps freed spans for reuse as the tunables do (the demo's bf16
-iteration 3.35 -> 3.04 s, BUILD_NOTES "Session 23"). Under it :func:`release_free_memory` hands
+With ``OPD_JAX_MALLOC=tcmalloc``, where the machine has gperftools' tcmalloc (Debian/Ubuntu
+``libtcmalloc-minimal4``), the restart preloads it instead (``LD_PRELOAD``,
+:data:`TCMALLOC_SETTINGS`): its per-thread caches serve XLA's worker threads without the one
+arena's lock, which costs the decode 20-30% here, and with ``TCMALLOC_RELEASE_RATE=0`` it keeps
+freed spans for reuse as the tunables do (the demo's bf16 iteration 3.35 -> 3.04 s; setting 2's
+generation 30.4 -> 25.4 s; BUILD_NOTES "Session 23"). Under it :func:`release_free_memory` hands
 every free page back (``MallocExtension_ReleaseFreeMemory``) and ``keep_top`` releases nothing:
-tcmalloc reuses freed spans of any size, so a step's temporaries need no kept top chunk.
-``OPD_JAX_MALLOC=glibc`` keeps glibc (with the tunables); :func:`allocator` names the one running.
+tcmalloc reuses freed spans of any size, so a step's temporaries need no kept top chunk. It is not
+the default because it holds more: ``make demo`` from a cold compilation cache peaked at 4.29 GB
+under it (with :func:`release_compile_leftovers`; 4.65 GB without) against 3.76 GB on glibc.
+:func:`allocator` names the one running.
 """
 
 from __future__ import annotations
@@ -51,7 +54,7 @@ import sys
 from typing import Mapping
 
 __all__ = ["release_free_memory", "keeps_freed_memory", "tuned_malloc_env", "uses_tcmalloc",
-           "reexec_with_tuned_malloc", "heap_top_free_bytes", "CompileWatch",
+           "reexec_with_tuned_malloc", "heap_top_free_bytes", "CompileWatch", "release_compile_leftovers",
            "compile_totals", "allocator", "find_tcmalloc", "KEEP_FREED_TUNABLES",
            "TCMALLOC_SETTINGS", "MALLOC_SWITCH"]
 
@@ -62,8 +65,8 @@ KEEP_FREED_TUNABLES = ("glibc.malloc.arena_max=1", "glibc.malloc.mmap_max=0",
 #: (the train loop releases between stages) and blocks over 1 GiB are not reported on stderr.
 TCMALLOC_SETTINGS = {"TCMALLOC_RELEASE_RATE": "0",
                      "TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD": str(1 << 40)}
-#: "0": never re-execute; "glibc": glibc with the tunables only; unset / "1" / "tcmalloc":
-#: tcmalloc where the machine has it, glibc with the tunables otherwise.
+#: "0": never re-execute; unset / "1" / "glibc": glibc with the tunables; "tcmalloc": tcmalloc
+#: preloaded where the machine has it (glibc with the tunables otherwise).
 MALLOC_SWITCH = "OPD_JAX_MALLOC"
 _TCMALLOC_LIBRARIES = ("tcmalloc_minimal", "tcmalloc")
 
@@ -145,6 +148,15 @@ def release_free_memory(keep_top: bool = False) -> bool:
         return False
     pad = heap_top_free_bytes() if keep_top else 0
     return bool(trim(ctypes.c_size_t(pad)))
+
+
+def release_compile_leftovers() -> bool:
+    """Hand back what an XLA compilation left free: on glibc the holes under the heap's top
+    (``release_free_memory(keep_top=True)``); under tcmalloc every free page, since the compiler's
+    freed memory sits in spans that a step's arrays do not reuse (``make demo`` from a cold
+    compilation cache: 4.65 GB peak without it, 4.29 GB with it; the next step maps its
+    temporaries afresh once). The train loop calls it after a step during which XLA compiled."""
+    return release_free_memory(keep_top=_tcmalloc_release() is None)
 
 
 class CompileWatch:
@@ -235,22 +247,22 @@ def tuned_malloc_env(environ: Mapping[str, str], *, glibc_ok: bool | None = None
     """The environment to restart with, or ``None`` when there is nothing to change (so a
     restarted process never restarts again), off Linux, or with ``OPD_JAX_MALLOC=0``:
 
-    * tcmalloc found (:func:`find_tcmalloc`, or the ``tcmalloc`` argument in tests) and
-      ``OPD_JAX_MALLOC`` not ``glibc``: ``environ`` with it first in ``LD_PRELOAD`` and
+    * ``OPD_JAX_MALLOC=tcmalloc`` and tcmalloc found (:func:`find_tcmalloc`, or the
+      ``tcmalloc`` argument in tests): ``environ`` with it first in ``LD_PRELOAD`` and
       :data:`TCMALLOC_SETTINGS` (a user's own value of each wins); nothing when ``LD_PRELOAD``
       already names an allocator (``*malloc*``: the user's choice, or a restarted process);
     * otherwise, on glibc >= 2.26 (``glibc_ok`` overrides the probe): ``environ`` with each of
       :data:`KEEP_FREED_TUNABLES` whose name ``GLIBC_TUNABLES`` does not already set appended
       to it (a user's own value wins)."""
     switch = environ.get(MALLOC_SWITCH, "1")
-    if switch not in ("0", "1", "glibc"):
-        raise ValueError(f"{MALLOC_SWITCH}={switch!r} is not a choice: set it to 1 (tcmalloc where "
-                         "the machine has it, else glibc with tunables; the default), glibc, or 0 "
-                         "(leave the allocator alone)")
+    if switch not in ("0", "1", "glibc", "tcmalloc"):
+        raise ValueError(f"{MALLOC_SWITCH}={switch!r} is not a choice: set it to 1 or glibc (glibc "
+                         "with tunables, the default), tcmalloc (preloaded where the machine has "
+                         "it), or 0 (leave the allocator alone)")
     if switch == "0" or not sys.platform.startswith("linux") or "malloc" in _preloaded(environ):
         return None
     library = find_tcmalloc() if tcmalloc is _PROBE else tcmalloc
-    if switch != "glibc" and library:
+    if switch == "tcmalloc" and library:
         env = dict(environ)
         env["LD_PRELOAD"] = ":".join([library, *filter(None, [environ.get("LD_PRELOAD")])])
         for name, value in TCMALLOC_SETTINGS.items():

@@ -28,7 +28,13 @@ from opd_jax.sampling.sampler import Sampler
 from opd_jax.teacher.client import TeacherUnavailable
 from opd_jax.teacher.scores import student_topk_needed
 from opd_jax.train import distributed, gkd_mix, remote_teacher, rollout
-from opd_jax.train.host_memory import CompileWatch, compile_totals, keeps_freed_memory, release_free_memory
+from opd_jax.train.host_memory import (
+    CompileWatch,
+    compile_totals,
+    keeps_freed_memory,
+    release_compile_leftovers,
+    release_free_memory,
+)
 from opd_jax.train.metrics_log import to_python
 from opd_jax.train.objectives import reduction_fn, with_teacher_scores
 from opd_jax.train.packing import ShapeMemory
@@ -219,7 +225,7 @@ def run_train_stage(ctx: RunContext, index: int, trainable) -> Any:
             if trim_each_step:   # glibc's defaults: hand the step's freed pages back now
                 release_free_memory()
             elif compiles.compiled():
-                release_free_memory(keep_top=True)
+                release_compile_leftovers()
             bar.update(1)
             # only what the stage computes (a cold start has no teacher overlap)
             shown = {"loss": f"{scalars['loss']:.4f}"}
