@@ -22,7 +22,8 @@ Modules:
 * :mod:`~opd_jax.losses.reductions` -- verl ``loss_agg_mode`` reductions.
 * :mod:`~opd_jax.losses.chunk_map` -- memory-bounded maps of per-token functions over hidden
   states and the unembedding, one chunk of tokens at a time (engine:
-  :mod:`~opd_jax.losses.chunk_engine`); the chunked forms below build on it.
+  :mod:`~opd_jax.losses.chunk_engine`; chunks and vocabulary blocks:
+  :mod:`~opd_jax.losses.chunk_layout`); the chunked forms below build on it.
 * :mod:`~opd_jax.losses.chunked_divergences` -- the divergences above and the OPD top-k objective
   from hidden states (dense teacher or precomputed teacher top-k).
 * :mod:`~opd_jax.losses.chunked_scoring` -- top-k ids / log-probs, log-probs of given ids and
