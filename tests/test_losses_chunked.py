@@ -421,6 +421,36 @@ def test_student_logits_map_matches_checkpoint_map():
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
 
 
+def test_engine_per_token_dead_chunks_give_zeros_and_no_gradient():
+    """``chunk_engine.per_token``'s ``live_N``: a chunk marked False is not computed (its
+    outputs are 0, its hidden rows get no gradient, the unembedding none from it); live chunks
+    equal the plain map's, values and gradients."""
+    from opd_jax.losses import chunk_engine
+
+    hs, ws, _, _, _, _ = _inputs(seed=22, b=1, t=12)
+    h_NxCxD = hs.reshape(3, 4, D)
+    live_N = jnp.asarray([True, False, True])
+    cot = jnp.asarray(np.random.default_rng(22).standard_normal((3, 4)), jnp.float32)
+
+    def fn(z, ex, consts):
+        del ex, consts
+        return jax.nn.logsumexp(z, axis=-1)
+
+    def run(h, w, live):
+        return chunk_engine.per_token(chunk_engine.DENSE_HEAD, fn, 1, h, w, (None, None),
+                                      (None, None), live)
+
+    got, (gh, gw) = _value_and_vjp(lambda h, w: run(h, w, live_N), cot, h_NxCxD, ws)
+    want = jax.nn.logsumexp(h_NxCxD @ ws, axis=-1)
+    np.testing.assert_allclose(got[0::2], want[0::2], rtol=1e-6)
+    assert np.all(np.asarray(got[1]) == 0.0) and np.all(np.asarray(gh[1]) == 0.0)
+    live_cot = cot * live_N[:, None]   # the reference: the dead chunk's cotangent dropped
+    _, (wh, ww) = _value_and_vjp(lambda h, w: jax.nn.logsumexp(h @ w, axis=-1), live_cot,
+                                 h_NxCxD, ws)
+    np.testing.assert_allclose(gh, wh, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(gw, ww, rtol=1e-5, atol=1e-6)
+
+
 def test_student_logits_map_where_skips_the_masked_rows_chunks():
     """``where``: the masked rows go behind the others and chunks holding none are never run
     (counted in both passes); values equal the unmasked map's at ``where`` and are exactly 0
