@@ -97,7 +97,7 @@ def allocator() -> str:
     """The malloc this process runs on: ``"tcmalloc"`` (preloaded), ``"glibc"`` or ``"other"``."""
     if _tcmalloc_release() is not None:
         return "tcmalloc"
-    return "glibc" if _glibc_with_tunables() else "other"
+    return "glibc" if platform.libc_ver()[0] == "glibc" else "other"
 
 
 @functools.lru_cache(maxsize=None)
