@@ -61,6 +61,31 @@ def test_project_values_and_gradients(dtype, tol, x_shape, w_shape, n_in):
         np.testing.assert_allclose(np.asarray(g, np.float64), r, atol=tol * scale(r))
 
 
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 2e-5), (jnp.bfloat16, 3e-2)])
+@pytest.mark.parametrize("x_shape,w_shape,n_in", [((2, 3, 8), (8, 4, 5), 1),     # q: d -> h e
+                                                  ((2, 3, 4, 5), (4, 5, 8), 2),   # o: h e -> d
+                                                  ((3, 1, 8), (8, 6), 1)])        # one decode step
+def test_out_major_projection_equals_the_plain_formula(dtype, tol, x_shape, w_shape, n_in):
+    """The sampler's out-major weight (``[N, K]`` row-major copy) gives the projection's values
+    (float64 reference), in ``x``'s dtype, from one ``[M, K] x [N, K]^T`` dot with float32 sums."""
+    x, w = _rand(x_shape, 0, dtype), _rand(w_shape, 1, dtype)
+    om = lean_ops.out_major(w, n_in)
+    k = int(np.prod(w_shape[:n_in]))
+    assert om.w_NxK.shape == (int(np.prod(w_shape[n_in:])), k) and om.out_shape == w_shape[n_in:]
+    np.testing.assert_array_equal(np.asarray(om.w_NxK, np.float32),
+                                  np.asarray(w, np.float32).reshape(k, -1).T)
+    y = lean_ops.project_out_major(x, om)
+    ref = _reference(lambda a, b: _plain_project(a, b, n_in), (x, w), _rand(y.shape, 2))[0]
+    assert y.dtype == dtype and y.shape == ref.shape
+    np.testing.assert_allclose(np.asarray(y, np.float64), ref, atol=tol * max(1.0, np.abs(ref).max()))
+    np.testing.assert_allclose(np.asarray(y, np.float32),
+                               np.asarray(lean_ops.project(x, w, n_in), np.float32),
+                               atol=tol * max(1.0, np.abs(ref).max()))
+    text = jax.jit(lean_ops.project_out_major).lower(x, om).as_text()
+    assert re.findall(r"contracting_dims = \[(\d)\] x \[(\d)\]", text) == [("1", "1")]
+    assert re.findall(r"dot_general.*?->\s*tensor<[0-9x]+(\w+)>", text) == ["f32"]
+
+
 def test_bfloat16_projection_dots_return_float32_sums():
     """A bfloat16 projection's forward dot returns its float32 sums (then cast): XLA CPU's fast
     bfloat16 path (AMX) takes only that form, and the sums keep float32 precision; float32

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -378,3 +379,53 @@ def test_auto_layer_loop_is_unroll_on_every_backend(monkeypatch):
     # the layer scan ran 4.8x slower per decode step on an H200 (BUILD_NOTES "Accelerator figures")
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     assert Sampler(CFG, Greedy(), 2)._static.layer_loop == "unroll"
+
+
+@pytest.mark.parametrize("dtype,atol", [(jnp.float32, 1e-5), (jnp.bfloat16, 3e-2)])
+def test_out_major_decode_weights_give_the_stored_layouts_tokens(dtype, atol, monkeypatch):
+    """On one CPU device the decode runs its projections on out-major copies of the layer
+    weights (``lean_ops.OutMajor``, made once per call): the same tokens and log-probs (to
+    rounding: the dots sum in another order) as the stored ``[in, out]`` layout, also with LoRA
+    on every projection."""
+    from opd_jax.model.lora import init_lora
+    from opd_jax.sampling import loop
+
+    params = jax.tree.map(lambda x: x.astype(dtype), PARAMS)
+    lora = init_lora(CFG, jax.random.PRNGKey(2), rank=2, alpha=4.0,
+                     targets=tuple(decoder.PROJECTIONS))
+    lora = lora.replace(weights=jax.tree.map(lambda x: (x + 0.2).astype(dtype), lora.weights))
+    tokens = np.array([[0, 0, 5, 9, 17], [3, 1, 4, 1, 5]])
+    valid = np.array([[0, 0, 1, 1, 1], [1] * 5], bool)
+    st = Sampler(CFG, TopK(20, 0.9), 6)._static
+    assert loop.out_major_decode(st)
+    assert not loop.out_major_decode(
+        st.__class__(**{**st.__dict__, "mesh": types.SimpleNamespace(devices=np.empty((2, 1)))}))
+    outs = {}
+    for on in (True, False):
+        monkeypatch.setattr(loop, "out_major_decode", lambda st, on=on: on)
+        for with_lora in (None, lora):
+            outs[on, with_lora is None] = Sampler(CFG, TopK(20, 0.9), 6)(
+                params, tokens, valid, jax.random.key(4), lora=with_lora)
+    for plain in (True, False):
+        a, b = outs[True, plain], outs[False, plain]
+        np.testing.assert_array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
+        np.testing.assert_allclose(np.asarray(a.logprobs_full, np.float32),
+                                   np.asarray(b.logprobs_full, np.float32), atol=atol)
+    assert not np.array_equal(np.asarray(outs[True, True].logprobs_full),
+                              np.asarray(outs[True, False].logprobs_full))   # LoRA applied
+
+
+def test_decode_program_multiplies_out_major_weights():
+    """The compiled decode's layer dots contract both operands' last axes (``[M, K] x [N, K]^T``):
+    the out-major copies reach the loop (XLA does not fold the copy back into the dot)."""
+    from opd_jax.sampling import loop
+
+    sampler = Sampler(CFG, Greedy(), 3)
+    tokens, valid = jnp.array([[1, 2, 3, 4]] * 2), jnp.ones((2, 4), bool)
+    st = sampler._static
+    state = loop.prefill(st, PARAMS, None, tokens, valid, jax.random.split(jax.random.key(0), 2),
+                         jnp.ones(2, bool), sampler._eos_array())
+    text = loop.decode.lower(st, tokens.shape[1], state, PARAMS, None).compile().as_text()
+    dims = re.findall(r"dot\(.*?lhs_contracting_dims=\{(\d)\}, rhs_contracting_dims=\{(\d)\}", text)
+    n_proj = CFG.n_layers * len(decoder.PROJECTIONS)
+    assert dims.count(("1", "1")) >= n_proj, (len(dims), dims[:10])

@@ -131,7 +131,8 @@ def _project(name: str, x: jax.Array, w: jax.Array, lora_l: dict | None, scale: 
     # forward + backward) than the 3-/4-D einsum, whose backward adds a transposing copy fusion
     # (benchmarks: BUILD_NOTES "2-D projections"); its custom VJP saves x and w as given (the
     # reshapes would otherwise be saved, stacked over the layer scan: copies of the weights)
-    y = lean_ops.project(x, w, len(w_in))
+    y = (lean_ops.project_out_major(x, w) if isinstance(w, lean_ops.OutMajor)
+         else lean_ops.project(x, w, len(w_in)))
     if lora_l is not None and name in lora_l:
         a, b = lora_l[name]["a"], lora_l[name]["b"]
         xa = jnp.einsum(f"{x_sub},{w_in}r->{x_sub[:2]}r", x, a.astype(x.dtype))
@@ -147,6 +148,16 @@ def layer_weights(params: Params, lora: Lora | None) -> dict:
     if lora is not None:
         layers["lora"] = lora.weights
     return layers
+
+
+def out_major_layer(weights: dict) -> dict:
+    """One layer of :func:`layer_weights` with its projections as
+    :class:`~opd_jax.model.lean_ops.OutMajor` copies (the sampler's decode on one CPU device;
+    :func:`layer` takes either form)."""
+    p = dict(weights["p"])
+    for name, (_, w_in, _) in PROJECTIONS.items():
+        p[name] = lean_ops.out_major(p[name], len(w_in))
+    return {**weights, "p": p}
 
 
 def embed(params: Params, tokens_BxT: jax.Array) -> jax.Array:
@@ -216,7 +227,8 @@ def layer(config: ModelConfig, inputs: StepInputs, x_BxTxD: jax.Array, weights: 
     h = rms_norm(x_BxTxD, p["mlp_norm"], config.rms_eps)
     gate = _project("gate", h, p["gate"], lora_l, scale)
     up = _project("up", h, p["up"], lora_l, scale)
-    if lora_l is not None and "down" in lora_l:   # the adapter needs silu(gate) * up itself
+    if (lora_l is not None and "down" in lora_l) or isinstance(p["down"], lean_ops.OutMajor):
+        # the adapter needs silu(gate) * up itself; an out-major weight is the sampler's decode
         down = _project("down", lean_ops.gated_mlp_input(gate, up), p["down"], lora_l, scale)
     else:   # saves gate and up only; silu(gate) * up is recomputed for the backward pass
         down = lean_ops.swiglu_down(gate, up, p["down"])

@@ -24,13 +24,15 @@ from __future__ import annotations
 import functools
 import math
 
+import flax.struct
 import jax
+import jax.numpy as jnp
 
 from opd_jax import dots
 from opd_jax.model import bits
 from opd_jax.sharding import constrain
 
-__all__ = ["project", "swiglu_down", "gated_mlp_input"]
+__all__ = ["project", "swiglu_down", "gated_mlp_input", "OutMajor", "out_major", "project_out_major"]
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def project(x_BxTxI: jax.Array, w_IxO: jax.Array, n_in: int) -> jax.Array:
@@ -60,6 +62,37 @@ def _project_bwd(n_in, res, dy):
 
 
 project.defvjp(_project_fwd, _project_bwd)
+
+
+@flax.struct.dataclass
+class OutMajor:
+    """A projection weight ``[*in, *out]`` kept out-major: the row-major ``[N, K]`` copy
+    (``K = prod(in)``, ``N = prod(out)``; torch ``Linear``'s layout), for the sampler's decode.
+
+    XLA CPU runs a small-M product ``[M, K] x [N, K]^T`` faster than ``[M, K] x [K, N]``: each
+    output reads one contiguous weight row. A 27-layer bfloat16 stack of the student's
+    projections, one process per form, min of 15 calls: 26.0 -> 16.0 ms at M = 8, 30.4 -> 23.0
+    ms at M = 32 (float32: 59.1 -> 47.0 ms at M = 32). Training keeps ``[*in, *out]``: at M in
+    the hundreds the row-major ``NN`` form is XLA CPU's fast bfloat16 path (:mod:`opd_jax.dots`).
+    """
+
+    w_NxK: jax.Array
+    out_shape: tuple[int, ...] = flax.struct.field(pytree_node=False)
+
+
+def out_major(w_IxO: jax.Array, n_in: int) -> OutMajor:
+    """``w`` ``[*in, *out]`` (``n_in`` = len(in)) as an :class:`OutMajor` row-major copy."""
+    k = math.prod(w_IxO.shape[:n_in])
+    return OutMajor(dots.row_major_transpose(w_IxO.reshape(k, -1)), tuple(w_IxO.shape[n_in:]))
+
+
+def project_out_major(x_BxTxI: jax.Array, w: OutMajor) -> jax.Array:
+    """:func:`project` with an :class:`OutMajor` weight: ``[B, T, *in]`` -> ``[B, T, *out]`` in
+    ``x``'s dtype, summed in float32 (same math; the sums run in another order)."""
+    w_NxK = w.w_NxK.astype(x_BxTxI.dtype)
+    y = jax.lax.dot_general(x_BxTxI.reshape(-1, w_NxK.shape[1]), w_NxK, dots.NT,
+                            preferred_element_type=jnp.float32).astype(x_BxTxI.dtype)
+    return y.reshape(*x_BxTxI.shape[:2], *w.out_shape)
 
 
 def gated_mlp_input(g_BxTxF: jax.Array, u_BxTxF: jax.Array) -> jax.Array:
