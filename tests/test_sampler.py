@@ -397,12 +397,16 @@ def test_out_major_decode_weights_give_the_stored_layouts_tokens(dtype, atol, mo
     tokens = np.array([[0, 0, 5, 9, 17], [3, 1, 4, 1, 5]])
     valid = np.array([[0, 0, 1, 1, 1], [1] * 5], bool)
     st = Sampler(CFG, TopK(20, 0.9), 6)._static
-    assert loop.out_major_decode(st)
+    bf16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), PARAMS)
+    assert loop.out_major_decode(st, bf16)
+    assert not loop.out_major_decode(st, PARAMS)   # float32, few new tokens: the copy costs more
+    assert loop.out_major_decode(Sampler(CFG, Greedy(), 128)._static, PARAMS)
     assert not loop.out_major_decode(
-        st.__class__(**{**st.__dict__, "mesh": types.SimpleNamespace(devices=np.empty((2, 1)))}))
+        st.__class__(**{**st.__dict__, "mesh": types.SimpleNamespace(devices=np.empty((2, 1)))}),
+        bf16)
     outs = {}
     for on in (True, False):
-        monkeypatch.setattr(loop, "out_major_decode", lambda st, on=on: on)
+        monkeypatch.setattr(loop, "out_major_decode", lambda st, params, on=on: on)
         for with_lora in (None, lora):
             outs[on, with_lora is None] = Sampler(CFG, TopK(20, 0.9), 6)(
                 params, tokens, valid, jax.random.key(4), lora=with_lora)
@@ -420,7 +424,7 @@ def test_decode_program_multiplies_out_major_weights():
     the out-major copies reach the loop (XLA does not fold the copy back into the dot)."""
     from opd_jax.sampling import loop
 
-    sampler = Sampler(CFG, Greedy(), 3)
+    sampler = Sampler(CFG, Greedy(), 128)
     tokens, valid = jnp.array([[1, 2, 3, 4]] * 2), jnp.ones((2, 4), bool)
     st = sampler._static
     state = loop.prefill(st, PARAMS, None, tokens, valid, jax.random.split(jax.random.key(0), 2),

@@ -244,7 +244,7 @@ def decode(st: DecodeSettings, prompt_len: int, state: DecodeState, params: Para
 
     with mesh_context(st):
         if st.layer_loop == "unroll":
-            layers = split_layers(params, lora, c.n_layers, out_major=out_major_decode(st))
+            layers = split_layers(params, lora, c.n_layers, out_major=out_major_decode(st, params))
 
             def step(s: DecodeState):
                 return _unrolled_step(c, params, layers, lora, s.last_token, s.cache)
@@ -282,14 +282,18 @@ def split_layers(params: Params, lora: Lora | None, n_layers: int, *,
     return [out_major_layer(w) for w in layers] if out_major else layers
 
 
-def out_major_decode(st: DecodeSettings) -> bool:
-    """Whether :func:`decode` runs on out-major projection weights: on the CPU without a mesh
-    of several devices (the copy is a flattened transpose, which would gather a sharded weight).
-    One copy of the layer weights per call (27-layer student in bfloat16: ≈20 ms for the gate
-    stack alone) buys a faster step at every decode step (``lean_ops.OutMajor``). The slots'
-    decode (``slots.decode_chunk``), called every few steps, keeps the stored layout."""
-    return (jax.default_backend() == "cpu"
-            and (st.mesh is None or st.mesh.devices.size == 1))
+def out_major_decode(st: DecodeSettings, params: Params) -> bool:
+    """Whether :func:`decode` runs on out-major projection weights
+    (:class:`~opd_jax.model.lean_ops.OutMajor`): on the CPU without a mesh of several devices
+    (the copy is a flattened transpose, which would gather a sharded weight), for 2-byte layer
+    weights, or float32 ones from 128 new tokens on. The copy costs once per call what it saves
+    a few steps later (27-layer student, one process per form: ≈57 ms more than the plain
+    per-layer slices in bfloat16, ≈6 ms saved a step at B = 8 and ≈8 ms at B = 32; float32 copies
+    twice the bytes for ≈1-2 ms a step at B = 8). The slots' decode (``slots.decode_chunk``),
+    called every few steps, keeps the stored layout."""
+    if jax.default_backend() != "cpu" or (st.mesh is not None and st.mesh.devices.size > 1):
+        return False
+    return params["layers"]["q"].dtype.itemsize <= 2 or st.max_new_tokens >= 128
 
 
 def _unrolled_step(c: ModelConfig, params: Params, layers: list[dict], lora: Lora | None,

@@ -31,11 +31,14 @@ How a call runs (the gemma-sampler pattern):
 Decode is memory-bound: each step should read every weight once and touch the KV cache in place.
 ``layer_loop="unroll"`` (the default everywhere) runs the layers as a Python loop over per-layer
 weight arrays (split once per call) and per-layer caches updated in place with
-``dynamic_update_slice``. The decoder's ``lax.scan`` over stacked layers (``layer_loop="scan"``;
-faster to compile for deep models) makes XLA copy each layer's weight and cache slices and
-rebuild the stacked cache every step: about 2.5x the memory traffic of a step on XLA CPU, and
-4.8x the step time on an H200 (Qwen3-1.7B shapes, B = 64, bf16: 14.5 vs 3.05 ms per step,
-``benchmarks/device_decode.py``; BUILD_NOTES.md "Accelerator figures").
+``dynamic_update_slice``. On one CPU device the split copies are out-major (``[out, in]``
+row-major, ``opd_jax.model.lean_ops.OutMajor``): XLA CPU runs the step's small-M products
+faster on them (``loop.out_major_decode``; the continuous-batching decode keeps the stored
+layout, its program being called every few steps). The decoder's ``lax.scan`` over stacked
+layers (``layer_loop="scan"``; faster to compile for deep models) makes XLA copy each layer's
+weight and cache slices and rebuild the stacked cache every step: about 2.5x the memory traffic
+of a step on XLA CPU, and 4.8x the step time on an H200 (Qwen3-1.7B shapes, B = 64, bf16: 14.5
+vs 3.05 ms per step, ``benchmarks/device_decode.py``; BUILD_NOTES.md "Accelerator figures").
 Both run the decoder's public ``decoder.layer`` on the masks / positions of
 ``inputs.step_inputs``, so they compute the same values. The cache is laid out ``[B, G, S, E]``
 per layer (heads before slots, :class:`opd_jax.model.decoder.KVCache`) so the attention einsums
