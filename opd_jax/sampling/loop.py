@@ -287,7 +287,7 @@ def out_major_decode(st: DecodeSettings, params: Params) -> bool:
     (:class:`~opd_jax.model.lean_ops.OutMajor`): on the CPU without a mesh of several devices
     (the copy is a flattened transpose, which would gather a sharded weight), for 2-byte layer
     weights, or float32 ones from 128 new tokens on. The copy costs once per call what it saves
-    a few steps later (27-layer student, one process per form: ≈57 ms more than the plain
+    a few steps later (27-layer student: ≈57 ms more than the plain
     per-layer slices in bfloat16, ≈6 ms saved a step at B = 8 and ≈8 ms at B = 32; float32 copies
     twice the bytes for ≈1-2 ms a step at B = 8). The slots' decode (``slots.decode_chunk``),
     called every few steps, keeps the stored layout."""
