@@ -6,7 +6,7 @@ the signature of a part whose cost grows with rows x cache slots, not with the w
 times, at the same shapes (``B`` rows, a cache of ``S = P + N - 1`` slots, all valid):
 
 * ``attn_*``: one layer's attention read over the cache, formulated as the sampler does it
-  (:func:`opd_jax.model.layers.attention_over_cache`, bf16 operands, f32 accumulation), upcast to
+  (:func:`opd_jax.model.cache_attention.attention_over_cache`, bf16 operands, f32 accumulation), upcast to
   f32 first, as a broadcast multiply-reduce, and as ``jax.nn.dot_product_attention`` over a
   ``[B, S, G, E]`` cache (XLA and, where it accepts the call, cuDNN);
 * ``layer``: one :func:`opd_jax.model.decoder.layer` with the cache (T = 1), cache donated;
@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import print_table, results_path, time_calls, write_json  # noqa: E402
 from device import EXIT_NO_ACCELERATOR, device_facts, plan, random_params  # noqa: E402
 
-from opd_jax.model import layers  # noqa: E402
+from opd_jax.model import cache_attention, layers  # noqa: E402
 from opd_jax.model.decoder import layer, layer_weights, next_token_logits  # noqa: E402
 from opd_jax.model.inputs import step_inputs  # noqa: E402
 from opd_jax.sampling import Sampler, Sampling  # noqa: E402
@@ -65,11 +65,11 @@ def attn_variants(B: int, S: int, H: int, G: int, E: int, dtype) -> dict:
     mask = jnp.ones((B, 1, S), bool)
 
     def einsum(q, k, v, m):
-        return layers.attention_over_cache(q, k, v, m)
+        return cache_attention.attention_over_cache(q, k, v, m)
 
     def upcast(q, k, v, m):
         f = jnp.float32
-        return layers.attention_over_cache(q.astype(f), k.astype(f), v.astype(f), m).astype(dtype)
+        return cache_attention.attention_over_cache(q.astype(f), k.astype(f), v.astype(f), m).astype(dtype)
 
     def mulsum(q, k, v, m):
         qg = q.reshape(B, G, H // G, E).astype(jnp.float32)                     # [B, G, R, E]

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from opd_jax.config import load_config
-from opd_jax.model import decoder, layers
+from opd_jax.model import cache_attention, decoder
 from opd_jax.model.config import ModelConfig
 from opd_jax.sampling import loop
 from opd_jax.sampling.loop import TRACE_COUNTS, WINDOW_MULTIPLE, decode_windows
@@ -69,8 +69,9 @@ def _attention64(q, k, v, mask):
 @pytest.mark.parametrize("T", [1, 3])
 @pytest.mark.parametrize("sizes", [(40,), (16, 24), (8, 16, 16), (13, 13, 14)])
 @pytest.mark.parametrize("multiply_reduce", [True, False])
-def test_chunked_cache_attention_matches_float64(T, sizes, multiply_reduce, monkeypatch):
-    monkeypatch.setattr(layers, "ONE_QUERY_MULTIPLY_REDUCE", multiply_reduce)
+@pytest.mark.parametrize("keys_last", [False, True])
+def test_chunked_cache_attention_matches_float64(T, sizes, multiply_reduce, keys_last, monkeypatch):
+    monkeypatch.setattr(cache_attention, "ONE_QUERY_MULTIPLY_REDUCE", multiply_reduce)
     rng = np.random.default_rng(0)
     B, G, H, E, S = 2, 2, 4, 8, sum(sizes)
     q = rng.normal(size=(B, T, H, E)).astype(np.float32)
@@ -83,8 +84,9 @@ def test_chunked_cache_attention_matches_float64(T, sizes, multiply_reduce, monk
     ref = _attention64(q, k, v, mask)
     cuts = np.cumsum((0,) + sizes)
     chunk = lambda x: tuple(jnp.asarray(x[:, :, a:b]) for a, b in zip(cuts[:-1], cuts[1:]))
-    got = jax.jit(layers.attention_over_cache)(jnp.asarray(q), chunk(k), chunk(v),
-                                               jnp.asarray(mask))
+    keys = cache_attention.slots_last(chunk(k)) if keys_last else chunk(k)   # [B, G, E, S_c]
+    got = jax.jit(cache_attention.attention_over_cache)(jnp.asarray(q), keys, chunk(v),
+                                                        jnp.asarray(mask))
     np.testing.assert_allclose(np.asarray(got), ref, atol=2e-5)
 
 
@@ -149,7 +151,10 @@ def test_prefill_holds_the_first_window_and_decode_adds_chunks(layer_loop):
         assert state.cache.valid.shape[1] == decode_windows(16, N, windows)[0][1]
         state = loop.decode(st, 16, state, PARAMS, None)
         k = state.cache.k[0] if layer_loop == "unroll" else state.cache.k
-        chunks = layers.kv_chunks(k)
+        # the CPU decode re-lays per-layer keys [B, G, E, S] (SlotsLast); compare them as stored
+        assert isinstance(k, cache_attention.SlotsLast) == (layer_loop == "unroll")
+        chunks = tuple(jnp.swapaxes(c, -1, -2) if isinstance(k, cache_attention.SlotsLast) else c
+                       for c in cache_attention.kv_chunks(k))
         axis = chunks[0].ndim - 2
         assert [c.shape[axis] for c in chunks] == np.diff(
             [0] + [w for _, w in decode_windows(16, N, windows)]).tolist()

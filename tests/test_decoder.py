@@ -139,7 +139,8 @@ def test_config_errors_are_clear():
 
 def test_attention_over_cache_layout_matches_float64_reference():
     # the KV cache stores keys/values [B, G, S, E]; decode attention reads them in that layout
-    from opd_jax.model.layers import attention, attention_over_cache
+    from opd_jax.model.cache_attention import attention_over_cache
+    from opd_jax.model.layers import attention
 
     rng = np.random.default_rng(0)
     B, T, S, H, G, E = 2, 3, 7, 6, 2, 4
@@ -162,14 +163,17 @@ def test_attention_over_cache_layout_matches_float64_reference():
     np.testing.assert_allclose(np.asarray(got), np.asarray(same), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("keys_last", [False, True])
 @pytest.mark.parametrize("multiply_reduce", [True, False])
-def test_one_query_attention_matches_float64_and_ignores_masked_slots(monkeypatch, multiply_reduce):
+def test_one_query_attention_matches_float64_and_ignores_masked_slots(monkeypatch, multiply_reduce,
+                                                                      keys_last):
     # a decode step (T = 1) runs as multiply-reduces on the CPU (``ONE_QUERY_MULTIPLY_REDUCE``),
-    # as the batched einsum elsewhere: both against the float64 definition; masked slots holding
-    # huge finite garbage change nothing (their probabilities are exactly 0)
-    from opd_jax.model import layers
+    # as the batched einsum elsewhere: both against the float64 definition, with the keys as
+    # stored ([B, G, S, E]) or re-laid [B, G, E, S] (``SlotsLast``, the sampler's CPU decode);
+    # masked slots holding huge finite garbage change nothing (their probabilities are exactly 0)
+    from opd_jax.model import cache_attention
 
-    monkeypatch.setattr(layers, "ONE_QUERY_MULTIPLY_REDUCE", multiply_reduce)
+    monkeypatch.setattr(cache_attention, "ONE_QUERY_MULTIPLY_REDUCE", multiply_reduce)
     rng = np.random.default_rng(1)
     B, S, H, G, E = 3, 9, 6, 2, 8
     q = rng.standard_normal((B, 1, H, E))
@@ -183,7 +187,10 @@ def test_one_query_attention_matches_float64_and_ignores_masked_slots(monkeypatc
     p = np.exp(s - s.max(-1, keepdims=True))
     p /= p.sum(-1, keepdims=True)
     ref = np.einsum("bhts,bhse->bthe", p, vh)
-    f = jax.jit(lambda *a: layers.attention_over_cache(*a))   # a fresh trace per flag
+    def f(q, k, v, m):   # a fresh trace per flag
+        k = cache_attention.slots_last(k) if keys_last else k
+        return cache_attention.attention_over_cache(q, k, v, m)
+    f = jax.jit(f)
     got = np.asarray(f(*(jnp.asarray(x, jnp.float32) for x in (q, k, v)), jnp.asarray(mask)))
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
     garbage = np.where(mask[:, :, :, None], 0.0, 1e6)               # [B, 1, S, 1] over G

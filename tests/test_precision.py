@@ -175,7 +175,7 @@ def test_bfloat16_model_samples_on_the_cpu():
     dot kernel (a bfloat16 model could not sample on the CPU); it now matches the full-sequence
     attention in bfloat16, and a bfloat16 model samples (prefill + decode) with finite
     log-probs and the float32-cast model's greedy tokens."""
-    from opd_jax.model import layers
+    from opd_jax.model import cache_attention, layers
     from opd_jax.sampling.sampler import Sampler
     from opd_jax.sampling.strategies import Sampling
 
@@ -183,8 +183,8 @@ def test_bfloat16_model_samples_on_the_cpu():
     q = jax.random.normal(ks[0], (2, 3, 4, 16), jnp.bfloat16)
     k, v = (jax.random.normal(key, (2, 8, 2, 16), jnp.bfloat16) for key in ks[1:])
     mask = jnp.ones((2, 3, 8), bool).at[0, :, :3].set(False)
-    cached = jax.jit(layers.attention_over_cache)(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3),
-                                                  mask)
+    cached = jax.jit(cache_attention.attention_over_cache)(q, k.transpose(0, 2, 1, 3),
+                                                           v.transpose(0, 2, 1, 3), mask)
     assert cached.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(cached, np.float32),
                                np.asarray(jax.jit(layers.attention)(q, k, v, mask), np.float32),

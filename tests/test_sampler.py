@@ -407,6 +407,7 @@ def test_out_major_decode_weights_give_the_stored_layouts_tokens(dtype, atol, mo
     outs = {}
     for on in (True, False):
         monkeypatch.setattr(loop, "out_major_decode", lambda st, params, on=on: on)
+        loop.decode.clear_cache()   # the flag is read while tracing: compile each form anew
         for with_lora in (None, lora):
             outs[on, with_lora is None] = Sampler(CFG, TopK(20, 0.9), 6)(
                 params, tokens, valid, jax.random.key(4), lora=with_lora)
@@ -433,3 +434,42 @@ def test_decode_program_multiplies_out_major_weights():
     dims = re.findall(r"dot\(.*?lhs_contracting_dims=\{(\d)\}, rhs_contracting_dims=\{(\d)\}", text)
     n_proj = CFG.n_layers * len(decoder.PROJECTIONS)
     assert dims.count(("1", "1")) >= n_proj, (len(dims), dims[:10])
+
+
+@pytest.mark.parametrize("dtype,atol", [(jnp.float32, 1e-5), (jnp.bfloat16, 3e-2)])
+def test_slots_last_keys_give_the_stored_layouts_tokens(dtype, atol, monkeypatch):
+    """The CPU decode re-lays each layer's cached keys as float32 ``[B, G, E, S]`` chunks
+    (``cache_attention.SlotsLast``, once per call): the same tokens and log-probs (to rounding:
+    the scores sum in another order, and bfloat16 keys are read exactly as float32) as the
+    stored layout, and the decode's output state holds float32 keys with the slots last.
+    (``tests/test_decode_windows.py``: the same over several decode phases' chunks.)"""
+    from opd_jax.model import cache_attention
+    from opd_jax.sampling import loop
+
+    params = jax.tree.map(lambda x: x.astype(dtype), PARAMS)
+    tokens = np.array([[0, 0, 5, 9, 17], [3, 1, 4, 1, 5]])
+    valid = np.array([[0, 0, 1, 1, 1], [1] * 5], bool)
+    sampler = Sampler(CFG, Greedy(), 40)
+    assert loop.slots_last_decode(sampler._static)
+    assert not loop.slots_last_decode(Sampler(CFG, Greedy(), 40, layer_loop="scan")._static)
+    outs = {}
+    for on in (True, False):
+        monkeypatch.setattr(loop, "slots_last_decode", lambda st, on=on: on)
+        loop.decode.clear_cache()   # the flag is read while tracing: compile each form anew
+        outs[on] = Sampler(CFG, TopK(20, 0.9), 40)(params, tokens, valid, jax.random.key(4))
+    np.testing.assert_array_equal(np.asarray(outs[True].tokens), np.asarray(outs[False].tokens))
+    np.testing.assert_allclose(np.asarray(outs[True].logprobs_full, np.float32),
+                               np.asarray(outs[False].logprobs_full, np.float32), atol=atol)
+    monkeypatch.setattr(loop, "slots_last_decode", lambda st: True)
+    loop.decode.clear_cache()
+    st = sampler._static
+    args = (jnp.asarray(tokens), jnp.asarray(valid))
+    state = loop.prefill(st, params, None, *args, jax.random.split(jax.random.key(0), 2),
+                         jnp.ones(2, bool), sampler._eos_array())
+    out = loop.decode(st, tokens.shape[1], state, params, None)
+    keys = out.cache.k[0]
+    assert isinstance(keys, cache_attention.SlotsLast)
+    G, E = CFG.n_kv_heads, CFG.head_dim
+    assert [c.shape[:3] for c in keys.chunks] == [(2, G, E)] * len(keys.chunks)
+    assert all(c.dtype == jnp.float32 for c in keys.chunks)
+    assert sum(c.shape[3] for c in keys.chunks) == out.cache.valid.shape[1]

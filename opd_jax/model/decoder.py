@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 from opd_jax.losses.unembedding import TiedUnembedding, Unembedding
 from opd_jax.model import bits, lean_ops
+from opd_jax.model.cache_attention import attention_over_cache, cast_kv, write_kv
 from opd_jax.model.config import ATTENTION_IMPLS, ModelConfig, param_shapes
 from opd_jax.model.dtypes import cast_floating
 from opd_jax.model.inputs import BlockedMask, StepInputs, step_inputs
@@ -24,7 +25,6 @@ from opd_jax.model.layers import (
     apply_rope,
     attention,
     attention_blocked,
-    attention_over_cache,
     rms_norm,
 )
 from opd_jax.model.platform_attention import PlatformMask, attention_platform
@@ -170,16 +170,6 @@ def final_norm(params: Params, config: ModelConfig, x_BxTxD: jax.Array) -> jax.A
     return rms_norm(x_BxTxD, params["final_norm"], config.rms_eps)
 
 
-def _write_cache(buf, x_BxTxGxE: jax.Array, write_index: jax.Array | int):
-    """``buf`` (``[B, G, S, E]``, or a tuple of chunks along ``S``) with ``x`` written at slot
-    ``write_index``; a chunked cache takes it in its last chunk (the caller guarantees the slots
-    lie there), the earlier chunks are returned untouched."""
-    if isinstance(buf, tuple):
-        before = sum(c.shape[2] for c in buf[:-1])
-        return buf[:-1] + (_write_cache(buf[-1], x_BxTxGxE, write_index - before),)
-    return bits.update_slice(buf, x_BxTxGxE.transpose(0, 2, 1, 3), (0, 0, write_index, 0))
-
-
 def layer(config: ModelConfig, inputs: StepInputs, x_BxTxD: jax.Array, weights: dict,
           cache_kv: tuple[jax.Array, jax.Array] | None = None
           ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
@@ -204,9 +194,9 @@ def layer(config: ModelConfig, inputs: StepInputs, x_BxTxD: jax.Array, weights: 
     if cache_kv is not None:
         # cache layout [B, G, S, E]: the T new rows go in as [B, G, T, E] at slot write_index;
         # a cache in chunks along S (the sampler's decode phases) takes them in its last chunk
-        new_kv = (_write_cache(cache_kv[0], k, write_index), _write_cache(cache_kv[1], v, write_index))
-        k_all, v_all = (x.astype(q.dtype) if not isinstance(x, tuple)
-                        else tuple(c.astype(q.dtype) for c in x) for x in new_kv)
+        # (keys as ``cache_attention.SlotsLast`` in the sampler's CPU decode)
+        new_kv = (write_kv(cache_kv[0], k, write_index), write_kv(cache_kv[1], v, write_index))
+        k_all, v_all = (cast_kv(x, q.dtype) for x in new_kv)
         if isinstance(mask_BxTxS, BlockedMask):   # prefill: one transpose back per call
             attn = attention_blocked(q, k_all.transpose(0, 2, 1, 3), v_all.transpose(0, 2, 1, 3),
                                      mask_BxTxS.q_slot, mask_BxTxS.kv_valid,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import math
-import operator
 
 import jax
 import jax.numpy as jnp
@@ -52,25 +51,6 @@ def apply_rope(x_BxTxNxE: jax.Array, positions_BxT: jax.Array, inv_freq: np.ndar
     return out.astype(x_BxTxNxE.dtype)
 
 
-def kv_chunks(x) -> tuple:
-    """Keys or values as a tuple of chunks along the slot axis (one array: a 1-tuple)."""
-    return tuple(x) if isinstance(x, (tuple, list)) else (x,)
-
-
-def _gqa_attention(q_BxTxHxE: jax.Array, k, v, mask_BxTxS: jax.Array, kv_spec: str) -> jax.Array:
-    """Masked grouped-query attention with keys/values laid out as ``kv_spec`` (``"bsge"`` or
-    ``"bgse"``): the einsums read that layout directly, so no transpose of ``k`` / ``v``.
-    ``k`` / ``v`` may be tuples of chunks along ``s`` (a decode phase's cache, see
-    :func:`attention_over_cache`): one softmax over all of them, each chunk read in place."""
-    B, T, H, E = q_BxTxHxE.shape
-    ks, vs = kv_chunks(k), kv_chunks(v)
-    G = ks[0].shape[kv_spec.index("g")]
-    q_BxTxGxRxE = q_BxTxHxE.reshape(B, T, G, H // G, E)
-    probs = dense_attention.probabilities(q_BxTxGxRxE, ks, mask_BxTxS, kv_spec)
-    out = dense_attention.weighted_values(probs.astype(vs[0].dtype), vs, kv_spec)
-    return out.astype(q_BxTxHxE.dtype)
-
-
 def attention(q_BxTxHxE: jax.Array, k_BxSxGxE: jax.Array, v_BxSxGxE: jax.Array,
               mask_BxTxS: jax.Array) -> jax.Array:
     """Grouped-query softmax attention with a boolean mask (True = may attend); float32 softmax.
@@ -81,71 +61,6 @@ def attention(q_BxTxHxE: jax.Array, k_BxSxGxE: jax.Array, v_BxSxGxE: jax.Array,
     """
     return dense_attention.attention(q_BxTxHxE, k_BxSxGxE, v_BxSxGxE, mask_BxTxS)
 
-
-def attention_over_cache(q_BxTxHxE: jax.Array, k_BxGxSxE, v_BxGxSxE,
-                         mask_BxTxS: jax.Array) -> jax.Array:
-    """:func:`attention` with keys/values in the KV cache's ``[B, G, S, E]`` layout (heads before
-    slots), so a decode step reads each (row, head) block in place instead of transposing the
-    whole cache first. Same math: ``o_t = sum_s softmax_s(q_t . k_s / sqrt(E) + m_ts) v_s``.
-    ``k`` / ``v`` may be tuples of chunks ``[B, G, S_c, E]`` that together make the ``S``
-    slots of the mask, in order (the sampler's decode phases grow the cache chunk by chunk).
-
-    On the CPU, bfloat16 / float16 operands are upcast to float32 first: XLA CPU's dot thunk has
-    no ``BF16 x BF16 = F32`` kernel for this layout's contraction (a bfloat16 model could not
-    sample there), and the CPU computes in float32 anyway; accelerators keep the narrow inputs
-    with float32 accumulation. The result has ``q``'s dtype either way."""
-    dtype = q_BxTxHxE.dtype
-    ks, vs = kv_chunks(k_BxGxSxE), kv_chunks(v_BxGxSxE)
-    on_cpu = jax.default_backend() == "cpu"
-    if on_cpu and dtype != jnp.float32:
-        f32 = lambda xs: tuple(x.astype(jnp.float32) for x in xs)  # noqa: E731
-        q_BxTxHxE, ks, vs = q_BxTxHxE.astype(jnp.float32), f32(ks), f32(vs)
-    if on_cpu and q_BxTxHxE.shape[1] == 1 and ONE_QUERY_MULTIPLY_REDUCE:
-        return _one_query_attention(q_BxTxHxE, ks, vs, mask_BxTxS).astype(dtype)
-    return _gqa_attention(q_BxTxHxE, ks, vs, mask_BxTxS, "bgse").astype(dtype)
-
-
-# A decode step's attention (one query per row) on the CPU as broadcast multiply-reduces instead
-# of batched dots: XLA CPU runs the ``B * G`` tiny ``[R, E] x [E, S]`` dots of the einsum at
-# 4-6 GB/s and the fused multiply-reduce loops at 11-14 GB/s (B = 32, S = 191 / 386, SmolLM2
-# shapes: 1.49 -> 0.82 ms and 4.31 -> 1.38 ms a layer; BUILD_NOTES "Session 10").
-# On an H200 the einsum won (session 9, ``benchmarks/device_decode.py``), so accelerators keep it.
-ONE_QUERY_MULTIPLY_REDUCE = True
-
-
-def _one_query_attention(q_Bx1xHxE: jax.Array, ks: tuple, vs: tuple,
-                         mask_Bx1xS: jax.Array) -> jax.Array:
-    """``attention_over_cache`` for ``T = 1`` as multiply-reduces (same math, float32), over the
-    cache chunks ``ks`` / ``vs`` (``[B, G, S_c, E]`` each):
-    ``s_bgrs = sum_e q_bgre k_bgse / sqrt(E)``, ``o_bgre = sum_s softmax_s(s_bgrs + m_bs) v_bgse``.
-    Several chunks are combined as in flash decoding: each chunk's unnormalised sums with its own
-    max, rescaled to the common max."""
-    B, _, H, E = q_Bx1xHxE.shape
-    G = ks[0].shape[1]
-    q_BxGxRxE = q_Bx1xHxE.reshape(B, G, H // G, E).astype(jnp.float32)
-    if len(ks) == 1:
-        scores_BxGxRxS = jnp.sum(q_BxGxRxE[:, :, :, None, :] * ks[0][:, :, None, :, :],
-                                 axis=-1) / math.sqrt(E)
-        scores_BxGxRxS = jnp.where(mask_Bx1xS[:, None, :, :], scores_BxGxRxS, MASK_VALUE)
-        probs_BxGxRxS = jax.nn.softmax(scores_BxGxRxS, axis=-1)
-        out_BxGxRxE = jnp.sum(probs_BxGxRxS[..., None] * vs[0][:, :, None, :, :], axis=-2)
-        return out_BxGxRxE.reshape(B, 1, H, E)
-    parts = []
-    for k, v, m in zip(ks, vs, dense_attention.split_slots(mask_Bx1xS, [k.shape[2] for k in ks])):
-        # a barrier per chunk: XLA CPU would otherwise share (and materialise) the broadcast of
-        # q between chunks of equal size (6.6 ms instead of 0.7 a layer at B = 32, S = 2 x 128)
-        q_c, k = jax.lax.optimization_barrier((q_BxGxRxE, k))
-        s_ = jnp.sum(q_c[:, :, :, None, :] * k[:, :, None, :, :], axis=-1) / math.sqrt(E)
-        s_ = jnp.where(m[:, None, :, :], s_, MASK_VALUE)
-        mx = jnp.max(s_, axis=-1)
-        p = jnp.exp(s_ - mx[..., None])
-        parts.append((mx, jnp.sum(p, axis=-1), jnp.sum(p[..., None] * v[:, :, None, :, :], axis=-2)))
-    top = functools.reduce(jnp.maximum, [mx for mx, _, _ in parts])
-    scale = [jnp.exp(mx - top) for mx, _, _ in parts]
-    total = functools.reduce(operator.add, [c * l for c, (_, l, _) in zip(scale, parts)])
-    out_BxGxRxE = functools.reduce(operator.add, [c[..., None] * o
-                                                  for c, (_, _, o) in zip(scale, parts)])
-    return (out_BxGxRxE / total[..., None]).reshape(B, 1, H, E)
 
 
 # --- blocked (flash-style) attention ----------------------------------------------------------

@@ -22,7 +22,8 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from opd_jax.compile_options import memory_jit
-from opd_jax.model import bits
+from opd_jax.model import bits, cache_attention
+from opd_jax.model.cache_attention import add_slots, slots_last
 from opd_jax.model.config import ModelConfig
 from opd_jax.model.decoder import (
     KVCache,
@@ -38,12 +39,12 @@ from opd_jax.model.decoder import (
     out_major_layer,
 )
 from opd_jax.model.inputs import step_inputs
-from opd_jax.model.layers import kv_chunks
 from opd_jax.sampling.strategies import Sampling, draw, top_logprobs, uniforms
 from opd_jax.sharding import constrain, use_mesh_rules
 
 __all__ = ["DecodeSettings", "DecodeState", "LayerCaches", "TRACE_COUNTS", "prefill", "decode",
            "mesh_context", "split_layers", "decode_windows", "add_chunk",
+           "slots_last_decode", "out_major_decode",
            "WINDOW_MULTIPLE"]
 
 # Incremented (in Python, so only while tracing) by the jitted prefill / decode: a test can assert
@@ -211,22 +212,25 @@ def decode_windows(prompt_len: int, max_new_tokens: int, phases: int) -> list[tu
 
 def add_chunk(cache: KVCache | LayerCaches, size: int) -> KVCache | LayerCaches:
     """``cache`` with ``size`` empty slots more, as a new chunk of keys / values (zeros, ``valid``
-    False): the slots written so far stay where they are (no copy)."""
+    False) in their own layout: the slots written so far stay where they are (no copy)."""
     if isinstance(cache, LayerCaches):
-        first = kv_chunks(cache.k[0])[0]
-        B, G, _, E = first.shape
-        axes = ("batch", "kv_heads", "length", "head_dim")
-        new = lambda: constrain(jnp.zeros((B, G, size, E), first.dtype), axes)  # noqa: E731
-        k = tuple(kv_chunks(x) + (new(),) for x in cache.k)
-        v = tuple(kv_chunks(x) + (new(),) for x in cache.v)
+        k = tuple(add_slots(x, size) for x in cache.k)
+        v = tuple(add_slots(x, size) for x in cache.v)
     else:
-        first = kv_chunks(cache.k)[0]
-        L, B, G, _, E = first.shape
-        axes = ("layers", "batch", "kv_heads", "length", "head_dim")
-        new = lambda: constrain(jnp.zeros((L, B, G, size, E), first.dtype), axes)  # noqa: E731
-        k, v = kv_chunks(cache.k) + (new(),), kv_chunks(cache.v) + (new(),)
+        k, v = add_slots(cache.k, size), add_slots(cache.v, size)
     valid = jnp.pad(cache.valid, ((0, 0), (0, size)))
     return cache.replace(k=k, v=v, valid=valid)
+
+
+def slots_last_decode(st: DecodeSettings) -> bool:
+    """Whether :func:`decode` re-lays the cached keys as
+    :class:`~opd_jax.model.cache_attention.SlotsLast` (``[B, G, E, S]``) before its steps: on
+    the CPU with per-layer caches (``layer_loop="unroll"``), where a step's scores run as
+    multiply-reduces (``cache_attention.ONE_QUERY_MULTIPLY_REDUCE``) that vectorise over the
+    slots. One transposing copy of the keys per call (the prompt's slots; later phases' chunks
+    are made in that layout), against a faster cache read every step."""
+    return (st.layer_loop == "unroll" and jax.default_backend() == "cpu"
+            and cache_attention.ONE_QUERY_MULTIPLY_REDUCE)
 
 
 @memory_jit(static_argnums=(0, 1), donate_argnums=2)
@@ -245,6 +249,9 @@ def decode(st: DecodeSettings, prompt_len: int, state: DecodeState, params: Para
     with mesh_context(st):
         if st.layer_loop == "unroll":
             layers = split_layers(params, lora, c.n_layers, out_major=out_major_decode(st, params))
+            if slots_last_decode(st):
+                cache = state.cache
+                state = state.replace(cache=cache.replace(k=tuple(slots_last(k) for k in cache.k)))
 
             def step(s: DecodeState):
                 return _unrolled_step(c, params, layers, lora, s.last_token, s.cache)
