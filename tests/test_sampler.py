@@ -473,3 +473,27 @@ def test_slots_last_keys_give_the_stored_layouts_tokens(dtype, atol, monkeypatch
     assert [c.shape[:3] for c in keys.chunks] == [(2, G, E)] * len(keys.chunks)
     assert all(c.dtype == jnp.float32 for c in keys.chunks)
     assert sum(c.shape[3] for c in keys.chunks) == out.cache.valid.shape[1]
+
+
+def test_decode_layouts_benchmark_small_run(tmp_path):
+    """``benchmarks/decode_layouts.py --small`` compiles every form, reports each against the
+    first, draws the same float32 greedy tokens in all of them, and leaves the loop's rules as
+    they were."""
+    import sys
+    from pathlib import Path
+
+    from opd_jax.sampling import loop
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import decode_layouts as bench
+
+    rules = loop.slots_last_decode, loop.out_major_decode
+    out = bench.main(["--small", "--dtype", "float32", "--repeats", "1",
+                      "--forms", "stored,slots_last,out_major,both",
+                      "--out", str(tmp_path / "d.json")])
+    assert [r["form"] for r in out["rows"]] == ["stored", "slots_last", "out_major", "both"]
+    assert all(r["same_tokens"] == 1.0 and r["min_s"] > 0 for r in out["rows"])
+    assert out["rows"][0]["speedup"] == 1.0 and (tmp_path / "d.json").exists()
+    assert (loop.slots_last_decode, loop.out_major_decode) == rules
+    with pytest.raises(SystemExit):
+        bench.main(["--small", "--forms", "stored,sideways"])
