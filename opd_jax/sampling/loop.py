@@ -224,7 +224,7 @@ def add_chunk(cache: KVCache | LayerCaches, size: int) -> KVCache | LayerCaches:
 
 def slots_last_decode(st: DecodeSettings) -> bool:
     """Whether :func:`decode` re-lays the cached keys as
-    :class:`~opd_jax.model.cache_attention.SlotsLast` (``[B, G, E, S]``) before its steps: on
+    :class:`~opd_jax.model.cache_attention.SlotsLast` (float32 ``[B, G, E, S]``) before its steps: on
     the CPU with per-layer caches (``layer_loop="unroll"``), where a step's scores run as
     multiply-reduces (``cache_attention.ONE_QUERY_MULTIPLY_REDUCE``) that vectorise over the
     slots. One transposing copy of the keys per call (the prompt's slots; later phases' chunks

@@ -44,6 +44,9 @@ Both run the decoder's public ``decoder.layer`` on the masks / positions of
 per layer (heads before slots, :class:`opd_jax.model.decoder.KVCache`) so the attention einsums
 read it in place; the earlier ``[B, S, G, E]`` layout made XLA transpose
 every layer's K and V once per step (≈1.7 ms per cache slot at B = 32, see BUILD_NOTES.md).
+On the CPU the decode re-lays each layer's keys once per call as float32 ``[B, G, E, S]``
+(:class:`opd_jax.model.cache_attention.SlotsLast`): a step's score multiply-reduces then run
+with the slots innermost (BUILD_NOTES.md "Session 25").
 
 Continuous batching (opt-in, ``Sampler(..., slots=B)``): instead of one batch that steps until
 its longest row ends, the rows queue for ``B`` decode slots and a finished row's slot takes the
