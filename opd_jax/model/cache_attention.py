@@ -76,10 +76,8 @@ def write_kv(buf, x_BxTxGxE: jax.Array, write_index: jax.Array | int):
     untouched."""
     if isinstance(buf, SlotsLast):
         before = sum(c.shape[-1] for c in buf.chunks[:-1])
-        B, T, G, E = x_BxTxGxE.shape
-        update = x_BxTxGxE.transpose(0, 2, 3, 1) if T > 1 else x_BxTxGxE.reshape(B, G, E, 1)
-        last = jax.lax.dynamic_update_slice(buf.chunks[-1], update.astype(jnp.float32),
-                                            (0, 0, 0, write_index - before))
+        update = x_BxTxGxE.transpose(0, 2, 3, 1).astype(jnp.float32)
+        last = jax.lax.dynamic_update_slice(buf.chunks[-1], update, (0, 0, 0, write_index - before))
         return SlotsLast(tuple(buf.chunks[:-1]) + (last,))
     if isinstance(buf, tuple):
         before = sum(c.shape[2] for c in buf[:-1])

@@ -62,7 +62,6 @@ def attention(q_BxTxHxE: jax.Array, k_BxSxGxE: jax.Array, v_BxSxGxE: jax.Array,
     return dense_attention.attention(q_BxTxHxE, k_BxSxGxE, v_BxSxGxE, mask_BxTxS)
 
 
-
 # --- blocked (flash-style) attention ----------------------------------------------------------
 #
 # Same result as ``attention`` with ``mask[b, t, s] = (s <= q_slot[t]) & kv_valid[b, s]`` (the
