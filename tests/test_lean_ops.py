@@ -122,6 +122,31 @@ def test_swiglu_down_values_and_gradients(dtype, tol):
         np.testing.assert_allclose(np.asarray(got, np.float64), r, atol=tol * scale(r))
 
 
+def test_bfloat16_swiglu_rounds_once():
+    """``silu(g) * u`` and the SwiGLU's input gradients in bfloat16 are the float64 values rounded
+    once (within half a bfloat16 ulp, plus float32 noise): the chain runs in
+    float32. A bfloat16 chain rounds after every op and misses this bound on many elements."""
+    g = _rand((4, 64, 96), 7, jnp.bfloat16) * 3
+    u, dh = _rand((4, 64, 96), 8, jnp.bfloat16), _rand((4, 64, 96), 9, jnp.bfloat16)
+    g64, u64, dh64 = (np.asarray(x, np.float64) for x in (g, u, dh))
+    sig = 1 / (1 + np.exp(-g64))
+    def half_ulp(r):   # half a bfloat16 ulp at r (8 significant bits), and float32 noise
+        return np.ldexp(1.0, np.frexp(r)[1] - 9) * (1 + 1e-4) + 1e-30
+    h = np.asarray(lean_ops.gated_mlp_input(g, u), np.float64)
+    assert (np.abs(h - g64 * sig * u64) <= half_ulp(g64 * sig * u64)).all()
+    # the backward's elementwise part: vjp of silu(g) * u at the recomputed input
+    _, vjp = jax.vjp(lean_ops.gated_mlp_input, g, u)
+    dg, du = (np.asarray(x, np.float64) for x in vjp(dh))
+    w = jnp.eye(96, dtype=jnp.bfloat16)   # the custom VJP's path: dh through an identity down
+    _, vjp_down = jax.vjp(lean_ops.swiglu_down, g, u, w)
+    dg2, du2, _ = (np.asarray(x, np.float64) for x in vjp_down(dh))
+    ref_du, ref_dg = dh64 * g64 * sig, dh64 * u64 * sig * (1 + g64 * (1 - sig))
+    assert (np.abs(du2 - ref_du) <= half_ulp(ref_du)).all()
+    assert (np.abs(dg2 - ref_dg) <= half_ulp(ref_dg)).all()
+    np.testing.assert_allclose(du, ref_du, rtol=2 ** -7, atol=1e-6)   # plain autodiff of it
+    np.testing.assert_allclose(dg, ref_dg, rtol=2 ** -7, atol=1e-6)
+
+
 CFG = ModelConfig(vocab_size=64, n_layers=3, d_model=32, n_heads=4, n_kv_heads=2, head_dim=8,
                   ffn_dim=48)
 
