@@ -100,8 +100,10 @@ def gated_mlp_input(g_BxTxF: jax.Array, u_BxTxF: jax.Array) -> jax.Array:
     the product itself). Computed in float32 and rounded once to the inputs' dtype: XLA CPU
     runs a bfloat16 chain with a rounding after every op (15 converts in the fusion), 2.2x
     slower than the float32 chain (``BUILD_NOTES.md`` "Session 26")."""
-    h = jax.nn.silu(g_BxTxF.astype(jnp.float32)) * u_BxTxF.astype(jnp.float32)
-    return constrain(h.astype(jnp.result_type(g_BxTxF, u_BxTxF)), ("batch", "length", "mlp"))
+    dtype = jnp.result_type(g_BxTxF, u_BxTxF)
+    wide = jnp.promote_types(dtype, jnp.float32)   # float64 stays float64
+    h = jax.nn.silu(g_BxTxF.astype(wide)) * u_BxTxF.astype(wide)
+    return constrain(h.astype(dtype), ("batch", "length", "mlp"))
 
 
 @jax.custom_vjp
@@ -118,7 +120,8 @@ def _swiglu_bwd(res, dy):
     g, u, w = bits.from_bits(res[0], dy.dtype), bits.from_bits(res[1], dy.dtype), res[2]
     h = gated_mlp_input(g, u)                           # recomputed: elementwise
     dh, dw = _project_bwd(1, (h, w), dy)                # the down projection's own backward
-    g32, u32, dh32 = (x.astype(jnp.float32) for x in (g, u, dh))   # one rounding, as above
+    wide = jnp.promote_types(jnp.result_type(g, u, dh), jnp.float32)   # one rounding, as above
+    g32, u32, dh32 = (x.astype(wide) for x in (g, u, dh))
     sig = jax.nn.sigmoid(g32)
     du = dh32 * (g32 * sig)
     dg = dh32 * u32 * (sig * (1 + g32 * (1 - sig)))
