@@ -95,15 +95,22 @@ def project_out_major(x_BxTxI: jax.Array, w: OutMajor) -> jax.Array:
     return y.reshape(*x_BxTxI.shape[:2], *w.out_shape)
 
 
+def _widened(*xs: jax.Array) -> tuple[jax.Array, ...]:
+    """``xs`` in their common dtype widened to at least float32 (float64 stays float64; the
+    losses' ``losses.checks.compute_dtype`` is the same rule, in a package the model does not
+    import)."""
+    wide = jnp.promote_types(jnp.result_type(*xs), jnp.float32)
+    return tuple(x.astype(wide) for x in xs)
+
+
 def gated_mlp_input(g_BxTxF: jax.Array, u_BxTxF: jax.Array) -> jax.Array:
     """``silu(g) * u``, the down projection's input (the LoRA path calls it: its adapter needs
     the product itself). Computed in float32 and rounded once to the inputs' dtype: XLA CPU
     runs a bfloat16 chain with a rounding after every op (15 converts in the fusion), 2.2x
     slower than the float32 chain (``BUILD_NOTES.md`` "Session 26")."""
-    dtype = jnp.result_type(g_BxTxF, u_BxTxF)
-    wide = jnp.promote_types(dtype, jnp.float32)   # float64 stays float64
-    h = jax.nn.silu(g_BxTxF.astype(wide)) * u_BxTxF.astype(wide)
-    return constrain(h.astype(dtype), ("batch", "length", "mlp"))
+    g, u = _widened(g_BxTxF, u_BxTxF)
+    h = jax.nn.silu(g) * u
+    return constrain(h.astype(jnp.result_type(g_BxTxF, u_BxTxF)), ("batch", "length", "mlp"))
 
 
 @jax.custom_vjp
@@ -120,8 +127,7 @@ def _swiglu_bwd(res, dy):
     g, u, w = bits.from_bits(res[0], dy.dtype), bits.from_bits(res[1], dy.dtype), res[2]
     h = gated_mlp_input(g, u)                           # recomputed: elementwise
     dh, dw = _project_bwd(1, (h, w), dy)                # the down projection's own backward
-    wide = jnp.promote_types(jnp.result_type(g, u, dh), jnp.float32)   # one rounding, as above
-    g32, u32, dh32 = (x.astype(wide) for x in (g, u, dh))
+    g32, u32, dh32 = _widened(g, u, dh)                # one rounding, as above
     sig = jax.nn.sigmoid(g32)
     du = dh32 * (g32 * sig)
     dg = dh32 * u32 * (sig * (1 + g32 * (1 - sig)))
