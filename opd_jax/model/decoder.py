@@ -16,14 +16,13 @@ import jax
 import jax.numpy as jnp
 
 from opd_jax.losses.unembedding import TiedUnembedding, Unembedding
-from opd_jax.model import bits, lean_ops
+from opd_jax.model import bits, dense_attention, lean_ops
 from opd_jax.model.cache_attention import attention_over_cache, cast_kv, write_kv
 from opd_jax.model.config import ATTENTION_IMPLS, ModelConfig, param_shapes
 from opd_jax.model.dtypes import cast_floating
 from opd_jax.model.inputs import BlockedMask, StepInputs, step_inputs
 from opd_jax.model.layers import (
     apply_rope,
-    attention,
     attention_blocked,
     rms_norm,
 )
@@ -212,7 +211,10 @@ def layer(config: ModelConfig, inputs: StepInputs, x_BxTxD: jax.Array, weights: 
     elif isinstance(mask_BxTxS, PlatformMask):
         attn, new_kv = attention_platform(q, k, v, mask_BxTxS), None
     else:
-        attn, new_kv = attention(q, k, v, mask_BxTxS), None
+        # causal (no cache): query blocks over their key prefixes (dense_attention.query_blocks)
+        attn = dense_attention.causal_attention(q, k, v, mask_BxTxS,
+                                                dense_attention.query_blocks(q.shape[1]))
+        new_kv = None
     x_BxTxD = x_BxTxD + _project("o", attn, p["o"], lora_l, scale)
     h = rms_norm(x_BxTxD, p["mlp_norm"], config.rms_eps)
     gate = _project("gate", h, p["gate"], lora_l, scale)

@@ -21,6 +21,7 @@ probabilities the forward used); ``tests/test_dense_attention.py`` checks both a
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -28,7 +29,8 @@ import jax.numpy as jnp
 
 from opd_jax.model import bits
 
-__all__ = ["attention", "probabilities", "weighted_values", "split_slots", "MASK_VALUE"]
+__all__ = ["attention", "causal_attention", "query_blocks", "QUERY_BLOCK", "probabilities",
+           "weighted_values", "split_slots", "MASK_VALUE"]
 
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
@@ -95,10 +97,10 @@ def _fwd(q, k, v, mask):
     return out, (bits.to_bits(q), bits.to_bits(k), bits.to_bits(v), bits.to_bits(p), mask)
 
 
-def _bwd(res, do_BxTxHxE):
-    dtype = do_BxTxHxE.dtype      # the output's dtype = q's
-    q, k, v, p = (bits.from_bits(r, dtype) for r in res[:4])   # q, k, v share one dtype
-    mask = res[4]
+def _grads(q, k, v, p, mask, do_BxTxHxE):
+    """``(dq, dk, dv)`` in float32 from the forward's ``q``, ``k``, ``v`` and probabilities
+    ``p`` (the module docstring's formulas); ``do`` in the operands' dtype."""
+    dtype = do_BxTxHxE.dtype
     B, T, H, E = q.shape
     G = k.shape[2]
     q5 = q.reshape(B, T, G, H // G, E)
@@ -111,7 +113,98 @@ def _bwd(res, do_BxTxHxE):
     ds = ds.astype(dtype)
     dq = jnp.einsum("bgrts,bsge->btgre", ds, k, preferred_element_type=jnp.float32)
     dk = jnp.einsum("bgrts,btgre->bsge", ds, q5, preferred_element_type=jnp.float32)
-    return dq.reshape(B, T, H, E).astype(dtype), dk.astype(dtype), dv.astype(dtype), None
+    return dq.reshape(B, T, H, E), dk, dv
+
+
+def _bwd(res, do_BxTxHxE):
+    dtype = do_BxTxHxE.dtype      # the output's dtype = q's
+    q, k, v, p = (bits.from_bits(r, dtype) for r in res[:4])   # q, k, v share one dtype
+    dq, dk, dv = _grads(q, k, v, p, res[4], do_BxTxHxE)
+    return dq.astype(dtype), dk.astype(dtype), dv.astype(dtype), None
 
 
 attention.defvjp(_fwd, _bwd)
+
+
+# --- causal query blocks ----------------------------------------------------------------------
+#
+# Under a causal mask (no query sees a later key) a block of queries ``[a, b)`` sees keys
+# ``[0, b)`` only, so cutting the queries into blocks and attending each over its key prefix
+# skips the ``[a, b) x [b, S)`` corner of the scores that the mask would zero: ``(n + 1) / 2n``
+# of the dense work for ``n`` equal blocks. Each query's softmax runs over the same visible keys,
+# so the values are the dense ones (a query that sees no key at all, padding, averages its
+# block's key prefix instead of every key; nothing reads it). XLA CPU materialises the scores
+# and runs the softmax as several passes over them: at ``[8, 352]`` rows of SmolLM2 the dense
+# attention was 37% of the teacher's forward, and two blocks took the forward 1.57 -> 1.14 s
+# (BUILD_NOTES "Session 27").
+
+#: query rows per block (about): ``T`` queries run as ``round(T / QUERY_BLOCK)`` blocks, at most
+#: :data:`MAX_QUERY_BLOCKS` (each block is its own ops, unrolled inside the layer scan). 88-128
+#: measured alike at ``[8, 352]`` and ``[4, 704]`` (forward + gradient 63 -> 37-41 ms and 183 ->
+#: 73-78 ms a layer); 176 and up lost part of the gain.
+QUERY_BLOCK = 112
+MAX_QUERY_BLOCKS = 16
+
+
+def query_blocks(T: int, block: int | None = None) -> tuple[tuple[int, int], ...]:
+    """The query ranges ``((a0, b0), (a1, b1), ...)`` covering ``[0, T)`` that
+    :func:`causal_attention` runs: ``round(T / block)`` blocks (at least 1, at most
+    :data:`MAX_QUERY_BLOCKS`) of near-equal length, inner boundaries on multiples of 8
+    (``block`` default :data:`QUERY_BLOCK`)."""
+    n = min(MAX_QUERY_BLOCKS, max(1, round(T / (QUERY_BLOCK if block is None else block))))
+    cuts = sorted({min(T, -(-(i * T // n) // 8) * 8) for i in range(1, n)} - {0, T})
+    edges = [0, *cuts, T]
+    return tuple(zip(edges[:-1], edges[1:]))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def causal_attention(q_BxTxHxE: jax.Array, k_BxSxGxE: jax.Array, v_BxSxGxE: jax.Array,
+                     mask_BxTxS: jax.Array, blocks: tuple[tuple[int, int], ...]) -> jax.Array:
+    """:func:`attention` for a causal ``mask`` (``mask[b, t, s]`` False for every ``s > t``;
+    ``S == T``), its queries run in ``blocks`` (:func:`query_blocks`), each over the keys up to
+    its last query. Same values and gradients as :func:`attention` wherever a query sees a
+    key; saves ``q``, ``k``, ``v`` and each block's probabilities ``[B, G, R, b - a, b]``; the
+    backward sums the blocks' key and value gradients in float32 and rounds once."""
+    return _causal_forward(q_BxTxHxE, k_BxSxGxE, v_BxSxGxE, mask_BxTxS, blocks)[0]
+
+
+def _causal_forward(q, k, v, mask, blocks):
+    edges = [e for block in blocks for e in block]
+    if (edges[0] != 0 or edges[-1] != q.shape[1] or k.shape[1] != q.shape[1]
+            or any(a >= b for a, b in blocks) or edges[1:-1:2] != edges[2:-1:2]):
+        raise ValueError(f"query blocks {blocks} must be consecutive non-empty ranges covering "
+                         f"[0, T) of q {q.shape}, with keys {k.shape} at the same T (no cache); "
+                         "use query_blocks(T)")
+    outs, ps = [], []
+    for a, b in blocks:
+        out, p = _forward(q[:, a:b], k[:, :b], v[:, :b], mask[:, a:b, :b])
+        outs.append(out)
+        ps.append(p)
+    return (outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)), ps
+
+
+def _causal_fwd(q, k, v, mask, blocks):
+    out, ps = _causal_forward(q, k, v, mask, blocks)
+    return out, (bits.to_bits(q), bits.to_bits(k), bits.to_bits(v),
+                 tuple(bits.to_bits(p) for p in ps), mask)
+
+
+def _causal_bwd(blocks, res, do_BxTxHxE):
+    dtype = do_BxTxHxE.dtype
+    q, k, v = (bits.from_bits(r, dtype) for r in res[:3])
+    mask = res[4]
+    dqs, dk, dv = [], None, None
+    for (a, b), p in zip(blocks, res[3]):
+        dq_b, dk_b, dv_b = _grads(q[:, a:b], k[:, :b], v[:, :b], bits.from_bits(p, dtype),
+                                  mask[:, a:b, :b], do_BxTxHxE[:, a:b])
+        dqs.append(dq_b.astype(dtype))
+        if dk is None:
+            dk = jnp.zeros(k.shape, jnp.float32)
+            dv = jnp.zeros(v.shape, jnp.float32)
+        dk = dk.at[:, :b].add(dk_b)
+        dv = dv.at[:, :b].add(dv_b)
+    dq = dqs[0] if len(dqs) == 1 else jnp.concatenate(dqs, axis=1)
+    return dq, dk.astype(dtype), dv.astype(dtype), None
+
+
+causal_attention.defvjp(_causal_fwd, _causal_bwd)
