@@ -54,6 +54,8 @@ def main(argv=None) -> dict[str, Any]:
     ap.add_argument("--prompt-len", type=int, default=120, help="prompt tokens (bucket 128)")
     ap.add_argument("--windows", default="1,4", help="comma-separated cache_windows values")
     ap.add_argument("--repeats", type=int, default=None, help="timed rounds (default 3; small 2)")
+    ap.add_argument("--precision", default="float32", choices=("float32", "bfloat16"),
+                    help="the student's weights as given or cast (the train loop's mixed precision)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     B = args.batch or (4 if args.small else 32)
@@ -66,6 +68,12 @@ def main(argv=None) -> dict[str, Any]:
 
     models, prompt, _ = load_models(args.small)
     name, config, params = models[1]
+    if args.precision != "float32":
+        import jax.numpy as jnp
+
+        from opd_jax.model.dtypes import cast_floating
+
+        params = cast_floating(params, jnp.dtype(args.precision))
     P = min(args.prompt_len, config.max_position - N)
     tokens = np.tile(np.asarray((list(prompt) * (P // len(prompt) + 1))[:P], np.int32), (B, 1))
     valid = np.ones_like(tokens, bool)
@@ -100,7 +108,7 @@ def main(argv=None) -> dict[str, Any]:
     if load["busy"]:
         print("WARNING: the machine was busy; timings are unreliable.")
     payload = {"benchmark": "decode_windows", "small": args.small, "machine": machine_info(),
-               "load": load, "prompt_len": P, "repeats": repeats, "rows": rows}
+               "load": load, "prompt_len": P, "precision": args.precision, "repeats": repeats, "rows": rows}
     write_results("decode_windows", payload, small=args.small, out=args.out)
     return payload
 

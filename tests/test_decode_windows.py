@@ -47,7 +47,8 @@ def test_windows_cover_every_step(P, n_new):
         if phases == 1:
             assert w == [(n_new - 1, S)]
     assert decode_windows(128, 256, 4) == [(64, 192), (128, 256), (192, 320), (255, 383)]
-    assert [default_cache_windows(n) for n in (1, 32, 255, 256, 511, 4096)] == [1, 1, 1, 2, 3, 8]
+    assert [default_cache_windows(n) for n in (1, 32, 255, 256, 511, 512, 767, 1024, 4096)] == [
+        1, 1, 1, 4, 4, 4, 5, 8, 8]
 
 
 def _attention64(q, k, v, mask):
@@ -179,7 +180,7 @@ def test_no_recompile_across_calls_with_phases():
 def test_cache_windows_validation_and_config():
     with pytest.raises(ValueError, match="cache_windows"):
         Sampler(CFG, Greedy(), 8, cache_windows=0)
-    assert Sampler(CFG, Greedy(), 300)._static.cache_windows == default_cache_windows(300) == 2
+    assert Sampler(CFG, Greedy(), 300)._static.cache_windows == default_cache_windows(300) == 4
     assert dataclasses.replace(Sampler(CFG, Greedy(), 8, cache_windows=5)._static).cache_windows == 5
     with pytest.raises(Exception, match="cache_windows"):
         load_config("configs/tiny_test.yaml", ["sampler.cache_windows=0"])

@@ -258,8 +258,9 @@ class SamplerSpec:
     slots (a finished row's slot takes the next pending row; a prompt's samples share one
     prefill; same tokens for the same keys); null = one batch of all rows, decoded until its
     longest row ends. ``cache_windows``: decode phases, each attending over the part of the KV
-    cache its steps can have filled (null = one per 128 new tokens, at most 8; 1 = the whole
-    cache every step; see ``Sampler``)."""
+    cache its steps can have filled (null = ``sampling.sampler.default_cache_windows``: 4 from
+    256 new tokens, one per 128 from 512, at most 8; 1 = the whole cache every step; see
+    ``Sampler``)."""
 
     max_new_tokens: int = 32
     temperature: float = 1.0

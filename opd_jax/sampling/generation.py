@@ -89,7 +89,7 @@ def generate(model: Any, prompts: Sequence[Sequence[int]], *, max_new_tokens: in
         and log-probs (see :class:`opd_jax.sampling.Sampler`). Pays off when rows outnumber
         slots or end at ragged lengths (EOS).
       cache_windows: decode phases, each attending over the part of the KV cache its steps can
-        have filled (``None``: one per 128 new tokens, at most 8; see :class:`Sampler`).
+        have filled (``None``: :func:`~opd_jax.sampling.sampler.default_cache_windows`).
       return_hidden: also return the final (normed) hidden state each token was drawn from
         (``out.hidden``; the model's logits at that step are its unembedding).
 

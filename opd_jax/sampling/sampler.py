@@ -173,10 +173,13 @@ def bucket_batch(n: int, multiple_of: int = 1, step: int = 8) -> int:
 
 
 def default_cache_windows(max_new_tokens: int) -> int:
-    """The decode phases ``Sampler(cache_windows=None)`` uses: one per 128 new tokens, 1 to 8
-    (each phase is one more compiled loop body: ≈1.5-4.5 s of compilation for the 27-layer
-    student on 2 CPU cores, against ≈6% of a 512-token decode saved per call)."""
-    return max(1, min(8, max_new_tokens // 128))
+    """The decode phases ``Sampler(cache_windows=None)`` uses: one per 128 new tokens, 1 to 8,
+    and 4 from 256 new tokens on (each phase is one more compiled loop body: ≈1.5-4.5 s of
+    compilation for the 27-layer student on 2 CPU cores, against ≈6% of a 512-token decode
+    saved per call; at 256 new tokens, bfloat16, B = 32, 4 windows ran 3-7% faster than 2:
+    BUILD_NOTES "Session 27")."""
+    n = max_new_tokens // 128
+    return max(1, min(8, max(n, 4) if max_new_tokens >= 256 else n))
 
 
 def row_keys(seed: int | jax.Array, prompt_index, sample_index) -> jax.Array:
@@ -240,10 +243,11 @@ class Sampler:
         rows are queued.
       refill_at: with ``slots``: a chunk ends early once this many slots are free while rows are
         queued (default ``max(1, B // 8)``).
-      cache_windows: the decode loop runs in this many phases (``None``: one per 128 new
-        tokens, at most 8), each attending over the part of the KV cache its steps can have filled (a
-        chunk of empty slots is added per phase, nothing is copied): early steps of long
-        rollouts do not read the empty end of the cache. 1 = one loop over the whole cache.
+      cache_windows: the decode loop runs in this many phases (``None``:
+        :func:`default_cache_windows`), each attending over the part of the KV cache its
+        steps can have filled (a chunk of empty slots is added per phase, nothing is copied):
+        early steps of long rollouts do not read the empty end of the cache. 1 = one loop
+        over the whole cache.
         More phases: more compiled loop bodies (≈1.5-4.5 s each for the 27-layer student on
         2 CPU cores, :func:`default_cache_windows`). Values agree with one phase to float32
         rounding. Not used with ``slots``.
@@ -261,7 +265,7 @@ class Sampler:
         if cache_windows is None:
             cache_windows = default_cache_windows(max_new_tokens)
         cache_windows = positive_int("cache_windows", cache_windows,
-                                     "(or None: one phase per 128 new tokens, at most 8)")
+                                     "(or None: default_cache_windows)")
         if slots is not None:
             slots = positive_int("slots", slots, "(or None: no continuous batching)")
         chunk_steps = positive_int("chunk_steps", chunk_steps)
