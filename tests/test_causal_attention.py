@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import contextlib
 import io
-import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _attention_ref import plain_attention
 from _compat import enable_x64
 from jax.ad_checkpoint import print_saved_residuals
 
@@ -39,13 +39,6 @@ def _inputs(dtype):
     return q, k, v, jnp.asarray(mask), cot, sees
 
 
-def _plain64(q, k, v, mask):
-    q5 = q.reshape(B, T, G, H // G, E)
-    s = jnp.einsum("btgre,bsge->bgrts", q5, k) / math.sqrt(E)
-    p = jax.nn.softmax(jnp.where(mask[:, None, None], s, dense_attention.MASK_VALUE), axis=-1)
-    return jnp.einsum("bgrts,bsge->btgre", p, v).reshape(B, T, H, E)
-
-
 @pytest.mark.parametrize("dtype,tol", [(jnp.float32, 2e-5), (jnp.bfloat16, 4e-2)])
 def test_values_and_gradients_match_float64(dtype, tol):
     q, k, v, mask, cot, sees = _inputs(dtype)
@@ -55,9 +48,9 @@ def test_values_and_gradients_match_float64(dtype, tol):
                                         .astype(jnp.float32) * cot), (0, 1, 2))(q, k, v)
     with enable_x64():
         a64 = [jnp.asarray(np.asarray(a, np.float64)) for a in (q, k, v)]
-        ref_out = np.asarray(_plain64(*a64, mask))
+        ref_out = np.asarray(plain_attention(*a64, mask))
         c64 = jnp.asarray(np.asarray(cot, np.float64))
-        ref = jax.grad(lambda *a: jnp.sum(_plain64(*a, mask) * c64), (0, 1, 2))(*a64)
+        ref = jax.grad(lambda *a: jnp.sum(plain_attention(*a, mask) * c64), (0, 1, 2))(*a64)
     np.testing.assert_allclose(np.asarray(out, np.float64)[sees], ref_out[sees], atol=tol)
     for g, r, a in zip(grads, ref, (q, k, v)):
         assert g.dtype == a.dtype and bool(jnp.all(jnp.isfinite(g.astype(jnp.float32))))

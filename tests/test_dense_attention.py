@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _attention_ref import plain_attention
 from _compat import enable_x64
 from jax.ad_checkpoint import print_saved_residuals
 
@@ -46,13 +47,6 @@ def _numpy_attention(q, k, v, mask):
     return out
 
 
-def _plain(q, k, v, mask):
-    q5 = q.reshape(B, T, G, H // G, E)
-    s = jnp.einsum("btgre,bsge->bgrts", q5, k) / math.sqrt(E)
-    p = jax.nn.softmax(jnp.where(mask[:, None, None], s, dense_attention.MASK_VALUE), axis=-1)
-    return jnp.einsum("bgrts,bsge->btgre", p, v).reshape(B, T, H, E)
-
-
 @pytest.mark.parametrize("dtype,tol", [(jnp.float32, 2e-5), (jnp.bfloat16, 4e-2)])
 def test_values_and_gradients_match_float64_references(dtype, tol):
     q, k, v, mask, cot = _inputs(dtype)
@@ -65,7 +59,7 @@ def test_values_and_gradients_match_float64_references(dtype, tol):
     with enable_x64():
         a64 = [jnp.asarray(np.asarray(a, np.float64)) for a in (q, k, v)]
         c64 = jnp.asarray(np.asarray(cot, np.float64))
-        ref = jax.grad(lambda *a: jnp.sum(_plain(*a, mask) * c64), (0, 1, 2))(*a64)
+        ref = jax.grad(lambda *a: jnp.sum(plain_attention(*a, mask) * c64), (0, 1, 2))(*a64)
     for g, r, a in zip(grads, ref, (q, k, v)):
         assert g.dtype == a.dtype and bool(jnp.all(jnp.isfinite(g.astype(jnp.float32))))
         r = np.asarray(r)
