@@ -13,8 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _attention_ref import plain_attention
-from _compat import enable_x64
+from _attention_ref import assert_grads_match_float64
 from jax.ad_checkpoint import print_saved_residuals
 
 from opd_jax.model import dense_attention, layers
@@ -56,15 +55,7 @@ def test_values_and_gradients_match_float64_references(dtype, tol):
                                atol=tol)
     grads = jax.grad(lambda *a: jnp.sum(dense_attention.attention(*a, mask).astype(jnp.float32)
                                         * cot), (0, 1, 2))(q, k, v)
-    with enable_x64():
-        a64 = [jnp.asarray(np.asarray(a, np.float64)) for a in (q, k, v)]
-        c64 = jnp.asarray(np.asarray(cot, np.float64))
-        ref = jax.grad(lambda *a: jnp.sum(plain_attention(*a, mask) * c64), (0, 1, 2))(*a64)
-    for g, r, a in zip(grads, ref, (q, k, v)):
-        assert g.dtype == a.dtype and bool(jnp.all(jnp.isfinite(g.astype(jnp.float32))))
-        r = np.asarray(r)
-        np.testing.assert_allclose(np.asarray(g, np.float64), r,
-                                   atol=tol * max(1.0, float(np.abs(r).max())))
+    assert_grads_match_float64(grads, q, k, v, mask, cot, tol)
 
 
 def test_fully_masked_rows_get_no_gradient():
