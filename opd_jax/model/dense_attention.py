@@ -169,9 +169,9 @@ def causal_attention(q_BxTxHxE: jax.Array, k_BxSxGxE: jax.Array, v_BxSxGxE: jax.
 
 
 def _causal_forward(q, k, v, mask, blocks):
-    edges = [e for block in blocks for e in block]
-    if (edges[0] != 0 or edges[-1] != q.shape[1] or k.shape[1] != q.shape[1]
-            or any(a >= b for a, b in blocks) or edges[1:-1:2] != edges[2:-1:2]):
+    if (blocks[0][0] != 0 or blocks[-1][1] != q.shape[1] or k.shape[1] != q.shape[1]
+            or any(a >= b for a, b in blocks)
+            or any(b0 != a1 for (_, b0), (a1, _) in zip(blocks, blocks[1:]))):
         raise ValueError(f"query blocks {blocks} must be consecutive non-empty ranges covering "
                          f"[0, T) of q {q.shape}, with keys {k.shape} at the same T (no cache); "
                          "use query_blocks(T)")
@@ -193,14 +193,11 @@ def _causal_bwd(blocks, res, do_BxTxHxE):
     dtype = do_BxTxHxE.dtype
     q, k, v = (bits.from_bits(r, dtype) for r in res[:3])
     mask = res[4]
-    dqs, dk, dv = [], None, None
+    dqs, dk, dv = [], jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)
     for (a, b), p in zip(blocks, res[3]):
         dq_b, dk_b, dv_b = _grads(q[:, a:b], k[:, :b], v[:, :b], bits.from_bits(p, dtype),
                                   mask[:, a:b, :b], do_BxTxHxE[:, a:b])
         dqs.append(dq_b.astype(dtype))
-        if dk is None:
-            dk = jnp.zeros(k.shape, jnp.float32)
-            dv = jnp.zeros(v.shape, jnp.float32)
         dk = dk.at[:, :b].add(dk_b)
         dv = dv.at[:, :b].add(dv_b)
     dq = dqs[0] if len(dqs) == 1 else jnp.concatenate(dqs, axis=1)
